@@ -1,0 +1,173 @@
+"""Naive, obviously-correct versions of every op: the semantics the fast ops must reproduce.
+
+Loops over clouds and points in numpy / float64 where that makes the result unambiguous. Used by the
+tests as an independent check and by the benchmarks as the "naive" row; never by models.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .batch import offset2start
+
+__all__ = [
+    "ball_query_reference",
+    "fps_reference",
+    "interpolate_reference",
+    "kernel_map_reference",
+    "knn_reference",
+    "sample_counts",
+    "voxelize_reference",
+]
+
+
+def _ranges(offset: Tensor | None, n: int) -> list[tuple[int, int]]:
+    if offset is None:
+        return [(0, n)]
+    o = offset.long().cpu()
+    s = offset2start(o)
+    return [(int(a), int(b)) for a, b in zip(s, o, strict=True)]
+
+
+def knn_reference(
+    query: Tensor, support: Tensor, k: int, query_offset: Tensor | None = None, support_offset: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Brute-force kNN in float64: (idx [M, k] int64 global support rows, -1 if missing; dist2 [M, k], inf if missing)."""
+    q = query.detach().double().cpu().numpy()
+    s = support.detach().double().cpu().numpy()
+    idx = np.full((q.shape[0], k), -1, dtype=np.int64)
+    d2 = np.full((q.shape[0], k), np.inf)
+    for (qa, qb), (sa, sb) in zip(_ranges(query_offset, len(q)), _ranges(support_offset, len(s)), strict=True):
+        if qb == qa or sb == sa:
+            continue
+        dd = ((q[qa:qb, None, :] - s[None, sa:sb, :]) ** 2).sum(-1)
+        order = np.argsort(dd, axis=1, kind="stable")[:, :k]
+        kk = order.shape[1]
+        idx[qa:qb, :kk] = order + sa
+        d2[qa:qb, :kk] = np.take_along_axis(dd, order, axis=1)
+    return torch.from_numpy(idx), torch.from_numpy(d2).to(query.dtype)
+
+
+def ball_query_reference(
+    query: Tensor,
+    support: Tensor,
+    radius: float,
+    max_neighbors: int,
+    query_offset: Tensor | None = None,
+    support_offset: Tensor | None = None,
+) -> Tensor:
+    """Neighbours with dist2 < radius**2, nearest first, first ``max_neighbors`` kept, padded with -1."""
+    idx, d2 = knn_reference(query, support, max_neighbors, query_offset, support_offset)
+    return torch.where(d2.double() < radius * radius, idx, torch.full_like(idx, -1))
+
+
+def sample_counts(lengths: Tensor, n: int | None = None, ratio: float | None = None) -> Tensor:
+    """Samples per cloud for FPS: ``min(n, len)`` or ``min(len, ceil(ratio * len))``; 0 for empty clouds."""
+    lengths = lengths.long()
+    if (n is None) == (ratio is None):
+        raise ValueError("give exactly one of n (samples per cloud) or ratio (fraction of each cloud)")
+    if n is not None:
+        if n <= 0:
+            raise ValueError(f"n must be a positive number of samples per cloud, got {n}")
+        return torch.clamp(lengths, max=n)
+    if not (0.0 < ratio <= 1.0):
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    return torch.minimum(lengths, torch.ceil(lengths.double() * ratio).long())
+
+
+def fps_reference(
+    xyz: Tensor, offset: Tensor | None = None, n: int | None = None, ratio: float | None = None, start: int = 0
+) -> Tensor:
+    """Sequential farthest point sampling per cloud, in the input dtype; ties go to the lowest index.
+
+    ``start`` is the first sample's index inside each cloud. Returns global row indices, packed per cloud.
+    """
+    ranges = _ranges(offset, xyz.shape[0])
+    lengths = torch.tensor([b - a for a, b in ranges])
+    counts = sample_counts(lengths, n, ratio)
+    out = []
+    for (a, b), m in zip(ranges, counts.tolist(), strict=True):
+        if m == 0:
+            continue
+        p = xyz[a:b].detach()
+        mind = torch.full((b - a,), math.inf, dtype=p.dtype, device=p.device)
+        cur = start
+        sel = [cur]
+        for _ in range(m - 1):
+            d = ((p - p[cur]) ** 2).sum(-1)
+            mind = torch.minimum(mind, d)
+            cur = int(torch.argmax(mind))
+            sel.append(cur)
+        out.append(torch.tensor(sel, dtype=torch.long) + a)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def interpolate_reference(
+    query: Tensor,
+    support: Tensor,
+    features: Tensor,
+    k: int = 3,
+    query_offset: Tensor | None = None,
+    support_offset: Tensor | None = None,
+    eps: float = 1e-8,
+) -> Tensor:
+    """Inverse-distance weighted mean of the k nearest support features: w_j = 1 / (||q - s_j|| + eps)."""
+    idx, d2 = knn_reference(query, support, k, query_offset, support_offset)
+    w = torch.where(idx >= 0, 1.0 / (d2.double().sqrt() + eps), torch.zeros_like(d2, dtype=torch.float64))
+    w = w / w.sum(1, keepdim=True).clamp_min(1e-300)
+    f = features.detach().double().cpu()
+    gathered = f[idx.clamp_min(0)] * (idx >= 0).unsqueeze(-1)
+    return (gathered * w.unsqueeze(-1)).sum(1).to(features.dtype)
+
+
+def voxelize_reference(
+    coord: Tensor, voxel_size: float, offset: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Dict-based voxelization: (voxels [V, 4] = (cloud, i, j, k) sorted lexicographically, inverse [N], counts [V])."""
+    c = coord.detach().double().cpu().numpy()
+    grid = np.floor(c / voxel_size).astype(np.int64)
+    keys = []
+    for b, (a, e) in enumerate(_ranges(offset, len(c))):
+        keys.extend((b, *map(int, grid[i])) for i in range(a, e))
+    uniq = sorted(set(keys))
+    pos = {key: i for i, key in enumerate(uniq)}
+    inverse = np.array([pos[key] for key in keys], dtype=np.int64)
+    counts = np.bincount(inverse, minlength=len(uniq)) if len(uniq) else np.zeros(0, dtype=np.int64)
+    vox = np.array(uniq, dtype=np.int64).reshape(-1, 4)
+    return torch.from_numpy(vox), torch.from_numpy(inverse), torch.from_numpy(counts.astype(np.int64))
+
+
+def kernel_offsets(kernel_size: int) -> list[tuple[int, int, int]]:
+    """Kernel offsets in conv3d weight order (dx slowest): -(k//2)..k//2 for odd k, 0..k-1 for even k."""
+    r = range(-(kernel_size // 2), kernel_size // 2 + 1) if kernel_size % 2 else range(kernel_size)
+    return list(itertools.product(r, r, r))
+
+
+def kernel_map_reference(
+    in_coords: Tensor, out_coords: Tensor, kernel_size: int, stride: int = 1, dilation: int = 1
+) -> list[tuple[Tensor, Tensor]]:
+    """Per kernel offset d, all pairs (i, j) with in_coords[i] == (b_j, out_coords[j].xyz * stride + d * dilation).
+
+    Coordinates are [*, 4] int (cloud, x, y, z) on each level's own grid. Pairs sorted by j.
+    """
+    table = {tuple(map(int, r)): i for i, r in enumerate(in_coords.tolist())}
+    out = []
+    oc = out_coords.tolist()
+    for d in kernel_offsets(kernel_size):
+        ii, jj = [], []
+        for j, (b, x, y, z) in enumerate(oc):
+            key = (b, x * stride + d[0] * dilation, y * stride + d[1] * dilation, z * stride + d[2] * dilation)
+            i = table.get(key)
+            if i is not None:
+                ii.append(i)
+                jj.append(j)
+        out.append((torch.tensor(ii, dtype=torch.long), torch.tensor(jj, dtype=torch.long)))
+    return out
+
+
+# --- serialization reference (z-order / Hilbert) is appended below by its owner ---

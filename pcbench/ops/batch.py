@@ -1,0 +1,169 @@
+"""Packed point batches: coordinates of all clouds concatenated, with cumulative end offsets.
+
+A batch of B clouds with n_0, ..., n_{B-1} points is stored as ``coord [N, 3]`` (N = sum n_b) and
+``offset [B]`` with ``offset[b] = n_0 + ... + n_b`` (int64, non-decreasing, ``offset[-1] == N``).
+Cloud b owns rows ``offset[b-1]:offset[b]`` (with offset[-1] read as 0). Empty clouds are allowed.
+Every op takes ``offset=None`` to mean "one cloud holding all rows".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "PointBatch",
+    "batch2offset",
+    "check_coords",
+    "check_offset",
+    "check_same_device",
+    "lengths2offset",
+    "offset2batch",
+    "offset2lengths",
+    "offset2start",
+    "resolve_offset",
+]
+
+
+def check_coords(name: str, x: Tensor, dim: int | None = 3) -> None:
+    """Raise ValueError unless ``x`` is a finite floating tensor of shape [N, dim]."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2 or (dim is not None and x.shape[1] != dim):
+        want = f"[N, {dim}]" if dim is not None else "[N, C]"
+        raise ValueError(f"{name} must have shape {want}, got {list(x.shape)}; reshape or pack the clouds first")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor, got {x.dtype}; convert with .float()")
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).any(dim=1).sum())
+        raise ValueError(f"{name} contains NaN or inf in {bad} rows; drop or repair those points first")
+
+
+def check_offset(name: str, offset: Tensor, n: int) -> None:
+    """Raise ValueError unless ``offset`` is a 1-D integer tensor, non-decreasing, ending at ``n``."""
+    if not isinstance(offset, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of cumulative end indices, got {type(offset).__name__}")
+    if offset.dim() != 1 or offset.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D tensor [B], got shape {list(offset.shape)}")
+    if offset.dtype.is_floating_point or offset.dtype == torch.bool or offset.is_complex():
+        raise ValueError(f"{name} must be an integer tensor, got {offset.dtype}; use .long()")
+    o = offset.long()
+    if bool((o[0] < 0).item()) or (o.numel() > 1 and bool((o[1:] < o[:-1]).any())):
+        raise ValueError(
+            f"{name} must be non-decreasing cumulative end indices (e.g. [n0, n0+n1, ...]), got {o.tolist()[:8]}"
+        )
+    if int(o[-1]) != n:
+        raise ValueError(f"{name}[-1] must equal the number of points {n}, got {int(o[-1])}")
+
+
+def check_same_device(**tensors: Tensor | None) -> None:
+    """Raise ValueError when the given tensors live on different devices."""
+    devs = {k: v.device for k, v in tensors.items() if isinstance(v, Tensor)}
+    if len(set(devs.values())) > 1:
+        desc = ", ".join(f"{k} on {d}" for k, d in devs.items())
+        raise ValueError(f"tensors must be on one device, got {desc}; move them with .to(device)")
+
+
+def resolve_offset(name: str, offset: Tensor | None, n: int, device: torch.device) -> Tensor:
+    """Validate ``offset`` (or build the single-cloud ``[n]``) and return it as int64 on ``device``."""
+    if offset is None:
+        return torch.tensor([n], dtype=torch.long, device=device)
+    check_offset(name, offset, n)
+    if offset.device != device:
+        raise ValueError(f"{name} is on {offset.device} but the points are on {device}; move it with .to(device)")
+    return offset.long()
+
+
+def offset2lengths(offset: Tensor) -> Tensor:
+    """Per-cloud point counts [B] from cumulative end offsets [B]."""
+    return torch.diff(offset.long(), prepend=offset.new_zeros(1, dtype=torch.long))
+
+
+def offset2start(offset: Tensor) -> Tensor:
+    """Per-cloud start index [B] (``offset`` shifted right by one, starting at 0)."""
+    o = offset.long()
+    return torch.cat([o.new_zeros(1), o[:-1]])
+
+
+def lengths2offset(lengths: Tensor) -> Tensor:
+    """Cumulative end offsets [B] from per-cloud counts [B]."""
+    return torch.cumsum(lengths.long(), dim=0)
+
+
+def offset2batch(offset: Tensor) -> Tensor:
+    """Cloud index of every point [N] (int64) from offsets [B]; if ``batch[i] = b`` then row i is in cloud b."""
+    lengths = offset2lengths(offset)
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=offset.device), lengths)
+
+
+def batch2offset(batch: Tensor, num_clouds: int | None = None) -> Tensor:
+    """Offsets [B] from a sorted cloud index per point [N]; ``num_clouds`` keeps trailing empty clouds."""
+    if batch.numel() and bool((batch[1:] < batch[:-1]).any()):
+        raise ValueError("batch must be sorted (points of one cloud contiguous); sort the points by cloud first")
+    b = num_clouds if num_clouds is not None else (int(batch.max()) + 1 if batch.numel() else 1)
+    return lengths2offset(torch.bincount(batch.long(), minlength=b))
+
+
+@dataclass
+class PointBatch:
+    """A packed batch of point clouds: the one representation shared by data, models and the trainer.
+
+    coord: [N, 3] float point coordinates.
+    feat: [N, C] float per-point input features (colour, normals, coordinates, ...).
+    offset: [B] int64 cumulative end indices (see module docstring).
+    label: [N] per-point labels (segmentation, ignore index -1) or [B] per-cloud labels (classification).
+    instance: optional [N] per-point instance ids (-1 = none).
+    inverse: optional [M] index into the N points for each of the M original full-resolution points,
+        so that per-point predictions can be scattered back (``pred_full = pred[inverse]``).
+    inverse_offset: optional [B] offsets of the full-resolution points matching ``inverse``.
+    """
+
+    coord: Tensor
+    feat: Tensor
+    offset: Tensor
+    label: Tensor | None = None
+    instance: Tensor | None = None
+    inverse: Tensor | None = None
+    inverse_offset: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        check_coords("PointBatch.coord", self.coord)
+        if self.feat.dim() != 2 or self.feat.shape[0] != self.coord.shape[0]:
+            raise ValueError(
+                f"PointBatch.feat must be [N, C] with N={self.coord.shape[0]}, got {list(self.feat.shape)}"
+            )
+        check_offset("PointBatch.offset", self.offset, self.coord.shape[0])
+
+    @property
+    def num_clouds(self) -> int:
+        """Number of clouds B."""
+        return int(self.offset.numel())
+
+    @property
+    def num_points(self) -> int:
+        """Total number of points N."""
+        return int(self.coord.shape[0])
+
+    def lengths(self) -> Tensor:
+        """Per-cloud point counts [B]."""
+        return offset2lengths(self.offset)
+
+    def batch_index(self) -> Tensor:
+        """Cloud index per point [N]."""
+        return offset2batch(self.offset)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PointBatch:
+        """Copy every tensor field to ``device``."""
+        moved = {
+            f.name: (v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v)
+            for f in fields(self)
+            for v in [getattr(self, f.name)]
+        }
+        return replace(self, **moved)
+
+    def pin_memory(self) -> PointBatch:
+        """Pin every tensor field (DataLoader ``pin_memory=True`` calls this)."""
+        pinned = {f.name: v.pin_memory() for f in fields(self) if isinstance(v := getattr(self, f.name), Tensor)}
+        return replace(self, **pinned)
