@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from ._reference import knn_reference
+from .batch import offset2start, resolve_offset
 
 
 def knn(
@@ -16,6 +17,25 @@ def knn(
     *,
     method: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """k nearest support points of every query point, within the same cloud. (TEMPORARY: reference body.)"""
-    idx, d2 = knn_reference(query, support, k, query_offset, support_offset)
-    return idx.to(query.device), d2.to(query.device)
+    """k nearest support points of every query point, within the same cloud.
+
+    TEMPORARY body: chunked brute force per cloud (exact, bounded memory, O(N^2) time).
+    """
+    qo = resolve_offset("query_offset", query_offset, query.shape[0], query.device)
+    so = resolve_offset("support_offset", support_offset, support.shape[0], support.device)
+    idx = torch.full((query.shape[0], k), -1, dtype=torch.long, device=query.device)
+    d2 = torch.full((query.shape[0], k), float("inf"), dtype=query.dtype, device=query.device)
+    for qa, qb, sa, sb in zip(offset2start(qo).tolist(), qo.tolist(), offset2start(so).tolist(), so.tolist(),
+                              strict=True):
+        if qb == qa or sb == sa:
+            continue
+        kk = min(k, sb - sa)
+        s = support[sa:sb]
+        chunk = max(1, (1 << 26) // (sb - sa))
+        for c in range(qa, qb, chunk):
+            e = min(qb, c + chunk)
+            dd = ((query[c:e, None, :] - s[None]) ** 2).sum(-1)
+            v, i = torch.topk(dd, kk, dim=1, largest=False, sorted=True)
+            idx[c:e, :kk] = i + sa
+            d2[c:e, :kk] = v
+    return idx, d2
