@@ -31,7 +31,7 @@ def knn(
             continue
         kk = min(k, sb - sa)
         s = support[sa:sb]
-        chunk = max(1, (1 << 26) // (sb - sa))
+        chunk = max(1, (1 << 22) // (sb - sa))
         for c in range(qa, qb, chunk):
             e = min(qb, c + chunk)
             dd = ((query[c:e, None, :] - s[None]) ** 2).sum(-1)
