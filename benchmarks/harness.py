@@ -1,0 +1,157 @@
+"""Side-by-side timing of pcbench against peers: median of repeats after warm-up, ratio to the fastest peer.
+
+Each benchmark module builds ``Case`` objects (one input, several implementations) and hands them to
+``run_cases``, which writes a JSON record (with the environment, for provenance) and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = ["Case", "Entry", "environment", "markdown_table", "optional_entry", "run_cases", "time_fn"]
+
+
+@dataclass
+class Entry:
+    """One implementation to time: ``fn()`` runs the whole operation once on prepared inputs."""
+
+    name: str
+    fn: Callable[[], object]
+    note: str = ""
+
+
+@dataclass
+class Case:
+    """One input, timed under every entry; ``ours`` names the pcbench entry the ratios are computed for."""
+
+    op: str
+    case: str
+    entries: list[Entry]
+    ours: str = "pcbench"
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def optional_entry(name: str, build: Callable[[], Callable[[], object]], note: str = "") -> Entry | None:
+    """An Entry whose peer may be missing: ``build()`` imports it and returns the timed callable.
+
+    Returns None (the row is reported as unavailable) when the import fails.
+    """
+    try:
+        fn = build()
+    except ImportError:
+        return None
+    return Entry(name, fn, note)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], repeats: int = 5, warmup: int = 2) -> list[float]:
+    """Wall-clock milliseconds of ``repeats`` calls after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    _sync()
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment() -> dict[str, object]:
+    """What the numbers depend on: versions, threads, processor, allocator setting, commit."""
+    return {
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+    }
+
+
+def run_cases(
+    cases: Iterable[Case], out_dir: Path | str | None = None, repeats: int = 5, warmup: int = 2,
+    title: str = "benchmark", verbose: bool = True,
+) -> list[dict[str, object]]:
+    """Time every entry of every case; write ``<title>.json`` and ``<title>.md`` under ``out_dir``."""
+    rows: list[dict[str, object]] = []
+    for case in cases:
+        timed: dict[str, float] = {}
+        errors: dict[str, str] = {}
+        for entry in case.entries:
+            try:
+                ms = time_fn(entry.fn, repeats=repeats, warmup=warmup)
+                timed[entry.name] = statistics.median(ms)
+            except (RuntimeError, MemoryError, ValueError) as err:  # a peer that cannot run this size
+                errors[entry.name] = f"{type(err).__name__}: {str(err)[:120]}"
+        peers = {k: v for k, v in timed.items() if k != case.ours}
+        best_peer = min(peers, key=peers.get) if peers else None
+        for entry in case.entries:
+            name = entry.name
+            row: dict[str, object] = {"op": case.op, "case": case.case, "impl": name, "note": entry.note,
+                                      "median_ms": timed.get(name), "error": errors.get(name)}
+            if name in timed and best_peer is not None:
+                row["ratio_to_fastest_peer"] = timed[name] / peers[best_peer]
+                row["fastest_peer"] = best_peer
+            rows.append(row)
+            if verbose:
+                t = f"{timed[name]:10.2f} ms" if name in timed else f"  failed: {errors.get(name)}"
+                print(f"[{case.op}] {case.case:<34} {name:<22} {t}", flush=True)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"title": title, "environment": environment(), "repeats": repeats, "warmup": warmup,
+                  "rows": rows}
+        _atomic_text(out / f"{title}.json", json.dumps(record, indent=2))
+        _atomic_text(out / f"{title}.md", markdown_table(rows, title))
+    return rows
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def markdown_table(rows: list[dict[str, object]], title: str = "benchmark") -> str:
+    """Rows as a Markdown table: one line per (op, case, implementation), ratio to the fastest peer."""
+    lines = [f"## {title}", "", "| op | case | impl | median ms | ratio to fastest peer | note |",
+             "|---|---|---|---:|---:|---|"]
+    for r in rows:
+        ms = f"{r['median_ms']:.2f}" if r.get("median_ms") is not None else f"failed ({r.get('error')})"
+        ratio = f"{r['ratio_to_fastest_peer']:.2f}x" if r.get("ratio_to_fastest_peer") is not None else "-"
+        lines.append(f"| {r['op']} | {r['case']} | {r['impl']} | {ms} | {ratio} | {r.get('note') or ''} |")
+    env = environment()
+    lines += ["", f"torch {env['torch']}, {env['threads']} threads, {env['cpu_count']} CPUs, "
+              f"cuda={env['cuda']}, commit {env['git_commit']}, {env['time']}"]
+    return "\n".join(lines) + "\n"
