@@ -1,20 +1,123 @@
-"""Farthest point sampling on packed batches."""
+"""Exact farthest point sampling on packed batches, vectorised over all clouds at once.
+
+The result is identical to the sequential reference (`_reference.fps_reference`): same start, same
+squared distances ``((p - p_cur) ** 2).sum(-1)`` in the input dtype, ties to the lowest index. Two
+interchangeable engines produce it:
+
+* dense: one padded ``[B, L]`` min-distance array, every step touches every point. Best for small
+  object clouds (and on GPUs, where a step is a handful of kernels).
+* cells (`_fps_cells`): points bucketed into k-d leaves with bounding boxes; a new sample can only lower
+  the min-distance of leaves whose box lies within the leaf's current maximum, so each step touches a
+  few leaves instead of the whole scene.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
+
+import torch
 from torch import Tensor
 
-from ._reference import fps_reference, sample_counts
-from .batch import lengths2offset, offset2lengths
+from ._fps_cells import fps_cells
+from ._reference import sample_counts
+from .batch import check_coords, lengths2offset, offset2lengths, offset2start, resolve_offset
+
+__all__ = ["farthest_point_sample", "sample_offset"]
+
+# Clouds up to this many points use the dense engine on CPU (measured crossover, see benchmarks/bm_ops_fps.py).
+DENSE_MAX_POINTS = 2048
+
+
+def _check_n_ratio(n: int | None, ratio: float | None) -> None:
+    if (n is None) == (ratio is None):
+        raise ValueError(
+            f"give exactly one of n (samples per cloud) or ratio (fraction of each cloud), got n={n!r}, "
+            f"ratio={ratio!r}; e.g. n=1024 or ratio=0.25"
+        )
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise ValueError(f"n must be an int number of samples per cloud, got {n!r}; pass e.g. n=1024")
+        if n <= 0:
+            raise ValueError(f"n must be a positive number of samples per cloud, got {n}; pass n >= 1")
+    else:
+        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not math.isfinite(ratio):
+            raise ValueError(f"ratio must be a float in (0, 1], got {ratio!r}; pass e.g. ratio=0.25")
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"ratio must be in (0, 1] (fraction of each cloud to keep), got {ratio}")
 
 
 def sample_offset(offset: Tensor, n: int | None = None, ratio: float | None = None) -> Tensor:
-    """Offsets [B] of the packed FPS result for the same ``n`` / ``ratio``."""
-    return lengths2offset(sample_counts(offset2lengths(offset), n, ratio))
+    """Offsets [B] of the packed FPS result for the same ``n`` / ``ratio`` (per cloud ``min(n, len)``)."""
+    _check_n_ratio(n, ratio)
+    if not isinstance(offset, Tensor):
+        raise ValueError(f"offset must be a torch.Tensor of cumulative end indices, got {type(offset).__name__}")
+    off = resolve_offset("offset", offset, int(offset[-1]) if offset.numel() else 0, offset.device)
+    return lengths2offset(sample_counts(offset2lengths(off), n, ratio))
 
 
 def farthest_point_sample(
     xyz: Tensor, offset: Tensor | None = None, n: int | None = None, ratio: float | None = None, start: int = 0
 ) -> Tensor:
-    """Farthest point sampling (TEMPORARY: reference body)."""
-    return fps_reference(xyz, offset, n, ratio, start).to(xyz.device)
+    """Exact farthest point sampling of every cloud of a packed batch.
+
+    xyz: [N, 3] float points; offset: [B] cumulative end indices (None = one cloud).
+    Exactly one of ``n`` (samples per cloud, capped at the cloud size) or ``ratio`` (``ceil(ratio * len)``).
+    ``start``: index inside each cloud of its first sample.
+    Returns idx [S] int64 global rows, packed per cloud (counts as in ``sample_offset``): if
+    ``idx[sample_offset(offset)[b-1] + j] = m`` then ``xyz[m]`` is the j-th sample of cloud b. Identical to
+    the sequential reference: the next sample maximises the min squared distance to the chosen ones,
+    ties go to the lowest index (so clouds with fewer distinct points than samples repeat points).
+    """
+    check_coords("xyz", xyz)
+    _check_n_ratio(n, ratio)
+    off = resolve_offset("offset", offset, xyz.shape[0], xyz.device)
+    if isinstance(start, bool) or not isinstance(start, numbers.Integral):
+        raise ValueError(f"start must be an int index inside each cloud, got {start!r}")
+    lengths = offset2lengths(off)
+    counts = sample_counts(lengths, n, ratio)
+    nonempty = lengths[lengths > 0]
+    if nonempty.numel() and not 0 <= start < int(nonempty.min()):
+        raise ValueError(
+            f"start must be in [0, {int(nonempty.min()) - 1}] (an index inside every non-empty cloud; the "
+            f"smallest has {int(nonempty.min())} points), got {start}; use start=0"
+        )
+    if not nonempty.numel():
+        return torch.zeros(0, dtype=torch.long, device=xyz.device)
+    p = xyz.detach()
+    starts = offset2start(off)
+    if p.device.type != "cpu" or int(lengths.max()) <= DENSE_MAX_POINTS:
+        sel = _fps_dense(p, starts, lengths, counts, start)
+    else:
+        sel = fps_cells(p, starts, lengths, counts, start)
+    return _pack(sel, counts)
+
+
+def _pack(sel: Tensor, counts: Tensor) -> Tensor:
+    """[B, max_count] samples -> packed [sum counts] (row b keeps its first counts[b] entries)."""
+    keep = torch.arange(sel.shape[1], device=sel.device) < counts.to(sel.device)[:, None]
+    return sel[keep]
+
+
+def _fps_dense(p: Tensor, starts: Tensor, lengths: Tensor, counts: Tensor, start: int) -> Tensor:
+    """Padded [B, L] engine: min-distance of every point updated every step (padding held at -inf)."""
+    num, width, steps = lengths.numel(), int(lengths.max()), int(counts.max())
+    dev = p.device
+    col = torch.arange(width, device=dev)
+    valid = col < lengths[:, None]
+    rows = (starts[:, None] + col).clamp_max(max(p.shape[0] - 1, 0))
+    pts = p[rows.view(-1)].view(num, width, 3)
+    mind = torch.full((num, width), math.inf, dtype=p.dtype, device=dev)
+    mind.masked_fill_(~valid, -math.inf)
+    cur = torch.full((num,), start, dtype=torch.long, device=dev)
+    out = torch.empty(num, steps, dtype=torch.long, device=dev)
+    out[:, 0] = cur
+    bidx = torch.arange(num, device=dev)
+    d = torch.empty(num, width, dtype=p.dtype, device=dev)
+    for t in range(1, steps):
+        c = pts[bidx, cur]  # [B, 3]
+        torch.sum((pts - c[:, None, :]) ** 2, dim=-1, out=d)
+        torch.minimum(mind, d, out=mind)
+        cur = torch.argmax(mind, dim=1)
+        out[:, t] = cur
+    return out + starts[:, None]
