@@ -47,12 +47,17 @@ def build_cells(p: Tensor, starts: Tensor, lengths: Tensor, leaf_size: int = LEA
         idx3 = node[:, None].expand(-1, 3)
         lo = torch.full((nnodes, 3), math.inf, dtype=torch.float64, device=dev).scatter_reduce(0, idx3, q, "amin")
         hi = torch.full((nnodes, 3), -math.inf, dtype=torch.float64, device=dev).scatter_reduce(0, idx3, q, "amax")
-        axis = (hi - lo).argmax(1)
-        key = q.gather(1, axis.index_select(0, node)[:, None]).squeeze(1)
-        o1 = torch.argsort(key, stable=True)
-        o2 = torch.argsort(node.index_select(0, o1), stable=True)
-        perm = o1.index_select(0, o2)
-        order = order.index_select(0, perm)  # node stays sorted: the second sort was by node
+        ext = hi - lo
+        axis = ext.argmax(1)
+        # one int64 sort by (node, coordinate quantised to 2**20 levels along the node's widest axis);
+        # quantisation ties only make a split slightly uneven, never wrong
+        a_node = axis.index_select(0, node)
+        lo_a = lo.gather(1, axis[:, None]).squeeze(1).index_select(0, node)
+        ext_a = ext.gather(1, axis[:, None]).squeeze(1).clamp_min(1e-300).index_select(0, node)
+        frac = (q.gather(1, a_node[:, None]).squeeze(1) - lo_a) / ext_a
+        key = node * (1 << 21) + (frac * ((1 << 20) - 1)).long()
+        perm = torch.argsort(key)
+        order = order.index_select(0, perm)  # node stays sorted: the key sorts by node first
         nstart = torch.cumsum(cnt, 0) - cnt
         rank = pos - nstart.index_select(0, node)
         bit = (rank >= (cnt // 2).index_select(0, node)) & split.index_select(0, node)
@@ -155,3 +160,104 @@ def fps_cells(p: Tensor, starts: Tensor, lengths: Tensor, counts: Tensor, start:
         cur = torch.where(cmax == v, carg, big).amin(1)
         out.append(cur)
     return torch.stack(out, 1)
+
+
+# Candidates tried per cloud and iteration by the speculative engine.
+SPECULATE = 8
+_LOW = 0xFFFFFFFF
+_PAD_KEY = -(2**63) + _LOW  # below every real leaf key; decodes to row 0, a valid row
+
+
+def _pack(value: Tensor, rowkey: Tensor) -> Tensor:
+    """Order-preserving int64 key of (value desc, row asc): float32 bits high, ``_LOW - row`` low.
+
+    Exact for every dtype that float32 represents exactly (float16, bfloat16, float32); values are >= 0.
+    """
+    return value.float().view(torch.int32).long().mul_(1 << 32).add_(rowkey)
+
+
+def _unpack_value(key: Tensor) -> Tensor:
+    """float64 value of packed keys (inverse of `_pack` on the high half)."""
+    return (key >> 32).int().view(torch.float32).double()
+
+
+def fps_cells_speculative(p: Tensor, starts: Tensor, lengths: Tensor, counts: Tensor, start: int,
+                          leaf_size: int = LEAF_SIZE, speculate: int = SPECULATE) -> Tensor:
+    """Exact FPS with the leaf engine, taking up to ``speculate`` samples per cloud per iteration.
+
+    Why several at once stays exact: the top leaf keys a_1 > a_2 > ... (key = value, then lowest row)
+    are tried in order. For every leaf the update could touch, the min-distance after each prefix
+    a_1..a_j is computed (cumulative minimum over the candidates), so the true maximum after a_1..a_{j-1}
+    is known; a_j is accepted iff it equals that maximum, i.e. iff the reference would pick it next.
+    Leaves outside the update set are unchanged and rank below every candidate. a_1 is always accepted.
+    Needs a float32-representable dtype (keys pack float32 bits); float64 uses `fps_cells`.
+    """
+    dev = p.device
+    nclouds = lengths.numel()
+    kk = speculate
+    cells = build_cells(p, starts, lengths, leaf_size)
+    # structure-of-arrays layouts keep the long axis innermost, so the broadcast ops vectorise
+    pts = cells["pts"].transpose(1, 2).contiguous()  # [L, 3, leaf]
+    row = cells["row"]
+    ncm = int(cells["cmax_cells"])
+    ncells = pts.shape[0]
+    lo = cells["lo"].view(nclouds, ncm, 3).permute(0, 2, 1).contiguous()[:, :, None, :]  # [B, 3, 1, Cmax]
+    hi = cells["hi"].view(nclouds, ncm, 3).permute(0, 2, 1).contiguous()[:, :, None, :]
+    mind = torch.full((ncells, leaf_size), math.inf, dtype=p.dtype, device=dev)
+    mind.masked_fill_(~cells["valid"], -math.inf)
+    rowkey = _LOW - row  # [L, leaf]
+    rel, absm = _margins(p.dtype)
+    real = cells["real"].view(nclouds, ncm)
+    thr = torch.full((nclouds, ncm), math.inf, dtype=torch.float64, device=dev).masked_fill_(~real, -math.inf)
+    key = torch.full((nclouds, ncm), _PAD_KEY, dtype=torch.long, device=dev)
+    key_f, thr_f = key.view(-1), thr.view(-1)
+    cell_cloud = torch.arange(nclouds, device=dev).repeat_interleave(ncm)
+    counts = counts.to(dev)
+    steps = int(counts.max())
+    out = torch.zeros(nclouds, steps + kk, dtype=torch.long, device=dev)
+    taken = torch.zeros(nclouds, dtype=torch.long, device=dev)
+    spread = torch.arange(kk, device=dev)
+    # first iteration: the given start as the only candidate
+    cand = (starts + start).clamp_max(max(p.shape[0] - 1, 0))[:, None].to(dev)
+    cand_key = None
+    while True:
+        k_now = cand.shape[1]
+        c = p.index_select(0, cand.view(-1)).view(nclouds, k_now, 3).transpose(1, 2)  # [B, 3, k]
+        cd = c.double()[:, :, :, None]  # [B, 3, k, 1]
+        gap = torch.maximum(lo - cd, cd - hi).clamp_min_(0.0)  # [B, 3, k, Cmax]
+        lb = gap.mul_(gap).sum(1).amin(1)  # squared box distance of the nearest candidate [B, Cmax]
+        sel = (lb <= thr).view(-1).nonzero().squeeze(1)
+        ucloud = cell_cloud.index_select(0, sel)
+        cc = c.index_select(0, ucloud)[:, :, :, None]  # [A, 3, k, 1]
+        d = pts.index_select(0, sel)[:, :, None, :] - cc
+        d = d.mul_(d).sum(1)  # [A, k, leaf]: the reference's ((p - c) ** 2).sum(-1), same rounding
+        m = d  # min-distance after each prefix of candidates (k - 1 slice minima beat cummin here)
+        torch.minimum(m[:, 0], mind.index_select(0, sel), out=m[:, 0])
+        for j in range(1, k_now):
+            torch.minimum(m[:, j - 1], m[:, j], out=m[:, j])
+        # per-point keys: one amax gives each leaf's maximum after each prefix and its lowest row
+        keys = _pack(m, rowkey.index_select(0, sel)[:, None, :]).amax(2)  # [A, k]
+        remaining = counts - taken
+        if cand_key is None:
+            accept = torch.ones(nclouds, dtype=torch.long, device=dev)
+        else:
+            best = torch.full((nclouds, k_now), _PAD_KEY, dtype=torch.long, device=dev)
+            best.scatter_reduce_(0, ucloud[:, None].expand(-1, k_now), keys, "amax")
+            ok = best[:, :-1] == cand_key[:, 1:]  # a_j is the maximum once a_1..a_{j-1} are applied
+            accept = 1 + torch.cumprod(ok.long(), 1).sum(1)
+        accept = torch.minimum(accept, remaining.clamp_min(0))
+        out.scatter_(1, taken[:, None] + spread[:k_now], cand)
+        taken += accept
+        jj = (accept - 1).clamp_min_(0).index_select(0, ucloud)  # prefix to keep per updated leaf
+        mind.index_copy_(0, sel, m.gather(1, jj[:, None, None].expand(-1, 1, leaf_size)).squeeze(1))
+        key_f.index_copy_(0, sel, keys.gather(1, jj[:, None]).squeeze(1))  # v below reads these keys
+        v = _unpack_value(key_f.index_select(0, sel))
+        thr_f.index_copy_(0, sel, v.add_(absm).mul_(1.0 + 2.0 * rel))
+        done = (taken >= counts)[:, None]
+        if bool(done.all()):
+            break
+        key.masked_fill_(done, _PAD_KEY)  # finished clouds: no leaf of theirs is updated any more
+        thr.masked_fill_(done, -math.inf)
+        cand_key = key.topk(min(kk, ncm), dim=1).values
+        cand = _LOW - (cand_key & _LOW)
+    return out[:, :steps]

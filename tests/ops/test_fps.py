@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 
 from pcbench.ops import fps as fps_mod
-from pcbench.ops._clouds import load_modelnet_txt, load_scannet_scene, object_batch, scan_like_scene, uniform_cloud
+from pcbench.ops._clouds import (
+    load_modelnet_txt,
+    load_scannet_scene,
+    object_batch,
+    scan_like_scene,
+    uniform_cloud,
+)
+from pcbench.ops._fps_cells import fps_cells, fps_cells_speculative
 from pcbench.ops._reference import fps_reference, sample_counts
 from pcbench.ops.batch import offset2lengths
 from pcbench.ops.fps import farthest_point_sample, sample_offset
 
-ENGINES = ("dense", "cells")
+ENGINES = ("dense", "cells", "cells-k3", "plain-cells")
 
 
 @pytest.fixture
 def engine(request, monkeypatch):
-    """Force one engine: the dense one for every size, or the leaf engine even for tiny clouds."""
+    """Force one engine for every size: dense; the speculative leaf engine (default 8 or 3 candidates per
+    iteration; float64 always takes the one-at-a-time leaf engine); or the one-at-a-time leaf engine."""
     monkeypatch.setattr(fps_mod, "DENSE_MAX_POINTS", 1 << 40 if request.param == "dense" else 0)
+    if request.param == "cells-k3":
+        monkeypatch.setattr(fps_mod, "fps_cells_speculative", functools.partial(fps_cells_speculative, speculate=3))
+    if request.param == "plain-cells":
+        monkeypatch.setattr(fps_mod, "fps_cells_speculative", fps_cells)
     return request.param
 
 
