@@ -28,7 +28,8 @@ def build_cells(p: Tensor, starts: Tensor, lengths: Tensor, leaf_size: int = LEA
 
     Returns padded per-leaf tensors laid out as [B * Cmax] leaves (Cmax = most leaves of any cloud):
     ``pts [L, leaf_size, 3]`` (input dtype), ``row [L, leaf_size]`` (global row, points in index order),
-    ``valid [L, leaf_size]``, ``lo``/``hi [L, 3]`` float64 boxes, ``real [L]`` and ``cloud [L]``.
+    ``valid [L, leaf_size]``, ``lo``/``hi [L, 3]`` float64 boxes, ``real [L]`` (leaf holds points) and
+    ``cmax_cells`` (Cmax as a 0-d tensor).
     """
     dev = p.device
     num = p.shape[0]
@@ -111,25 +112,28 @@ def _margins(dtype: torch.dtype) -> tuple[float, float]:
 
 def fps_cells(p: Tensor, starts: Tensor, lengths: Tensor, counts: Tensor, start: int,
               leaf_size: int = LEAF_SIZE) -> Tensor:
-    """Exact FPS of every cloud with the leaf engine: returns [B, max(counts)] global rows (row b valid
-    up to counts[b])."""
+    """Exact FPS with the leaf engine, one sample per cloud per iteration (any dtype, float64 included).
+
+    Returns [B, max(counts)] global rows (row b valid up to counts[b]).
+    """
     dev = p.device
     nclouds = lengths.numel()
     steps = int(counts.max())
     cells = build_cells(p, starts, lengths, leaf_size)
-    pts, row = cells["pts"], cells["row"]
+    pts = cells["pts"].transpose(1, 2).contiguous()  # [L, 3, leaf]: long axis innermost
+    row = cells["row"]
     ncm = int(cells["cmax_cells"])
     ncells = pts.shape[0]
-    lo3 = cells["lo"].view(nclouds, ncm, 3)
-    hi3 = cells["hi"].view(nclouds, ncm, 3)
+    lo = cells["lo"].view(nclouds, ncm, 3).permute(0, 2, 1).contiguous()  # [B, 3, Cmax]
+    hi = cells["hi"].view(nclouds, ncm, 3).permute(0, 2, 1).contiguous()
     mind = torch.full((ncells, leaf_size), math.inf, dtype=p.dtype, device=dev)
     mind.masked_fill_(~cells["valid"], -math.inf)
     rel, absm = _margins(p.dtype)
     real = cells["real"].view(nclouds, ncm)
     cmax = torch.full((nclouds, ncm), math.inf, dtype=torch.float64, device=dev).masked_fill_(~real, -math.inf)
-    sthr = cmax.clone()  # sqrt of the update threshold (box distance is compared unsquared)
+    thr = cmax.clone()  # update threshold on the squared box distance
     carg = row[:, 0].clone().view(nclouds, ncm)  # any valid row: padding leaves never win while one is real
-    cmax_f, sthr_f, carg_f, row_f = cmax.view(-1), sthr.view(-1), carg.view(-1), row.view(-1)
+    cmax_f, thr_f, carg_f, row_f = cmax.view(-1), thr.view(-1), carg.view(-1), row.view(-1)
     cell_cloud = torch.arange(nclouds, device=dev).repeat_interleave(ncm)
     big = torch.iinfo(torch.long).max
     done_at: dict[int, list[int]] = {}
@@ -141,23 +145,23 @@ def fps_cells(p: Tensor, starts: Tensor, lengths: Tensor, counts: Tensor, start:
         if t in done_at:  # finished clouds: no leaf of theirs is updated any more
             fin = torch.tensor(done_at[t], device=dev)
             cmax.index_fill_(0, fin, -math.inf)
-            sthr.index_fill_(0, fin, -math.inf)
-        c = p.index_select(0, cur)
-        cd = c.double()[:, None, :]
-        gap = torch.maximum(lo3 - cd, cd - hi3).clamp_min_(0.0)
-        need = torch.linalg.vector_norm(gap, dim=-1) <= sthr
-        sel = need.view(-1).nonzero().squeeze(1)
-        cc = c.index_select(0, cell_cloud.index_select(0, sel))
-        d = ((pts.index_select(0, sel) - cc[:, None, :]) ** 2).sum(-1)
+            thr.index_fill_(0, fin, -math.inf)
+        c = p.index_select(0, cur)  # [B, 3]
+        cd = c.double()[:, :, None]
+        gap = torch.maximum(lo - cd, cd - hi).clamp_min_(0.0)
+        sel = (gap.mul_(gap).sum(1) <= thr).view(-1).nonzero().squeeze(1)
+        cc = c.index_select(0, cell_cloud.index_select(0, sel))[:, :, None]  # [A, 3, 1]
+        d = pts.index_select(0, sel) - cc
+        d = d.mul_(d).sum(1)  # [A, leaf]: the reference's ((p - c) ** 2).sum(-1), same rounding
         m = torch.minimum(mind.index_select(0, sel), d)
         mind.index_copy_(0, sel, m)
-        vv, ai = m.max(1)
+        vv, ai = m.max(1)  # first maximum: points sit in index order inside a leaf
         vd = vv.double()
         cmax_f.index_copy_(0, sel, vd)
-        sthr_f.index_copy_(0, sel, vd.add_(absm).mul_(1.0 + 2.0 * rel).sqrt_())
+        thr_f.index_copy_(0, sel, vd.add_(absm).mul_(1.0 + 2.0 * rel))
         carg_f.index_copy_(0, sel, row_f.index_select(0, ai.add_(sel * leaf_size)))
         v = cmax.amax(1, keepdim=True)
-        cur = torch.where(cmax == v, carg, big).amin(1)
+        cur = torch.where(cmax == v, carg, big).amin(1)  # ties between leaves: lowest row
         out.append(cur)
     return torch.stack(out, 1)
 

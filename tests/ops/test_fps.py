@@ -214,3 +214,15 @@ def test_bad_coordinates_are_named():
         farthest_point_sample(torch.ones(10, 3, dtype=torch.long), n=2)
     with pytest.raises(ValueError, match=r"n must be a positive"):
         sample_offset(torch.tensor([3, 5]), n=0)
+
+
+def test_intraop_thread_setting_is_restored():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        coord, off = object_batch(2, 300, seed=4)
+        farthest_point_sample(coord, off, n=20)
+        farthest_point_sample(scan_like_scene(13000, seed=4), n=20)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
