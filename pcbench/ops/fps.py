@@ -93,6 +93,14 @@ def farthest_point_sample(
     ties go to the lowest index (so clouds with fewer distinct points than samples repeat points).
     On CPU the sample loop runs on one intra-op thread (the previous setting is restored afterwards).
     """
+    device = xyz.device if isinstance(xyz, Tensor) else torch.device("cpu")
+    with _one_intraop_thread(device):  # validation included: its ops on [N, 3] would fork threads too
+        return _farthest_point_sample(xyz, offset, n, ratio, start)
+
+
+def _farthest_point_sample(
+    xyz: Tensor, offset: Tensor | None, n: int | None, ratio: float | None, start: int
+) -> Tensor:
     check_coords("xyz", xyz)
     _check_n_ratio(n, ratio)
     off = resolve_offset("offset", offset, xyz.shape[0], xyz.device)
@@ -110,14 +118,14 @@ def farthest_point_sample(
         return torch.zeros(0, dtype=torch.long, device=xyz.device)
     p = xyz.detach()
     starts = offset2start(off)
-    with _one_intraop_thread(p.device):
-        if p.device.type != "cpu" or int(lengths.max()) <= DENSE_MAX_POINTS:
-            sel = _fps_dense(p, starts, lengths, counts, start)
-        elif p.dtype == torch.float64:  # float64 min-distances do not fit the packed keys of the fast engine
-            sel = fps_cells(p, starts, lengths, counts, start)
-        else:
-            sel = fps_cells_speculative(p, starts, lengths, counts, start)
+    if p.device.type != "cpu" or int(lengths.max()) <= DENSE_MAX_POINTS:
+        sel = _fps_dense(p, starts, lengths, counts, start)
+    elif p.dtype == torch.float64 or p.shape[0] >= 1 << 32:  # keys pack float32 bits and a 32-bit row
+        sel = fps_cells(p, starts, lengths, counts, start)
+    else:
+        sel = fps_cells_speculative(p, starts, lengths, counts, start)
     return _pack(sel, counts)
+
 
 
 def _pack(sel: Tensor, counts: Tensor) -> Tensor:
