@@ -186,7 +186,8 @@ def _unpack_value(key: Tensor) -> Tensor:
 
 
 def fps_cells_speculative(p: Tensor, starts: Tensor, lengths: Tensor, counts: Tensor, start: int,
-                          leaf_size: int = LEAF_SIZE, speculate: int = SPECULATE) -> Tensor:
+                          leaf_size: int = LEAF_SIZE, speculate: int = SPECULATE,
+                          stats: dict[str, int] | None = None) -> Tensor:
     """Exact FPS with the leaf engine, taking up to ``speculate`` samples per cloud per iteration.
 
     Why several at once stays exact: the top leaf keys a_1 > a_2 > ... (key = value, then lowest row)
@@ -195,6 +196,7 @@ def fps_cells_speculative(p: Tensor, starts: Tensor, lengths: Tensor, counts: Te
     is known; a_j is accepted iff it equals that maximum, i.e. iff the reference would pick it next.
     Leaves outside the update set are unchanged and rank below every candidate. a_1 is always accepted.
     Needs a float32-representable dtype (keys pack float32 bits); float64 uses `fps_cells`.
+    ``stats``, when given, receives ``iterations`` and ``leaf_updates`` (for tests and tuning).
     """
     dev = p.device
     nclouds = lengths.numel()
@@ -224,13 +226,16 @@ def fps_cells_speculative(p: Tensor, starts: Tensor, lengths: Tensor, counts: Te
     # first iteration: the given start as the only candidate
     cand = (starts + start).clamp_max(max(p.shape[0] - 1, 0))[:, None].to(dev)
     cand_key = None
+    iterations = leaf_updates = 0
     while True:
+        iterations += 1
         k_now = cand.shape[1]
         c = p.index_select(0, cand.view(-1)).view(nclouds, k_now, 3).transpose(1, 2)  # [B, 3, k]
         cd = c.double()[:, :, :, None]  # [B, 3, k, 1]
         gap = torch.maximum(lo - cd, cd - hi).clamp_min_(0.0)  # [B, 3, k, Cmax]
         lb = gap.mul_(gap).sum(1).amin(1)  # squared box distance of the nearest candidate [B, Cmax]
         sel = (lb <= thr).view(-1).nonzero().squeeze(1)
+        leaf_updates += sel.numel()
         ucloud = cell_cloud.index_select(0, sel)
         cc = c.index_select(0, ucloud)[:, :, :, None]  # [A, 3, k, 1]
         d = pts.index_select(0, sel)[:, :, None, :] - cc
@@ -264,4 +269,6 @@ def fps_cells_speculative(p: Tensor, starts: Tensor, lengths: Tensor, counts: Te
         thr.masked_fill_(done, -math.inf)
         cand_key = key.topk(min(kk, ncm), dim=1).values
         cand = _LOW - (cand_key & _LOW)
+    if stats is not None:
+        stats.update(iterations=iterations, leaf_updates=leaf_updates)
     return out[:, :steps]

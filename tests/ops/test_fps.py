@@ -226,3 +226,16 @@ def test_intraop_thread_setting_is_restored():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_speculation_takes_several_samples_per_iteration_and_prunes_leaves():
+    # behaviour the speed rests on (no timing): on a scene most of the 8 candidates are accepted, and an
+    # iteration updates a few leaves, not all of them
+    coord = scan_like_scene(30000, seed=8)
+    stats: dict[str, int] = {}
+    lengths, counts = torch.tensor([30000]), torch.tensor([3000])
+    sel = fps_cells_speculative(coord, torch.tensor([0]), lengths, counts, 0, stats=stats)
+    assert torch.equal(sel, fps_mod._fps_dense(coord, torch.tensor([0]), lengths, counts, 0))
+    assert stats["iterations"] < 3000 / 4
+    leaves = 30000 / 64
+    assert stats["leaf_updates"] / stats["iterations"] < leaves / 4
