@@ -18,9 +18,9 @@ from torch import Tensor
 
 __all__ = ["build_cells", "fps_cells"]
 
-# Points per k-d leaf: steps are dominated by per-op overhead, so leaves a few times larger than the
-# late-stage sample spacing are cheap to update and keep the per-step leaf scan short.
-LEAF_SIZE = 64
+# Points per k-d leaf (measured best at 65k-262k points): iterations are dominated by per-op overhead, so
+# leaves many times larger than the late-stage sample spacing are cheap and keep the per-iteration leaf scan short.
+LEAF_SIZE = 128
 
 
 def build_cells(p: Tensor, starts: Tensor, lengths: Tensor, leaf_size: int = LEAF_SIZE) -> dict[str, Tensor]:

@@ -26,11 +26,13 @@ ENGINES = ("dense", "cells", "cells-k3", "plain-cells")
 
 @pytest.fixture
 def engine(request, monkeypatch):
-    """Force one engine for every size: dense; the speculative leaf engine (default 8 or 3 candidates per
-    iteration; float64 always takes the one-at-a-time leaf engine); or the one-at-a-time leaf engine."""
+    """Force one engine for every size: dense; the speculative leaf engine (defaults, or 3 candidates per
+    iteration on leaves of 16 points; float64 always takes the one-at-a-time leaf engine); or the
+    one-at-a-time leaf engine."""
     monkeypatch.setattr(fps_mod, "DENSE_MAX_POINTS", 1 << 40 if request.param == "dense" else 0)
     if request.param == "cells-k3":
-        monkeypatch.setattr(fps_mod, "fps_cells_speculative", functools.partial(fps_cells_speculative, speculate=3))
+        monkeypatch.setattr(fps_mod, "fps_cells_speculative",
+                            functools.partial(fps_cells_speculative, speculate=3, leaf_size=16))
     if request.param == "plain-cells":
         monkeypatch.setattr(fps_mod, "fps_cells_speculative", fps_cells)
     return request.param
@@ -237,5 +239,5 @@ def test_speculation_takes_several_samples_per_iteration_and_prunes_leaves():
     sel = fps_cells_speculative(coord, torch.tensor([0]), lengths, counts, 0, stats=stats)
     assert torch.equal(sel, fps_mod._fps_dense(coord, torch.tensor([0]), lengths, counts, 0))
     assert stats["iterations"] < 3000 / 4
-    leaves = 30000 / 64
+    leaves = 30000 / 128
     assert stats["leaf_updates"] / stats["iterations"] < leaves / 4
