@@ -51,6 +51,8 @@ __all__ = [
     "PrepLock",
     "RaggedH5Reader",
     "Report",
+    "ShardJob",
+    "ShardResult",
     "atomic_write",
     "atomic_write_text",
     "clean_stale_temps",
@@ -59,6 +61,8 @@ __all__ = [
     "parse_options",
     "prep_command",
     "read_manifest",
+    "run_shard_job",
+    "run_shard_jobs",
     "sha256_bytes",
     "sha256_file",
     "verify_outputs",
@@ -143,6 +147,9 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; the result should look like a normal file
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -667,3 +674,82 @@ class DoneLog:
         """The stat cache of ``unit``'s last record, for :func:`hash_files`."""
         rec = self.record(unit)
         return rec.get("input_stats", {}) if rec else {}
+
+
+# ------------------------------------------------------------------------------------ shard job driver
+@dataclass
+class ShardJob:
+    """One unit of work: read some raw inputs, write one ragged shard ``out/<output>``.
+
+    ``inputs`` are raw files (relative to the raw root) whose sha256 decide whether the unit is done;
+    ``payload`` is anything picklable the process function needs (e.g. the sample list of the chunk).
+    """
+
+    key: str
+    split: str
+    output: str
+    inputs: list[str]
+    payload: Any = None
+
+
+@dataclass
+class ShardResult:
+    """What a process function returns for a :class:`ShardJob`.
+
+    ``samples``/``names`` go to the shard; ``failed`` lists ``(sample, message)`` for samples left out;
+    ``info`` (JSON-able, e.g. labels and point counts per sample) is kept in the skip-if-done record so
+    that a skipped unit still contributes to the manifest; ``attrs`` go to the shard's attributes.
+    """
+
+    samples: list[dict[str, np.ndarray]]
+    names: list[str]
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def run_shard_job(process: Callable[[ShardJob, Path, dict[str, Any]], ShardResult], raw: Path, out: Path,
+                  options: dict[str, Any], job: ShardJob) -> dict[str, Any]:
+    """Run one job unless :class:`DoneLog` says it is done; returns its record plus ``skipped`` (bool).
+
+    Module-level so that ``functools.partial(run_shard_job, process, raw, out, options)`` can be handed
+    to :func:`parallel_map`. The shard is written atomically before the record, so a kill at any point
+    leaves either the finished unit or nothing that counts.
+    """
+    log = DoneLog(out)
+    inputs = hash_files([raw / p for p in job.inputs], raw, log.input_cache(job.key))
+    if log.is_done(job.key, inputs, options):
+        rec = log.record(job.key) or {}
+        return {**rec, "skipped": True}
+    res = process(job, raw, options)
+    with atomic_write(out / job.output) as tmp:
+        write_ragged_h5(tmp, res.samples, res.names, attrs={"split": job.split, **res.attrs})
+    rec = log.mark(job.key, inputs, options, [job.output],
+                   extra={"split": job.split, "names": list(res.names), "failed": [list(f) for f in res.failed],
+                          "info": res.info})
+    return {**rec, "skipped": False}
+
+
+def run_shard_jobs(process: Callable[[ShardJob, Path, dict[str, Any]], ShardResult], raw: Path, out: Path,
+                   options: dict[str, Any], jobs: Sequence[ShardJob], workers: int, report: Report,
+                   desc: str = "") -> list[dict[str, Any]]:
+    """Run every job (in parallel, skipping finished ones) and update ``report``; returns the records in job order.
+
+    A job that raises is recorded in ``report.failed`` under its key and has no record; the others go on.
+    """
+    import functools  # noqa: PLC0415
+
+    fn = functools.partial(run_shard_job, process, raw, out, options)
+    records: dict[str, dict[str, Any]] = {}
+    for job, res in parallel_map(fn, list(jobs), workers=workers, desc=desc):
+        if isinstance(res, BaseException):
+            report.failed.append((job.key, str(res)))
+            continue
+        records[job.key] = res
+        if res["skipped"]:
+            report.skipped += 1
+        else:
+            report.done += 1
+        report.samples += len(res.get("names", []))
+        report.failed.extend((str(a), str(b)) for a, b in res.get("failed", []))
+    return [records[j.key] for j in jobs if j.key in records]
