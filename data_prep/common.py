@@ -16,6 +16,12 @@ Preparer contract (every module ``data_prep.<dataset>`` that ``pcbench-prep <dat
     their inputs, options and outputs are unchanged. One bad sample never loses the others: record it in
     ``Report.failed`` and go on; the CLI exits non-zero when ``Report.failed`` is not empty.
     Take ``with PrepLock(out):`` around the work so that two runs never write one folder.
+    Typical body (see ``data_prep/modelnet.py``): build a list of :class:`ShardJob` (key, split, output
+    shard path, raw input paths, payload), write a module-level ``process(job, raw, options) ->
+    ShardResult``, call :func:`run_shard_jobs` (parallel, skip-if-done, failures into the Report), then
+    assemble the manifest from the returned records and :func:`write_manifest` it.
+    Option values are typed by :func:`parse_options`; the CLI may fix some per dataset name
+    (``data_prep.cli.DATASETS``: e.g. modelnet10 = modelnet with num_classes=10).
 
 Prepared layout
 ---------------
