@@ -978,8 +978,6 @@ def _ply_header(path: Path) -> tuple[dict[str, int], int, int]:
 
 def check(raw: str | os.PathLike, options: Mapping[str, Any] | None = None) -> list[str]:
     """Problems that would stop or degrade ``prepare`` (missing and malformed inputs), without writing."""
-    from plyfile import PlyData  # noqa: PLC0415
-
     opts = parse_options(OPTIONS, dict(options or {}), DATASET)
     raw = Path(raw).expanduser().absolute()
     problems: list[str] = []
@@ -1009,10 +1007,11 @@ def check(raw: str | os.PathLike, options: Mapping[str, Any] | None = None) -> l
                     n = counts.get("vertex", 0)
                     if n == 0:
                         problems.append(f"{files['mesh']}: element vertex: empty mesh")
-                    ply = PlyData.read(str(files["mesh"]), known_list_len={"face": {"vertex_indices": 3}})
-                    del ply  # memory-mapped read: checks sizes and list lengths without loading the body
+                    # memory-mapped read: checks sizes and list lengths without loading the body
+                    _read_ply(files["mesh"], "mesh")
                 if files["labels_ply"].is_file() and n is not None:
                     counts, _, _ = _ply_header(files["labels_ply"])
+                    _read_ply(files["labels_ply"], "labels ply")
                     if counts.get("vertex") != n:
                         problems.append(f"{files['labels_ply']}: element vertex: {counts.get('vertex')} vertices "
                                         f"but the mesh has {n}")
