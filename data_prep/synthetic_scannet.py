@@ -12,7 +12,8 @@ of the categories used (17 columns, CRLF, empty fields and the ``refridgerator``
 
 The mesh is stored in a "scan" frame: the room is built axis-aligned and moved by the inverse of the
 scene's ``axisAlignment``, so applying the matrix gives back the axis-aligned room. Everything is a
-function of ``seed``: the same seed gives byte-identical files.
+function of ``seed``: the same seed gives byte-identical files. Files are written in place (this is a
+fixture generator, not a preparer): regenerate into a fresh folder after an interruption.
 
 Usage: ``python -m data_prep.synthetic_scannet out=<folder> [train=4 val=2 test=1 seed=0]``.
 """
@@ -25,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from data_prep.common import atomic_write, atomic_write_text
 
 TSV_HEADER = ("id", "raw_category", "category", "count", "nyu40id", "eigen13id", "nyuClass", "nyu40class",
               "eigen13class", "ModelNet40", "ModelNet10", "ShapeNetCore55", "synsetoffset", "wnsynsetid",
@@ -197,8 +196,7 @@ def make_room(scene: str, rng: np.random.Generator) -> Room:
 
 # ------------------------------------------------------------------------------------------ writers
 def _write_ply(path: Path, room: Room, labels: np.ndarray | None) -> None:
-    from plyfile import PlyData, PlyElement  # noqa: PLC0415
-
+    """Binary little-endian PLY with ScanNet's exact header (packed records; plyfile writes lists row by row)."""
     fields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1"),
               ("alpha", "u1")]
     if labels is not None:
@@ -211,14 +209,15 @@ def _write_ply(path: Path, room: Room, labels: np.ndarray | None) -> None:
     vert["alpha"] = 255
     if labels is not None:
         vert["label"] = labels
-    face = np.zeros(len(room.faces), dtype=[("vertex_indices", "<i4", (3,))])
-    face["vertex_indices"] = room.faces
-    ply = PlyData([PlyElement.describe(vert, "vertex"),
-                   PlyElement.describe(face, "face", len_types={"vertex_indices": "u1"},
-                                       val_types={"vertex_indices": "i4"})],
-                  text=False, byte_order="<", comments=["MLIB generated" if labels is not None else "VCGLIB generated"])
-    with atomic_write(path) as tmp:
-        ply.write(str(tmp))
+    face = np.zeros(len(room.faces), dtype=[("n", "u1"), ("v", "<i4", (3,))])
+    face["n"] = 3
+    face["v"] = room.faces
+    ply_type = {"<f4": "float", "u1": "uchar", "<u2": "ushort"}
+    header = ["ply", "format binary_little_endian 1.0",
+              "comment MLIB generated" if labels is not None else "comment VCGLIB generated",
+              f"element vertex {len(vert)}", *(f"property {ply_type[t]} {k}" for k, t in fields),
+              f"element face {len(face)}", "property list uchar int vertex_indices", "end_header"]
+    path.write_bytes("\n".join(header).encode("ascii") + b"\n" + vert.tobytes() + face.tobytes())
 
 
 def write_scene(scene_dir: Path, room: Room, annotated: bool = True, alignment: bool = True) -> None:
@@ -227,13 +226,13 @@ def write_scene(scene_dir: Path, room: Room, annotated: bool = True, alignment: 
     scene_dir.mkdir(parents=True, exist_ok=True)
     _write_ply(scene_dir / f"{s}_vh_clean_2.ply", room, None)
     segs = {"params": SEGS_PARAMS, "sceneId": f"scannet.{s}", "segIndices": room.seg.tolist()}
-    atomic_write_text(scene_dir / f"{s}_vh_clean_2.0.010000.segs.json", json.dumps(segs))
+    (scene_dir / f"{s}_vh_clean_2.0.010000.segs.json").write_text(json.dumps(segs))
     lines = []
     if alignment:
         lines.append("axisAlignment = " + " ".join(f"{v:.6f}" for v in room.axis_alignment.ravel()) + " ")
     lines += ["colorHeight = 968", "colorWidth = 1296", "depthHeight = 480", "depthWidth = 640",
               "fx_color = 1170.187988", "fy_color = 1170.187988", "sceneType = Bedroom / Hotel"]
-    atomic_write_text(scene_dir / f"{s}.txt", "\n".join(lines) + "\n")
+    (scene_dir / f"{s}.txt").write_text("\n".join(lines) + "\n")
     if not annotated:
         return
     _write_ply(scene_dir / f"{s}_vh_clean_2.labels.ply", room, room.nyu40.astype(np.uint16))
@@ -243,12 +242,12 @@ def write_scene(scene_dir: Path, room: Room, annotated: bool = True, alignment: 
         groups.append({"id": oi, "objectId": oi, "segments": segs_of, "label": label})
     agg = {"sceneId": f"scannet.{s}", "appId": "Aggregator.v2", "segGroups": groups,
            "segmentsFile": f"scannet.{s}_vh_clean_2.0.010000.segs.json"}
-    atomic_write_text(scene_dir / f"{s}.aggregation.json", json.dumps(agg, indent=1))
+    (scene_dir / f"{s}.aggregation.json").write_text(json.dumps(agg, indent=1))
 
 
 def write_tsv(path: Path) -> None:
     """The tsv subset with the official header, CRLF line ends and empty fields."""
-    atomic_write_text(path, "\r\n".join(["\t".join(TSV_HEADER), *TSV_ROWS]) + "\r\n")
+    path.write_bytes(("\r\n".join(["\t".join(TSV_HEADER), *TSV_ROWS]) + "\r\n").encode())
 
 
 def generate(root: str | Path, train: int = 4, val: int = 2, test: int = 1, seed: int = 0) -> dict[str, list[str]]:
@@ -266,7 +265,7 @@ def generate(root: str | Path, train: int = 4, val: int = 2, test: int = 1, seed
             k += 1
     write_tsv(root / "scannetv2-labels.combined.tsv")
     for split, scenes in splits.items():
-        atomic_write_text(root / f"scannetv2_{split}.txt", "".join(f"{s}\n" for s in scenes))
+        (root / f"scannetv2_{split}.txt").write_text("".join(f"{s}\n" for s in scenes))
     return splits
 
 
