@@ -555,12 +555,9 @@ def _call(fn: Callable[[Any], Any], item: Any) -> tuple[bool, Any]:
 
 
 def _worker_init() -> None:
-    # one thread per worker: the pool already uses every core
+    # one thread per worker (the pool already uses every core); torch reads this when (if) it is imported,
+    # so workers that never touch torch do not pay its import
     os.environ["OMP_NUM_THREADS"] = "1"
-    with contextlib.suppress(ImportError):
-        import torch  # noqa: PLC0415
-
-        torch.set_num_threads(1)
 
 
 def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int = 1, desc: str = "",

@@ -339,7 +339,10 @@ def _find_source(raw: Path, options: dict[str, Any]) -> tuple[str, Path]:
     """(source kind, folder holding it) for raw=; PrepError listing what was looked for."""
     nc = options["num_classes"]
     want = options["source"]
-    cands = [raw] + (sorted(p for p in raw.iterdir() if p.is_dir()) if raw.is_dir() else [])
+    # the official folder names first, so that e.g. ModelNet10/ is not taken for modelnet40
+    preferred = [raw / f"ModelNet{nc}", raw / "modelnet40_normal_resampled", raw / "modelnet40_ply_hdf5_2048"]
+    others = sorted(p for p in raw.iterdir() if p.is_dir() and p not in preferred) if raw.is_dir() else []
+    cands = [raw] + [p for p in preferred if p.is_dir()] + others
 
     def kind(d: Path) -> str | None:
         if any(d.glob("modelnet*_shape_names.txt")) or any(d.glob(f"modelnet{nc}_train.txt")):
@@ -437,7 +440,7 @@ def check(raw: Path, options: dict[str, Any]) -> list[str]:
             problems.append(f"{root / d}: {len(ms)} listed input(s) missing, e.g. {', '.join(ms[:3])} "
                             "(fix: add them, or prepare with allow_missing=true)")
     for split, its in items.items():
-        for name, rel, _ in its:
+        for _, rel, _ in its:
             path = root / rel
             try:
                 if kind == "off":
