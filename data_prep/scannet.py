@@ -733,18 +733,29 @@ def _cached_v1(path: str, mtime_ns: int) -> dict[int, int]:
     return read_v1_label_table(path)
 
 
+def _abs(p: str | os.PathLike) -> Path:
+    # absolute without resolving symlinks: a raw folder of links (e.g. to a read-only copy) keeps its layout
+    return Path(os.path.abspath(p))
+
+
+def _raw_key(p: Path, raw: Path) -> str:
+    """Manifest/DoneLog key of an input: the path relative to raw, or ``external:<abs path>``."""
+    p, raw = _abs(p), _abs(raw)
+    return p.relative_to(raw).as_posix() if p.is_relative_to(raw) else f"external:{p}"
+
+
 def _task_inputs(task: ShardTask, log: DoneLog) -> dict[str, dict[str, Any]]:
-    raw = Path(task.raw)
-    paths = [Path(task.tsv)]
+    raw = _abs(task.raw)
+    paths = [_abs(task.tsv)] + ([_abs(task.v1_tsv)] if task.v1_tsv else [])
     for scene, folder in task.scenes:
-        paths += [p for p in scene_files(Path(folder), scene).values() if p.is_file()]
-    inside = [p for p in paths if p.resolve().is_relative_to(raw.resolve())]
+        paths += [_abs(p) for p in scene_files(Path(folder), scene).values() if p.is_file()]
     cache = log.input_cache(task.rel)
-    inputs = hash_files([p.resolve() for p in inside], raw.resolve(), cache)
-    if task.v1_tsv:
-        p = Path(task.v1_tsv).resolve()
-        key = p.relative_to(raw.resolve()).as_posix() if p.is_relative_to(raw.resolve()) else f"external:{p}"
-        inputs[key] = next(iter(hash_files([p], p.parent, {p.name: cache.get(key, {})}).values()))
+    inside = [p for p in paths if p.is_relative_to(raw)]
+    inputs = hash_files(inside, raw, cache)
+    for p in paths:
+        if not p.is_relative_to(raw):
+            key = _raw_key(p, raw)
+            inputs[key] = next(iter(hash_files([p], p.parent, {p.name: cache.get(key, {})}).values()))
     return inputs
 
 
@@ -922,10 +933,9 @@ def _build_manifest(raw: Path, out: Path, opts: Mapping[str, Any], plan: Plan, t
                                    f"on {chk['disagreeing_vertices']} vertices")
         if chk.get("invalid_nyu40_values"):
             report.warnings.append(f"{scene}: labels.ply holds invalid nyu40 ids {chk['invalid_nyu40_values']}")
-    inputs[Path(table.path).resolve().relative_to(raw.resolve()).as_posix()
-           if Path(table.path).resolve().is_relative_to(raw.resolve()) else table.path] = table.sha256
+    inputs[_raw_key(Path(table.path), raw)] = table.sha256
     for p in plan.split_files.values():
-        inputs[p.resolve().relative_to(raw.resolve()).as_posix()] = sha256_file(p)
+        inputs[_raw_key(p, raw)] = sha256_file(p)
     display_changes = {table.nyu40_names[i]: n for i, n in zip(c20.source_ids, c20.names, strict=True)
                        if table.nyu40_names.get(i, n) != n}
     return {

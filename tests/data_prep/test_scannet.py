@@ -193,6 +193,8 @@ def test_real_scene_manifest_hashes_and_stats(real_raw, real_prepared):
     assert verify_outputs(out, m) == []
     assert m["inputs"]["scans/scene0000_00/scene0000_00_vh_clean_2.ply"] == MESH_SHA256
     assert m["inputs"][scannet.TSV_NAME] == sha256_file(real_raw / scannet.TSV_NAME)
+    v1 = "v1_extras/" + scannet.V1_TSV_NAME
+    assert m["inputs"][v1] == sha256_file(real_raw / v1) and m["v1_label_table"].endswith(v1)
     assert m["splits"]["train"]["scenes"] == ["scene0000_00"] and m["splits"]["val"]["num_samples"] == 0
     s = load_scene(out, "scene0000_00")
     counts = np.bincount(s["label20"][s["label20"] >= 0], minlength=20)
@@ -279,6 +281,26 @@ def test_rerun_skips_and_change_redoes_only_that_shard(syn_raw, tmp_path):
     assert [k for k in outputs if outputs[k] != new[k]] == ["train/train_0001.h5"]
     changed = prepare(syn_raw, out, shard_size=2, axis_align=True)  # an option change redoes everything
     assert changed.done == first.done
+
+
+def test_raw_folder_of_symlinks_keeps_its_input_keys(syn_raw, tmp_path):
+    """Links into another folder (e.g. a read-only copy) are hashed under their raw-relative names."""
+    links = tmp_path / "links"
+    for p in syn_raw.rglob("*"):
+        if p.is_file():
+            dst = links / p.relative_to(syn_raw)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.symlink_to(p)
+    v1 = tmp_path / "elsewhere" / scannet.V1_TSV_NAME
+    v1.parent.mkdir()
+    v1.write_text("id\tcategory\tnyu40id\r\n1\twall\t1\r\n")
+    report = prepare(links, tmp_path / "out", v1_tsv=str(v1))
+    assert report.ok
+    inputs = read_manifest(tmp_path / "out")["inputs"]
+    mesh = "scans/scene0000_00/scene0000_00_vh_clean_2.ply"
+    assert inputs[mesh] == sha256_file(syn_raw / mesh)
+    assert inputs[f"external:{v1}"] == sha256_file(v1)
+    assert len(inputs) == 6 * 5 + 3 + 2 + 3  # annotated scenes, test scene (mesh, segs, txt), tsvs, split lists
 
 
 def test_parallel_equals_serial(syn_raw, tmp_path):
