@@ -47,7 +47,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -906,7 +906,10 @@ def _build_manifest(raw: Path, out: Path, opts: Mapping[str, Any], plan: Plan, t
             stats20[sp] += np.asarray(rep["label20_counts"], np.int64)
             stats200[sp] += np.asarray(rep["label200_counts"], np.int64)
             scenes[scene] = {"split": sp, "file": res["rel"], "index": idx, "num_points": rep["num_points"],
-                             "num_instances": rep.get("num_instances", 0), "aligned": rep["aligned"]}
+                             "num_instances": rep.get("num_instances", 0), "aligned": rep["aligned"],
+                             "annotation": rep["version"]["annotation"],
+                             **{k: rep[k] for k in ("num_faces", "vertices_on_no_face", "unannotated_vertices",
+                                                    "overlap_vertices", "unmatched_segments") if k in rep}}
             v = rep["version"]
             kind = f"annotation {v['annotation']}, scene meta {v['scene_meta']}"
             if "labels_ply" in rep:
@@ -921,6 +924,8 @@ def _build_manifest(raw: Path, out: Path, opts: Mapping[str, Any], plan: Plan, t
             for w in rep["warnings"]:
                 report.warnings.append(f"{scene}: {w}")
     report.samples = sum(s["num_samples"] for s in splits.values())
+    if not report.samples:
+        report.warnings.append("no scene was prepared: check splits=/scenes= and the scans/ folder")
     for kind, n in versions.most_common():
         ex = ", ".join(version_scenes[kind][:3])
         report.warnings.insert(0, f"detected {kind}: {n} scene(s) (e.g. {ex})")
@@ -1039,3 +1044,25 @@ def check(raw: str | os.PathLike, options: Mapping[str, Any] | None = None) -> l
             except Exception as err:  # noqa: BLE001 - plyfile raises several types for damaged files
                 problems.append(f"{folder}: {type(err).__name__}: {err}")
     return problems
+
+
+def bench_prepare_fn(raw: str | os.PathLike, work_dir: str | os.PathLike, options: Mapping[str, Any] | None = None,
+                     workers: int = 1) -> Callable[[], Report]:
+    """For ``benchmarks/bm_data.py``: a callable that prepares ``raw`` from scratch into a fresh folder
+    under ``work_dir`` on every call (nothing skipped) and removes it afterwards; returns the Report."""
+    import itertools  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+
+    counter = itertools.count()
+
+    def run() -> Report:
+        out = Path(work_dir) / f"scannet-bench-{os.getpid()}-{next(counter)}"
+        try:
+            report = prepare(raw, out, options, workers=workers, progress=False)
+            if not report.ok:
+                raise PrepError(f"benchmark preparation failed: {report.failed[:3]}", raw, None, "fix the raw folder")
+            return report
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+    return run

@@ -243,6 +243,10 @@ def test_synthetic_labels_match_reference_and_generator_truth(syn_raw, tmp_path)
         assert (s["label20"] == -1).sum() == ((room.nyu40 == 0) | (room.nyu40 == 18) | (room.nyu40 == 29)
                                               | (room.nyu40 == 40)).sum()
         assert m["validation"]["labels_ply"][scene]["disagreeing_vertices"] == 0
+        info = m["scenes"][scene]
+        assert info["unannotated_vertices"] == int((room.vertex_object == -1).sum()) > 0
+        assert (info["num_faces"], info["overlap_vertices"], info["annotation"]) == (len(room.faces), 0, "v2")
+        assert info["num_instances"] == len(room.objects) and info["vertices_on_no_face"] == 0
     test = load_scene(out, "scene0006_00")
     assert (test["label20"] == -1).all() and (test["instance"] == -1).all() and not test["aligned"]
     assert np.isnan(test["axis_alignment"]).all()
@@ -529,3 +533,10 @@ def test_real_mesh_shard_layout_is_ragged(real_prepared):
         assert list(f["coord__offset"][()]) == [0, 81369]
         assert f["axis_alignment"].shape == (4, 4) and f["aligned"].shape == (1,)
         assert json.loads(f.attrs["split"]) == "train"
+
+
+def test_bench_prepare_fn_prepares_from_scratch_each_call(syn_raw, tmp_path):
+    fn = scannet.bench_prepare_fn(syn_raw, tmp_path, {"splits": "val"})
+    first, second = fn(), fn()
+    assert first.samples == second.samples == 2 and second.skipped == 0 and second.done == 1
+    assert list(tmp_path.iterdir()) == [syn_raw]  # work folders removed
