@@ -152,6 +152,19 @@ def test_real_scene_version_detection_and_unknown_categories(real_prepared):
     assert "annotation v1" in text and "'trashcan'" in text and "'dishrack'" in text
 
 
+def test_real_scene_without_the_v1_tsv_says_labels_ply_is_uncheckable(real_raw, tmp_path):
+    """A v1 copy without the v1 label map: labels.ply ids cannot be read, and the report says so."""
+    raw = tmp_path / "raw"
+    shutil.copytree(real_raw / "scans" / "scene0000_00", raw / "scans" / "scene0000_00")
+    for name in (scannet.TSV_NAME, "scannetv2_train.txt", "scannetv2_val.txt", "scannetv2_test.txt"):
+        shutil.copy(real_raw / name, raw / name)
+    report = prepare(raw, tmp_path / "out", scenes="scene0000_00")
+    chk = read_manifest(tmp_path / "out")["validation"]["labels_ply"]["scene0000_00"]
+    assert chk["interpretation"] == "ScanNet v1 label ids (v1 tsv not found: values not checkable)"
+    assert "disagreeing_vertices" not in chk and chk["values"] == "0..230"
+    assert report.ok and "v1 tsv not found" in report.warnings[0]
+
+
 def test_real_scene_v1_v2_disagreement_is_quantified(real_raw, real_prepared):
     """The votenet export holds v2 labels; our v1-derived nyu40 agree on ~68 % of vertices (README: ~69 %)."""
     out, _ = real_prepared
