@@ -20,8 +20,9 @@ def _cat(samples: Sequence[dict[str, Any]], key: str, dtype: torch.dtype) -> tor
 def collate(samples: Sequence[dict[str, Any]]) -> PointBatch:
     """Pack samples (each with ``coord`` [n,3] and ``feat`` [n,C]) into a PointBatch.
 
-    ``label``: a per-sample scalar ``label`` gives ``[B]`` (classification); otherwise a per-point
-    ``segment`` [n] gives ``[N]`` (segmentation, -1 = ignore). ``instance`` [n] is packed alike.
+    ``label``: a per-sample scalar ``label`` gives ``[B]`` (classification); a per-point ``label`` [n]
+    (or ``segment`` [n]) gives ``[N]`` (segmentation, -1 = ignore). ``instance`` [n] is packed alike.
+    Arrays may be numpy or CPU torch tensors.
     ``inverse`` [m] (from GridSample) is shifted by each cloud's start row so that
     ``pred_full = pred[batch.inverse]`` works on the packed predictions, with ``inverse_offset`` [B]
     the cumulative full-resolution counts. Empty clouds are allowed. Raises ValueError naming the
@@ -47,13 +48,21 @@ def collate(samples: Sequence[dict[str, Any]]) -> PointBatch:
     coord = _cat(samples, "coord", torch.float32)
     feat = _cat(samples, "feat", torch.float32)
     label = instance = inverse = inverse_offset = None
-    if all("label" in s and np.ndim(s["label"]) == 0 for s in samples):
+    kinds = {("cls" if np.ndim(s["label"]) == 0 else "seg") if "label" in s else ("seg2" if "segment" in s else None)
+             for s in samples}
+    if kinds == {"cls"}:
         label = torch.tensor([int(s["label"]) for s in samples], dtype=torch.long)
-    elif all("segment" in s for s in samples):
+    elif kinds == {"seg"}:
+        for i, s in enumerate(samples):
+            if np.shape(s["label"]) != (np.asarray(s["coord"]).shape[0],):
+                raise ValueError(f"sample {i}: per-point label has shape {tuple(np.shape(s['label']))}, "
+                                 f"expected ({np.asarray(s['coord']).shape[0]},) like coord")
+        label = _cat(samples, "label", torch.long)
+    elif kinds == {"seg2"}:
         label = _cat(samples, "segment", torch.long)
-    elif any("label" in s or "segment" in s for s in samples):
+    elif kinds != {None}:
         raise ValueError("samples mix label kinds: give every sample a scalar 'label' (classification) "
-                         "or every sample a per-point 'segment' (segmentation)")
+                         "or every sample a per-point 'label' [n] (segmentation)")
     if all("instance" in s for s in samples):
         instance = _cat(samples, "instance", torch.long)
     if any("inverse" in s for s in samples):

@@ -1,14 +1,17 @@
 """Point-cloud transforms: small typed callables on sample dicts, composed from config.
 
-A sample is a dict of numpy arrays. Per-point arrays (first axis = the n points) use the keys in
-:data:`POINT_KEYS` (plus any listed in ``sample["point_keys"]``): ``coord`` [n,3] float32, ``normal``
-[n,3], ``color`` [n,3] float32 in 0..255, ``segment`` [n] / ``instance`` [n] int, ``mask`` [n], ``feat`` [n,C].
-Per-sample values (``label``, ``name``, ...) are left alone. ``inverse`` [m] (added by
-:class:`GridSample`) maps every full-resolution point to its representative among the current points.
+A sample is a dict of arrays (numpy, or CPU torch tensors: they are read with ``np.asarray`` and
+come back as numpy). Per-point arrays (first axis = the n points) use the keys in :data:`POINT_KEYS`
+(plus any listed in ``sample["point_keys"]``): ``coord`` [n,3] float32, ``normal`` [n,3], ``color``
+[n,3] float32 in [0, 1], ``label`` [n] (segmentation; a 0-d ``label`` is a per-object class and is left
+alone), ``instance`` [n], ``mask`` [n], ``feat`` [n,C], ``grid_coord`` [n,3]. Other keys (``name``, ...)
+are left alone. ``inverse`` [m] (added by :class:`GridSample`) maps every full-resolution point to its
+representative among the current points.
 
 Every transform is called as ``t(sample, rng) -> sample`` with a ``numpy.random.Generator``: the
 Dataset derives ``rng`` from (seed, epoch, index), so results are identical for a seed whatever the
-number or order of DataLoader workers. Build pipelines in Hydra with ``_target_`` entries inside a
+number or order of DataLoader workers. ``rng`` may be omitted (``t(sample)``): a fresh, unseeded
+generator is used then, so the result is not reproducible. Build pipelines in Hydra with ``_target_`` entries inside a
 :class:`Compose`. Transforms that change the set of points (crop, dropout, fixed-N) refuse to run after
 :class:`GridSample` made an ``inverse`` map (it would no longer reach every full-resolution point).
 """
@@ -48,13 +51,17 @@ Sample = dict[str, Any]
 Transform = Callable[[Sample, np.random.Generator], Sample]
 
 #: keys whose arrays hold one row per point
-POINT_KEYS = ("coord", "normal", "color", "segment", "instance", "mask", "feat", "strength")
+POINT_KEYS = ("coord", "normal", "color", "label", "segment", "instance", "mask", "feat", "strength", "grid_coord")
 
 
 def point_keys(sample: Sample) -> list[str]:
-    """Per-point keys present in ``sample`` (the fixed ones plus ``sample['point_keys']``)."""
+    """Per-point keys present in ``sample`` (the fixed ones plus ``sample['point_keys']``; a 0-d label is not)."""
     extra = tuple(sample.get("point_keys", ()))
-    return [k for k in (*POINT_KEYS, *extra) if k in sample]
+    return [k for k in (*POINT_KEYS, *extra) if k in sample and np.ndim(sample[k]) >= 1]
+
+
+def _rng(rng: np.random.Generator | None) -> np.random.Generator:
+    return np.random.default_rng() if rng is None else rng
 
 
 def _num_points(sample: Sample) -> int:
@@ -91,7 +98,8 @@ class Compose:
                 raise ValueError(f"transforms[{i}] is {type(t).__name__}, not callable; give transform objects")
         self.transforms = list(transforms)
 
-    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        rng = _rng(rng)
         for t in self.transforms:
             sample = t(sample, rng)
         return sample
@@ -138,7 +146,8 @@ class RandomRotate(_Repr):
         axis = {"x": (1, 0, 0), "y": (0, 1, 0), "z": (0, 0, 1)}[self.axis]
         return rotation_matrix(axis, rng.uniform(*self.angle))
 
-    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        rng = _rng(rng)
         if rng.random() >= self.p:
             return sample
         r = self.matrix(rng)
@@ -158,7 +167,8 @@ class RandomScale(_Repr):
             raise ValueError(f"scale must be positive, got {scale}; use (0.8, 1.2) for example")
         self.scale, self.anisotropic, self.p = tuple(scale), anisotropic, p
 
-    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        rng = _rng(rng)
         if rng.random() >= self.p:
             return sample
         s = rng.uniform(*self.scale, size=3 if self.anisotropic else 1)
@@ -177,7 +187,8 @@ class RandomTranslate(_Repr):
     def __init__(self, shift: float | tuple[float, float, float] = 0.2, p: float = 1.0) -> None:
         self.shift, self.p = shift, p
 
-    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        rng = _rng(rng)
         if rng.random() >= self.p:
             return sample
         sh = np.broadcast_to(np.asarray(self.shift, dtype=np.float64), (3,))
@@ -193,7 +204,8 @@ class RandomJitter(_Repr):
             raise ValueError(f"sigma must be >= 0 and clip > 0, got sigma={sigma}, clip={clip}")
         self.sigma, self.clip = sigma, clip
 
-    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        rng = _rng(rng)
         c = np.asarray(sample["coord"])
         noise = np.clip(rng.normal(0, self.sigma, size=c.shape), -self.clip, self.clip)
         return {**sample, "coord": (c + noise).astype(c.dtype)}
@@ -205,7 +217,8 @@ class CenterShift(_Repr):
     def __init__(self, apply_z: bool = True) -> None:
         self.apply_z = apply_z
 
-    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        rng = _rng(rng)
         c = np.asarray(sample["coord"])
         if len(c) == 0:
             return sample
@@ -219,7 +232,8 @@ class CenterShift(_Repr):
 class NormalizeUnitSphere(_Repr):
     """Centre coord at its centroid and scale it so that the farthest point has norm 1."""
 
-    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        rng = _rng(rng)
         c = np.asarray(sample["coord"], dtype=np.float64)
         if len(c) == 0:
             return sample
@@ -275,7 +289,8 @@ class ElasticDistortion(_Repr):
                     out += w[:, None] * noise[i0[:, 0] + dx, i0[:, 1] + dy, i0[:, 2] + dz]
         return coord + out * magnitude
 
-    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        rng = _rng(rng)
         c = np.asarray(sample["coord"])
         if rng.random() >= self.p or len(c) == 0:
             return sample
@@ -287,37 +302,39 @@ class ElasticDistortion(_Repr):
 
 # -------------------------------------------------------------------------------------------- colour
 class ChromaticAutoContrast(_Repr):
-    """Stretch each colour channel to the full 0..255 range, blended with the original.
+    """Stretch each colour channel to the full [0, 1] range, blended with the original.
 
-    ``blend_factor=None`` draws the blend weight uniformly in [0, 1) per call. Colours are floats in 0..255.
+    ``blend_factor=None`` draws the blend weight uniformly in [0, 1) per call. Colours are floats in [0, 1].
     """
 
     def __init__(self, p: float = 0.2, blend_factor: float | None = None) -> None:
         self.p, self.blend_factor = p, blend_factor
 
-    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        rng = _rng(rng)
         if "color" not in sample or rng.random() >= self.p or len(sample["color"]) == 0:
             return sample
         col = np.asarray(sample["color"], dtype=np.float64)
         lo, hi = col.min(0, keepdims=True), col.max(0, keepdims=True)
-        scale = 255.0 / np.maximum(hi - lo, 1e-6)
+        scale = 1.0 / np.maximum(hi - lo, 1e-6)
         contrast = (col - lo) * scale
         b = rng.random() if self.blend_factor is None else self.blend_factor
         return {**sample, "color": ((1 - b) * col + b * contrast).astype(np.float32)}
 
 
 class ChromaticJitter(_Repr):
-    """Add per-point Gaussian noise of ``std * 255`` to colour and clip to 0..255."""
+    """Add per-point Gaussian noise of standard deviation ``std`` to colour and clip to [0, 1]."""
 
     def __init__(self, p: float = 0.95, std: float = 0.005) -> None:
         self.p, self.std = p, std
 
-    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        rng = _rng(rng)
         if "color" not in sample or rng.random() >= self.p:
             return sample
         col = np.asarray(sample["color"], dtype=np.float64)
-        noise = rng.standard_normal(col.shape) * self.std * 255
-        return {**sample, "color": np.clip(col + noise, 0, 255).astype(np.float32)}
+        noise = rng.standard_normal(col.shape) * self.std
+        return {**sample, "color": np.clip(col + noise, 0, 1).astype(np.float32)}
 
 
 # ------------------------------------------------------------------------------------ point subsets
@@ -333,7 +350,8 @@ class RandomDropout(_Repr):
             raise ValueError(f"max_ratio must be in [0, 1), got {max_ratio}")
         self.max_ratio, self.keep_size, self.p = max_ratio, keep_size, p
 
-    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        rng = _rng(rng)
         n = _num_points(sample)
         if n == 0 or rng.random() >= self.p:
             return sample
@@ -349,7 +367,8 @@ class RandomDropout(_Repr):
 class ShufflePoints(_Repr):
     """Randomly permute the points."""
 
-    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        rng = _rng(rng)
         return take_points(sample, rng.permutation(_num_points(sample)), "ShufflePoints")
 
 
@@ -367,7 +386,8 @@ class FixedPoints(_Repr):
             raise ValueError(f"mode must be 'fps', 'random' or 'first', got {mode!r}")
         self.n, self.mode = n, mode
 
-    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        rng = _rng(rng)
         m = _num_points(sample)
         if m == 0:
             raise ValueError("FixedPoints got a sample with 0 points; drop empty samples when preparing")
@@ -398,7 +418,8 @@ class SphereCrop(_Repr):
             raise ValueError(f"mode must be 'random' or 'center', got {mode!r}")
         self.max_points, self.mode = max_points, mode
 
-    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        rng = _rng(rng)
         n = _num_points(sample)
         if n <= self.max_points:
             return sample
@@ -425,7 +446,8 @@ class GridSample(_Repr):
             raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
         self.grid_size, self.mode, self.return_inverse = grid_size, mode, return_inverse
 
-    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        rng = _rng(rng)
         import torch  # noqa: PLC0415
 
         from pcbench.ops import voxelize  # noqa: PLC0415
@@ -450,17 +472,15 @@ class GridSample(_Repr):
 
 # --------------------------------------------------------------------------------------------- features
 class BuildFeat(_Repr):
-    """Concatenate per-point arrays (e.g. coord, normal, color/255) into ``feat`` [n, C] float32.
-
-    ``color`` is divided by 255 so that every channel is O(1).
-    """
+    """Concatenate per-point arrays (e.g. coord, normal, color) into ``feat`` [n, C] float32."""
 
     def __init__(self, keys: Sequence[str] = ("coord",)) -> None:
         if not keys:
             raise ValueError("keys must name at least one per-point array, e.g. ('coord', 'normal')")
         self.keys = tuple(keys)
 
-    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        rng = _rng(rng)
         parts = []
         n = _num_points(sample)
         for k in self.keys:
@@ -468,6 +488,5 @@ class BuildFeat(_Repr):
                 raise ValueError(f"BuildFeat key {k!r} not in sample (keys: {sorted(sample)}); "
                                  "drop it from feat_keys or prepare the dataset with it")
             a = np.asarray(sample[k], dtype=np.float32)
-            a = a / 255.0 if k == "color" else a
             parts.append(a.reshape(n, -1))
         return {**sample, "feat": np.concatenate(parts, axis=1) if parts else np.zeros((n, 0), np.float32)}
