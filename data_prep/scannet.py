@@ -898,7 +898,7 @@ def _build_manifest(raw: Path, out: Path, opts: Mapping[str, Any], plan: Plan, t
         if not res["order"]:
             continue
         sp = res["split"]
-        splits[sp]["files"].append(res["rel"])
+        splits[sp]["files"].append({"path": res["rel"], "num_samples": len(res["order"]), "scenes": list(res["order"])})
         for idx, scene in enumerate(res["order"]):
             rep = res["scenes"][scene]
             splits[sp]["num_samples"] += 1
