@@ -124,6 +124,8 @@ class PreparedDataset(Dataset):
         return np.random.default_rng([self.seed, self.epoch, index])
 
     def __getitem__(self, index: int) -> Sample:
+        if -len(self) <= index < 0:
+            index += len(self)  # the rng stream belongs to the non-negative index
         sample = self.convert(self.read(index))
         rng = self.rng(index)
         if self.transform is not None:
