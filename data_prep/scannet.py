@@ -929,6 +929,9 @@ def _build_manifest(raw: Path, out: Path, opts: Mapping[str, Any], plan: Plan, t
     for kind, n in versions.most_common():
         ex = ", ".join(version_scenes[kind][:3])
         report.warnings.insert(0, f"detected {kind}: {n} scene(s) (e.g. {ex})")
+    report.warnings.insert(0, f"label map {_raw_key(Path(table.path), raw)}: ScanNet v2 format (raw_category column, "
+                              f"{len(table.raw_to_id)} raw categories)" + (
+                                  f"; v1 label map {_raw_key(v1, raw)} used to read v1 labels.ply ids" if v1 else ""))
     for cat, u in sorted(unknown.items()):
         report.warnings.append(f"raw category {cat!r} is not in {TSV_NAME}: mapped to ignore "
                                f"({u['vertices']} vertices in {len(u['scenes'])} scene(s), e.g. {u['scenes'][0]})")

@@ -148,6 +148,7 @@ def test_real_scene_version_detection_and_unknown_categories(real_prepared):
     assert chk["agreement_as_nyu40"] < 0.5 and chk["agreement_as_v1_ids"] > 0.99
     assert chk["disagreeing_vertices"] == 600
     assert chk["top_disagreements"][0] == {"labels_ply": 12, "derived_nyu40": 0, "vertices": 600}
+    assert report.warnings[0].endswith("v1 label map v1_extras/scannet-labels.combined.tsv used to read v1 labels.ply ids")
     text = report.summary()
     assert "annotation v1" in text and "'trashcan'" in text and "'dishrack'" in text
 
@@ -162,7 +163,7 @@ def test_real_scene_without_the_v1_tsv_says_labels_ply_is_uncheckable(real_raw, 
     chk = read_manifest(tmp_path / "out")["validation"]["labels_ply"]["scene0000_00"]
     assert chk["interpretation"] == "ScanNet v1 label ids (v1 tsv not found: values not checkable)"
     assert "disagreeing_vertices" not in chk and chk["values"] == "0..230"
-    assert report.ok and "v1 tsv not found" in report.warnings[0]
+    assert report.ok and "v1 tsv not found" in report.warnings[1] and "v1 label map" not in report.warnings[0]
 
 
 def test_real_scene_v1_v2_disagreement_is_quantified(real_raw, real_prepared):
@@ -243,7 +244,8 @@ def test_synthetic_labels_match_reference_and_generator_truth(syn_raw, tmp_path)
     out = tmp_path / "out"
     report = prepare(syn_raw, out)
     assert report.ok and report.samples == 7
-    assert all(w.startswith("detected ") for w in report.warnings)  # only the version lines
+    assert report.warnings[0] == "label map scannetv2-labels.combined.tsv: ScanNet v2 format (raw_category column, 11 raw categories)"
+    assert all(w.startswith("detected ") for w in report.warnings[1:])  # only the version lines
     m = read_manifest(out)
     for scene in m["splits"]["train"]["scenes"] + m["splits"]["val"]["scenes"]:
         s = load_scene(out, scene)
@@ -459,6 +461,12 @@ def test_face_index_out_of_range_and_missing_property(syn_raw, tmp_path):
         scannet.read_mesh(syn_raw / "scans" / "scene0001_00" / "scene0001_00_vh_clean_2.ply")
     from plyfile import PlyData, PlyElement
 
+    quad = np.zeros(1, dtype=[("vertex_indices", object)])
+    quad["vertex_indices"][0] = np.array([0, 1, 2, 3], np.int32)
+    vq = np.zeros(4, dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")])
+    PlyData([PlyElement.describe(vq, "vertex"), PlyElement.describe(quad, "face")]).write(str(tmp_path / "quad.ply"))
+    with pytest.raises(PrepError, match=r"quad\.ply: face\.vertex_indices: face 0 has 4 vertices, expected triangles"):
+        scannet.read_mesh(tmp_path / "quad.ply")
     v = np.zeros(3, dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4")])
     PlyData([PlyElement.describe(v, "vertex")]).write(str(tmp_path / "bare.ply"))
     with pytest.raises(PrepError, match=r"bare\.ply: vertex\.red: vertex properties \['red'"):
