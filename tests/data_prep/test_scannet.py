@@ -561,3 +561,29 @@ def test_bench_prepare_fn_prepares_from_scratch_each_call(syn_raw, tmp_path):
     first, second = fn(), fn()
     assert first.samples == second.samples == 2 and second.skipped == 0 and second.done == 1
     assert list(tmp_path.iterdir()) == [syn_raw]  # work folders removed
+
+
+def test_real_size_scenes_in_parallel_equal_serial(real_raw, tmp_path):
+    """Six links to the real scene under new ids, two workers, shards of two: same bytes as one process."""
+    raw = tmp_path / "raw"
+    src = real_raw / "scans" / "scene0000_00"
+    names = [f"scene{k:04d}_00" for k in range(6)]
+    for s in names:
+        d = raw / "scans" / s
+        d.mkdir(parents=True)
+        for p in scannet.scene_files(src, "scene0000_00").values():
+            (d / p.name.replace("scene0000_00", s)).symlink_to(p)
+    shutil.copy(real_raw / scannet.TSV_NAME, raw)
+    (raw / "scannetv2_train.txt").write_text("\n".join(names) + "\n")
+    (raw / "scannetv2_val.txt").write_text("")
+    (raw / "scannetv2_test.txt").write_text("")
+    a = scannet.prepare(raw, tmp_path / "a", {"shard_size": 2}, workers=2, progress=False)
+    b = scannet.prepare(raw, tmp_path / "b", {"shard_size": 2}, workers=1, progress=False)
+    assert a.ok and b.ok and a.samples == 6 and a.done == 3
+    ma, mb = read_manifest(tmp_path / "a"), read_manifest(tmp_path / "b")
+    assert ma["outputs"] == mb["outputs"] and verify_outputs(tmp_path / "a") == []
+    first = load_scene(tmp_path / "a", names[0])
+    last = load_scene(tmp_path / "a", names[-1])
+    for key in ("coord", "normal", "label20", "label200", "instance"):
+        np.testing.assert_array_equal(first[key], last[key])
+    assert ma["label_stats"]["train"]["wall"] == 6 * int((first["label20"] == 0).sum())
