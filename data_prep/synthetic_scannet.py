@@ -289,3 +289,28 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def prepared_synthetic(folder: str | Path, train: int = 4, val: int = 2, test: int = 1, seed: int = 0,
+                       **options) -> Path:
+    """Quickstart/fixture helper: synthetic raw rooms in ``folder/raw`` prepared into ``folder/prepared``.
+
+    Idempotent: the raw rooms are written once (a ``.complete`` marker guards against a half-written
+    folder) and the preparer skips finished shards. Returns the prepared folder for ``ScanNetDataset``.
+    """
+    from data_prep import scannet  # noqa: PLC0415 - the generator itself does not need the preparer
+
+    folder = Path(folder)
+    raw, marker = folder / "raw", folder / "raw" / ".complete"
+    key = f"train={train} val={val} test={test} seed={seed}"
+    if not marker.is_file() or marker.read_text() != key:
+        import shutil  # noqa: PLC0415
+
+        shutil.rmtree(raw, ignore_errors=True)
+        generate(raw, train, val, test, seed)
+        marker.write_text(key)
+    out = folder / "prepared"
+    report = scannet.prepare(raw, out, options, workers=1, progress=False)
+    if not report.ok:
+        raise RuntimeError(f"preparing the synthetic rooms failed: {report.failed}")
+    return out

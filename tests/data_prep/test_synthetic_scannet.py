@@ -126,3 +126,16 @@ def test_main_writes_and_rejects_bad_arguments(tmp_path, capsys):
     assert syn.main([f"out={tmp_path / 'r'}", "train=1", "val=0", "test=0"]) == 0
     assert (tmp_path / "r" / "scans" / "scene0000_00" / "scene0000_00_vh_clean_2.ply").is_file()
     assert syn.main(["train=1"]) == 2 and syn.main([f"out={tmp_path}", "bogus=1"]) == 2
+
+
+def test_prepared_synthetic_is_idempotent(tmp_path):
+    from pcbench.data.scannet import ScanNetDataset
+
+    out = syn.prepared_synthetic(tmp_path, train=2, val=1, test=0, seed=5)
+    before = sha256_file(out / "train" / "train_0000.h5")
+    ds = ScanNetDataset(out, "train")
+    assert len(ds) == 2 and ds[0]["name"] == "scene0000_00"
+    assert syn.prepared_synthetic(tmp_path, train=2, val=1, test=0, seed=5) == out
+    assert sha256_file(out / "train" / "train_0000.h5") == before
+    syn.prepared_synthetic(tmp_path, train=3, val=1, test=0, seed=5)  # other counts: raw rebuilt
+    assert len(ScanNetDataset(out, "train")) == 3
