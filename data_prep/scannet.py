@@ -24,8 +24,9 @@ silently trusting either source.
 
 Axis alignment (option ``axis_align``, default false): coordinates stay in the mesh frame by default,
 as in the ScanNet semantic-segmentation benchmark, which scores the original mesh vertices, and
-because scenes without an ``axisAlignment`` line (v1 scene files; mmdetection3d notes test scenes lack
-it) would otherwise end up in a different frame from the rest. The 4x4 matrix of every scene is stored
+because scenes without an ``axisAlignment`` line (v1 scene files, and the test scenes: votenet's and
+mmdetection3d's ``load_scannet_data.py`` note "test set data doesn't have align_matrix") would otherwise
+end up in a different frame from the rest. The 4x4 matrix of every scene is stored
 per scene (``axis_alignment``, NaN where absent) so it can be applied later; ``axis_align=true`` applies
 it at preparation (coords and normals) and lists the scenes that had none (left unaligned).
 
