@@ -437,10 +437,11 @@ def test_missing_scene_folder_and_allow_missing(syn_raw, tmp_path):
     assert ok.ok and ok.missing == ["scene0005_00"] and ok.samples == 6
 
 
-def test_nan_coordinates(syn_raw, tmp_path):
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_coordinates(syn_raw, tmp_path, bad):
     room = syn.room_for("scene0001_00")
     room.coord = room.coord.copy()
-    room.coord[7, 1] = np.nan
+    room.coord[7, 1] = bad
     syn._write_ply(syn_raw / "scans" / "scene0001_00" / "scene0001_00_vh_clean_2.ply", room, None)
     _fails(syn_raw, tmp_path, "scene0001_00", r"vh_clean_2\.ply: vertex\.y: 1 vertices have NaN/inf .*vertex 7")
 
