@@ -145,10 +145,9 @@ class LabelTable:
     raw_to_id: dict[str, int]
     raw_to_nyu40: dict[str, int]
     nyu40_names: dict[int, str]  # official nyu40class spelling (e.g. 'refridgerator')
-    id_names: dict[int, str]  # tsv id -> 'category' column
 
 
-TSV_REQUIRED = ("id", "raw_category", "category", "nyu40id", "nyu40class")
+TSV_REQUIRED = ("id", "raw_category", "nyu40id", "nyu40class")
 
 
 def read_label_table(path: str | os.PathLike) -> LabelTable:
@@ -170,7 +169,6 @@ def read_label_table(path: str | os.PathLike) -> LabelTable:
     raw_to_id: dict[str, int] = {}
     raw_to_nyu40: dict[str, int] = {}
     nyu40_names: dict[int, str] = {}
-    id_names: dict[int, str] = {}
     for row_no, row in enumerate(reader, start=2):
         raw = row["raw_category"]
         try:
@@ -184,10 +182,9 @@ def read_label_table(path: str | os.PathLike) -> LabelTable:
         raw_to_id[raw] = tid
         raw_to_nyu40[raw] = nyu
         nyu40_names.setdefault(nyu, row["nyu40class"])
-        id_names.setdefault(tid, row["category"])
     if not raw_to_id:
         raise PrepError("no rows", path, None, "restore the official file")
-    return LabelTable(str(path), sha256_file(path), raw_to_id, raw_to_nyu40, nyu40_names, id_names)
+    return LabelTable(str(path), sha256_file(path), raw_to_id, raw_to_nyu40, nyu40_names)
 
 
 def read_v1_label_table(path: str | os.PathLike) -> dict[int, int]:

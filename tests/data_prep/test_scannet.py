@@ -537,7 +537,16 @@ def test_label_table_errors(syn_raw, tmp_path, shared_data):
     shutil.copy(shared_data / "scannet" / "v1_extras" / scannet.V1_TSV_NAME, syn_raw / scannet.TSV_NAME)
     with pytest.raises(PrepError, match=r"header: this is the ScanNet v1 label map"):
         prepare(syn_raw, tmp_path / "out")
-    syn.write_tsv(syn_raw / scannet.TSV_NAME)
+    tsv = syn_raw / scannet.TSV_NAME
+    syn.write_tsv(tsv)
+    good = tsv.read_bytes()
+    tsv.write_bytes(good.replace(b"\r\n2\tchair", b"\r\nx\tchair"))
+    with pytest.raises(PrepError, match=r"tsv: id/nyu40id: line 3: id='x' nyu40id='5' are not integers"):
+        prepare(syn_raw, tmp_path / "out")
+    tsv.write_bytes(good.replace(b"\tnyu40id\t", b"\tnyu40\t", 1))
+    with pytest.raises(PrepError, match=r"tsv: header: columns \['nyu40id'\] missing"):
+        prepare(syn_raw, tmp_path / "out")
+    tsv.write_bytes(good)
     (syn_raw / "scannetv2_val.txt").write_text("scene0004_00\nnot-a-scene\n")
     with pytest.raises(PrepError, match=r"scannetv2_val\.txt: line 2: line 2: 'not-a-scene' is not a scene id"):
         prepare(syn_raw, tmp_path / "out")
