@@ -583,6 +583,7 @@ def process_scene(scene_dir: Path, scene: str, split: str, table: LabelTable, op
             report["labels_ply"] = cross_check_labels_ply(plabel, labels, v1_map, report["version"]["annotation"])
         else:
             report["labels_ply"] = {"interpretation": "absent (cross-check skipped)"}
+            report["warnings"].append(f"{files['labels_ply'].name} not found: labels not cross-checked")
     coord = mesh.coord
     aligned = False
     if options.get("axis_align"):

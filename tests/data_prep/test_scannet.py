@@ -430,6 +430,17 @@ def test_missing_file(syn_raw, tmp_path):
     assert any("aggregation file not found" in p for p in scannet.check(syn_raw))
 
 
+def test_missing_labels_ply_only_skips_the_cross_check(syn_raw, tmp_path):
+    (syn_raw / "scans" / "scene0004_00" / "scene0004_00_vh_clean_2.labels.ply").unlink()
+    report = prepare(syn_raw, tmp_path / "out")
+    assert report.ok and report.samples == 7
+    assert "scene0004_00: scene0004_00_vh_clean_2.labels.ply not found: labels not cross-checked" in report.warnings
+    m = read_manifest(tmp_path / "out")
+    assert m["validation"]["labels_ply"]["scene0004_00"] == {"interpretation": "absent (cross-check skipped)"}
+    room = syn.room_for("scene0004_00")
+    np.testing.assert_array_equal(load_scene(tmp_path / "out", "scene0004_00")["nyu40"], room.nyu40)
+
+
 def test_missing_scene_folder_and_allow_missing(syn_raw, tmp_path):
     shutil.rmtree(syn_raw / "scans" / "scene0005_00")
     _fails(syn_raw, tmp_path, "scene0005_00", r"scene folder not found")
