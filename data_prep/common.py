@@ -66,6 +66,7 @@ __all__ = [
     "parallel_map",
     "parse_options",
     "prep_command",
+    "done_record",
     "read_manifest",
     "run_shard_job",
     "run_shard_jobs",
@@ -453,11 +454,13 @@ class RaggedH5Reader:
         self.path = Path(path)
         self._meta: tuple[list[str], dict[str, np.ndarray | None], list[str], dict[str, Any]] | None = None
         self._h5: Any = None
+        self._dsets: dict[str, Any] = {}
         self._pid: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_h5"] = None
+        state["_dsets"] = {}
         state["_pid"] = None
         return state
 
@@ -470,8 +473,17 @@ class RaggedH5Reader:
                                 "re-run the pcbench-prep command recorded in manifest.json")
             # an inherited handle from the parent must not be used (HDF5 state is per process)
             self._h5 = h5py.File(self.path, "r")
+            self._dsets = {}
             self._pid = os.getpid()
         return self._h5
+
+    def _dset(self, key: str) -> Any:
+        # h5py's name lookup costs ~0.1 ms; per-sample reads of several keys add up, so keep the handles
+        f = self._file()
+        d = self._dsets.get(key)
+        if d is None:
+            d = self._dsets[key] = f[key]
+        return d
 
     def _load_meta(self):
         if self._meta is None:
@@ -491,6 +503,7 @@ class RaggedH5Reader:
         if self._h5 is not None and self._pid == os.getpid():
             self._h5.close()
         self._h5 = None
+        self._dsets = {}
 
     def __len__(self) -> int:
         return len(self._load_meta()[2])
@@ -527,13 +540,16 @@ class RaggedH5Reader:
         if not -n <= i < n:
             raise IndexError(f"sample index {i} out of range for {n} samples in {self.path}")
         i %= n
-        f = self._file()
         out = {}
         for k in keys if keys is not None else all_keys:
             off = offsets[k]
-            out[k] = f[k][i] if off is None else f[k][int(off[i]):int(off[i + 1])]
-            out[k] = np.asarray(out[k])
+            d = self._dset(k)
+            out[k] = np.asarray(d[i] if off is None else d[int(off[i]):int(off[i + 1])])
         return out
+
+    def name(self, i: int) -> str:
+        """Name of sample ``i`` (no copy of the name list)."""
+        return self._load_meta()[2][i]
 
 
 # ------------------------------------------------------------------------------------- parallel map
@@ -711,6 +727,20 @@ class ShardResult:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
+def done_record(raw: Path, out: Path, options: dict[str, Any], job: ShardJob) -> dict[str, Any] | None:
+    """The record of ``job`` if it is finished with the current inputs and options, else None (cheap when
+    there is no record; unchanged inputs cost one ``stat`` each)."""
+    log = DoneLog(out)
+    cache = log.input_cache(job.key)
+    if not cache:
+        return None
+    try:
+        inputs = hash_files([raw / p for p in job.inputs], raw, cache)
+    except OSError:
+        return None
+    return log.record(job.key) if log.is_done(job.key, inputs, options) else None
+
+
 def run_shard_job(process: Callable[[ShardJob, Path, dict[str, Any]], ShardResult], raw: Path, out: Path,
                   options: dict[str, Any], job: ShardJob) -> dict[str, Any]:
     """Run one job unless :class:`DoneLog` says it is done; returns its record plus ``skipped`` (bool).
@@ -720,10 +750,10 @@ def run_shard_job(process: Callable[[ShardJob, Path, dict[str, Any]], ShardResul
     leaves either the finished unit or nothing that counts.
     """
     log = DoneLog(out)
-    inputs = hash_files([raw / p for p in job.inputs], raw, log.input_cache(job.key))
-    if log.is_done(job.key, inputs, options):
-        rec = log.record(job.key) or {}
+    rec = done_record(raw, out, options, job)
+    if rec is not None:
         return {**rec, "skipped": True}
+    inputs = hash_files([raw / p for p in job.inputs], raw, log.input_cache(job.key))
     res = process(job, raw, options)
     with atomic_write(out / job.output) as tmp:
         write_ragged_h5(tmp, res.samples, res.names, attrs={"split": job.split, **res.attrs})
@@ -744,7 +774,17 @@ def run_shard_jobs(process: Callable[[ShardJob, Path, dict[str, Any]], ShardResu
 
     fn = functools.partial(run_shard_job, process, raw, out, options)
     records: dict[str, dict[str, Any]] = {}
-    for job, res in parallel_map(fn, list(jobs), workers=workers, desc=desc):
+    pending = []
+    for job in jobs:  # finished units are found here, so a fully done re-run starts no worker process
+        rec = done_record(raw, out, options, job)
+        if rec is None:
+            pending.append(job)
+            continue
+        records[job.key] = {**rec, "skipped": True}
+        report.skipped += 1
+        report.samples += len(rec.get("names", []))
+        report.failed.extend((str(a), str(b)) for a, b in rec.get("failed", []))
+    for job, res in parallel_map(fn, pending, workers=workers, desc=desc):
         if isinstance(res, BaseException):
             report.failed.append((job.key, str(res)))
             continue

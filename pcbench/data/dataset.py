@@ -108,7 +108,7 @@ class PreparedDataset(Dataset):
         if reader is None:
             reader = self._readers[shard] = RaggedH5Reader(self._paths[shard])
         sample: Sample = dict(reader.get(row))
-        sample["name"] = reader.names[row]
+        sample["name"] = reader.name(row)
         return sample
 
     def convert(self, stored: Sample) -> Sample:
