@@ -574,6 +574,12 @@ def _worker_init() -> None:
     # one thread per worker (the pool already uses every core); torch reads this when (if) it is imported,
     # so workers that never touch torch do not pay its import
     os.environ["OMP_NUM_THREADS"] = "1"
+    if sys.platform.startswith("linux"):  # die with the parent: a killed run must not leave writers behind
+        with contextlib.suppress(Exception):
+            import ctypes  # noqa: PLC0415
+            import signal  # noqa: PLC0415
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int = 1, desc: str = "",

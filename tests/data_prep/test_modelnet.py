@@ -430,3 +430,32 @@ def test_changed_input_or_option_redoes_only_affected_units(synth, tmp_path):
     rep = M.prepare(raw, out, opts(points=16, sampling="random", shard_size=5), workers=1)
     assert rep.done == 3 and all(s["coord"].shape == (16, 3) for _, s in read_split(out, "train"))
     assert DoneLog(out).dir.is_dir()
+
+
+@pytest.mark.slow
+def test_hard_kill_of_a_parallel_run_then_resume(synth, tmp_path):
+    """SIGKILL the parent of a 2-worker run: its workers die with it, no half shard, the re-run finishes."""
+    o = dict(points=32, sampling="fps", shard_size=1, surface_points=3000)
+    out = tmp_path / "out"
+    script = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+              "from pathlib import Path\nfrom data_prep import modelnet as M\nfrom data_prep.common import parse_options\n"
+              f"M.prepare(Path({str(synth)!r}), Path({str(out)!r}), parse_options(M.OPTIONS, {o!r}), workers=2)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done_dir = out / ".done"
+    t0 = time.time()
+    while time.time() - t0 < 120:
+        if done_dir.is_dir() and len(list(done_dir.glob("*.json"))) >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(1.0)  # PR_SET_PDEATHSIG delivers SIGKILL to the workers
+    n_done = len(list(done_dir.glob("*.json")))
+    time.sleep(1.0)
+    assert len(list(done_dir.glob("*.json"))) == n_done  # nobody is still writing
+    assert 2 <= n_done < 15
+    for p in out.rglob("*.h5"):
+        assert len(RaggedH5Reader(p)) == 1
+    rep = M.prepare(synth, out, parse_options(M.OPTIONS, o), workers=2)
+    assert rep.ok and rep.skipped == n_done and rep.done == 15 - n_done
+    assert not list(out.rglob(".pcbench-tmp-*")) and verify_outputs(out) == []
