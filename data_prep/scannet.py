@@ -5,7 +5,8 @@ Inputs (official names): ``scans/<scene>/`` (test scenes may also sit in ``scans
 ``<scene>.aggregation.json`` (segGroups = instances with a raw category), ``<scene>_vh_clean_2.labels.ply``
 (per-vertex label, used only as a cross-check) and ``<scene>.txt`` (``axisAlignment``);
 ``scannetv2-labels.combined.tsv`` (at the raw root or in ``tasks/``) and the split lists
-``scannetv2_{train,val,test}.txt`` (raw root, ``Tasks/Benchmark/``, or the copies in ``data_prep/meta``).
+``scannetv2_{train,val,test}.txt`` (raw root or ``Tasks/Benchmark/``, as in the ScanNet repository).
+The benchmark class tables (ids and names) are packaged in ``data_prep/meta/scannet{20,200}_ids.txt``.
 
 Labels come from segs + aggregation + tsv, as the official benchmark scripts derive them:
 ``raw category -> tsv row -> nyu40id`` gives ScanNet20 (the 20 benchmark nyu40 ids -> 0..19) and
@@ -22,13 +23,15 @@ as v1 ids through the v1 tsv ``scannet-labels.combined.tsv`` when it is found), 
 disagreements and invalid ids (e.g. the values 50 and 149 seen in some v2 labels.ply) instead of
 silently trusting either source.
 
-Axis alignment (option ``axis_align``, default false): coordinates stay in the mesh frame by default,
-as in the ScanNet semantic-segmentation benchmark, which scores the original mesh vertices, and
-because scenes without an ``axisAlignment`` line (v1 scene files, and the test scenes: votenet's and
-mmdetection3d's ``load_scannet_data.py`` note "test set data doesn't have align_matrix") would otherwise
-end up in a different frame from the rest. The 4x4 matrix of every scene is stored
-per scene (``axis_alignment``, NaN where absent) so it can be applied later; ``axis_align=true`` applies
-it at preparation (coords and normals) and lists the scenes that had none (left unaligned).
+Axis alignment (option ``axis_align``, default false): the benchmark scores per-vertex labels, so the
+frame is a modelling choice. By default coordinates stay in the mesh frame, as in Pointcept's ScanNet
+preprocessing (its alignment code is commented out), because scenes without an ``axisAlignment`` line
+(v1 scene files, and the test scenes: votenet's and mmdetection3d's ``load_scannet_data.py`` note "test
+set data doesn't have align_matrix") would otherwise sit in a different frame from the rest. The 4x4
+matrix of every scene is stored per scene (``axis_alignment``, NaN where absent) so it can be applied
+later (``ScanNetDataset(axis_align=True)``); ``axis_align=true`` applies it at preparation, like
+ScanNet's own ScanNet200 preprocessing script and votenet (coords and normals), and lists the scenes
+that had none (left unaligned, where those scripts use the identity).
 
 Output: ``<split>/<split>_<k>.h5`` shards of ``shard_size`` scenes in the ragged format of
 :func:`data_prep.common.write_ragged_h5` with per-scene keys ``coord`` [N,3] float32, ``color`` [N,3]
@@ -179,8 +182,9 @@ def read_label_table(path: str | os.PathLike) -> LabelTable:
                             "id/nyu40id", "restore the official file") from None
         if not 0 <= nyu <= 40:
             raise PrepError(f"line {row_no}: nyu40id={nyu} outside 0..40", path, "nyu40id", "restore the official file")
-        raw_to_id[raw] = tid
-        raw_to_nyu40[raw] = nyu
+        # the first row of a raw category wins, as in the official scripts' pandas lookup (``.iloc[0]``)
+        raw_to_id.setdefault(raw, tid)
+        raw_to_nyu40.setdefault(raw, nyu)
         nyu40_names.setdefault(nyu, row["nyu40class"])
     if not raw_to_id:
         raise PrepError("no rows", path, None, "restore the official file")
