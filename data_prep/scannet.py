@@ -11,7 +11,8 @@ The benchmark class tables (ids and names) are packaged in ``data_prep/meta/scan
 Labels come from segs + aggregation + tsv, as the official benchmark scripts derive them:
 ``raw category -> tsv row -> nyu40id`` gives ScanNet20 (the 20 benchmark nyu40 ids -> 0..19) and
 ``raw category -> tsv id`` gives ScanNet200 (the 200 benchmark ids -> 0..199); everything else is
-ignore (-1). ``instance`` is the segGroup ``objectId`` (-1 = none). Where segGroups overlap, the later
+ignore (-1). ``instance`` is the segGroup ``objectId`` (-1 = none), kept for every group, also those
+whose category is unknown or outside a label set. Where segGroups overlap, the later
 group wins (as in the official export scripts) and the overlap is counted in the report. Raw categories
 missing from the tsv (e.g. ScanNet v1's ``trashcan``/``dishrack``) map to ignore and are listed.
 
