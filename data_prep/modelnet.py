@@ -109,6 +109,16 @@ def read_off(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if len(body) < nv + nf:
         raise PrepError(f"header announces {nv} vertices + {nf} faces but the file has {len(body)} data lines",
                         path, "counts", "the file is truncated; re-download it")
+    verts = faces = None
+    try:  # fast path: plain "x y z" vertices and "3 a b c" triangles (nearly every ModelNet file)
+        v = np.array(" ".join(body[:nv]).split(), dtype=np.float64)
+        f = np.array(" ".join(body[nv:nv + nf]).split(), dtype=np.int64)
+        if v.size == 3 * nv and f.size == 4 * nf and (f[::4] == 3).all():
+            verts, faces = v.reshape(nv, 3), f.reshape(nf, 4)[:, 1:]
+    except ValueError:
+        pass  # the careful path below names the bad line
+    if verts is not None and faces is not None:
+        return _validate_mesh(path, verts, faces, nv)
     try:
         vert_rows = [ln.split() for ln in body[:nv]]
         if any(len(r) < 3 for r in vert_rows):
@@ -118,9 +128,6 @@ def read_off(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         verts = np.array([r[:3] for r in vert_rows], dtype=np.float64)
     except ValueError as err:
         raise PrepError(f"unreadable vertex value ({err})", path, "vertices", "repair the mesh") from None
-    if not np.isfinite(verts).all():
-        bad = int((~np.isfinite(verts)).any(1).sum())
-        raise PrepError(f"{bad} vertices have NaN or inf coordinates", path, "vertices", "repair the mesh")
     tris = []
     try:
         for i, ln in enumerate(body[nv:nv + nf]):
@@ -132,7 +139,13 @@ def read_off(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             tris.extend((idx[0], idx[j], idx[j + 1]) for j in range(1, k - 1))  # fan triangulation
     except ValueError as err:
         raise PrepError(f"unreadable face index ({err})", path, "faces", "repair the mesh") from None
-    faces = np.array(tris, dtype=np.int64).reshape(-1, 3)
+    return _validate_mesh(path, verts, np.array(tris, dtype=np.int64).reshape(-1, 3), nv)
+
+
+def _validate_mesh(path: Path, verts: np.ndarray, faces: np.ndarray, nv: int) -> tuple[np.ndarray, np.ndarray]:
+    if not np.isfinite(verts).all():
+        bad = int((~np.isfinite(verts)).any(1).sum())
+        raise PrepError(f"{bad} vertices have NaN or inf coordinates", path, "vertices", "repair the mesh")
     if faces.size and (faces.min() < 0 or faces.max() >= nv):
         raise PrepError(f"face indices span {faces.min()}..{faces.max()} but there are {nv} vertices", path, "faces",
                         "repair the mesh")
@@ -510,6 +523,11 @@ def prepare(raw: Path, out: Path, options: dict[str, Any], workers: int = 1) -> 
     with PrepLock(out):
         clean_stale_temps(out)
         records = run_shard_jobs(process_job, root, out, options, jobs, workers, report, desc=dataset)
+        short = [(n, c) for r in records for n, c in zip(r["names"], r["info"]["counts"], strict=True)
+                 if options["points"] and c < options["points"]]
+        if short:
+            report.warnings.append(f"{len(short)} objects have fewer than points={options['points']} points and keep "
+                                   f"all they have, e.g. {short[0][0]} ({short[0][1]})")
         manifest = _manifest(dataset, raw, root, out, kind, options, classes, jobs, records, report)
         report.seconds = time.perf_counter() - t0
         manifest["validation"] = report.to_dict()

@@ -459,3 +459,27 @@ def test_hard_kill_of_a_parallel_run_then_resume(synth, tmp_path):
     rep = M.prepare(synth, out, parse_options(M.OPTIONS, o), workers=2)
     assert rep.ok and rep.skipped == n_done and rep.done == 15 - n_done
     assert not list(out.rglob(".pcbench-tmp-*")) and verify_outputs(out) == []
+
+
+def test_fast_and_careful_off_paths_agree(tmp_path):
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(50, 3))
+    f = rng.integers(0, 50, size=(80, 3))
+    tri = "OFF\n50 80 0\n" + "".join(f"{a:.6f} {b:.6f} {c:.6f}\n" for a, b, c in v) + \
+        "".join(f"3 {a} {b} {c}\n" for a, b, c in f)
+    (tmp_path / "tri.off").write_text(tri)
+    # a trailing colour on one face forces the careful line-by-line path
+    (tmp_path / "col.off").write_text(tri.replace(f"3 {f[5][0]} {f[5][1]} {f[5][2]}\n",
+                                                  f"3 {f[5][0]} {f[5][1]} {f[5][2]} 255 0 0\n", 1))
+    v1, f1 = M.read_off(tmp_path / "tri.off")
+    v2, f2 = M.read_off(tmp_path / "col.off")
+    np.testing.assert_allclose(v1, v, atol=1e-6)
+    np.testing.assert_array_equal(f1, f)
+    np.testing.assert_array_equal(v1, v2)
+    np.testing.assert_array_equal(f1, f2)
+
+
+def test_objects_smaller_than_points_are_kept_whole_with_a_warning(synth, tmp_path):
+    rep = M.prepare(synth, tmp_path / "o", opts(source="ply_hdf5_2048", points=4096), workers=1)
+    assert rep.ok and len(rep.warnings) == 1 and "15 objects have fewer than points=4096" in rep.warnings[0]
+    assert all(s["coord"].shape == (2048, 3) for _, s in read_split(tmp_path / "o", "test"))
