@@ -733,37 +733,46 @@ class ShardResult:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
-def done_record(raw: Path, out: Path, options: dict[str, Any], job: ShardJob) -> dict[str, Any] | None:
-    """The record of ``job`` if it is finished with the current inputs and options, else None (cheap when
-    there is no record; unchanged inputs cost one ``stat`` each)."""
+def _unit_options(options: Mapping[str, Any], job: ShardJob, salt: str) -> dict[str, Any]:
+    # what a unit's result depends on besides its input files: the options, the job description
+    # (e.g. which labels its objects get) and the preparer version (salt)
+    payload = json.dumps(job.payload, sort_keys=True, default=str).encode()
+    return {**options, "_job": sha256_bytes(payload), "_salt": salt}
+
+
+def done_record(raw: Path, out: Path, options: dict[str, Any], job: ShardJob, salt: str = "") -> dict[str, Any] | None:
+    """The record of ``job`` if it is finished with the current inputs, options, payload and ``salt``, else None.
+
+    Cheap: no record means not done; unchanged inputs cost one ``stat`` each.
+    """
     log = DoneLog(out)
-    cache = log.input_cache(job.key)
-    if not cache:
+    if log.record(job.key) is None:
         return None
     try:
-        inputs = hash_files([raw / p for p in job.inputs], raw, cache)
+        inputs = hash_files([raw / p for p in job.inputs], raw, log.input_cache(job.key))
     except OSError:
         return None
-    return log.record(job.key) if log.is_done(job.key, inputs, options) else None
+    return log.record(job.key) if log.is_done(job.key, inputs, _unit_options(options, job, salt)) else None
 
 
 def run_shard_job(process: Callable[[ShardJob, Path, dict[str, Any]], ShardResult], raw: Path, out: Path,
-                  options: dict[str, Any], job: ShardJob) -> dict[str, Any]:
+                  options: dict[str, Any], job: ShardJob, salt: str = "") -> dict[str, Any]:
     """Run one job unless :class:`DoneLog` says it is done; returns its record plus ``skipped`` (bool).
 
     Module-level so that ``functools.partial(run_shard_job, process, raw, out, options)`` can be handed
     to :func:`parallel_map`. The shard is written atomically before the record, so a kill at any point
-    leaves either the finished unit or nothing that counts.
+    leaves either the finished unit or nothing that counts. ``salt`` (e.g. the preparer version)
+    invalidates earlier records when it changes.
     """
     log = DoneLog(out)
-    rec = done_record(raw, out, options, job)
+    rec = done_record(raw, out, options, job, salt)
     if rec is not None:
         return {**rec, "skipped": True}
     inputs = hash_files([raw / p for p in job.inputs], raw, log.input_cache(job.key))
     res = process(job, raw, options)
     with atomic_write(out / job.output) as tmp:
         write_ragged_h5(tmp, res.samples, res.names, attrs={"split": job.split, **res.attrs})
-    rec = log.mark(job.key, inputs, options, [job.output],
+    rec = log.mark(job.key, inputs, _unit_options(options, job, salt), [job.output],
                    extra={"split": job.split, "names": list(res.names), "failed": [list(f) for f in res.failed],
                           "info": res.info})
     return {**rec, "skipped": False}
@@ -771,18 +780,18 @@ def run_shard_job(process: Callable[[ShardJob, Path, dict[str, Any]], ShardResul
 
 def run_shard_jobs(process: Callable[[ShardJob, Path, dict[str, Any]], ShardResult], raw: Path, out: Path,
                    options: dict[str, Any], jobs: Sequence[ShardJob], workers: int, report: Report,
-                   desc: str = "") -> list[dict[str, Any]]:
+                   desc: str = "", salt: str = "") -> list[dict[str, Any]]:
     """Run every job (in parallel, skipping finished ones) and update ``report``; returns the records in job order.
 
     A job that raises is recorded in ``report.failed`` under its key and has no record; the others go on.
     """
     import functools  # noqa: PLC0415
 
-    fn = functools.partial(run_shard_job, process, raw, out, options)
+    fn = functools.partial(run_shard_job, process, raw, out, options, salt=salt)
     records: dict[str, dict[str, Any]] = {}
     pending = []
     for job in jobs:  # finished units are found here, so a fully done re-run starts no worker process
-        rec = done_record(raw, out, options, job)
+        rec = done_record(raw, out, options, job, salt)
         if rec is None:
             pending.append(job)
             continue

@@ -40,6 +40,7 @@ from .common import (
     clean_stale_temps,
     prep_command,
     run_shard_jobs,
+    sha256_file,
     write_manifest,
 )
 
@@ -272,10 +273,14 @@ def process_job(job: ShardJob, raw: Path, options: dict[str, Any]) -> ShardResul
     return ShardResult(samples, names, failed, info={"labels": labels, "counts": counts})
 
 
-def _ply_names(h5_path: Path, n: int) -> list[str]:
+def _id2file(h5_path: Path) -> Path | None:
     # the release ships ply_data_<split>_<k>_id2file.json with "class/class_0001.ply" per row
     m = re.match(r"ply_data_(train|test)(\d+)\.h5$", h5_path.name)
-    js = h5_path.with_name(f"ply_data_{m.group(1)}_{m.group(2)}_id2file.json") if m else None
+    return h5_path.with_name(f"ply_data_{m.group(1)}_{m.group(2)}_id2file.json") if m else None
+
+
+def _ply_names(h5_path: Path, n: int) -> list[str]:
+    js = _id2file(h5_path)
     if js is not None and js.is_file():
         try:
             ids = json.loads(js.read_text())
@@ -439,6 +444,16 @@ def _plan(raw: Path, options: dict[str, Any]) -> tuple[str, Path, dict[str, list
     return kind, root, items, missing, problems
 
 
+def _metadata_files(root: Path, kind: str, nc: int) -> list[Path]:
+    if kind == "normal_resampled":
+        names = [f"modelnet{nc}_shape_names.txt", f"modelnet{nc}_train.txt", f"modelnet{nc}_test.txt"]
+    elif kind == "ply_hdf5_2048":
+        names = ["shape_names.txt", *sorted(p.name for p in root.glob("ply_data_*_id2file.json"))]
+    else:
+        names = []
+    return [root / n for n in names if (root / n).is_file()]
+
+
 def check(raw: Path, options: dict[str, Any]) -> list[str]:
     """Problems found in raw= without writing: unknown layout, missing lists/files, unreadable headers/keys."""
     try:
@@ -510,7 +525,9 @@ def prepare(raw: Path, out: Path, options: dict[str, Any], workers: int = 1) -> 
         if kind == "ply_hdf5_2048":
             label_map = {MODELNET40_CLASSES.index(c): i for i, c in enumerate(classes)}
             for k, (_, rel, _) in enumerate(items[split]):
-                jobs.append(ShardJob(f"{split}/{k:05d}", split, f"{split}/shard_{k:05d}.h5", [rel],
+                ids = _id2file(root / rel)
+                jobs.append(ShardJob(f"{split}/{k:05d}", split, f"{split}/shard_{k:05d}.h5",
+                                     [rel] + ([ids.name] if ids is not None and ids.is_file() else []),
                                      {"source": kind, "label_map": label_map}))
             continue
         its = items[split]
@@ -522,13 +539,17 @@ def prepare(raw: Path, out: Path, options: dict[str, Any], workers: int = 1) -> 
     out.mkdir(parents=True, exist_ok=True)
     with PrepLock(out):
         clean_stale_temps(out)
-        records = run_shard_jobs(process_job, root, out, options, jobs, workers, report, desc=dataset)
+        records = run_shard_jobs(process_job, root, out, options, jobs, workers, report, desc=dataset,
+                                 salt=PREPARER_VERSION)
         short = [(n, c) for r in records for n, c in zip(r["names"], r["info"]["counts"], strict=True)
                  if options["points"] and c < options["points"]]
         if short:
             report.warnings.append(f"{len(short)} objects have fewer than points={options['points']} points and keep "
                                    f"all they have, e.g. {short[0][0]} ({short[0][1]})")
         manifest = _manifest(dataset, raw, root, out, kind, options, classes, jobs, records, report)
+        prefix = "" if root == raw else root.relative_to(raw).as_posix() + "/"
+        for meta in _metadata_files(root, kind, options["num_classes"]):  # lists and names decide labels too
+            manifest["inputs"][prefix + meta.relative_to(root).as_posix()] = sha256_file(meta)
         report.seconds = time.perf_counter() - t0
         manifest["validation"] = report.to_dict()
         write_manifest(out, manifest)

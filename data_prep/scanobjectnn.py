@@ -224,7 +224,8 @@ def prepare(raw: Path, out: Path, options: dict[str, Any], workers: int = 1) -> 
     out.mkdir(parents=True, exist_ok=True)
     with PrepLock(out):
         clean_stale_temps(out)
-        records = run_shard_jobs(process_job, raw, out, options, jobs, workers, report, desc="scanobjectnn")
+        records = run_shard_jobs(process_job, raw, out, options, jobs, workers, report, desc="scanobjectnn",
+                                 salt=PREPARER_VERSION)
         splits, stats, inputs, outputs = {}, {}, {}, {}
         for rec in records:
             split = rec["split"]

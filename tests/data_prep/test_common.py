@@ -270,3 +270,41 @@ def test_prep_lock_is_exclusive(tmp_path):
         assert r.returncode != 0 and "another pcbench-prep run is writing this folder" in r.stderr
     with PrepLock(tmp_path):  # released on exit
         pass
+
+
+def _toy_process(job, raw, options):
+    vals = [float((raw / p).read_text()) * job.payload["mult"] for p in job.inputs]
+    if any(v < 0 for v in vals):
+        raise PrepError("negative value", job.inputs[0], "value", "use a positive number")
+    return C.ShardResult([{"x": np.array([v] * 2, np.float32), "label": np.array(1)} for v in vals],
+                         [f"s{i}" for i in range(len(vals))], info={"n": len(vals)})
+
+
+def test_run_shard_jobs_skips_only_unchanged_units(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    raw.mkdir()
+    for i in range(3):
+        (raw / f"{i}.txt").write_text(str(i + 1))
+    jobs = [C.ShardJob(f"u{i}", "train", f"train/{i}.h5", [f"{i}.txt"], {"mult": 2}) for i in range(3)]
+
+    def run(jobs, salt="v1", options=None):
+        rep = C.Report("toy", str(out))
+        recs = C.run_shard_jobs(_toy_process, raw, out, options or {"a": 1}, jobs, 1, rep, salt=salt)
+        return rep, recs
+
+    rep, recs = run(jobs)
+    assert (rep.done, rep.skipped, rep.samples) == (3, 0, 3)
+    assert RaggedH5Reader(out / "train/2.h5")[0]["x"].tolist() == [6.0, 6.0]
+    rep, _ = run(jobs)
+    assert (rep.done, rep.skipped) == (0, 3)
+    jobs[1] = C.ShardJob("u1", "train", "train/1.h5", ["1.txt"], {"mult": 3})  # payload changed
+    (raw / "2.txt").write_text("-5")  # input changed, now bad
+    rep, recs = run(jobs)
+    assert (rep.done, rep.skipped) == (1, 1) and [k for k, _ in rep.failed] == ["u2"]
+    assert "2.txt: value: negative value" in rep.failed[0][1]
+    assert [r["unit"] for r in recs] == ["u0", "u1"]
+    assert RaggedH5Reader(out / "train/1.h5")[0]["x"].tolist() == [6.0, 6.0]
+    rep, _ = run(jobs[:2], salt="v2")  # new preparer version: everything redone
+    assert (rep.done, rep.skipped) == (2, 0)
+    rep, _ = run(jobs[:2], salt="v2", options={"a": 2})
+    assert rep.done == 2
