@@ -483,3 +483,34 @@ def test_objects_smaller_than_points_are_kept_whole_with_a_warning(synth, tmp_pa
     rep = M.prepare(synth, tmp_path / "o", opts(source="ply_hdf5_2048", points=4096), workers=1)
     assert rep.ok and len(rep.warnings) == 1 and "15 objects have fewer than points=4096" in rep.warnings[0]
     assert all(s["coord"].shape == (2048, 3) for _, s in read_split(tmp_path / "o", "test"))
+
+
+def test_synthetic_writers_are_deterministic_and_match_the_real_formats(shared_data, tmp_path):
+    import re
+
+    a, b, c = (S.write_modelnet_normal_resampled(tmp_path / x, 1, 1, seed=s, points=500)
+               for x, s in (("a", 0), ("b", 0), ("c", 1)))
+    files = sorted(p.relative_to(a) for p in a.rglob("*.txt"))
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*.txt"))
+    for rel in files:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes()
+    assert (a / "dresser/dresser_0001.txt").read_bytes() != (c / "dresser/dresser_0001.txt").read_bytes()
+    # same text layout as a real release file: 6 comma-separated 6-decimal numbers per row, LF
+    real = (shared_data / "modelnet40/modelnet40_normal_resampled/chair/chair_0391.txt").read_text().splitlines()
+    ours = (a / "dresser/dresser_0001.txt").read_text().splitlines()
+    row = re.compile(r"^-?\d\.\d{6}(,-?\d\.\d{6}){5}$")
+    assert all(row.match(r) for r in real[:100]) and all(row.match(r) for r in ours)
+    arr = np.loadtxt(a / "dresser/dresser_0001.txt", delimiter=",")
+    np.testing.assert_allclose(np.linalg.norm(arr[:, 3:], axis=1), 1, atol=2e-6)
+    assert np.linalg.norm(arr[:, :3], axis=1).max() <= 1 + 1e-6
+    assert (a / "modelnet40_shape_names.txt").read_text() == \
+        (shared_data / "modelnet40/modelnet40_normal_resampled/modelnet40_shape_names.txt").read_text()
+    # OFF meshes: deterministic, one glued header per split, the rest like the real ModelNet10 files
+    o1 = S.write_modelnet_off(tmp_path / "o1", 2, 1, seed=4)
+    o2 = S.write_modelnet_off(tmp_path / "o2", 2, 1, seed=4)
+    offs = sorted(p.relative_to(o1) for p in o1.rglob("*.off"))
+    assert all((o1 / r).read_bytes() == (o2 / r).read_bytes() for r in offs)
+    heads = [(o1 / r).read_text().split("\n", 1)[0] for r in offs]
+    assert sum(h != "OFF" and h.startswith("OFF") for h in heads) == 2
+    real_head = (shared_data / "modelnet10/ModelNet10/bathtub/train/bathtub_0001.off").read_text().split("\n")[:2]
+    assert real_head[0] == "OFF" and re.match(r"^\d+ \d+ 0$", real_head[1])

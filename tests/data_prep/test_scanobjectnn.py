@@ -165,3 +165,18 @@ def test_rerun_skips_finished_splits(raw, tmp_path):
     rep = P.prepare(raw, tmp_path / "o", o, workers=1)
     assert (rep.done, rep.skipped, rep.samples) == (0, 2, 15)
     assert P.prepare(raw, tmp_path / "o", opts(variant="PB_T25", points=512), workers=1).done == 2
+
+
+def test_generator_is_deterministic_for_a_seed(tmp_path):
+    def load(root):
+        with h5py.File(root / "h5_files/main_split/training_objectdataset_augmentedrot.h5") as f:
+            return {k: f[k][()] for k in f}
+
+    a, b, c = (S.write_scanobjectnn(tmp_path / x, 1, 1, seed=s, variants=("PB_T50_R",)).parent
+               for x, s in (("a", 0), ("b", 0), ("c", 1)))
+    da, db, dc = load(a), load(b), load(c)
+    for k in da:
+        np.testing.assert_array_equal(da[k], db[k])
+    assert not np.array_equal(da["data"], dc["data"])
+    assert set(np.unique(da["mask"])) == {-1, 1}
+    assert (a / "shape_names_ext.txt").read_text().splitlines() == P.CLASSES
