@@ -998,6 +998,37 @@ def _ply_header(path: Path) -> tuple[dict[str, int], int, int]:
     return counts, end + len(b"end_header\n"), path.stat().st_size
 
 
+def _check_scene(folder: Path, scene: str, split: str, opts: Mapping[str, Any]) -> list[str]:
+    """Problems of one scene folder for :func:`check`: missing files, unreadable files, count mismatches."""
+    files = scene_files(folder, scene)
+    problems = [f"{files[k]}: required {k} file not found" for k in required_files(split, opts) if not files[k].is_file()]
+
+    def attempt(key: str, fn: Callable[[Path], Any]) -> Any:
+        if not files[key].is_file():
+            return None
+        try:
+            return fn(files[key])
+        except PrepError as err:
+            problems.append(str(err))
+        except Exception as err:  # noqa: BLE001 - plyfile and json raise several types for damaged files
+            problems.append(f"{files[key]}: {type(err).__name__}: {err}")
+        return None
+
+    def labels_ply_count(path: Path) -> int | None:
+        _read_ply(path, "labels ply")  # memory-mapped: checks sizes and list lengths without loading
+        return _ply_header(path)[0].get("vertex")
+
+    n = attempt("mesh", lambda p: read_mesh(p).coord.shape[0])  # empty, NaN/inf, bad faces, truncation
+    counts = {"labels_ply": attempt("labels_ply", labels_ply_count),
+              "segs": attempt("segs", lambda p: read_segs(p)[0].shape[0])}
+    attempt("aggregation", read_aggregation)
+    attempt("meta", read_scene_meta)
+    for key, field_name in (("labels_ply", "element vertex"), ("segs", "segIndices")):
+        if n is not None and counts[key] is not None and counts[key] != n:
+            problems.append(f"{files[key]}: {field_name}: {counts[key]} entries but the mesh has {n} vertices")
+    return problems
+
+
 def check(raw: str | os.PathLike, options: Mapping[str, Any] | None = None) -> list[str]:
     """Problems that would stop or degrade ``prepare`` (missing and malformed inputs), without writing."""
     opts = parse_options(OPTIONS, dict(options or {}), DATASET)
@@ -1018,38 +1049,7 @@ def check(raw: str | os.PathLike, options: Mapping[str, Any] | None = None) -> l
                      for s, sp in plan.absent]
     for split, scenes in plan.splits.items():
         for scene, folder in scenes:
-            files = scene_files(folder, scene)
-            for key in required_files(split, opts):
-                if not files[key].is_file():
-                    problems.append(f"{files[key]}: required {key} file not found")
-            try:
-                n = None
-                if files["mesh"].is_file():
-                    counts, hdr, size = _ply_header(files["mesh"])
-                    n = counts.get("vertex", 0)
-                    if n == 0:
-                        problems.append(f"{files['mesh']}: element vertex: empty mesh")
-                    # memory-mapped read: checks sizes and list lengths without loading the body
-                    _read_ply(files["mesh"], "mesh")
-                if files["labels_ply"].is_file() and n is not None:
-                    counts, _, _ = _ply_header(files["labels_ply"])
-                    _read_ply(files["labels_ply"], "labels ply")
-                    if counts.get("vertex") != n:
-                        problems.append(f"{files['labels_ply']}: element vertex: {counts.get('vertex')} vertices "
-                                        f"but the mesh has {n}")
-                if files["segs"].is_file():
-                    seg, _ = read_segs(files["segs"])
-                    if n is not None and seg.shape[0] != n:
-                        problems.append(f"{files['segs']}: segIndices: {seg.shape[0]} entries but the mesh has {n} "
-                                        "vertices")
-                if files["aggregation"].is_file():
-                    read_aggregation(files["aggregation"])
-                if files["meta"].is_file():
-                    read_scene_meta(files["meta"])
-            except PrepError as err:
-                problems.append(str(err))
-            except Exception as err:  # noqa: BLE001 - plyfile raises several types for damaged files
-                problems.append(f"{folder}: {type(err).__name__}: {err}")
+            problems += _check_scene(folder, scene, split, opts)
     return problems
 
 

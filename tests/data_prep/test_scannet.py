@@ -390,6 +390,9 @@ def _fails(raw: Path, tmp_path: Path, scene: str, match: str, **opts) -> scannet
     m = read_manifest(tmp_path / "out")
     assert scene not in m["scenes"] and len(m["scenes"]) == 6
     assert m["validation"]["failed"] == [list(f) for f in report.failed]
+    # --check finds the same scene without writing anything
+    problems = scannet.check(raw, opts)
+    assert problems and all(scene in p for p in problems), problems
     return report
 
 
