@@ -38,7 +38,9 @@ Output: ``<split>/<split>_<k>.h5`` shards of ``shard_size`` scenes in the ragged
 :func:`data_prep.common.write_ragged_h5` with per-scene keys ``coord`` [N,3] float32, ``color`` [N,3]
 uint8, ``normal`` [N,3] float32 (area-weighted vertex normals of the mesh faces, unit length; zero for
 vertices on no face), ``label20``/``label200`` [N] int16, ``instance`` [N] int32, ``nyu40`` [N] int16
-(0 = none), ``axis_alignment`` [4,4] float64 and ``aligned`` (0-d bool).
+(0 = none), ``axis_alignment`` [4,4] float64 and ``aligned`` (0-d bool). An ``out=`` folder holds one
+preparation: shards that the current options do not produce (left by an earlier run with other
+``splits``/``scenes``/``shard_size``) are deleted, so every shard on disk is listed in the manifest.
 """
 
 from __future__ import annotations

@@ -300,6 +300,10 @@ def test_rerun_skips_and_change_redoes_only_that_shard(syn_raw, tmp_path):
     assert [k for k in outputs if outputs[k] != new[k]] == ["train/train_0001.h5"]
     changed = prepare(syn_raw, out, shard_size=2, axis_align=True)  # an option change redoes everything
     assert changed.done == first.done
+    prepare(syn_raw, out, shard_size=4)  # fewer, larger shards: the old ones are not left behind
+    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.h5"))
+    assert on_disk == sorted(read_manifest(out)["outputs"]) == ["test/test_0000.h5", "train/train_0000.h5",
+                                                                "val/val_0000.h5"]
 
 
 def test_raw_folder_of_symlinks_keeps_its_input_keys(syn_raw, tmp_path):
