@@ -577,6 +577,12 @@ def process_scene(scene_dir: Path, scene: str, split: str, table: LabelTable, op
         if labels.duplicate_object_ids:
             report["warnings"].append(f"objectIds used by several segGroups: {labels.duplicate_object_ids}")
     report["version"] = detect_version(agg_header, segs_header, meta, mat is not None)
+    for what, header, key in (("aggregation", agg_header, "sceneId"), ("segs", segs_header, "sceneId")):
+        sid = str((header or {}).get(key, ""))
+        # v2 ids carry a "scannet." prefix and segs ids may end in "_vh_clean_2": compare the scene part only
+        if sid and SCENE_RE.match(sid.removeprefix("scannet.")[:12]) and sid.removeprefix("scannet.")[:12] != scene:
+            report["warnings"].append(f"{what} file says sceneId={sid!r}, which is not {scene}: files of two "
+                                      "scenes mixed up?")
     if labels is not None and options.get("check_labels_ply", True):
         if files["labels_ply"].is_file():
             pcoord, plabel = read_labels_ply(files["labels_ply"])

@@ -536,6 +536,18 @@ def test_invalid_labels_ply_values_and_overlapping_groups(syn_raw, tmp_path):
     assert sc["num_instances"] == len(data["segGroups"])
 
 
+def test_scene_id_mismatch_is_reported(syn_raw, tmp_path):
+    agg = syn_raw / "scans" / "scene0001_00" / "scene0001_00.aggregation.json"
+    data = json.loads(agg.read_text())
+    data["sceneId"] = "scannet.scene0002_00"
+    agg.write_text(json.dumps(data))
+    report = prepare(syn_raw, tmp_path / "out")
+    assert report.ok
+    assert ("scene0001_00: aggregation file says sceneId='scannet.scene0002_00', which is not scene0001_00: "
+            "files of two scenes mixed up?") in report.warnings
+    assert not any("scene0000_00: aggregation" in w or "segs file" in w for w in report.warnings)
+
+
 def test_v1_aggregation_is_detected(syn_raw, tmp_path):
     agg = syn_raw / "scans" / "scene0001_00" / "scene0001_00.aggregation.json"
     data = json.loads(agg.read_text())
