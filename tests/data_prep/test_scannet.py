@@ -627,3 +627,14 @@ def test_real_size_scenes_in_parallel_equal_serial(real_raw, tmp_path):
     for key in ("coord", "normal", "label20", "label200", "instance"):
         np.testing.assert_array_equal(first[key], last[key])
     assert ma["label_stats"]["train"]["wall"] == 6 * int((first["label20"] == 0).sum())
+
+
+@pytest.mark.slow
+def test_benchmark_section_runs(tmp_path, shared_data):
+    """The bm_data section for ScanNet stays runnable (quick mode; rows carry positive throughputs)."""
+    from benchmarks.bm_scannet import bm_scenes
+
+    rows = bm_scenes(True, tmp_path, 1)
+    cases = [r["case"] for r in rows]
+    assert any(c.startswith("REAL scene0000_00") for c in cases) and any(r["stage"] == "load" for r in rows)
+    assert all(r["throughput"] > 0 and r["unit"] == "scenes/s" for r in rows)
