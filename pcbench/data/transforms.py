@@ -152,9 +152,10 @@ class RandomRotate(_Repr):
             return sample
         r = self.matrix(rng)
         out = dict(sample)
-        out["coord"] = (np.asarray(sample["coord"]) @ r.T).astype(np.asarray(sample["coord"]).dtype)
-        if "normal" in sample:
-            out["normal"] = (np.asarray(sample["normal"]) @ r.T).astype(np.asarray(sample["normal"]).dtype)
+        for k in ("coord", "normal"):
+            if k in sample:
+                a = np.asarray(sample[k])
+                out[k] = a @ r.T.astype(a.dtype) if a.dtype in (np.float32, np.float64) else (a @ r.T).astype(a.dtype)
         return out
 
 
@@ -207,8 +208,10 @@ class RandomJitter(_Repr):
     def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
         rng = _rng(rng)
         c = np.asarray(sample["coord"])
-        noise = np.clip(rng.normal(0, self.sigma, size=c.shape), -self.clip, self.clip)
-        return {**sample, "coord": (c + noise).astype(c.dtype)}
+        noise = rng.standard_normal(size=c.shape, dtype=np.float32 if c.dtype == np.float32 else np.float64)
+        noise *= self.sigma
+        np.clip(noise, -self.clip, self.clip, out=noise)
+        return {**sample, "coord": (c + noise).astype(c.dtype, copy=False)}
 
 
 class CenterShift(_Repr):
@@ -396,7 +399,7 @@ class FixedPoints(_Repr):
         elif self.mode == "first":
             idx = np.arange(self.n)
         elif self.mode == "random":
-            idx = np.sort(rng.choice(m, self.n, replace=False))
+            idx = np.sort(rng.permutation(m)[: self.n])
         else:
             import torch  # noqa: PLC0415
 
