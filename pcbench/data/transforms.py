@@ -249,8 +249,9 @@ class ElasticDistortion(_Repr):
     """Smooth random warp of coord (as in the MinkowskiEngine / Pointcept scene augmentation).
 
     For every (granularity, magnitude) pair: Gaussian noise on a grid of spacing ``granularity``
-    covering the cloud is smoothed by three passes of a 3-wide box blur per axis, trilinearly
-    interpolated at each point and added times ``magnitude``. Plain numpy (no scipy needed).
+    covering the cloud (node j at min + (j - 1) * granularity) is smoothed by three passes of a 3-wide
+    box blur per axis (zero padding), trilinearly interpolated at each point and added times
+    ``magnitude``. Plain numpy (no scipy needed).
     """
 
     def __init__(self, distortion_params: Sequence[tuple[float, float]] = ((0.2, 0.4), (0.8, 1.6)),
@@ -264,7 +265,7 @@ class ElasticDistortion(_Repr):
     def _blur(x: np.ndarray, axis: int) -> np.ndarray:
         pad = [(0, 0)] * x.ndim
         pad[axis] = (1, 1)
-        xp = np.pad(x, pad, mode="edge")
+        xp = np.pad(x, pad, mode="constant")  # zero padding, as scipy.ndimage.convolve(mode="constant")
         sl = [slice(None)] * x.ndim
         parts = []
         for s in range(3):

@@ -293,3 +293,24 @@ def test_torch_inputs_and_missing_rng_are_accepted():
 def test_bad_arguments(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_elastic_distortion_matches_a_scipy_reference():
+    from scipy.interpolate import RegularGridInterpolator
+    from scipy.ndimage import convolve
+
+    rng = np.random.default_rng(3)
+    c = rng.uniform(-1, 2, size=(3000, 3))
+    g, mag = 0.4, 0.7
+    out = T.ElasticDistortion(((g, mag),), p=1.0)._warp(c, g, mag, np.random.default_rng(11))
+    # reference: the same noise draw, blurred with scipy and interpolated with scipy
+    lo = c.min(0)
+    dims = ((c - lo).max(0) // g).astype(int) + 3
+    noise = np.random.default_rng(11).standard_normal((*dims, 3))
+    kernels = [np.ones((3, 1, 1, 1)) / 3, np.ones((1, 3, 1, 1)) / 3, np.ones((1, 1, 3, 1)) / 3]
+    for _ in range(3):
+        for k in kernels:
+            noise = convolve(noise, k, mode="constant", cval=0)
+    axes = [np.linspace(lo[d] - g, lo[d] + g * (dims[d] - 2), dims[d]) for d in range(3)]
+    ref = c + RegularGridInterpolator(axes, noise)(c) * mag
+    np.testing.assert_allclose(out, ref, atol=1e-10)
