@@ -68,6 +68,7 @@ __all__ = [
     "prep_command",
     "done_record",
     "read_manifest",
+    "remove_stale_shards",
     "run_shard_job",
     "run_shard_jobs",
     "sha256_bytes",
@@ -695,6 +696,17 @@ class DoneLog:
         atomic_write_text(self._record_path(unit), json.dumps(rec, default=_json_default))
         return rec
 
+    def prune(self, keep: Iterable[str]) -> list[str]:
+        """Delete the records of units not in ``keep`` (e.g. after a shard_size change); returns their names."""
+        keep_paths = {self._record_path(u) for u in keep}
+        gone = []
+        if self.dir.is_dir():
+            for p in self.dir.glob("*.json"):
+                if p not in keep_paths:
+                    p.unlink()
+                    gone.append(p.name)
+        return gone
+
     def input_cache(self, unit: str) -> dict[str, Any]:
         """The stat cache of ``unit``'s last record, for :func:`hash_files`."""
         rec = self.record(unit)
@@ -811,3 +823,20 @@ def run_shard_jobs(process: Callable[[ShardJob, Path, dict[str, Any]], ShardResu
         report.samples += len(res.get("names", []))
         report.failed.extend((str(a), str(b)) for a, b in res.get("failed", []))
     return [records[j.key] for j in jobs if j.key in records]
+
+
+def remove_stale_shards(out: Path, jobs: Sequence[ShardJob], pattern: str = "*/shard_*.h5") -> list[str]:
+    """Delete shards matching ``pattern`` that no current job writes, and the records of other units.
+
+    An earlier run with another layout (e.g. another ``shard_size``) leaves such files behind; only
+    files of the preparer's own naming pattern are touched, nothing else in ``out``.
+    """
+    keep = {j.output for j in jobs}
+    gone = []
+    for p in Path(out).glob(pattern):
+        rel = p.relative_to(out).as_posix()
+        if rel not in keep:
+            p.unlink()
+            gone.append(rel)
+    DoneLog(out).prune(j.key for j in jobs)
+    return gone

@@ -4,7 +4,8 @@ Three raw sources are recognised (``source=auto`` picks the first found in raw= 
 
 * ``off``: the Princeton meshes ``ModelNet40/<class>/{train,test}/<class>_<id>.off``. Points are sampled
   on the surface, area-weighted (``surface_points`` per mesh, deterministic for ``seed``), with the unit
-  face normal of each sampled triangle, then reduced to ``points``. The known malformed header where
+  face normal of each sampled triangle (oriented by the face winding; ModelNet meshes are not
+  consistently oriented, so some normals point inwards), then reduced to ``points``. The known malformed header where
   ``OFF`` and the counts share the first line ("OFF1234 5678 0") is read correctly.
 * ``normal_resampled``: the PointNet++ release ``modelnet40_normal_resampled/`` with
   ``<class>/<class>_<id>.txt`` rows ``x,y,z,nx,ny,nz``, ``modelnet{40,10}_shape_names.txt`` and the
@@ -39,6 +40,7 @@ from .common import (
     ShardResult,
     clean_stale_temps,
     prep_command,
+    remove_stale_shards,
     run_shard_jobs,
     sha256_file,
     write_manifest,
@@ -539,6 +541,7 @@ def prepare(raw: Path, out: Path, options: dict[str, Any], workers: int = 1) -> 
     out.mkdir(parents=True, exist_ok=True)
     with PrepLock(out):
         clean_stale_temps(out)
+        remove_stale_shards(out, jobs)
         records = run_shard_jobs(process_job, root, out, options, jobs, workers, report, desc=dataset,
                                  salt=PREPARER_VERSION)
         short = [(n, c) for r in records for n, c in zip(r["names"], r["info"]["counts"], strict=True)

@@ -37,6 +37,7 @@ from .common import (
     ShardResult,
     clean_stale_temps,
     prep_command,
+    remove_stale_shards,
     run_shard_jobs,
     sha256_file,
     write_manifest,
@@ -224,6 +225,7 @@ def prepare(raw: Path, out: Path, options: dict[str, Any], workers: int = 1) -> 
     out.mkdir(parents=True, exist_ok=True)
     with PrepLock(out):
         clean_stale_temps(out)
+        remove_stale_shards(out, jobs)
         records = run_shard_jobs(process_job, raw, out, options, jobs, workers, report, desc="scanobjectnn",
                                  salt=PREPARER_VERSION)
         splits, stats, inputs, outputs = {}, {}, {}, {}

@@ -519,3 +519,14 @@ def test_synthetic_writers_are_deterministic_and_match_the_real_formats(shared_d
     assert sum(h != "OFF" and h.startswith("OFF") for h in heads) == 2
     real_head = (shared_data / "modelnet10/ModelNet10/bathtub/train/bathtub_0001.off").read_text().split("\n")[:2]
     assert real_head[0] == "OFF" and re.match(r"^\d+ \d+ 0$", real_head[1])
+
+
+def test_changing_shard_size_removes_stale_shards(synth, tmp_path):
+    out = tmp_path / "o"
+    M.prepare(synth, out, opts(points=16, sampling="random", shard_size=2), workers=1)
+    assert len(list(out.glob("train/shard_*.h5"))) == 5
+    M.prepare(synth, out, opts(points=16, sampling="random", shard_size=4), workers=1)
+    assert sorted(p.name for p in out.glob("train/shard_*.h5")) == ["shard_00000.h5", "shard_00001.h5",
+                                                                     "shard_00002.h5"]
+    assert len(list((out / ".done").glob("*.json"))) == 5  # 3 train + 2 test units
+    assert verify_outputs(out) == [] and read_manifest(out)["splits"]["train"]["num_samples"] == 10
