@@ -270,6 +270,9 @@ def parse_options(spec: Mapping[str, Option], given: Mapping[str, Any], dataset:
         except ValueError:
             kind = "true/false" if opt.type is bool else opt.type.__name__
             raise PrepError(f"cannot read {key}={raw!r} as {kind}", None, key, f"give a {kind} value") from None
+        if opt.choices is not None and isinstance(value, str) and value not in opt.choices:
+            folded = {str(c).lower(): c for c in opt.choices}
+            value = folded.get(value.lower(), value)  # variant=pb_t50_rs means PB_T50_RS
         if opt.choices is not None and value not in opt.choices:
             raise PrepError(f"{key}={value!r} is not accepted", None, key,
                             f"use one of {', '.join(map(str, opt.choices))}")

@@ -204,6 +204,7 @@ def test_parse_options_types_defaults_and_errors():
         parse_options(spec, {"points": "many"})
     with pytest.raises(PrepError, match=r"normals: cannot read normals='maybe' as true/false"):
         parse_options(spec, {"normals": "maybe"})
+    assert parse_options(spec, {"sampling": "FPS"})["sampling"] == "fps"  # choices match case-insensitively
     with pytest.raises(PrepError, match=r"sampling='grid' is not accepted.*fps, random"):
         parse_options(spec, {"sampling": "grid"})
     with pytest.raises(PrepError, match="as int"):
