@@ -6,6 +6,7 @@ Usage::
     pcbench-prep <dataset> --check raw=<raw folder> [key=value ...]   # inspect only, writes nothing
     pcbench-prep <dataset> --verify out=<output folder>              # re-hash a prepared folder
     pcbench-prep <dataset> --help                                     # every option of that dataset
+    pcbench-prep <dataset> raw=synthetic out=<folder>                 # generated quickstart data
 
 Exit status: 0 success, 1 some samples failed (the others are written), 2 unusable arguments or inputs.
 Each preparer module follows the contract in :mod:`data_prep.common`.
@@ -34,6 +35,22 @@ DATASETS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def _synthetic_raw(dataset: str, root: Path) -> Path:
+    """Write the embedded synthetic raw files of ``dataset`` under ``root`` (official layout); returns raw=."""
+    if dataset == "scannet":
+        from . import synthetic_scannet  # noqa: PLC0415
+
+        synthetic_scannet.generate(root)
+        return root
+    from . import synthetic_objects  # noqa: PLC0415
+
+    if dataset == "scanobjectnn":
+        synthetic_objects.write_scanobjectnn(root, train=8, test=2)
+        return root
+    synthetic_objects.write_modelnet_normal_resampled(root, train=8, test=2)
+    return root
+
+
 def load_preparer(dataset: str) -> tuple[ModuleType, dict[str, Any]]:
     """The preparer module of ``dataset`` and its fixed options; PrepError for unknown names."""
     if dataset not in DATASETS:
@@ -46,7 +63,9 @@ def dataset_help(dataset: str) -> str:
     """The ``pcbench-prep <dataset> --help`` text: accepted raw layouts and every option."""
     mod, fixed = load_preparer(dataset)
     lines = [f"usage: pcbench-prep {dataset} raw=<raw folder> out=<output folder> [key=value ...] "
-             "[--workers N] [--check] [--verify]", ""]
+             "[--workers N] [--check] [--verify]",
+             "       raw=synthetic writes small generated raw files in the official layout to "
+             "<out>/synthetic_raw first (quickstart, tests)", ""]
     doc = (mod.__doc__ or "").strip()
     if doc:
         lines += [doc, ""]
@@ -118,7 +137,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if raw is None:
             raise PrepError("raw=<folder with the official files> is required", None, "raw",
                             f"see `pcbench-prep {args.dataset} --help`")
-        raw_path = Path(raw).expanduser()
+        if raw == "synthetic":  # the embedded quickstart data: small, generated, in the official layout
+            if out is None:
+                raise PrepError("raw=synthetic needs out=<folder>", None, "out", "add out=<folder>")
+            raw_path = _synthetic_raw(args.dataset, Path(out).expanduser() / "synthetic_raw")
+            print(f"wrote synthetic {args.dataset} raw files to {raw_path}")
+        else:
+            raw_path = Path(raw).expanduser()
         if args.check:
             problems = mod.check(raw_path, options)
             for p in problems:

@@ -109,3 +109,17 @@ def test_console_entry_point_runs_as_a_module(raw, tmp_path):
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "modelnet10: 10 samples written" in r.stdout
+
+
+@pytest.mark.parametrize("dataset,n", [("modelnet40", 50), ("scanobjectnn", 50), ("scannet", 7)])
+def test_raw_synthetic_quickstart(dataset, n, tmp_path, capsys):
+    from data_prep.common import read_manifest, verify_outputs
+
+    out = tmp_path / dataset
+    extra = ["points=64", "sampling=random"] if dataset.startswith("modelnet") else []
+    assert cli.main([dataset, "raw=synthetic", f"out={out}", *extra, "--workers", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "wrote synthetic" in text and (out / "synthetic_raw").is_dir()
+    m = read_manifest(out)
+    assert m["dataset"] == dataset and verify_outputs(out) == []
+    assert sum(v["num_samples"] for v in m["splits"].values()) == n
