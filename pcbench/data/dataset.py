@@ -85,6 +85,23 @@ class PreparedDataset(Dataset):
         """Number of classes."""
         return len(self.manifest["classes"])
 
+    def labels(self, key: str = "label") -> np.ndarray:
+        """Per-sample class labels [len(self)] int64 of a classification split (for samplers and statistics).
+
+        Reads only the small per-sample ``key`` array of each shard.
+        """
+        import h5py  # noqa: PLC0415
+
+        parts = []
+        for path in self._paths:
+            with h5py.File(path, "r") as f:
+                if key not in f or f"{key}__offset" in f:
+                    raise ValueError(f"{path} has no per-sample {key!r} (keys: {sorted(f.keys())}); "
+                                     "labels() is for classification datasets")
+                parts.append(np.asarray(f[key][()], dtype=np.int64))
+        out = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return np.tile(out, self.loop)
+
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation stream of ``epoch`` (see module docstring)."""
         self.epoch = int(epoch)

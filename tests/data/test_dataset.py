@@ -53,6 +53,9 @@ def test_modelnet_dataset_reads_the_stored_arrays(prepared):
     with pytest.raises(IndexError, match="out of range for 15 samples"):
         ds[15]
     assert ModelNetDataset(prepared["mn"], "test", use_normals=False)[0]["feat"].shape == (600, 3)
+    labels = ds.labels()
+    assert labels.tolist() == [int(s["label"]) for s in stored]
+    assert np.bincount(labels, minlength=40).tolist() == [m["label_stats"]["train"][c] for c in m["classes"]]
 
 
 def test_init_reads_no_shard_and_pickles_without_handles(prepared, tmp_path):
