@@ -120,11 +120,14 @@ def load_objects(quick: bool, work: Path, workers: int) -> list[Row]:
                 for b in dl:  # warm-up epoch: page cache, worker start
                     n += b.num_clouds
                 t0 = time.perf_counter()
-                n = 0
-                for b in dl:
-                    n += b.num_clouds
+                n = epochs = 0
+                while epochs < 1 or time.perf_counter() - t0 < 0.5:  # whole epochs, at least 0.5 s
+                    for b in dl:
+                        n += b.num_clouds
+                    epochs += 1
                 rows.append(_row("load", f"{ds_name}, transforms={pname}, workers={w}, batch=32", n,
-                                 time.perf_counter() - t0, "samples/s", "second epoch (warm, persistent workers), includes collate"))
+                                 time.perf_counter() - t0, "samples/s",
+                                 f"{epochs} warm epoch(s) after one warm-up, persistent workers, includes collate"))
     return rows
 
 
@@ -135,7 +138,8 @@ SECTIONS: list[Callable[[bool, Path, int], list[Row]]] = [prep_objects, load_obj
 def markdown(rows: list[Row], env: dict[str, Any]) -> str:
     """Rows as a Markdown table (throughput per stage and case)."""
     lines = ["## data pipeline throughput", "",
-             f"threads={env.get('torch_threads')}, processor={env.get('processor')}, commit={env.get('commit')}", "",
+             f"torch threads={env.get('threads')}, cpu={env.get('cpu')} x{env.get('cpu_count')}, "
+             f"load average at the end={env.get('loadavg')}, commit={env.get('git_commit')}", "",
              "| stage | case | items | seconds | throughput | note |", "|---|---|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['stage']} | {r['case']} | {r['items']} | {r['seconds']:.3f} | "
@@ -165,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     env = environment()
+    env["loadavg"] = [round(x, 2) for x in os.getloadavg()]  # other processes share the cores: say so
     (out / "data.json").write_text(json.dumps({"environment": env, "quick": args.quick, "rows": rows}, indent=1))
     (out / "data.md").write_text(markdown(rows, env))
     print(f"wrote {out / 'data.json'} and {out / 'data.md'}")
