@@ -3,6 +3,7 @@
 from .collate import collate
 from .dataset import PreparedDataset, seed_worker
 from .modelnet import ModelNetDataset
+from .scannet import ScanNetDataset
 from .scanobjectnn import ScanObjectNNDataset
 
-__all__ = ["ModelNetDataset", "PreparedDataset", "ScanObjectNNDataset", "collate", "seed_worker"]
+__all__ = ["ModelNetDataset", "PreparedDataset", "ScanNetDataset", "ScanObjectNNDataset", "collate", "seed_worker"]
