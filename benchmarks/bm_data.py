@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.bm_scannet import bm_scenes
+
 Row = dict[str, Any]
 
 
@@ -131,8 +133,8 @@ def load_objects(quick: bool, work: Path, workers: int) -> list[Row]:
     return rows
 
 
-#: Benchmark sections in run order. Scene datasets: append ``bm_scenes(quick, work, workers) -> list[Row]``.
-SECTIONS: list[Callable[[bool, Path, int], list[Row]]] = [prep_objects, load_objects]
+#: Benchmark sections in run order.
+SECTIONS: list[Callable[[bool, Path, int], list[Row]]] = [prep_objects, load_objects, bm_scenes]
 
 
 def markdown(rows: list[Row], env: dict[str, Any]) -> str:
