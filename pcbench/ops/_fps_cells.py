@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["build_cells", "fps_cells"]
+__all__ = ["build_cells", "fps_cells", "fps_cells_speculative"]
 
 # Points per k-d leaf (measured best at 65k-262k points): iterations are dominated by per-op overhead, so
 # leaves many times larger than the late-stage sample spacing are cheap and keep the per-iteration leaf scan short.
