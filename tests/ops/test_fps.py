@@ -47,7 +47,7 @@ def _ragged(dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
 
 
 @pytest.mark.parametrize("engine", ENGINES, indirect=True)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [1, 5, 64, 400])
 def test_matches_reference_on_ragged_batches(engine, dtype, n):
     coord, off = _ragged(dtype)
