@@ -1,0 +1,255 @@
+"""Cell-hash machinery shared by ``knn`` and ``ball_query`` (private).
+
+Points are binned into cubic cells of a per-cloud size ``h``. Each cell gets one int64 key with the
+cloud index folded in (a per-cloud block of key space), so one sort groups every cloud's cells and no
+Python loop ever runs over clouds or points. Cell coordinates are shifted by one and the per-cloud
+grid is padded by one cell on every side, so the 3x3x3 stencil of a cell never wraps into another row
+or another cloud; the 3 stencil cells along z are consecutive keys, so the stencil is 9 contiguous
+runs of the sorted support, found with ``searchsorted``.
+
+Queries are processed per "unit" (up to ``_UNIT_QUERIES`` queries of one cell): all queries of a unit
+share the same candidate list, so distances of a whole chunk of units are one batched matmul
+``[U, Q, 5] @ [U, 5, C]`` on coordinates relative to the cell centre (small magnitudes keep the
+expanded ``|q|^2 - 2 q.s + |s|^2`` form accurate), followed by one ``topk``. Units are grouped by
+their query count so the query dimension is never padded, and sorted by candidate count so the
+candidate dimension is padded little.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# Queries sharing one candidate list; large cells (duplicates, dense spots) are split into units.
+_UNIT_QUERIES = 32
+# Elements of one distance block [U, Q, C]; bounds the temporaries of a chunk (~16 MiB in float32).
+_BLOCK_ELEMS = 1 << 22
+# Cells per dimension and cloud never exceed this, so keys fit int64 whatever the coordinate scale.
+_MAX_CELLS_PER_DIM = 1 << 19
+# Empty cells padded around every cloud's grid: stencils reach at most this far without wrapping.
+MAX_REACH = 3
+
+
+class Grid:
+    """Per-cloud cell geometry: origin ``lo [B,3]`` (float64), cell size ``h [B]`` (float64),
+    padded dims ``g [B,3]`` (int64) and key base ``base [B]`` (int64), plus the support sorted by key."""
+
+    def __init__(self, lo: Tensor, hi: Tensor, h: Tensor) -> None:
+        num = lo.shape[0]
+        ext = (hi - lo).clamp_min(0)
+        # Bound the number of cells per dimension (and in total) so int64 keys cannot overflow.
+        cap = min(_MAX_CELLS_PER_DIM, int((2.0**61 / max(num, 1)) ** (1 / 3)) - 2 * MAX_REACH - 1)
+        emax = ext.amax(1)
+        h = torch.maximum(h, emax / cap)
+        # A cell larger than the cloud makes it one cell (exact by construction); keep h finite so
+        # relative coordinates stay finite, and positive for single-point clouds.
+        h = torch.minimum(h, torch.where(emax > 0, emax * 1.001, torch.ones_like(emax)))
+        h = torch.where(h > 0, h, torch.ones_like(h))
+        self.lo = lo
+        self.h = h
+        n = torch.floor(ext / h[:, None]).long() + 1
+        self.covered = (n == 1).all(1)  # the whole cloud lies in one cell: any stencil sees all of it
+        self.g = n + 2 * MAX_REACH
+        cells = self.g.prod(1)
+        self.base = torch.cumsum(cells, 0) - cells
+        self.skey = self.sperm = self.ss = None
+
+    def cell_coords(self, p64: Tensor, cloud: Tensor) -> Tensor:
+        """Integer cell coordinates [n,3], offset by MAX_REACH so stencils never leave the padded grid."""
+        return torch.floor((p64 - self.lo[cloud]) / self.h[cloud, None]).long() + MAX_REACH
+
+    def keys(self, cc: Tensor, cloud: Tensor) -> Tensor:
+        """One int64 key per cell coordinate row, with the cloud folded in."""
+        g = self.g[cloud]
+        return self.base[cloud] + (cc[:, 0] * g[:, 1] + cc[:, 1]) * g[:, 2] + cc[:, 2]
+
+    def sort_support(self, s: Tensor, s64: Tensor, scl: Tensor) -> None:
+        """Sort the support by cell key once; every stencil search on this grid reuses it."""
+        self.skey, self.sperm = torch.sort(self.keys(self.cell_coords(s64, scl), scl))
+        self.ss = s.index_select(0, self.sperm)
+
+
+def cloud_bounds(q64: Tensor, s64: Tensor, qcl: Tensor, scl: Tensor, num: int) -> tuple[Tensor, Tensor]:
+    """Per-cloud bounding box [B,3] of queries and support together (float64); empty clouds get 0."""
+    lo = torch.full((num, 3), math.inf, dtype=torch.float64, device=q64.device)
+    hi = torch.full((num, 3), -math.inf, dtype=torch.float64, device=q64.device)
+    for p, c in ((q64, qcl), (s64, scl)):
+        if p.shape[0]:
+            idx = c[:, None].expand(-1, 3)
+            lo.scatter_reduce_(0, idx, p, "amin")
+            hi.scatter_reduce_(0, idx, p, "amax")
+    empty = ~torch.isfinite(lo).all(1)
+    lo[empty] = 0.0
+    hi[empty] = 0.0
+    return lo, hi
+
+
+def stencil_search(
+    q: Tensor,
+    q64: Tensor,
+    qcl: Tensor,
+    qsel: Tensor,
+    grid: Grid,
+    k: int,
+    reach: int = 1,
+    radius: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The ``k`` nearest support points of each query in ``qsel`` among its cell's stencil.
+
+    The stencil is the (2 reach + 1)^3 block of cells around the query's cell. ``q`` holds the
+    query coordinates in the compute dtype, ``q64`` in float64 (cell arithmetic), ``qcl`` cloud ids;
+    ``grid.sort_support`` must have run. Returns, in the order of ``qsel``: support rows
+    ``idx [F,k]`` (nearest first by float32/64 approximate distance; -1 where the stencil holds fewer
+    than k points) and ``bdist [F]`` (float64), the distance from each query to the outside of its
+    block (inf for clouds that lie in one cell). Support points outside the block are at least
+    ``bdist`` away, which is what makes the caller's exactness check sound. With ``radius``, only
+    candidates within about ``radius`` are kept (the caller applies the exact cut).
+    """
+    dev = q.device
+    nq = qsel.shape[0]
+    out_idx = torch.full((nq, k), -1, dtype=torch.long, device=dev)
+    if nq == 0:
+        return out_idx, torch.zeros(0, dtype=torch.float64, device=dev)
+
+    qq64 = q64.index_select(0, qsel)
+    qc = qcl.index_select(0, qsel)
+    qcc = grid.cell_coords(qq64, qc)
+    qkey, qperm = torch.sort(grid.keys(qcc, qc))
+    ukey, ucount = torch.unique_consecutive(qkey, return_counts=True)
+    ustart = torch.cumsum(ucount, 0) - ucount
+    first = qperm[ustart]
+    ucl = qc[first]
+    ucc = qcc[first]
+    h = grid.h[ucl]
+    centre64 = grid.lo[ucl] + (ucc - MAX_REACH + 0.5).double() * h[:, None]
+
+    # bdist: distance from the query to the faces of its block ((reach + 1/2) h from the cell centre).
+    rel64 = qq64[qperm] - centre64.repeat_interleave(ucount, 0, output_size=nq)
+    bdist = torch.empty(nq, dtype=torch.float64, device=dev)
+    bdist[qperm] = (reach + 0.5) * h.repeat_interleave(ucount, 0, output_size=nq) - rel64.abs().amax(1)
+    bdist = torch.where(grid.covered[qc], torch.full_like(bdist, math.inf), bdist)
+    # Only candidates inside the guaranteed ball can be part of an answer that passes the caller's
+    # check, so the selection skips the rest (cheaper topk on the survivors).
+    if radius is None:
+        limit2 = (bdist * bdist).to(q.dtype)
+    else:
+        # A relative slack of 1e-5 absorbs float32 rounding; the caller's exact float64 test decides.
+        limit2 = torch.full((nq,), radius * radius * (1 + 1e-5), dtype=q.dtype, device=dev)
+
+    # (2r+1)^2 runs of 2r+1 consecutive z-cells cover the stencil.
+    g = grid.g[ucl]
+    d = torch.arange(-reach, reach + 1, device=dev)
+    nr = (2 * reach + 1) ** 2
+    delta = d[:, None, None] * (g[:, 1] * g[:, 2])[None, None, :] + d[None, :, None] * g[None, None, :, 2]
+    mid = (ukey[None, :] + delta.reshape(nr, -1)).t().contiguous()  # [U, runs]
+    starts = torch.searchsorted(grid.skey, mid - reach)
+    ends = torch.searchsorted(grid.skey, mid + reach, right=True)
+    lens = ends - starts
+    cum = torch.cumsum(lens, 1)
+    tot = cum[:, -1]
+    excl = cum - lens
+    centre = centre64.to(q.dtype)
+
+    # Units: at most _UNIT_QUERIES queries of one cell each, grouped by query count (no padding
+    # along queries) and sorted by candidate count (little padding along candidates).
+    nunit = (ucount + _UNIT_QUERIES - 1) // _UNIT_QUERIES
+    ucell = torch.repeat_interleave(torch.arange(ukey.shape[0], device=dev), nunit)
+    within = torch.arange(ucell.shape[0], device=dev) - (torch.cumsum(nunit, 0) - nunit)[ucell]
+    unit_start = ustart[ucell] + within * _UNIT_QUERIES
+    unit_count = torch.clamp(ucount[ucell] - within * _UNIT_QUERIES, max=_UNIT_QUERIES)
+    unit_tot = tot[ucell]
+    order = torch.argsort(unit_count * (int(tot.max()) + 1) + unit_tot)
+    ucell, unit_start, unit_count, unit_tot = ucell[order], unit_start[order], unit_count[order], unit_tot[order]
+    counts_val, counts_n = torch.unique_consecutive(unit_count, return_counts=True)
+    tot_list = unit_tot.tolist()
+
+    a = 0
+    for qn_, gn in zip(counts_val.tolist(), counts_n.tolist(), strict=True):
+        b_end = a + gn
+        step = max(1, _BLOCK_ELEMS // (qn_ * max(tot_list[b_end - 1], 1)))
+        for c0 in range(a, b_end, step):
+            c1 = min(b_end, c0 + step)
+            cmax = tot_list[c1 - 1]
+            if cmax == 0:
+                continue
+            rows = unit_start[c0:c1, None] + torch.arange(qn_, device=dev)  # [Uc, Q] cell-order positions
+            qpos = qperm[rows]  # positions in qsel
+            cells = ucell[c0:c1]
+            _block(q, grid, qsel, qpos, cells, centre, starts, excl, cum, tot, cmax, k, out_idx, limit2)
+        a = b_end
+    return out_idx, bdist
+
+
+def _block(
+    q: Tensor,
+    grid: Grid,
+    qsel: Tensor,
+    qpos: Tensor,
+    cells: Tensor,
+    centre: Tensor,
+    starts: Tensor,
+    excl: Tensor,
+    cum: Tensor,
+    tot: Tensor,
+    cmax: int,
+    k: int,
+    out_idx: Tensor,
+    limit2: Tensor,
+) -> None:
+    """Distances of one chunk of units [Uc, Q] against their stencil candidates [Uc, C]; top-k into out_idx."""
+    dev = q.device
+    nu, nq = qpos.shape
+    nr = cum.shape[1]
+    j = torch.arange(cmax, device=dev)
+    cum_c = cum.index_select(0, cells)
+    run = torch.searchsorted(cum_c, j.expand(nu, cmax).contiguous(), right=True).clamp_(max=nr - 1)
+    pos = starts.index_select(0, cells).gather(1, run).add_(j).sub_(excl.index_select(0, cells).gather(1, run))
+    invalid = j >= tot.index_select(0, cells)[:, None]
+    pos.masked_fill_(invalid, 0)
+    ctr = centre.index_select(0, cells)
+    # Coordinates relative to the unit's cell centre keep |q|^2 - 2 q.s + |s|^2 accurate at any scale.
+    sp = grid.ss.index_select(0, pos.view(-1)).view(nu, cmax, 3).sub_(ctr[:, None, :])
+    saug = torch.empty((nu, 5, cmax), dtype=q.dtype, device=dev)
+    saug[:, :3] = sp.transpose(1, 2)
+    saug[:, :3] *= -2.0
+    torch.sum(sp * sp, dim=2, out=saug[:, 3])
+    saug[:, 3].masked_fill_(invalid, math.inf)
+    saug[:, 4] = 1.0
+    qp = q.index_select(0, qsel.index_select(0, qpos.view(-1))).view(nu, nq, 3).sub_(ctr[:, None, :])
+    qaug = torch.empty((nu, nq, 5), dtype=q.dtype, device=dev)
+    qaug[..., :3] = qp
+    qaug[..., 3] = 1.0
+    torch.sum(qp * qp, dim=2, out=qaug[..., 4])
+    dist = torch.bmm(qaug, saug).view(nu * nq, cmax)  # [Uc * Q, C]
+    flat = qpos.view(-1)
+    lim = limit2.index_select(0, flat)
+    keep = dist <= lim[:, None]
+    cnt = keep.sum(1)
+    width = int(cnt.max())
+    if width == 0:
+        return
+    if width * 2 < cmax:
+        # Compact the survivors of each row to the left of a narrow [rows, width] block.
+        rr, cc = keep.nonzero(as_tuple=True)
+        start = torch.cumsum(cnt, 0) - cnt
+        slot = torch.arange(rr.shape[0], device=dev) - start.index_select(0, rr)
+        vals = torch.full((nu * nq, width), math.inf, dtype=dist.dtype, device=dev)
+        cols = torch.zeros((nu * nq, width), dtype=torch.long, device=dev)
+        vals.index_put_((rr, slot), dist[rr, cc])
+        cols.index_put_((rr, slot), cc)
+    else:
+        vals = dist.masked_fill_(~keep, math.inf)
+        cols = None
+    kk = min(k, vals.shape[1])
+    # Non-negative floats order like their bit patterns, and integer topk is faster; the few
+    # rounding negatives (distance ~0) still come first, and the caller re-sorts by exact distance.
+    ibits = torch.int32 if vals.dtype == torch.float32 else torch.int64
+    val, arg = torch.topk(vals.view(ibits), kk, dim=1, largest=False, sorted=True)
+    if cols is not None:
+        arg = cols.gather(1, arg)
+    cand = pos.view(nu, 1, cmax).expand(nu, nq, cmax).reshape(nu * nq, cmax) if nq > 1 else pos
+    sidx = grid.sperm.index_select(0, cand.gather(1, arg).view(-1)).view(nu * nq, kk)
+    sidx.masked_fill_(torch.isinf(val.view(vals.dtype)), -1)
+    out_idx[:, :kk].index_copy_(0, flat, sidx)
