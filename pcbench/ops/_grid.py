@@ -133,10 +133,10 @@ def stencil_search(
     # Only candidates inside the guaranteed ball can be part of an answer that passes the caller's
     # check, so the selection skips the rest (cheaper topk on the survivors).
     if radius is None:
-        limit2 = (bdist * bdist).to(q.dtype)
+        limit = bdist.to(q.dtype)
     else:
         # A relative slack of 1e-5 absorbs float32 rounding; the caller's exact float64 test decides.
-        limit2 = torch.full((nq,), radius * radius * (1 + 1e-5), dtype=q.dtype, device=dev)
+        limit = torch.full((nq,), radius * (1 + 1e-5), dtype=q.dtype, device=dev)
 
     # (2r+1)^2 runs of 2r+1 consecutive z-cells cover the stencil.
     g = grid.g[ucl]
@@ -150,7 +150,6 @@ def stencil_search(
     cum = torch.cumsum(lens, 1)
     tot = cum[:, -1]
     excl = cum - lens
-    centre = centre64.to(q.dtype)
 
     # Units: at most _UNIT_QUERIES queries of one cell each, grouped by query count (no padding
     # along queries) and sorted by candidate count (little padding along candidates).
@@ -177,7 +176,7 @@ def stencil_search(
             rows = unit_start[c0:c1, None] + torch.arange(qn_, device=dev)  # [Uc, Q] cell-order positions
             qpos = qperm[rows]  # positions in qsel
             cells = ucell[c0:c1]
-            _block(q, grid, qsel, qpos, cells, centre, starts, excl, cum, tot, cmax, k, out_idx, limit2)
+            _block(q, grid, qsel, qpos, cells, starts, excl, cum, tot, cmax, k, out_idx, limit)
         a = b_end
     return out_idx, bdist
 
@@ -188,7 +187,6 @@ def _block(
     qsel: Tensor,
     qpos: Tensor,
     cells: Tensor,
-    centre: Tensor,
     starts: Tensor,
     excl: Tensor,
     cum: Tensor,
@@ -196,7 +194,7 @@ def _block(
     cmax: int,
     k: int,
     out_idx: Tensor,
-    limit2: Tensor,
+    limit: Tensor,
 ) -> None:
     """Distances of one chunk of units [Uc, Q] against their stencil candidates [Uc, C]; top-k into out_idx."""
     dev = q.device
@@ -208,23 +206,14 @@ def _block(
     pos = starts.index_select(0, cells).gather(1, run).add_(j).sub_(excl.index_select(0, cells).gather(1, run))
     invalid = j >= tot.index_select(0, cells)[:, None]
     pos.masked_fill_(invalid, 0)
-    ctr = centre.index_select(0, cells)
-    # Coordinates relative to the unit's cell centre keep |q|^2 - 2 q.s + |s|^2 accurate at any scale.
-    sp = grid.ss.index_select(0, pos.view(-1)).view(nu, cmax, 3).sub_(ctr[:, None, :])
-    saug = torch.empty((nu, 5, cmax), dtype=q.dtype, device=dev)
-    saug[:, :3] = sp.transpose(1, 2)
-    saug[:, :3] *= -2.0
-    torch.sum(sp * sp, dim=2, out=saug[:, 3])
-    saug[:, 3].masked_fill_(invalid, math.inf)
-    saug[:, 4] = 1.0
-    qp = q.index_select(0, qsel.index_select(0, qpos.view(-1))).view(nu, nq, 3).sub_(ctr[:, None, :])
-    qaug = torch.empty((nu, nq, 5), dtype=q.dtype, device=dev)
-    qaug[..., :3] = qp
-    qaug[..., 3] = 1.0
-    torch.sum(qp * qp, dim=2, out=qaug[..., 4])
-    dist = torch.bmm(qaug, saug).view(nu * nq, cmax)  # [Uc * Q, C]
+    # Direct differences (not |q|^2 - 2 q.s + |s|^2): relative accuracy even for near-duplicate
+    # points far below the cell size. cdist returns distances, which order like their squares.
+    sp = grid.ss.index_select(0, pos.view(-1)).view(nu, cmax, 3)
+    sp.masked_fill_(invalid[:, :, None], math.inf)
+    qp = q.index_select(0, qsel.index_select(0, qpos.view(-1))).view(nu, nq, 3)
+    dist = torch.cdist(qp, sp, compute_mode="donot_use_mm_for_euclid_dist").view(nu * nq, cmax)
     flat = qpos.view(-1)
-    lim = limit2.index_select(0, flat)
+    lim = limit.index_select(0, flat)
     keep = dist <= lim[:, None]
     cnt = keep.sum(1)
     width = int(cnt.max())
@@ -243,8 +232,7 @@ def _block(
         vals = dist.masked_fill_(~keep, math.inf)
         cols = None
     kk = min(k, vals.shape[1])
-    # Non-negative floats order like their bit patterns, and integer topk is faster; the few
-    # rounding negatives (distance ~0) still come first, and the caller re-sorts by exact distance.
+    # Non-negative floats order like their bit patterns, and integer topk is faster.
     ibits = torch.int32 if vals.dtype == torch.float32 else torch.int64
     val, arg = torch.topk(vals.view(ibits), kk, dim=1, largest=False, sorted=True)
     if cols is not None:

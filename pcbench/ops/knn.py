@@ -268,7 +268,6 @@ def _dense_into(
     sstart = so - ns
     qcount = torch.bincount(qcl[sel], minlength=num)
     qstart = torch.cumsum(qcount, 0) - qcount
-    centre = ((lo + hi) * 0.5).to(q.dtype)
     clouds = torch.nonzero((qcount > 0) & (ns > 0)).squeeze(1)
     cl_list = clouds.tolist()
     qc_list = qcount[clouds].tolist()
@@ -301,14 +300,10 @@ def _dense_into(
         srow = sstart[ct, None] + js
         svalid = js < ns[ct, None]
         srow = torch.where(svalid, srow, sstart[ct, None])
-        ctr = centre[ct][:, None, :]
-        sp = s[srow] - ctr
-        sn = (sp * sp).sum(-1)
-        sn = torch.where(svalid, sn, torch.full_like(sn, math.inf))
-        saug = torch.cat([sp * -2.0, sn[..., None], torch.ones_like(sn)[..., None]], dim=2).transpose(1, 2)
-        qp = q[sel[qrow]] - ctr
-        qaug = torch.cat([qp, torch.ones_like(qp[..., :1]), (qp * qp).sum(-1, keepdim=True)], dim=2)
-        dist = torch.bmm(qaug, saug)
+        sp = s[srow]
+        sp.masked_fill_(~svalid[:, :, None], math.inf)
+        # Direct differences: exact selection whatever the coordinate offset or scale.
+        dist = torch.cdist(q[sel[qrow]], sp, compute_mode="donot_use_mm_for_euclid_dist")
         kk = min(k, ls)
         val, arg = torch.topk(dist, kk, dim=2, largest=False, sorted=True)
         gi = srow.gather(1, arg.reshape(len(cls), lq * kk)).reshape(len(cls), lq, kk)
