@@ -30,6 +30,8 @@ _BLOCK_ELEMS = 1 << 22
 _MAX_CELLS_PER_DIM = 1 << 19
 # Empty cells padded around every cloud's grid: stencils reach at most this far without wrapping.
 MAX_REACH = 3
+# Compact in-ball candidates before topk (cheaper selection on narrow rows).
+_COMPACT = False
 
 
 class Grid:
@@ -67,8 +69,10 @@ class Grid:
 
     def sort_support(self, s: Tensor, s64: Tensor, scl: Tensor) -> None:
         """Sort the support by cell key once; every stencil search on this grid reuses it."""
-        self.skey, self.sperm = torch.sort(self.keys(self.cell_coords(s64, scl), scl))
-        self.ss = s.index_select(0, self.sperm)
+        self.skey, sperm = torch.sort(self.keys(self.cell_coords(s64, scl), scl))
+        # One extra row at the end: an infinitely far sentinel that padded candidate slots point to.
+        self.sperm = torch.cat([sperm, sperm.new_full((1,), -1)])
+        self.ss = torch.cat([s.index_select(0, sperm), s.new_full((1, 3), math.inf)])
 
 
 def cloud_bounds(q64: Tensor, s64: Tensor, qcl: Tensor, scl: Tensor, num: int) -> tuple[Tensor, Tensor]:
@@ -176,7 +180,7 @@ def stencil_search(
             rows = unit_start[c0:c1, None] + torch.arange(qn_, device=dev)  # [Uc, Q] cell-order positions
             qpos = qperm[rows]  # positions in qsel
             cells = ucell[c0:c1]
-            _block(q, grid, qsel, qpos, cells, starts, excl, cum, tot, cmax, k, out_idx, limit)
+            _block(q, grid, qsel, qpos, cells, starts, lens, excl, tot, cmax, k, out_idx, limit)
         a = b_end
     return out_idx, bdist
 
@@ -188,8 +192,8 @@ def _block(
     qpos: Tensor,
     cells: Tensor,
     starts: Tensor,
+    lens: Tensor,
     excl: Tensor,
-    cum: Tensor,
     tot: Tensor,
     cmax: int,
     k: int,
@@ -199,45 +203,54 @@ def _block(
     """Distances of one chunk of units [Uc, Q] against their stencil candidates [Uc, C]; top-k into out_idx."""
     dev = q.device
     nu, nq = qpos.shape
-    nr = cum.shape[1]
     j = torch.arange(cmax, device=dev)
-    cum_c = cum.index_select(0, cells)
-    run = torch.searchsorted(cum_c, j.expand(nu, cmax).contiguous(), right=True).clamp_(max=nr - 1)
-    pos = starts.index_select(0, cells).gather(1, run).add_(j).sub_(excl.index_select(0, cells).gather(1, run))
-    invalid = j >= tot.index_select(0, cells)[:, None]
-    pos.masked_fill_(invalid, 0)
+    # Candidate positions in the sorted support: the runs laid end to end. A running sum of the
+    # jumps between consecutive runs avoids a per-entry search for the run.
+    st = starts.index_select(0, cells)
+    ln = lens.index_select(0, cells)
+    jump = torch.zeros((nu, cmax + 1), dtype=torch.long, device=dev)
+    jump.scatter_add_(1, excl.index_select(0, cells)[:, 1:], st[:, 1:] - st[:, :-1] - ln[:, :-1])
+    pos = torch.cumsum(jump[:, :cmax], 1).add_(st[:, :1]).add_(j)
+    pos.masked_fill_(j >= tot.index_select(0, cells)[:, None], grid.ss.shape[0] - 1)  # -> the inf sentinel
     # Direct differences (not |q|^2 - 2 q.s + |s|^2): relative accuracy even for near-duplicate
     # points far below the cell size. cdist returns distances, which order like their squares.
     sp = grid.ss.index_select(0, pos.view(-1)).view(nu, cmax, 3)
-    sp.masked_fill_(invalid[:, :, None], math.inf)
     qp = q.index_select(0, qsel.index_select(0, qpos.view(-1))).view(nu, nq, 3)
     dist = torch.cdist(qp, sp, compute_mode="donot_use_mm_for_euclid_dist").view(nu * nq, cmax)
     flat = qpos.view(-1)
-    lim = limit.index_select(0, flat)
-    keep = dist <= lim[:, None]
+    keep = dist <= limit.index_select(0, flat)[:, None]
     cnt = keep.sum(1)
     width = int(cnt.max())
     if width == 0:
         return
-    if width * 2 < cmax:
-        # Compact the survivors of each row to the left of a narrow [rows, width] block.
-        rr, cc = keep.nonzero(as_tuple=True)
+    if _COMPACT and width * 2 < cmax:
+        # Compact the survivors of each row to the left of a narrow [rows, width] block: topk cost
+        # grows with the row length, and most candidates lie outside the guaranteed ball.
+        f = keep.view(-1).nonzero().squeeze(1)
+        rr = torch.div(f, cmax, rounding_mode="floor")
         start = torch.cumsum(cnt, 0) - cnt
-        slot = torch.arange(rr.shape[0], device=dev) - start.index_select(0, rr)
-        vals = torch.full((nu * nq, width), math.inf, dtype=dist.dtype, device=dev)
-        cols = torch.zeros((nu * nq, width), dtype=torch.long, device=dev)
-        vals.index_put_((rr, slot), dist[rr, cc])
-        cols.index_put_((rr, slot), cc)
+        slot = torch.arange(f.shape[0], device=dev) - start.index_select(0, rr)
+        cell_entry = torch.div(rr, nq, rounding_mode="floor") * cmax + (f - rr * cmax)
+        lin = rr * width + slot
+        vals = torch.full((nu * nq * width,), math.inf, dtype=dist.dtype, device=dev)
+        cols = torch.full((nu * nq * width,), -1, dtype=torch.long, device=dev)
+        vals.index_copy_(0, lin, dist.view(-1).index_select(0, f))
+        cols.index_copy_(0, lin, grid.sperm.index_select(0, pos.view(-1).index_select(0, cell_entry)))
+        vals = vals.view(nu * nq, width)
+        cols = cols.view(nu * nq, width)
     else:
         vals = dist.masked_fill_(~keep, math.inf)
         cols = None
-    kk = min(k, vals.shape[1])
+    kk = min(k, width)
     # Non-negative floats order like their bit patterns, and integer topk is faster.
     ibits = torch.int32 if vals.dtype == torch.float32 else torch.int64
-    val, arg = torch.topk(vals.view(ibits), kk, dim=1, largest=False, sorted=True)
-    if cols is not None:
-        arg = cols.gather(1, arg)
-    cand = pos.view(nu, 1, cmax).expand(nu, nq, cmax).reshape(nu * nq, cmax) if nq > 1 else pos
-    sidx = grid.sperm.index_select(0, cand.gather(1, arg).view(-1)).view(nu * nq, kk)
-    sidx.masked_fill_(torch.isinf(val.view(vals.dtype)), -1)
-    out_idx[:, :kk].index_copy_(0, flat, sidx)
+    _, arg = torch.topk(vals.view(ibits), kk, dim=1, largest=False, sorted=True)
+    if cols is None:
+        # entry (row, c) of a unit's candidate list -> support row
+        unit = torch.div(torch.arange(nu * nq, device=dev), nq, rounding_mode="floor")
+        ent = (unit * cmax)[:, None] + arg
+        res = grid.sperm.index_select(0, pos.view(-1).index_select(0, ent.view(-1))).view(nu * nq, kk)
+        res.masked_fill_(torch.isinf(vals.gather(1, arg)), -1)
+    else:
+        res = cols.gather(1, arg)
+    out_idx[:, :kk].index_copy_(0, flat, res)

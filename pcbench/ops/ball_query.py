@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ._grid import Grid, cloud_bounds, stencil_search
 from .batch import check_same_device, offset2batch, offset2lengths, resolve_offset
-from .knn import _exact, _validate, compute_dtype
+from .knn import _exact, _validate, compute_dtype, coord_major
 
 __all__ = ["ball_query"]
 
@@ -71,7 +71,7 @@ def ball_query(
         grid = Grid(lo, hi, torch.full((qo.numel(),), radius, dtype=torch.float64, device=dev))
         grid.sort_support(s, s64, scl)
         ii, _ = stencil_search(q, q64, qcl, active, grid, k, reach=1, radius=radius)
-        ii, dd = _exact(q64, s64, active, ii)
+        ii, dd = _exact(coord_major(q64), coord_major(s64, True), active, ii)
         # The reference rounds dist2 to the input dtype before comparing with radius**2.
         inside = dd.to(query.dtype).double() < radius * radius
         idx[active] = torch.where(inside, ii, torch.full_like(ii, -1))
