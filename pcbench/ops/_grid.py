@@ -17,6 +17,7 @@ candidate dimension is padded little.
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
@@ -26,12 +27,14 @@ from torch import Tensor
 _UNIT_QUERIES = 32
 # Elements of one distance block [U, Q, C]; bounds the temporaries of a chunk (~16 MiB in float32).
 _BLOCK_ELEMS = 1 << 22
+# Chunks stop where padding along candidates would exceed this factor ...
+_PAD_GROWTH = 1.25
+# ... unless they hold fewer distance entries than this (per-chunk launch overhead dominates).
+_MIN_BLOCK_ELEMS = 1 << 15
 # Cells per dimension and cloud never exceed this, so keys fit int64 whatever the coordinate scale.
 _MAX_CELLS_PER_DIM = 1 << 19
 # Empty cells padded around every cloud's grid: stencils reach at most this far without wrapping.
 MAX_REACH = 3
-# Compact in-ball candidates before topk (cheaper selection on narrow rows).
-_COMPACT = False
 
 
 class Grid:
@@ -98,7 +101,6 @@ def stencil_search(
     grid: Grid,
     k: int,
     reach: int = 1,
-    radius: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The ``k`` nearest support points of each query in ``qsel`` among its cell's stencil.
 
@@ -108,8 +110,7 @@ def stencil_search(
     ``idx [F,k]`` (nearest first by float32/64 approximate distance; -1 where the stencil holds fewer
     than k points) and ``bdist [F]`` (float64), the distance from each query to the outside of its
     block (inf for clouds that lie in one cell). Support points outside the block are at least
-    ``bdist`` away, which is what makes the caller's exactness check sound. With ``radius``, only
-    candidates within about ``radius`` are kept (the caller applies the exact cut).
+    ``bdist`` away, which is what makes the caller's exactness check sound.
     """
     dev = q.device
     nq = qsel.shape[0]
@@ -134,13 +135,6 @@ def stencil_search(
     bdist = torch.empty(nq, dtype=torch.float64, device=dev)
     bdist[qperm] = (reach + 0.5) * h.repeat_interleave(ucount, 0, output_size=nq) - rel64.abs().amax(1)
     bdist = torch.where(grid.covered[qc], torch.full_like(bdist, math.inf), bdist)
-    # Only candidates inside the guaranteed ball can be part of an answer that passes the caller's
-    # check, so the selection skips the rest (cheaper topk on the survivors).
-    if radius is None:
-        limit = bdist.to(q.dtype)
-    else:
-        # A relative slack of 1e-5 absorbs float32 rounding; the caller's exact float64 test decides.
-        limit = torch.full((nq,), radius * (1 + 1e-5), dtype=q.dtype, device=dev)
 
     # (2r+1)^2 runs of 2r+1 consecutive z-cells cover the stencil.
     g = grid.g[ucl]
@@ -171,18 +165,31 @@ def stencil_search(
     a = 0
     for qn_, gn in zip(counts_val.tolist(), counts_n.tolist(), strict=True):
         b_end = a + gn
-        step = max(1, _BLOCK_ELEMS // (qn_ * max(tot_list[b_end - 1], 1)))
-        for c0 in range(a, b_end, step):
-            c1 = min(b_end, c0 + step)
+        c0 = a
+        while c0 < b_end:
+            c1 = _chunk_end(tot_list, c0, b_end, qn_)
             cmax = tot_list[c1 - 1]
-            if cmax == 0:
-                continue
-            rows = unit_start[c0:c1, None] + torch.arange(qn_, device=dev)  # [Uc, Q] cell-order positions
-            qpos = qperm[rows]  # positions in qsel
-            cells = ucell[c0:c1]
-            _block(q, grid, qsel, qpos, cells, starts, lens, excl, tot, cmax, k, out_idx, limit)
+            if cmax > 0:
+                rows = unit_start[c0:c1, None] + torch.arange(qn_, device=dev)  # [Uc, Q] cell-order positions
+                qpos = qperm[rows]  # positions in qsel
+                _block(q, grid, qsel, qpos, ucell[c0:c1], starts, lens, excl, tot, cmax, k, out_idx)
+            c0 = c1
         a = b_end
     return out_idx, bdist
+
+
+def _chunk_end(tot: list[int], c0: int, end: int, nq: int) -> int:
+    """End of the chunk of units starting at ``c0`` (units sorted by ascending candidate count).
+
+    A chunk is padded to its largest candidate count, so it stops where that count would exceed
+    the first one by _PAD_GROWTH, unless it is still too small to be worth a separate set of
+    kernel launches; it never exceeds _BLOCK_ELEMS distance entries.
+    """
+    first = max(tot[c0], 1)
+    c1 = bisect.bisect_right(tot, int(first * _PAD_GROWTH), c0, end)
+    c1 = max(c1, min(end, c0 + _MIN_BLOCK_ELEMS // (nq * first) + 1))
+    cap = max(1, _BLOCK_ELEMS // (nq * max(tot[c1 - 1], 1)))
+    return min(c1, c0 + cap)
 
 
 def _block(
@@ -198,7 +205,6 @@ def _block(
     cmax: int,
     k: int,
     out_idx: Tensor,
-    limit: Tensor,
 ) -> None:
     """Distances of one chunk of units [Uc, Q] against their stencil candidates [Uc, C]; top-k into out_idx."""
     dev = q.device
@@ -218,39 +224,17 @@ def _block(
     qp = q.index_select(0, qsel.index_select(0, qpos.view(-1))).view(nu, nq, 3)
     dist = torch.cdist(qp, sp, compute_mode="donot_use_mm_for_euclid_dist").view(nu * nq, cmax)
     flat = qpos.view(-1)
-    keep = dist <= limit.index_select(0, flat)[:, None]
-    cnt = keep.sum(1)
-    width = int(cnt.max())
-    if width == 0:
-        return
-    if _COMPACT and width * 2 < cmax:
-        # Compact the survivors of each row to the left of a narrow [rows, width] block: topk cost
-        # grows with the row length, and most candidates lie outside the guaranteed ball.
-        f = keep.view(-1).nonzero().squeeze(1)
-        rr = torch.div(f, cmax, rounding_mode="floor")
-        start = torch.cumsum(cnt, 0) - cnt
-        slot = torch.arange(f.shape[0], device=dev) - start.index_select(0, rr)
-        cell_entry = torch.div(rr, nq, rounding_mode="floor") * cmax + (f - rr * cmax)
-        lin = rr * width + slot
-        vals = torch.full((nu * nq * width,), math.inf, dtype=dist.dtype, device=dev)
-        cols = torch.full((nu * nq * width,), -1, dtype=torch.long, device=dev)
-        vals.index_copy_(0, lin, dist.view(-1).index_select(0, f))
-        cols.index_copy_(0, lin, grid.sperm.index_select(0, pos.view(-1).index_select(0, cell_entry)))
-        vals = vals.view(nu * nq, width)
-        cols = cols.view(nu * nq, width)
-    else:
-        vals = dist.masked_fill_(~keep, math.inf)
-        cols = None
-    kk = min(k, width)
-    # Non-negative floats order like their bit patterns, and integer topk is faster.
-    ibits = torch.int32 if vals.dtype == torch.float32 else torch.int64
-    _, arg = torch.topk(vals.view(ibits), kk, dim=1, largest=False, sorted=True)
-    if cols is None:
-        # entry (row, c) of a unit's candidate list -> support row
+    kk = min(k, cmax)
+    # Non-negative floats order like their bit patterns, and integer topk is faster. No pre-filter
+    # by the guaranteed radius: it would not shorten the rows, and the caller's check rejects
+    # answers that reach beyond it anyway.
+    ibits = torch.int32 if dist.dtype == torch.float32 else torch.int64
+    _, arg = torch.topk(dist.view(ibits), kk, dim=1, largest=False, sorted=True)
+    if nq > 1:
         unit = torch.div(torch.arange(nu * nq, device=dev), nq, rounding_mode="floor")
-        ent = (unit * cmax)[:, None] + arg
-        res = grid.sperm.index_select(0, pos.view(-1).index_select(0, ent.view(-1))).view(nu * nq, kk)
-        res.masked_fill_(torch.isinf(vals.gather(1, arg)), -1)
+        arg = arg + (unit * cmax)[:, None]
     else:
-        res = cols.gather(1, arg)
+        arg = arg + (torch.arange(nu, device=dev) * cmax)[:, None]
+    # padded slots point at the sentinel row, whose permutation entry is -1
+    res = grid.sperm.index_select(0, pos.view(-1).index_select(0, arg.view(-1))).view(nu * nq, kk)
     out_idx[:, :kk].index_copy_(0, flat, res)

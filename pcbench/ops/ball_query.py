@@ -70,7 +70,7 @@ def ball_query(
         # Cells of size >= radius: the 3x3x3 stencil holds the whole ball, so one pass is exact.
         grid = Grid(lo, hi, torch.full((qo.numel(),), radius, dtype=torch.float64, device=dev))
         grid.sort_support(s, s64, scl)
-        ii, _ = stencil_search(q, q64, qcl, active, grid, k, reach=1, radius=radius)
+        ii, _ = stencil_search(q, q64, qcl, active, grid, k, reach=1)
         ii, dd = _exact(coord_major(q64), coord_major(s64, True), active, ii)
         # The reference rounds dist2 to the input dtype before comparing with radius**2.
         inside = dd.to(query.dtype).double() < radius * radius

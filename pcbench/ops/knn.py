@@ -38,7 +38,7 @@ _GPU_DENSE_WORK = 1 << 32
 # After the first grid pass, the few failing queries go to brute force when this cheap.
 _FALLBACK_DENSE_WORK = 1 << 23
 # Cell size relative to the sampled k-th neighbour distance (tuned on uniform and scan-like clouds).
-_CELL_FACTOR = 1.1
+_CELL_FACTOR = 1.15
 # Stencil reaches tried on one grid before coarsening it.
 _FIRST_REACH = 1
 _EST_QUERIES = 64
