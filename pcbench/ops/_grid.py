@@ -30,7 +30,7 @@ _BLOCK_ELEMS = 1 << 22
 # Chunks stop where padding along candidates would exceed this factor ...
 _PAD_GROWTH = 1.25
 # ... unless they hold fewer distance entries than this (per-chunk launch overhead dominates).
-_MIN_BLOCK_ELEMS = 1 << 15
+_MIN_BLOCK_ELEMS = 1 << 16
 # Cells per dimension and cloud never exceed this, so keys fit int64 whatever the coordinate scale.
 _MAX_CELLS_PER_DIM = 1 << 19
 # Empty cells padded around every cloud's grid: stencils reach at most this far without wrapping.
