@@ -2,17 +2,18 @@
 
 Points are binned into cubic cells of a per-cloud size ``h``. Each cell gets one int64 key with the
 cloud index folded in (a per-cloud block of key space), so one sort groups every cloud's cells and no
-Python loop ever runs over clouds or points. Cell coordinates are shifted by one and the per-cloud
-grid is padded by one cell on every side, so the 3x3x3 stencil of a cell never wraps into another row
-or another cloud; the 3 stencil cells along z are consecutive keys, so the stencil is 9 contiguous
-runs of the sorted support, found with ``searchsorted``.
+Python loop ever runs over clouds or points. Every cloud's grid is padded by MAX_REACH empty cells on
+each side, so a (2r+1)^3 stencil (reach r <= MAX_REACH) never wraps into another row or cloud; the
+2r+1 stencil cells along z are consecutive keys, so a stencil is (2r+1)^2 contiguous runs of the
+key-sorted support, found with ``searchsorted``.
 
-Queries are processed per "unit" (up to ``_UNIT_QUERIES`` queries of one cell): all queries of a unit
-share the same candidate list, so distances of a whole chunk of units are one batched matmul
-``[U, Q, 5] @ [U, 5, C]`` on coordinates relative to the cell centre (small magnitudes keep the
-expanded ``|q|^2 - 2 q.s + |s|^2`` form accurate), followed by one ``topk``. Units are grouped by
-their query count so the query dimension is never padded, and sorted by candidate count so the
-candidate dimension is padded little.
+Queries are processed per "unit" (up to ``_UNIT_QUERIES`` queries of one cell): all queries of a
+unit share one candidate list, laid out by a running sum over the runs. A chunk of units is one
+batched ``cdist`` ``[U, Q, 3] x [U, C, 3]`` with direct differences (exact relative accuracy at any
+coordinate scale, unlike the expanded ``|q|^2 - 2 q.s + |s|^2``) and one ``topk`` on the distances'
+integer bit patterns. Units are grouped by query count (no padding along queries) and, within a
+group, chunked by candidate count (little padding along candidates). Padded candidate slots point
+at an infinitely far sentinel row of the sorted support.
 """
 
 from __future__ import annotations

@@ -3,16 +3,19 @@
 Two exact methods, picked automatically:
 
 * ``"grid"``: per-cloud cubic cells (size from a sampled estimate of the k-th neighbour distance),
-  a 3x3x3 stencil searched per cell with one batched matmul + ``topk`` per chunk of cells, and an
-  exactness check per query (its k-th distance must not exceed the distance to the outside of the
-  searched block). Queries that fail are searched again with cells twice as large, and the last few
-  by brute force. Linear-ish in N; the method for scenes and object batches on CPU.
-* ``"dense"``: per-cloud brute force ``|q|^2 - 2 q.s + |s|^2`` + ``topk`` in bounded chunks (ragged
-  clouds padded internally). Quadratic, but a few large kernels: the method for small clouds and GPUs.
+  the 3x3x3 stencil of a query's cell searched with one batched ``cdist`` + ``topk`` per chunk of
+  cells (see ``_grid``), and an exactness check per query: its k-th distance must not exceed the
+  distance to the outside of the searched block. Queries that fail are searched again with wider
+  stencils on the same grid, then on coarser grids, and the last few by brute force. About linear
+  in N; the method for scenes and object batches on CPU.
+* ``"dense"``: per-cloud brute force (``cdist`` + ``topk``) in bounded chunks, ragged clouds padded
+  internally. Quadratic, but a few large kernels: the method for tiny clouds and for GPUs.
 
-Both recompute the selected squared distances exactly (float64 differences), so ``dist2`` matches a
-float64 brute force to the last bit of the output dtype; the candidate *selection* uses float32
-(float64 for float64 inputs), so among neighbours whose distances tie to ~1e-6 relative any may win.
+Selection uses direct coordinate differences in float32 (float64 for float64 inputs); the selected
+squared distances are then recomputed in float64 and rounded to the input dtype, so ``dist2``
+matches a float64 brute force, and among neighbours whose distances tie to ~1e-7 relative any may
+win. For float16 inputs ``dist2`` is float16 too, like the reference: it saturates to inf above
+65504 (such entries keep a valid ``idx``).
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ __all__ = ["knn"]
 
 METHODS = ("auto", "dense", "grid")
 
-# Dense chunk budget: elements of one padded distance block [clouds, queries, support].
+# Dense chunk budget: elements of one padded distance block [clouds, queries, support]; CPU
+# blocks stay cache-sized, GPU blocks are large so that a few launches do all the work.
 _DENSE_BLOCK = 1 << 22
+_DENSE_BLOCK_CUDA = 1 << 26
 # "auto" on CPU: brute force only while every support cloud is at most this big.
 _CPU_DENSE_MAX = 64
 # "auto" on GPU: brute force while the summed per-cloud products stay below this.
@@ -42,6 +47,8 @@ _CELL_FACTOR = 1.15
 # Stencil reaches tried on one grid before coarsening it.
 _FIRST_REACH = 1
 _EST_QUERIES = 64
+# Quantile of the sampled k-th distances that sets the cell size (0.5: the median).
+_EST_QUANTILE = 0.5
 _EST_WORK = 1 << 24
 _EXACT_ROWS = 1 << 16
 
@@ -264,7 +271,7 @@ def _estimate_cell(q: Tensor, s: Tensor, qo: Tensor, so: Tensor, k: int) -> Tens
         r = (rank[a:b] - 1).clamp(max=kth.shape[2] - 1)
         out[a:b] = kth.gather(2, r[:, None, None].expand(-1, lq, 1)).squeeze(2).double()
     out = torch.where(qvalid, out, torch.full_like(out, math.nan))
-    med = torch.nanmedian(out, dim=1).values
+    med = torch.nanquantile(out, _EST_QUANTILE, dim=1)
     return torch.where(torch.isfinite(med), med * correction, est)
 
 
@@ -285,6 +292,7 @@ def _dense_into(
 ) -> None:
     """Brute force for the queries ``sel`` (ascending rows), chunked over clouds and queries."""
     dev = q.device
+    budget = _DENSE_BLOCK if dev.type == "cpu" else _DENSE_BLOCK_CUDA
     num = qo.numel()
     ns = offset2lengths(so)
     sstart = so - ns
@@ -299,13 +307,13 @@ def _dense_into(
     cur: list[int] = []
     mq = ms = 0
     for c, a, b in zip(cl_list, qc_list, ns_list, strict=True):
-        if a * b > _DENSE_BLOCK:
-            rows = max(1, _DENSE_BLOCK // b)
+        if a * b > budget:
+            rows = max(1, budget // b)
             for r0 in range(0, a, rows):
                 chunks.append(([c], r0, min(rows, a - r0), b))
             continue
         nmq, nms = max(mq, a), max(ms, b)
-        if cur and (len(cur) + 1) * nmq * nms > _DENSE_BLOCK:
+        if cur and (len(cur) + 1) * nmq * nms > budget:
             chunks.append((cur, 0, mq, ms))
             cur, nmq, nms = [], a, b
         cur.append(c)
