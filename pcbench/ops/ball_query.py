@@ -1,10 +1,17 @@
-"""Radius search with a neighbour cap on packed batches."""
+"""Radius search with a neighbour cap on packed batches (pure torch, CPU and CUDA)."""
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor
 
-from ._reference import ball_query_reference
+from ._grid import Grid, cloud_bounds, stencil_search
+from .batch import check_same_device, offset2batch, offset2lengths, resolve_offset
+from .knn import _exact, _validate, compute_dtype, coord_major
+
+__all__ = ["ball_query"]
 
 
 def ball_query(
@@ -14,6 +21,61 @@ def ball_query(
     max_neighbors: int,
     query_offset: Tensor | None = None,
     support_offset: Tensor | None = None,
-) -> Tensor:
-    """Support neighbours within ``radius`` (TEMPORARY: reference body)."""
-    return ball_query_reference(query, support, radius, max_neighbors, query_offset, support_offset).to(query.device)
+    *,
+    return_dist2: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Up to ``max_neighbors`` support points strictly within ``radius`` of each query, nearest first.
+
+    Args:
+        query: ``[M, 3]`` float16/32/64 query points, packed by cloud.
+        support: ``[N, 3]`` support points (same dtype and device), packed by cloud.
+        radius: search radius (> 0); a neighbour needs ``dist2 < radius**2`` (strict).
+        max_neighbors: cap on neighbours per query (> 0); the nearest ones are kept.
+        query_offset, support_offset: ``[B]`` cumulative end offsets (``None`` = one cloud), the
+            same number of clouds on both sides; cloud b of the queries searches cloud b of the support.
+        return_dist2: also return the squared distances.
+
+    Returns:
+        ``idx [M, max_neighbors]`` int64 global support rows sorted by ascending distance (nearest
+        first), padded with -1 after the last neighbour inside the ball. If ``idx[i, j] = m >= 0``
+        then ``support[m]`` is the j-th nearest support point of ``query[i]`` and lies within
+        ``radius``. With ``return_dist2`` also ``dist2 [M, max_neighbors]`` in the query dtype
+        (inf where ``idx`` is -1).
+    """
+    check_same_device(query=query, support=support, query_offset=query_offset, support_offset=support_offset)
+    _validate(query, support, max_neighbors, "auto", k_name="max_neighbors")
+    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not math.isfinite(radius) or radius <= 0:
+        raise ValueError(f"radius must be a positive finite number, got {radius!r}")
+    radius = float(radius)
+    qo = resolve_offset("query_offset", query_offset, query.shape[0], query.device)
+    so = resolve_offset("support_offset", support_offset, support.shape[0], support.device)
+    if qo.numel() != so.numel():
+        raise ValueError(
+            f"query_offset and support_offset must describe the same number of clouds, got {qo.numel()} and "
+            f"{so.numel()}; pass one offset entry per cloud on both sides (None means a single cloud)"
+        )
+    dev = query.device
+    m = query.shape[0]
+    k = max_neighbors
+    cd = compute_dtype(query.dtype)
+    q, s = query.detach().to(cd), support.detach().to(cd)
+    q64, s64 = query.detach().double(), support.detach().double()
+    qcl, scl = offset2batch(qo), offset2batch(so)
+    ns = offset2lengths(so)
+    idx = torch.full((m, k), -1, dtype=torch.long, device=dev)
+    d2 = torch.full((m, k), math.inf, dtype=torch.float64, device=dev)
+    active = torch.nonzero(ns[qcl] > 0).squeeze(1) if m else qcl
+    if active.numel():
+        lo, hi = cloud_bounds(q64, s64, qcl, scl, qo.numel())
+        # Cells of size >= radius: the 3x3x3 stencil holds the whole ball, so one pass is exact.
+        grid = Grid(lo, hi, torch.full((qo.numel(),), radius, dtype=torch.float64, device=dev))
+        grid.sort_support(s, s64, scl)
+        ii, _ = stencil_search(q, q64, qcl, active, grid, k, reach=1)
+        ii, dd = _exact(coord_major(q64), coord_major(s64, True), active, ii)
+        # The reference rounds dist2 to the input dtype before comparing with radius**2.
+        inside = dd.to(query.dtype).double() < radius * radius
+        idx[active] = torch.where(inside, ii, torch.full_like(ii, -1))
+        d2[active] = torch.where(inside, dd, torch.full_like(dd, math.inf))
+    if return_dist2:
+        return idx, d2.to(query.dtype)
+    return idx

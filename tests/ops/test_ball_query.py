@@ -1,0 +1,139 @@
+"""ball_query against scipy's cKDTree ball search and the float64 brute-force reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial import cKDTree
+
+from pcbench.ops import ball_query
+from pcbench.ops._clouds import load_scannet_scene, scan_like_scene, uniform_cloud
+from pcbench.ops._reference import ball_query_reference, knn_reference
+
+# a few units in the last place: summation order of the three squared differences may differ
+_ULPS = {torch.float16: 2e-3, torch.float32: 2.5e-7, torch.float64: 1e-15}
+
+
+def check_against_reference(q, s, radius, max_neighbors, qo=None, so=None, ties=False):
+    """Same neighbour distances as the reference (ties may swap indices), valid and nearest first."""
+    idx, d2 = ball_query(q, s, radius, max_neighbors, qo, so, return_dist2=True)
+    ref = ball_query_reference(q, s, radius, max_neighbors, qo, so)
+    _, rd2 = knn_reference(q, s, max_neighbors, qo, so)
+    rd2 = torch.where(ref >= 0, rd2, torch.full_like(rd2, math.inf))
+    assert idx.shape == (q.shape[0], max_neighbors) and idx.dtype == torch.long
+    assert torch.equal(idx < 0, ref < 0)
+    tol = {"rtol": 1e-2, "atol": 1e-3} if q.dtype == torch.float16 else {"rtol": 1e-6, "atol": 0.0}
+    torch.testing.assert_close(d2, rd2, **tol)
+    # idx consistent with dist2, inside the radius, ascending, padded only at the tail
+    ok = idx >= 0
+    diff = q.double()[:, None, :] - s.double()[idx.clamp(min=0)]
+    exact = (diff * diff).sum(-1)
+    torch.testing.assert_close(d2[ok], exact.to(q.dtype)[ok], rtol=_ULPS[q.dtype], atol=0)
+    assert bool((exact[ok].to(q.dtype).double() < radius * radius).all())
+    assert not bool((~ok[:, :-1] & ok[:, 1:]).any())
+    assert bool((d2[:, 1:] >= d2[:, :-1]).logical_or(~ok[:, 1:]).all())
+    if not ties:  # without exact ties the indices themselves must match (near-ties aside)
+        assert float((idx == ref).float().mean()) > 0.999
+    return idx, d2
+
+
+def _ragged(sizes, gen, scale=1.0, dtype=torch.float32):
+    pts = (torch.rand(sum(sizes), 3, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    return pts, torch.tensor(sizes).cumsum(0)
+
+
+@pytest.mark.parametrize("radius", [0.02, 0.15, 0.4, 3.0])
+@pytest.mark.parametrize("max_neighbors", [1, 8, 40])
+def test_ragged_batch_with_empty_and_single_point_clouds(radius, max_neighbors, gen):
+    q, qo = _ragged([150, 0, 30, 1, 200, 4], gen)
+    s, so = _ragged([180, 5, 0, 1, 220, 0], gen)
+    check_against_reference(q, s, radius, max_neighbors, qo, so)
+
+
+def check_against_ckdtree(q, s, r, max_neighbors):
+    """Neighbour counts and distances as scipy's cKDTree ball search (an independent implementation)."""
+    idx, d2 = ball_query(q, s, r, max_neighbors, return_dist2=True)
+    tree = cKDTree(s.double().numpy())
+    counts = np.array([len(x) for x in tree.query_ball_point(q.double().numpy(), r)])
+    # cKDTree counts closed balls (<= r); boundary hits have probability zero here
+    got = (idx >= 0).sum(1).numpy()
+    np.testing.assert_array_equal(got, np.minimum(counts, max_neighbors))
+    dd, _ = tree.query(q.double().numpy(), k=max_neighbors, distance_upper_bound=r)
+    ref = torch.from_numpy(np.where(np.isfinite(dd), dd**2, np.inf)).float()
+    torch.testing.assert_close(d2, ref, rtol=1e-5, atol=0.0)
+    ok = idx >= 0
+    diff = q.double()[:, None, :] - s.double()[idx.clamp(min=0)]
+    torch.testing.assert_close(d2[ok], (diff * diff).sum(-1).float()[ok], rtol=0, atol=0)
+
+
+def test_matches_ckdtree_ball_counts_and_nearest_first():
+    check_against_ckdtree(uniform_cloud(20000, seed=4), uniform_cloud(20000, seed=4), 0.05, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_dtypes(dtype, gen):
+    q, qo = _ragged([300, 100], gen, dtype=dtype)
+    s, so = _ragged([400, 50], gen, dtype=dtype)
+    check_against_reference(q, s, 0.2, 16, qo, so)
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1e4])
+def test_coordinate_scales(scale, gen):
+    base = torch.rand(3000, 3, generator=gen, dtype=torch.float64) * scale + 5.0 * scale
+    check_against_reference(base[:1000].float(), base[500:].float(), 0.1 * scale, 24)
+
+
+def test_duplicates_and_lattice(gen):
+    g = torch.arange(5, dtype=torch.float32)
+    lattice = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
+    s = torch.cat([lattice, torch.full((30, 3), 1.0)])
+    q = torch.cat([lattice, torch.rand(40, 3, generator=gen) * 4])
+    # radius 1.5: the 6 unit neighbours (distance 1) in, the 12 at sqrt(2) in, sqrt(3) out
+    check_against_reference(q, s, 1.5, 64, ties=True)
+
+
+def test_radius_tiny_relative_to_extent():
+    # 1e6 cells per dimension at this radius: the grid must clamp its cell count and stay exact.
+    # (float32 near 1e3 has a 6e-5 spacing, so the second cluster holds exact duplicates: ties)
+    pts = torch.cat([torch.rand(500, 3) * 1e-3, torch.rand(500, 3) * 1e-3 + 1e3])
+    check_against_reference(pts, pts, 1e-6 * 3, 4, ties=True)
+    check_against_reference(pts, pts, 2e-4, 16, ties=True)
+
+
+def test_scan_like_scene_matches_reference_on_a_subset():
+    pts = scan_like_scene(20000, seed=2)
+    check_against_reference(pts[::100], pts, 0.1, 32)
+    check_against_ckdtree(pts, pts, 0.05, 32)
+
+
+def test_real_scannet_scene(shared_data):
+    coord, _ = load_scannet_scene(shared_data / "scannet/scans/scene0000_00/scene0000_00_vh_clean_2.ply")
+    check_against_ckdtree(coord[::3], coord, 0.05, 32)
+    check_against_ckdtree(coord[::50], coord, 0.2, 64)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"radius": 0.0}, "radius must be a positive finite number"),
+        ({"radius": -1.0}, "radius must be a positive finite number"),
+        ({"radius": math.inf}, "radius must be a positive finite number"),
+        ({"radius": math.nan}, "radius must be a positive finite number"),
+        ({"max_neighbors": 0}, "max_neighbors must be a positive int"),
+        ({"max_neighbors": 3.0}, "max_neighbors must be a positive int"),
+        ({"query": torch.tensor([[0.0, math.nan, 0.0]])}, "query contains NaN or inf"),
+        ({"support": torch.zeros(5, 4)}, r"support must have shape \[N, 3\]"),
+        ({"query_offset": torch.tensor([4, 2, 5])}, "query_offset must be non-decreasing"),
+        ({"support_offset": torch.tensor([3, 4])}, r"support_offset\[-1\] must equal the number of points 5"),
+        ({"query_offset": torch.tensor([2, 5])}, "same number of clouds"),
+        ({"support": torch.zeros(5, 3, device="meta")}, "tensors must be on one device"),
+    ],
+)
+def test_bad_inputs_raise_actionable_errors(kwargs, match):
+    args = {"query": torch.rand(5, 3), "support": torch.rand(5, 3), "radius": 0.5, "max_neighbors": 4}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        ball_query(**args)
