@@ -34,6 +34,7 @@ from pcbench.ops.sparse import coords_key, kernel_map
 __all__ = [
     "CoordinateCache",
     "SparseAvgPool3d",
+    "SparseBasicBlock",
     "SparseBatchNorm",
     "SparseConv3d",
     "SparseConvTranspose3d",
@@ -397,3 +398,33 @@ def sparse_cat(*xs: SparseTensor) -> SparseTensor:
                 f"{[t.num_voxels for t in xs]} voxels; up-sample to the skip's level first"
             )
     return first.replace(torch.cat([x.feats for x in xs], dim=1))
+
+
+class SparseBasicBlock(nn.Module):
+    """ResNet basic block on sparse voxels: relu(bn(conv3(relu(bn(conv3(x))))) + shortcut(x)).
+
+    The shortcut is the identity, or a kernel-1 convolution + BatchNorm when the width or the stride
+    changes (MinkowskiEngine's ``downsample``, Pointcept SpUNet's ``proj``). With ``stride`` > 1 the first
+    3x3x3 convolution is strided and the output lands on ``unique(floor(coords / stride))``.
+    """
+
+    expansion = 1
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1,
+                 bn_eps: float = 1e-5, bn_momentum: float = 0.1) -> None:
+        super().__init__()
+        self.conv1 = SparseConv3d(in_channels, out_channels, 3, stride=stride, dilation=dilation)
+        self.norm1 = SparseBatchNorm(out_channels, bn_eps, bn_momentum)
+        self.conv2 = SparseConv3d(out_channels, out_channels, 3, dilation=dilation)
+        self.norm2 = SparseBatchNorm(out_channels, bn_eps, bn_momentum)
+        self.shortcut: nn.Module | None = None
+        if in_channels != out_channels or stride != 1:
+            self.shortcut = nn.Sequential(SparseConv3d(in_channels, out_channels, 1, stride=stride),
+                                          SparseBatchNorm(out_channels, bn_eps, bn_momentum))
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        """[V, C_in] -> [V', C_out] (V' = V unless strided)."""
+        out = self.norm1(self.conv1(x))
+        out = self.norm2(self.conv2(out.replace(torch.relu(out.feats))))
+        res = x if self.shortcut is None else self.shortcut(x)
+        return out.replace(torch.relu(out.feats + res.feats))
