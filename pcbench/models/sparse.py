@@ -158,28 +158,69 @@ def devoxelize(x: SparseTensor, inverse: Tensor) -> Tensor:
     return x.feats.index_select(0, inverse)
 
 
+def _gather_mm_scatter(feats: Tensor, weight: Tensor, pairs: list[tuple[int, Tensor, Tensor]], num_out: int,
+                       center: int | None) -> Tensor:
+    out = feats @ weight[center] if center is not None else feats.new_zeros(num_out, weight.shape[2])
+    for k, src, dst in pairs:
+        # In place: one output buffer instead of K fresh [num_out, C_out] temporaries (autograd allows it,
+        # no op here needs `out` itself for its backward).
+        out.index_add_(0, dst, feats.index_select(0, src) @ weight[k])
+    return out
+
+
+class _SparseConvFunction(torch.autograd.Function):
+    """Gather -> matmul -> scatter-add whose backward re-gathers instead of keeping K gathered copies.
+
+    Plain autograd would save every ``feats[src_k]`` ([P_k, C_in], K of them) for the weight gradient and
+    build a zero-filled [N, C_in] gradient per offset; this saves only ``feats`` and the index lists.
+    """
+
+    @staticmethod
+    def forward(ctx, feats: Tensor, weight: Tensor, pairs: list, num_out: int, center: int | None) -> Tensor:
+        ctx.save_for_backward(feats, weight)
+        ctx.pairs, ctx.center = pairs, center
+        return _gather_mm_scatter(feats, weight, pairs, num_out, center)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        feats, weight = ctx.saved_tensors
+        center = ctx.center
+        grad_out = grad_out.contiguous()
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx = gw = None
+        if need_x:
+            gx = grad_out @ weight[center].T if center is not None else feats.new_zeros(feats.shape)
+        if need_w:
+            gw = torch.zeros_like(weight)
+            if center is not None:
+                torch.mm(feats.T, grad_out, out=gw[center])
+        for k, src, dst in ctx.pairs:
+            go = grad_out.index_select(0, dst)
+            if need_x:
+                gx.index_add_(0, src, go @ weight[k].T)
+            if need_w:
+                torch.mm(feats.index_select(0, src).T, go, out=gw[k])
+        return gx, gw, None, None, None
+
+
 def sparse_conv(
     feats: Tensor, weight: Tensor, kmap: KernelMap, num_out: int, transpose: bool = False,
-    identity_center: int | None = None,
+    identity_center: int | None = None, recompute: bool = True,
 ) -> Tensor:
     """Gather -> matmul -> scatter-add over kernel offsets: [N, C_in] -> [num_out, C_out].
 
     ``kmap[k] = (in_idx, out_idx)``; with ``transpose`` the pairs run backwards (out -> in), so the
     result has one row per ``in_idx`` target. ``identity_center`` names an offset whose map is the identity
-    (submanifold convolution), computed as one dense matmul without gather or scatter.
+    (submanifold convolution), computed as one dense matmul without gather or scatter. ``recompute``
+    (default) uses a hand-written backward that re-gathers the inputs instead of storing them (far less
+    memory, no double backward); ``recompute=False`` runs plain autograd through the same torch ops.
     """
-    if identity_center is not None:
-        out = feats @ weight[identity_center]
-    else:
-        out = feats.new_zeros(num_out, weight.shape[2])
-    for k, (i, j) in enumerate(kmap):
-        if k == identity_center or i.numel() == 0:
-            continue
-        src, dst = (j, i) if transpose else (i, j)
-        # In place: one output buffer instead of K fresh [num_out, C_out] temporaries (autograd allows it,
-        # no op here needs `out` itself for its backward).
-        out.index_add_(0, dst, feats.index_select(0, src) @ weight[k])
-    return out
+    pairs = [(k, j, i) if transpose else (k, i, j) for k, (i, j) in enumerate(kmap)
+             if k != identity_center and i.numel()]
+    if recompute and torch.is_grad_enabled() and (feats.requires_grad or weight.requires_grad):
+        return _SparseConvFunction.apply(feats, weight, pairs, num_out, identity_center)
+    return _gather_mm_scatter(feats, weight, pairs, num_out, identity_center)
 
 
 class _SparseConvBase(nn.Module):

@@ -74,10 +74,11 @@ class SparseResNet(nn.Module):
         self.out_channels = width
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, num_classes))
         for m in self.modules():
-            # MinkowskiEngine's init: Kaiming normal (fan_out, ReLU gain) on every convolution kernel.
+            # MinkowskiEngine's Kaiming (fan_out, ReLU gain) variance 2 / fan_out on every kernel, in its
+            # uniform form (normal_ on the meta device drags in torch's compiler stack for seconds).
             if isinstance(m, SparseConv3d):
-                fan_out = m.weight.shape[0] * m.out_channels
-                nn.init.normal_(m.weight, std=(2.0 / fan_out) ** 0.5)
+                bound = (6.0 / (m.weight.shape[0] * m.out_channels)) ** 0.5
+                nn.init.uniform_(m.weight, -bound, bound)
 
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Per-cloud global features [B, planes[-1]] (zeros for an empty cloud)."""

@@ -247,3 +247,26 @@ def test_errors(gen: torch.Generator) -> None:
         SparseTensor(x.coords, x.feats[:-1])
     with pytest.raises(ValueError, match="coords must be"):
         SparseTensor(x.coords[:, :3], x.feats)
+
+
+@pytest.mark.parametrize(("k", "s", "transpose"), [(3, 1, False), (2, 2, False), (2, 2, True), (3, 2, True)])
+def test_recompute_backward_equals_plain_autograd(gen: torch.Generator, k: int, s: int, transpose: bool) -> None:
+    from pcbench.models.sparse import sparse_conv  # noqa: PLC0415
+
+    x, _ = _grid_tensor(gen, b=2, g=8, cin=5, density=0.3)
+    coarse = x.cache.coarser(1, s) if s > 1 else x.coords
+    km = x.cache.kernel_map(1, s, k, 1)
+    n_in, n_out = (coarse.shape[0], x.num_voxels) if transpose else (x.num_voxels, coarse.shape[0])
+    f = torch.randn(n_in, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(k ** 3, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    center = (k ** 3) // 2 if (s == 1 and k % 2) else None
+    r = torch.randn(n_out, 4, generator=gen, dtype=torch.float64)
+    grads = []
+    for recompute in (True, False):
+        y = sparse_conv(f, w, km, n_out, transpose=transpose, identity_center=center, recompute=recompute)
+        grads.append((y, *torch.autograd.grad((y * r).sum(), (f, w))))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # Only the weight needs a gradient (frozen input features): still exact.
+    y = sparse_conv(f.detach(), w, km, n_out, transpose=transpose, identity_center=center)
+    torch.testing.assert_close(torch.autograd.grad((y * r).sum(), w)[0], grads[1][2])

@@ -51,7 +51,8 @@ def _unet_count(cin: int, ncls: int, stem_k: int, init: int, planes: list[int], 
 
 
 def test_minkunet34c_size_matches_publication() -> None:
-    m = minkunet34c(3, 20)
+    with torch.device("meta"):
+        m = minkunet34c(3, 20)
     n = _n_params(m)
     # Layer-by-layer count of chrischoy/SpatioTemporalSegmentation models/res16unet.py (Res16UNet34C).
     assert n == _unet_count(3, 20, 5, 32, [32, 64, 128, 256, 256, 128, 96, 96], [2, 3, 4, 6, 2, 2, 2, 2], True)
@@ -61,7 +62,8 @@ def test_minkunet34c_size_matches_publication() -> None:
 
 
 def test_spunet_base_size_matches_publication() -> None:
-    m = spunet_base(6, 20)
+    with torch.device("meta"):
+        m = spunet_base(6, 20)
     n = _n_params(m)
     # Layer-by-layer count of Pointcept/Pointcept pointcept/models/sparse_unet/spconv_unet_v1m1_base.py.
     assert n == _unet_count(6, 20, 5, 32, [32, 64, 128, 256, 256, 128, 96, 96], [2, 3, 4, 6, 2, 2, 2, 2], False)
@@ -71,11 +73,12 @@ def test_spunet_base_size_matches_publication() -> None:
 
 
 def test_variant_widths() -> None:
-    assert _n_params(minkunet14a(3, 20)) == _unet_count(
-        3, 20, 5, 32, [32, 64, 128, 256, 128, 128, 96, 96], [1] * 8, True)
-    assert _n_params(minkunet18a(3, 20)) == _unet_count(
-        3, 20, 5, 32, [32, 64, 128, 256, 128, 128, 96, 96], [2] * 8, True)
-    assert _n_params(sparse_resnet18(3, 40)) > _n_params(sparse_resnet14(3, 40))
+    with torch.device("meta"):
+        assert _n_params(minkunet14a(3, 20)) == _unet_count(
+            3, 20, 5, 32, [32, 64, 128, 256, 128, 128, 96, 96], [1] * 8, True)
+        assert _n_params(minkunet18a(3, 20)) == _unet_count(
+            3, 20, 5, 32, [32, 64, 128, 256, 128, 128, 96, 96], [2] * 8, True)
+        assert _n_params(sparse_resnet18(3, 40)) > _n_params(sparse_resnet14(3, 40))
 
 
 # --- contract on small synthetic scenes ----------------------------------------------------------------
@@ -264,5 +267,32 @@ def test_overfit_real_scene(shared_data: Path) -> None:
         loss = torch.nn.functional.cross_entropy(model(batch), target)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < 0.1 * losses[0], losses
+
+
+# --- configs ------------------------------------------------------------------------------------------
+
+CONFIGS = {
+    "minkunet14a_seg": (3, minkunet14a),
+    "minkunet18a_seg": (3, minkunet18a),
+    "minkunet34c_seg": (3, minkunet34c),
+    "spunet_base_seg": (6, spunet_base),
+    "sparse_resnet_cls": (3, sparse_resnet14),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_config_instantiates_the_published_network(name: str) -> None:
+    from hydra.utils import instantiate  # noqa: PLC0415
+    from omegaconf import OmegaConf  # noqa: PLC0415
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "model" / f"{name}.yaml")
+    cin, ref = CONFIGS[name]
+    with torch.device("meta"):  # shapes only: skips initialising ~40M parameters twice
+        model = instantiate(cfg, in_channels=cin, num_classes=20)
+        want = ref(cin, 20)
+    assert type(model) is type(want)
+    # Same architecture as the named variant constructor: identical parameter shapes.
+    assert [p.shape for p in model.parameters()] == [p.shape for p in want.parameters()]
+    assert model.voxel_size == 0.02
