@@ -79,6 +79,8 @@ class CoordinateCache:
         key = (in_stride, out_stride, kernel_size, dilation)
         km = self.kernel_maps.get(key)
         if km is None:
+            if out_stride not in self.coords:
+                self.coarser(in_stride, out_stride // in_stride)
             km = kernel_map(self.coords[in_stride], self.coords[out_stride], kernel_size,
                             out_stride // in_stride, dilation)
             self.kernel_maps[key] = km
