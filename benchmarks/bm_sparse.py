@@ -21,7 +21,9 @@ import math
 import multiprocessing as mp
 import os
 import resource
+import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -150,8 +152,22 @@ def _all_kernel_maps(batch: PointBatch, vs: float) -> Callable[[], object]:
 
 # --- peak memory in a child process -------------------------------------------------------------------
 
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def _child_peak(spec: tuple, threads: int) -> tuple[float, float]:
-    """(baseline peak RSS MiB after setup, growth of the peak over one call MiB) for one entry."""
+    """(resident MiB after setup, growth of the peak RSS over one call in MiB) for one entry.
+
+    Linux: the peak (VmHWM) is reset after setup through /proc/self/clear_refs, so the setup's own
+    peak (reading the ply, building the model) does not hide the call's.
+    """
     torch.set_num_threads(threads)
     kind = spec[0]
     batch = _scene()
@@ -163,10 +179,17 @@ def _child_peak(spec: tuple, threads: int) -> tuple[float, float]:
         fn = _layer_fns(batch, vs, k, stride, train, limit)[0][entry]
     else:
         fn = _all_kernel_maps(batch, spec[1])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_kib("VmRSS")
+    except OSError:
+        before = None
+    if before is None:  # no procfs: the lifetime peak is the best available
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        fn()
+        return before / 1024, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     fn()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return before, after - before
+    return before / 1024, ((_status_kib("VmHWM") or before) - before) / 1024
 
 
 def peak_memory(spec: tuple, threads: int) -> float | None:
@@ -220,6 +243,25 @@ def collect(quick: bool, dense_limit: float) -> tuple[list[Case], list[tuple[str
     return fast, mem, slow
 
 
+def _with_cpu_clock(cases: list[Case]) -> dict[tuple[str, str, str], list[float]]:
+    """Wrap every entry so that its process CPU time is recorded too (wall time on a shared, loaded
+    machine mostly measures the neighbours; CPU time of a 1-thread run does not)."""
+    clocks: dict[tuple[str, str, str], list[float]] = {}
+    for case in cases:
+        for e in case.entries:
+            store = clocks.setdefault((case.op, case.case, e.name), [])
+
+            def timed(fn: Callable[[], object] = e.fn, store: list[float] = store) -> object:
+                t0 = time.process_time()
+                try:
+                    return fn()
+                finally:
+                    store.append((time.process_time() - t0) * 1e3)
+
+            e.fn = timed
+    return clocks
+
+
 def _maybe_reexec_with_allocator(malloc: str) -> None:
     if malloc != "tuned" or all(os.environ.get(k) == v for k, v in TUNED_MALLOC.items()):
         return
@@ -232,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bm_sparse", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="5 cm only, MinkUNet14A only (a few minutes)")
     p.add_argument("--out", type=Path, default=Path("bench_out/sparse"))
-    p.add_argument("--repeats", type=int, default=5, help="timed calls for kernel maps and layers")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls for kernel maps and layers (5; quick: 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (2; quick: 1)")
     p.add_argument("--backbone-repeats", type=int, default=3, help="timed calls for whole backbones")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: stable on a shared machine; 0 = torch default)")
@@ -242,17 +285,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
     args = p.parse_args(argv)
     _maybe_reexec_with_allocator(args.malloc)
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
 
     fast, mem, slow = collect(args.quick, args.dense_limit_gib)
-    rows = run_cases(fast, repeats=args.repeats, warmup=2, title="sparse")
+    clocks = _with_cpu_clock(fast + slow)
+    rows = run_cases(fast, repeats=args.repeats, warmup=args.warmup, title="sparse")
     rows += run_cases(slow, repeats=args.backbone_repeats, warmup=1, title="sparse")
+    for r in rows:
+        cpu = clocks.get((r["op"], r["case"], r["impl"]))
+        if cpu:
+            # Only the timed calls (the last `repeats` of them), as for the wall-clock median.
+            n_timed = args.backbone_repeats if r["op"].startswith(tuple(BACKBONES)) else args.repeats
+            r["cpu_ms"] = round(statistics.median(cpu[-n_timed:]), 2)
+    cpu_by_case: dict[tuple[str, str], dict[str, float]] = {}
+    for r in rows:
+        if r.get("cpu_ms") is not None and r.get("median_ms") is not None:
+            cpu_by_case.setdefault((r["op"], r["case"]), {})[r["impl"]] = r["cpu_ms"]
+    for r in rows:
+        peers = {k: v for k, v in cpu_by_case.get((r["op"], r["case"]), {}).items() if k != r["impl"]}
+        note = f"cpu {r['cpu_ms']:.1f} ms" if r.get("cpu_ms") is not None else ""
+        if peers and r.get("cpu_ms") is not None and r["impl"].startswith("pcbench"):
+            best = min(peers, key=peers.get)
+            note += f" = {r['cpu_ms'] / peers[best]:.3f}x {best} (cpu)"
+        r["note"] = "; ".join(x for x in (note, r.get("note") or "") if x)
     for r in rows:
         if r["op"].startswith(tuple(BACKBONES)) and r.get("median_ms"):
             n = int(str(r["case"]).rsplit("N=", 1)[1])
-            r["points_per_s"] = round(n / (r["median_ms"] / 1e3))
-            r["note"] = f"{r['points_per_s']} points/s"
+            r["points_per_s"] = round(n / (r.get("cpu_ms", r["median_ms"]) / 1e3))
+            r["note"] = f"{r['note']}; {r['points_per_s']} points/s (cpu)"
     if not args.no_memory:
         peaks = {(op, case, impl): peak_memory(spec, threads) for op, case, impl, spec in mem}
         for r in rows:
