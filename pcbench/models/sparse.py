@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from pcbench.ops import voxel_pool, voxelize
+from pcbench.ops import offset2batch, voxel_pool, voxelize
+from pcbench.ops.batch import check_offset
 from pcbench.ops.sparse import coords_key, kernel_map
 
 __all__ = [
@@ -132,6 +133,27 @@ class SparseTensor:
                 f"the cache already holds {cached.shape[0]} voxels at stride {self.stride} but coords has "
                 f"{self.coords.shape[0]}; build a new SparseTensor (fresh cache) for new coordinates"
             )
+
+    @classmethod
+    def from_grid(cls, grid_coord: Tensor, feats: Tensor, offset: Tensor | None = None) -> SparseTensor:
+        """Wrap a packed batch already on a grid: integer ``grid_coord [N, 3]`` (unique within each cloud),
+        ``feats [N, C]``, cloud offsets [B]. Rows keep their order (no sorting), so row n of every output of
+        a stride-1 layer belongs to point n (e.g. a convolutional positional encoding on serialized points).
+        """
+        if grid_coord.dim() != 2 or grid_coord.shape[1] != 3 or grid_coord.is_floating_point():
+            raise ValueError(
+                f"grid_coord must be an integer tensor [N, 3], got {grid_coord.dtype} {list(grid_coord.shape)}; "
+                "quantise coordinates first (e.g. torch.floor(coord / grid_size).long())"
+            )
+        n = grid_coord.shape[0]
+        if offset is None:
+            cloud = grid_coord.new_zeros(n, dtype=torch.long)
+            b = 1
+        else:
+            check_offset("offset", offset, n)
+            cloud = offset2batch(offset.to(grid_coord.device))
+            b = int(offset.numel())
+        return cls(torch.cat([cloud.unsqueeze(1), grid_coord.long()], 1), feats, 1, b)
 
     @property
     def num_voxels(self) -> int:

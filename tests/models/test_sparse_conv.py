@@ -270,3 +270,19 @@ def test_recompute_backward_equals_plain_autograd(gen: torch.Generator, k: int, 
     # Only the weight needs a gradient (frozen input features): still exact.
     y = sparse_conv(f.detach(), w, km, n_out, transpose=transpose, identity_center=center)
     torch.testing.assert_close(torch.autograd.grad((y * r).sum(), w)[0], grads[1][2])
+
+
+def test_from_grid_keeps_row_order_and_matches_sorted(gen: torch.Generator) -> None:
+    # Serialized (unsorted) rows, two clouds sharing coordinates: a stride-1 conv must give row n to point n.
+    x, _ = _grid_tensor(gen, b=2, g=6, cin=4, density=0.4)
+    perm = torch.randperm(x.num_voxels, generator=gen)
+    lengths = torch.bincount(x.coords[:, 0], minlength=2)
+    shuffled = torch.cat([perm[perm < lengths[0]], perm[perm >= lengths[0]]])  # keep clouds contiguous
+    y = SparseTensor.from_grid(x.coords[shuffled, 1:], x.feats[shuffled], lengths.cumsum(0))
+    assert torch.equal(y.coords, x.coords[shuffled]) and y.batch_size == 2
+    conv = SparseConv3d(4, 3, 3, bias=True).double()
+    torch.testing.assert_close(conv(y).feats, conv(x).feats[shuffled])
+    with pytest.raises(ValueError, match="grid_coord must be an integer tensor"):
+        SparseTensor.from_grid(x.coords[:, 1:].double(), x.feats)
+    with pytest.raises(ValueError, match="offset"):
+        SparseTensor.from_grid(x.coords[:, 1:], x.feats, torch.tensor([3, 4]))
