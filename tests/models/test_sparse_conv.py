@@ -286,3 +286,14 @@ def test_from_grid_keeps_row_order_and_matches_sorted(gen: torch.Generator) -> N
         SparseTensor.from_grid(x.coords[:, 1:].double(), x.feats)
     with pytest.raises(ValueError, match="offset"):
         SparseTensor.from_grid(x.coords[:, 1:], x.feats, torch.tensor([3, 4]))
+
+
+def test_empty_tensor_through_every_layer() -> None:
+    x = SparseTensor(torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, 3), 1, batch_size=2)
+    for layer in (SparseConv3d(3, 4, 3), SparseConv3d(3, 4, 2, 2), SparseConv3d(3, 4, 1), SparseMaxPool3d(2, 2),
+                  SparseAvgPool3d(2, 2)):
+        y = layer(x)
+        assert y.num_voxels == 0 and y.feats.shape[1] in (3, 4)
+    up = SparseConvTranspose3d(4, 3, 2, 2)(SparseConv3d(3, 4, 2, 2)(x))
+    assert up.feats.shape == (0, 3) and up.coords is x.coords
+    assert torch.equal(SparseGlobalPool("max")(x), torch.zeros(2, 3))
