@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from benchmarks.harness import Case, Entry, markdown_table, run_cases
 from pcbench.models.minkunet import minkunet14a, minkunet34c
-from pcbench.models.sparse import CoordinateCache, SparseConv3d, SparseTensor
+from pcbench.models.sparse import CoordinateCache, SparseConv3d, SparseTensor, sparse_conv
 from pcbench.models.spunet import spunet_base
 from pcbench.ops import PointBatch, voxelize
 from pcbench.ops._clouds import load_scannet_scene, shared_data_dir
@@ -86,6 +86,16 @@ def _layer_fns(batch: PointBatch, vs: float, k: int, stride: int, train: bool, d
 
     fns: dict[str, Callable[[], object]] = {"pcbench sparse": sparse}
     notes = {"pcbench sparse": f"V={x.num_voxels}"}
+    if train:
+        def plain() -> object:  # same ops through plain autograd (stores every gathered input)
+            y = sparse_conv(x.feats, conv.weight, x.cache.kernel_map(1, stride, k, 1),
+                            x.cache.level(stride).shape[0], identity_center=13 if (k, stride) == (3, 1) else None,
+                            recompute=False)
+            y.sum().backward()
+            return y
+
+        fns["pcbench plain autograd"] = plain
+        notes["pcbench plain autograd"] = "recompute=False"
     cells = math.prod(shape)
     gib = cells * channels * 4 / 2**30
     if gib <= dense_limit:
