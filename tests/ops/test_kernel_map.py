@@ -105,3 +105,13 @@ def test_errors() -> None:
         kernel_map(torch.tensor([[-1, 0, 0, 0]]), c, 3)
     with pytest.raises(ValueError, match="in_coords must be a torch.Tensor"):
         kernel_map([[0, 0, 0, 0]], c, 3)
+
+
+def test_benchmark_dense_volume_peer_agrees(gen: torch.Generator) -> None:
+    # The peer timed in benchmarks/bm_ops_sparse.py must compute the same maps, or the timing means nothing.
+    from benchmarks.bm_ops_sparse import dense_table_kernel_map  # noqa: PLC0415
+
+    c = _coords(gen, [120, 60], extent=8, lo=-3)
+    for k, s, d in ((3, 1, 1), (2, 2, 1), (3, 2, 2), (5, 1, 1)):
+        out = _coarsen(c, s) if s > 1 else c
+        _assert_same(dense_table_kernel_map(c, out, k, s, d), kernel_map_reference(c, out, k, s, d))
