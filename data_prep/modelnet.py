@@ -1,0 +1,607 @@
+"""ModelNet40 / ModelNet10 preparer: object clouds with unit normals in ragged HDF5 shards.
+
+Three raw sources are recognised (``source=auto`` picks the first found in raw= or one level below):
+
+* ``off``: the Princeton meshes ``ModelNet40/<class>/{train,test}/<class>_<id>.off``. Points are sampled
+  on the surface, area-weighted (``surface_points`` per mesh, deterministic for ``seed``), with the unit
+  face normal of each sampled triangle (oriented by the face winding; ModelNet meshes are not
+  consistently oriented, so some normals point inwards), then reduced to ``points``. The known malformed header where
+  ``OFF`` and the counts share the first line ("OFF1234 5678 0") is read correctly.
+* ``normal_resampled``: the PointNet++ release ``modelnet40_normal_resampled/`` with
+  ``<class>/<class>_<id>.txt`` rows ``x,y,z,nx,ny,nz``, ``modelnet{40,10}_shape_names.txt`` and the
+  split lists ``modelnet{40,10}_{train,test}.txt``.
+* ``ply_hdf5_2048``: the PointNet release ``modelnet40_ply_hdf5_2048/ply_data_{train,test}<k>.h5`` with
+  keys ``data`` (N,2048,3), ``label`` (N,1) and optionally ``normal`` (N,2048,3) (ModelNet40 only;
+  modelnet10 keeps the 10 ModelNet10 classes and relabels them).
+
+Output: ``out/<split>/shard_<k>.h5`` with per sample ``coord`` float32 [n,3], ``normal`` float32 [n,3]
+(when normals=true) and ``label`` int64 (index into the manifest's ``classes``), plus manifest.json.
+A listed file that is absent is an error (others are still written; exit status 1) unless
+allow_missing=true, which prepares what is present and lists the rest in the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .common import (
+    Option,
+    PrepError,
+    PrepLock,
+    Report,
+    ShardJob,
+    ShardResult,
+    clean_stale_temps,
+    prep_command,
+    remove_stale_shards,
+    run_shard_jobs,
+    sha256_file,
+    write_manifest,
+)
+
+PREPARER_VERSION = "1.0"
+
+#: Official class lists (alphabetical, as modelnet{40,10}_shape_names.txt); label = index.
+MODELNET40_CLASSES = (
+    "airplane bathtub bed bench bookshelf bottle bowl car chair cone cup curtain desk door dresser flower_pot "
+    "glass_box guitar keyboard lamp laptop mantel monitor night_stand person piano plant radio range_hood sink "
+    "sofa stairs stool table tent toilet tv_stand vase wardrobe xbox"
+).split()
+MODELNET10_CLASSES = "bathtub bed chair desk dresser monitor night_stand sofa table toilet".split()
+SPLITS = ("train", "test")
+
+OPTIONS: dict[str, Option] = {
+    "num_classes": Option(40, "40 for ModelNet40, 10 for ModelNet10 (set by the dataset name)", int, (40, 10)),
+    "source": Option("auto", "raw format to read; auto recognises the folder layout", str,
+                     ("auto", "off", "normal_resampled", "ply_hdf5_2048")),
+    "points": Option(1024, "points kept per object; 0 keeps every point of the source "
+                     "(surface_points for meshes, 10000 for normal_resampled, 2048 for ply_hdf5_2048)", int),
+    "sampling": Option("fps", "how points are reduced to `points`: farthest point sampling or uniform random", str,
+                       ("fps", "random")),
+    "surface_points": Option(10000, "points drawn on each mesh surface (off source) before reduction", int),
+    "normals": Option(True, "store unit normals (from the mesh faces or the source files)", bool),
+    "normalize": Option(True, "centre each object at its centroid and scale it into the unit sphere", bool),
+    "seed": Option(0, "seed of surface sampling and subsampling (per object: derived from seed and the name)", int),
+    "allow_missing": Option(False, "prepare only the listed files that are present and report the rest, "
+                            "instead of failing on them", bool),
+    "shard_size": Option(1024, "objects per output shard (one unit of work, skipped when already done)", int),
+}
+
+_OFF_HEAD = re.compile(r"^OFF\s*(\d+)\s+(\d+)(?:\s+(\d+))?\s*$")
+
+
+# ----------------------------------------------------------------------------------------- readers
+def read_off(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(vertices [V,3] float64, triangles [T,3] int64) of an OFF mesh; polygons are fan-triangulated.
+
+    Accepts ``OFF`` on its own line or glued to the counts ("OFF1234 5678 0"), comments (#) and blank
+    lines. Raises PrepError naming the file and the field for anything else.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="ascii", errors="strict")
+    except UnicodeDecodeError as err:
+        raise PrepError(f"non-ASCII byte at offset {err.start}", path, "header", "OFF meshes are ASCII text") from None
+    lines = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln]
+    if not lines or not lines[0].startswith("OFF"):
+        first = lines[0][:40] if lines else "<empty file>"
+        raise PrepError(f"first line is {first!r}, expected 'OFF'", path, "header",
+                        "re-download the mesh; only ASCII OFF files are accepted")
+    m = _OFF_HEAD.match(lines[0])
+    if m:  # malformed-but-common header: counts glued to OFF
+        counts, body = m.groups(), lines[1:]
+    elif lines[0] == "OFF" and len(lines) > 1:
+        parts = lines[1].split()
+        if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts):
+            raise PrepError(f"counts line {lines[1][:40]!r} is not 'V F [E]'", path, "counts", "repair the header")
+        counts, body = parts, lines[2:]
+    else:
+        raise PrepError(f"header {lines[0][:40]!r} is not 'OFF' or 'OFF<V> <F> <E>'", path, "header",
+                        "repair the header (COFF/NOFF/binary OFF are not supported)")
+    nv, nf = int(counts[0]), int(counts[1])
+    if nv == 0 or nf == 0:
+        raise PrepError(f"empty mesh ({nv} vertices, {nf} faces)", path, "counts", "drop or replace this mesh")
+    if len(body) < nv + nf:
+        raise PrepError(f"header announces {nv} vertices + {nf} faces but the file has {len(body)} data lines",
+                        path, "counts", "the file is truncated; re-download it")
+    verts = faces = None
+    try:  # fast path: plain "x y z" vertices and "3 a b c" triangles (nearly every ModelNet file)
+        v = np.array(" ".join(body[:nv]).split(), dtype=np.float64)
+        f = np.array(" ".join(body[nv:nv + nf]).split(), dtype=np.int64)
+        if v.size == 3 * nv and f.size == 4 * nf and (f[::4] == 3).all():
+            verts, faces = v.reshape(nv, 3), f.reshape(nf, 4)[:, 1:]
+    except ValueError:
+        pass  # the careful path below names the bad line
+    if verts is not None and faces is not None:
+        return _validate_mesh(path, verts, faces, nv)
+    try:
+        vert_rows = [ln.split() for ln in body[:nv]]
+        if any(len(r) < 3 for r in vert_rows):
+            bad = next(i for i, r in enumerate(vert_rows) if len(r) < 3)
+            raise PrepError(f"vertex {bad} has {len(vert_rows[bad])} values, expected 3", path, "vertices",
+                            "repair the mesh")
+        verts = np.array([r[:3] for r in vert_rows], dtype=np.float64)
+    except ValueError as err:
+        raise PrepError(f"unreadable vertex value ({err})", path, "vertices", "repair the mesh") from None
+    tris = []
+    try:
+        for i, ln in enumerate(body[nv:nv + nf]):
+            vals = ln.split()
+            k = int(vals[0])
+            if k < 3 or len(vals) < k + 1:
+                raise PrepError(f"face {i} has {k} corners and {len(vals) - 1} indices", path, "faces", "repair the mesh")
+            idx = [int(v) for v in vals[1:k + 1]]
+            tris.extend((idx[0], idx[j], idx[j + 1]) for j in range(1, k - 1))  # fan triangulation
+    except ValueError as err:
+        raise PrepError(f"unreadable face index ({err})", path, "faces", "repair the mesh") from None
+    return _validate_mesh(path, verts, np.array(tris, dtype=np.int64).reshape(-1, 3), nv)
+
+
+def _validate_mesh(path: Path, verts: np.ndarray, faces: np.ndarray, nv: int) -> tuple[np.ndarray, np.ndarray]:
+    if not np.isfinite(verts).all():
+        bad = int((~np.isfinite(verts)).any(1).sum())
+        raise PrepError(f"{bad} vertices have NaN or inf coordinates", path, "vertices", "repair the mesh")
+    if faces.size and (faces.min() < 0 or faces.max() >= nv):
+        raise PrepError(f"face indices span {faces.min()}..{faces.max()} but there are {nv} vertices", path, "faces",
+                        "repair the mesh")
+    return verts, faces
+
+
+def sample_surface(verts: np.ndarray, faces: np.ndarray, n: int, rng: np.random.Generator
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` points uniformly on the mesh surface (area-weighted) and the unit normal of their triangle.
+
+    Returns (points [n,3], normals [n,3]) in float64. Degenerate (zero-area) triangles are never picked.
+    """
+    a, b, c = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
+    cross = np.cross(b - a, c - a)
+    dbl_area = np.linalg.norm(cross, axis=1)
+    total = dbl_area.sum()
+    if not np.isfinite(total) or total <= 0:
+        raise ValueError("mesh has zero surface area")
+    cdf = np.cumsum(dbl_area)
+    tri = np.searchsorted(cdf, rng.random(n) * cdf[-1], side="right").clip(max=len(faces) - 1)
+    u, v = rng.random(n), rng.random(n)
+    flip = u + v > 1  # fold the unit square onto the triangle: uniform barycentric coordinates
+    u[flip], v[flip] = 1 - u[flip], 1 - v[flip]
+    pts = a[tri] + u[:, None] * (b[tri] - a[tri]) + v[:, None] * (c[tri] - a[tri])
+    normals = cross[tri] / dbl_area[tri, None]
+    return pts, normals
+
+
+def read_normal_txt(path: str | Path) -> np.ndarray:
+    """[n,6] float64 rows ``x,y,z,nx,ny,nz`` of a modelnet40_normal_resampled file."""
+    path = Path(path)
+    rows = path.read_text(encoding="ascii", errors="replace").split()
+    if not rows:
+        raise PrepError("file is empty", path, "rows", "re-download it")
+    for i, r in enumerate(rows):
+        if r.count(",") != 5:
+            raise PrepError(f"line {i + 1} has {r.count(',') + 1} comma-separated values, expected 6 "
+                            "(x,y,z,nx,ny,nz)", path, "rows", "re-download it")
+    try:
+        arr = np.array(",".join(rows).split(","), dtype=np.float64).reshape(-1, 6)
+    except ValueError as err:
+        raise PrepError(f"unreadable number ({err})", path, "rows", "re-download it") from None
+    return arr
+
+
+# -------------------------------------------------------------------------------------- processing
+def _sample_rng(seed: int, name: str) -> np.random.Generator:
+    # per-object stream: results do not depend on sharding, order or worker count
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def _finish(name: str, path: Path, coord: np.ndarray, normal: np.ndarray | None, label: int,
+            options: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Validate, reduce to ``points`` and normalise one object; PrepError on bad values."""
+    if coord.shape[0] == 0:
+        raise PrepError("no points", path, "coord", "drop or replace this object")
+    if not np.isfinite(coord).all():
+        bad = int((~np.isfinite(coord)).any(1).sum())
+        raise PrepError(f"{bad} points have NaN or inf coordinates", path, "coord", "repair or drop this object")
+    if normal is not None:
+        norm = np.linalg.norm(normal, axis=1)
+        bad = ~np.isfinite(norm) | (norm < 1e-6)
+        if bad.any():
+            raise PrepError(f"{int(bad.sum())} normals are zero, NaN or inf", path, "normal",
+                            "repair the file or prepare with normals=false")
+        normal = normal / norm[:, None]
+    n = options["points"]
+    if n and coord.shape[0] > n:
+        if options["sampling"] == "fps":
+            import torch  # noqa: PLC0415 - only the fps path needs torch
+
+            from pcbench.ops import farthest_point_sample  # noqa: PLC0415
+
+            start = int(rng.integers(coord.shape[0]))
+            sel = farthest_point_sample(torch.from_numpy(coord), n=n, start=start).numpy()
+        else:
+            sel = np.sort(rng.choice(coord.shape[0], n, replace=False))
+        coord = coord[sel]
+        normal = normal[sel] if normal is not None else None
+    if options["normalize"]:
+        coord = coord - coord.mean(0)
+        radius = np.sqrt((coord ** 2).sum(1).max())
+        if radius > 0:
+            coord = coord / radius
+    out = {"coord": coord.astype(np.float32)}
+    if options["normals"]:
+        if normal is None:
+            raise PrepError("the source has no normals", path, "normal", "prepare with normals=false")
+        out["normal"] = normal.astype(np.float32)
+    out["label"] = np.array(label, dtype=np.int64)
+    return out
+
+
+def process_job(job: ShardJob, raw: Path, options: dict[str, Any]) -> ShardResult:
+    """Convert one chunk of objects (payload: list of (name, relpath, label)) or one ply_hdf5 file."""
+    if job.payload["source"] == "ply_hdf5_2048":
+        return _process_ply_h5(job, raw, options)
+    samples, names, failed, labels, counts = [], [], [], [], []
+    for name, rel, label in job.payload["items"]:
+        path = raw / rel
+        rng = _sample_rng(options["seed"], name)
+        try:
+            if job.payload["source"] == "off":
+                verts, faces = read_off(path)
+                try:
+                    coord, normal = sample_surface(verts, faces, options["surface_points"], rng)
+                except ValueError as err:
+                    raise PrepError(str(err), path, "faces", "drop or replace this mesh") from None
+            else:
+                arr = read_normal_txt(path)
+                coord, normal = arr[:, :3], arr[:, 3:]
+            sample = _finish(name, path, coord, normal if options["normals"] else None, label, options, rng)
+        except PrepError as err:
+            failed.append((name, str(err)))
+            continue
+        except OSError as err:
+            failed.append((name, str(PrepError(f"cannot read ({err.strerror})", path, None, "check the file"))))
+            continue
+        samples.append(sample)
+        names.append(name)
+        labels.append(label)
+        counts.append(int(sample["coord"].shape[0]))
+    return ShardResult(samples, names, failed, info={"labels": labels, "counts": counts})
+
+
+def _id2file(h5_path: Path) -> Path | None:
+    # the release ships ply_data_<split>_<k>_id2file.json with "class/class_0001.ply" per row
+    m = re.match(r"ply_data_(train|test)(\d+)\.h5$", h5_path.name)
+    return h5_path.with_name(f"ply_data_{m.group(1)}_{m.group(2)}_id2file.json") if m else None
+
+
+def _ply_names(h5_path: Path, n: int) -> list[str]:
+    js = _id2file(h5_path)
+    if js is not None and js.is_file():
+        try:
+            ids = json.loads(js.read_text())
+            if len(ids) == n:
+                return [Path(str(s)).stem for s in ids]
+        except (json.JSONDecodeError, TypeError):
+            pass
+    return [f"{h5_path.stem}#{i:05d}" for i in range(n)]
+
+
+def _process_ply_h5(job: ShardJob, raw: Path, options: dict[str, Any]) -> ShardResult:
+    import h5py  # noqa: PLC0415
+
+    path = raw / job.inputs[0]
+    keep: dict[int, int] = job.payload["label_map"]  # source label -> output label (ModelNet10 subset)
+    samples, names, failed, labels, counts = [], [], [], [], []
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise PrepError(f"not a readable HDF5 file ({err})", path, None, "re-download it") from None
+    with f:
+        _check_ply_h5(f, path, options["normals"])
+        data = f["data"][()]
+        lab = f["label"][()].reshape(-1)
+        nrm = f["normal"][()] if options["normals"] else None
+    ids = _ply_names(path, len(data))
+    n_classes = len(MODELNET40_CLASSES)
+    for i in range(len(data)):
+        name = ids[i]
+        li = int(lab[i])
+        if not 0 <= li < n_classes:
+            failed.append((name, str(PrepError(f"row {i}: label {li} outside 0..{n_classes - 1}", path, "label",
+                                               "re-download the file"))))
+            continue
+        if li not in keep:
+            continue
+        try:
+            rng = _sample_rng(options["seed"], name)
+            sample = _finish(name, path, data[i].astype(np.float64),
+                             None if nrm is None else nrm[i].astype(np.float64), keep[li], options, rng)
+        except PrepError as err:
+            failed.append((name, f"row {i}: {err}"))
+            continue
+        samples.append(sample)
+        names.append(name)
+        labels.append(keep[li])
+        counts.append(int(sample["coord"].shape[0]))
+    return ShardResult(samples, names, failed, info={"labels": labels, "counts": counts})
+
+
+def _check_ply_h5(f: Any, path: Path, normals: bool) -> None:
+    need = ["data", "label"] + (["normal"] if normals else [])
+    for k in need:
+        if k not in f:
+            fix = "prepare with normals=false" if k == "normal" else "use the official modelnet40_ply_hdf5_2048 files"
+            raise PrepError(f"key {k!r} missing (keys: {sorted(f.keys())})", path, k, fix)
+    d = f["data"]
+    if d.ndim != 3 or d.shape[2] != 3:
+        raise PrepError(f"shape {d.shape}, expected (N, P, 3)", path, "data", "use the official files")
+    if f["label"].shape[0] != d.shape[0] or f["label"].size != d.shape[0]:
+        raise PrepError(f"shape {f['label'].shape}, expected ({d.shape[0]},) or ({d.shape[0]}, 1)", path, "label",
+                        "use the official files")
+    if normals and f["normal"].shape != d.shape:
+        raise PrepError(f"shape {f['normal'].shape}, expected {d.shape} like data", path, "normal",
+                        "use the official files or normals=false")
+
+
+# ------------------------------------------------------------------------------------ raw discovery
+def _classes(options: dict[str, Any]) -> list[str]:
+    return list(MODELNET40_CLASSES if options["num_classes"] == 40 else MODELNET10_CLASSES)
+
+
+def _find_source(raw: Path, options: dict[str, Any]) -> tuple[str, Path]:
+    """(source kind, folder holding it) for raw=; PrepError listing what was looked for."""
+    nc = options["num_classes"]
+    want = options["source"]
+    # the official folder names first, so that e.g. ModelNet10/ is not taken for modelnet40
+    preferred = [raw / f"ModelNet{nc}", raw / "modelnet40_normal_resampled", raw / "modelnet40_ply_hdf5_2048"]
+    others = sorted(p for p in raw.iterdir() if p.is_dir() and p not in preferred) if raw.is_dir() else []
+    cands = [raw] + [p for p in preferred if p.is_dir()] + others
+
+    def kind(d: Path) -> str | None:
+        if any(d.glob("modelnet*_shape_names.txt")) or any(d.glob(f"modelnet{nc}_train.txt")):
+            return "normal_resampled"
+        if any(d.glob("ply_data_*.h5")):
+            return "ply_hdf5_2048"
+        if any((d / c / s).is_dir() for c in _classes(options) for s in SPLITS):
+            return "off"
+        return None
+
+    if not raw.is_dir():
+        raise PrepError("folder not found", raw, "raw", "give raw= the folder holding the ModelNet files")
+    for d in cands:
+        k = kind(d)
+        if k is not None and (want in ("auto", k)):
+            return k, d
+    raise PrepError(
+        f"no ModelNet{nc} source recognised{'' if want == 'auto' else f' of kind {want}'}", raw, "raw",
+        f"point raw= at ModelNet{nc}/ (<class>/train/*.off), modelnet40_normal_resampled/ or "
+        "modelnet40_ply_hdf5_2048/ (or their parent folder)")
+
+
+def _read_list(path: Path) -> list[str]:
+    return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def _check_class_names(path: Path, classes: list[str]) -> list[str]:
+    if not path.is_file():
+        return []
+    got = _read_list(path)
+    if got != classes:
+        return [str(PrepError(f"class names {got[:5]}... differ from the official ModelNet{len(classes)} list",
+                              path, "classes", "use the official shape_names file"))]
+    return []
+
+
+def _plan(raw: Path, options: dict[str, Any]) -> tuple[str, Path, dict[str, list[tuple[str, str, int]]],
+                                                       list[str], list[str]]:
+    """Discover the source: (kind, root, {split: [(name, relpath, label)]}, missing inputs, other problems)."""
+    kind, root = _find_source(raw, options)
+    classes = _classes(options)
+    nc = options["num_classes"]
+    items: dict[str, list[tuple[str, str, int]]] = {s: [] for s in SPLITS}
+    missing: list[str] = []
+    problems: list[str] = []
+    if kind == "normal_resampled":
+        problems += _check_class_names(root / f"modelnet{nc}_shape_names.txt", classes)
+        for split in SPLITS:
+            lst = root / f"modelnet{nc}_{split}.txt"
+            if not lst.is_file():
+                problems.append(str(PrepError("split list missing", lst, split,
+                                              f"copy modelnet{nc}_{split}.txt from the official release into {root}")))
+                continue
+            for shape_id in _read_list(lst):
+                cls = shape_id.rsplit("_", 1)[0]
+                if cls not in classes:
+                    problems.append(str(PrepError(f"id {shape_id!r} has unknown class {cls!r}", lst, split,
+                                                  "use the official list")))
+                    continue
+                rel = f"{cls}/{shape_id}.txt"
+                if (root / rel).is_file():
+                    items[split].append((shape_id, rel, classes.index(cls)))
+                else:
+                    missing.append(rel)
+    elif kind == "off":
+        for cls in classes:
+            for split in SPLITS:
+                d = root / cls / split
+                if not d.is_dir():
+                    missing.append(f"{cls}/{split}/")
+                    continue
+                for p in sorted(d.glob("*.off")):
+                    items[split].append((p.stem, p.relative_to(root).as_posix(), classes.index(cls)))
+    else:
+        problems += _check_class_names(root / "shape_names.txt", MODELNET40_CLASSES)
+        for split in SPLITS:
+            files = sorted(root.glob(f"ply_data_{split}*.h5"), key=lambda p: (len(p.name), p.name))
+            if not files:
+                missing.append(f"ply_data_{split}*.h5")
+            items[split] = [(p.stem, p.name, -1) for p in files]
+    return kind, root, items, missing, problems
+
+
+def _metadata_files(root: Path, kind: str, nc: int) -> list[Path]:
+    if kind == "normal_resampled":
+        names = [f"modelnet{nc}_shape_names.txt", f"modelnet{nc}_train.txt", f"modelnet{nc}_test.txt"]
+    elif kind == "ply_hdf5_2048":
+        names = ["shape_names.txt", *sorted(p.name for p in root.glob("ply_data_*_id2file.json"))]
+    else:
+        names = []
+    return [root / n for n in names if (root / n).is_file()]
+
+
+def check(raw: Path, options: dict[str, Any]) -> list[str]:
+    """Problems found in raw= without writing: unknown layout, missing lists/files, unreadable headers/keys."""
+    try:
+        kind, root, items, missing, problems = _plan(Path(raw), options)
+    except PrepError as err:
+        return [str(err)]
+    if missing:
+        by_dir: dict[str, list[str]] = {}
+        for m in missing:
+            by_dir.setdefault(m.split("/", 1)[0], []).append(m)
+        for d, ms in sorted(by_dir.items()):
+            problems.append(f"{root / d}: {len(ms)} listed input(s) missing, e.g. {', '.join(ms[:3])} "
+                            "(fix: add them, or prepare with allow_missing=true)")
+    for split, its in items.items():
+        for _, rel, _ in its:
+            path = root / rel
+            try:
+                if kind == "off":
+                    with open(path, encoding="ascii", errors="replace") as f:
+                        head = f.readline().strip()
+                    if not head.startswith("OFF"):
+                        problems.append(str(PrepError(f"first line {head[:40]!r} is not an OFF header", path,
+                                                      "header", "re-download the mesh")))
+                elif kind == "normal_resampled":
+                    with open(path, encoding="ascii", errors="replace") as f:
+                        first = f.readline().strip()
+                    if first.count(",") != 5:
+                        problems.append(str(PrepError(f"first row {first[:60]!r} is not x,y,z,nx,ny,nz", path,
+                                                      "rows", "re-download it")))
+                else:
+                    import h5py  # noqa: PLC0415
+
+                    with h5py.File(path, "r") as f:
+                        _check_ply_h5(f, path, options["normals"])
+            except PrepError as err:
+                problems.append(str(err))
+            except OSError as err:
+                problems.append(f"{path}: unreadable ({err}) (fix: re-download it)")
+        if not its:
+            problems.append(f"{root}: split {split!r} has no readable inputs")
+    return problems
+
+
+# ------------------------------------------------------------------------------------------ prepare
+def prepare(raw: Path, out: Path, options: dict[str, Any], workers: int = 1) -> Report:
+    """Prepare ModelNet{40,10} from raw= into out= (see the module docstring); resumable and atomic."""
+    t0 = time.perf_counter()
+    raw, out = Path(raw), Path(out)
+    for key in ("points", "surface_points", "shard_size"):
+        if options[key] < (0 if key == "points" else 1):
+            raise PrepError(f"{key}={options[key]} is out of range", None, key,
+                            f"give {key} >= {0 if key == 'points' else 1}")
+    kind, root, items, missing, problems = _plan(raw, options)
+    if problems:
+        raise PrepError("raw folder not usable:\n  " + "\n  ".join(problems), raw, None,
+                        "fix the files listed above (pcbench-prep ... --check lists every problem)")
+    dataset = f"modelnet{options['num_classes']}"
+    classes = _classes(options)
+    report = Report(dataset=dataset, out=str(out))
+    if missing:
+        if options["allow_missing"]:
+            report.missing = list(missing)
+        else:
+            report.failed += [(m, str(PrepError("listed input is missing", root / m, None,
+                                                "add it, or prepare with allow_missing=true")))
+                              for m in missing]
+    jobs: list[ShardJob] = []
+    for split in SPLITS:
+        if kind == "ply_hdf5_2048":
+            label_map = {MODELNET40_CLASSES.index(c): i for i, c in enumerate(classes)}
+            for k, (_, rel, _) in enumerate(items[split]):
+                ids = _id2file(root / rel)
+                jobs.append(ShardJob(f"{split}/{k:05d}", split, f"{split}/shard_{k:05d}.h5",
+                                     [rel] + ([ids.name] if ids is not None and ids.is_file() else []),
+                                     {"source": kind, "label_map": label_map}))
+            continue
+        its = items[split]
+        step = options["shard_size"]
+        for k in range(0, max(len(its), 1), step):
+            chunk = its[k:k + step]
+            jobs.append(ShardJob(f"{split}/{k // step:05d}", split, f"{split}/shard_{k // step:05d}.h5",
+                                 [rel for _, rel, _ in chunk], {"source": kind, "items": chunk}))
+    out.mkdir(parents=True, exist_ok=True)
+    with PrepLock(out):
+        clean_stale_temps(out)
+        remove_stale_shards(out, jobs)
+        records = run_shard_jobs(process_job, root, out, options, jobs, workers, report, desc=dataset,
+                                 salt=PREPARER_VERSION)
+        short = [(n, c) for r in records for n, c in zip(r["names"], r["info"]["counts"], strict=True)
+                 if options["points"] and c < options["points"]]
+        if short:
+            report.warnings.append(f"{len(short)} objects have fewer than points={options['points']} points and keep "
+                                   f"all they have, e.g. {short[0][0]} ({short[0][1]})")
+        manifest = _manifest(dataset, raw, root, out, kind, options, classes, jobs, records, report)
+        prefix = "" if root == raw else root.relative_to(raw).as_posix() + "/"
+        for meta in _metadata_files(root, kind, options["num_classes"]):  # lists and names decide labels too
+            manifest["inputs"][prefix + meta.relative_to(root).as_posix()] = sha256_file(meta)
+        report.seconds = time.perf_counter() - t0
+        manifest["validation"] = report.to_dict()
+        write_manifest(out, manifest)
+    return report
+
+
+def _manifest(dataset: str, raw: Path, root: Path, out: Path, kind: str, options: dict[str, Any],
+              classes: list[str], jobs: list[ShardJob], records: list[dict[str, Any]], report: Report
+              ) -> dict[str, Any]:
+    """Manifest assembled from the unit records (so skipped units count exactly like fresh ones)."""
+    by_key = {r["unit"]: r for r in records}
+    splits: dict[str, Any] = {}
+    stats: dict[str, dict[str, int]] = {}
+    inputs: dict[str, str] = {}
+    outputs: dict[str, str] = {}
+    for job in jobs:
+        rec = by_key.get(job.key)
+        sp = splits.setdefault(job.split, {"files": [], "num_samples": 0, "num_points": []})
+        st = stats.setdefault(job.split, dict.fromkeys(classes, 0))
+        if rec is None:
+            continue
+        prefix = "" if root == raw else root.relative_to(raw).as_posix() + "/"
+        inputs.update({prefix + k: v for k, v in rec["inputs"].items()})
+        outputs.update(rec["outputs"])
+        n = len(rec["names"])
+        sp["files"].append({"path": job.output, "num_samples": n, "num_points": rec["info"]["counts"]})
+        sp["num_samples"] += n
+        sp["num_points"] += rec["info"]["counts"]
+        for lab in rec["info"]["labels"]:
+            st[classes[lab]] += 1
+    for sp in splits.values():  # summarise the per-object counts
+        c = np.asarray(sp.pop("num_points"), dtype=np.int64)
+        sp["points_per_sample"] = ({"min": int(c.min()), "max": int(c.max()), "total": int(c.sum())}
+                                   if c.size else {"min": 0, "max": 0, "total": 0})
+    return {
+        "dataset": dataset,
+        "task": "classification",
+        "preparer_version": PREPARER_VERSION,
+        "command": prep_command(dataset, raw, out, {k: v for k, v in options.items() if k != "num_classes"},
+                                OPTIONS),
+        "source": kind,
+        "options": options,
+        "classes": classes,
+        "label_map": {c: i for i, c in enumerate(classes)},
+        "keys": ["coord", "normal", "label"] if options["normals"] else ["coord", "label"],
+        "splits": splits,
+        "inputs": inputs,
+        "outputs": outputs,
+        "label_stats": stats,
+        "validation": {},
+    }
+
