@@ -223,16 +223,17 @@ def peak_memory(spec: tuple, threads: int) -> float | None:
 
 # --- driver -------------------------------------------------------------------------------------------
 
-def collect(quick: bool, dense_limit: float) -> tuple[list[Case], list[tuple[str, str, str, tuple]], list[Case]]:
-    """(fast cases, memory specs (op, case, impl, spec), slow backbone cases)."""
+def collect(quick: bool, dense_limit: float, groups: frozenset[str] = frozenset(("kernel_map", "layers", "backbones")),
+            ) -> tuple[list[Case], list[tuple[str, str, str, tuple]], list[Case]]:
+    """(fast cases, memory specs (op, case, impl, spec), slow backbone cases) of the chosen groups."""
     from benchmarks.bm_ops_sparse import cases as kernel_map_cases  # noqa: PLC0415
 
     batch = _scene()
     n = batch.num_points
     voxel_sizes = (0.05,) if quick else (0.02, 0.05)
-    fast: list[Case] = list(kernel_map_cases(quick))
+    fast: list[Case] = list(kernel_map_cases(quick)) if "kernel_map" in groups else []
     mem: list[tuple[str, str, str, tuple]] = []
-    for vs in voxel_sizes:
+    for vs in voxel_sizes if "layers" in groups else ():
         cm = f"@{round(vs * 100)}cm"
         fast.append(Case("kernel maps of a MinkUNet fwd", f"scene0000_00 {cm}",
                          [Entry("pcbench", _all_kernel_maps(batch, vs))]))
@@ -251,7 +252,7 @@ def collect(quick: bool, dense_limit: float) -> tuple[list[Case], list[tuple[str
                     mem.append((op, case.case, name, ("layer", name, vs, k, stride, train, dense_limit)))
     slow: list[Case] = []
     names = ("MinkUNet14A",) if quick else tuple(BACKBONES)
-    for vs in voxel_sizes:
+    for vs in voxel_sizes if "backbones" in groups else ():
         cm = f"@{round(vs * 100)}cm"
         for name in names:
             for train in (False, True):
@@ -302,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="largest dense activation (GiB) for which the conv3d peer runs")
     p.add_argument("--no-memory", action="store_true", help="skip the per-entry peak-memory child processes")
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
+    p.add_argument("--only", default="kernel_map,layers,backbones",
+                   help="comma-separated groups to run: kernel_map, layers, backbones")
     args = p.parse_args(argv)
     _maybe_reexec_with_allocator(args.malloc)
     args.repeats = args.repeats or (3 if args.quick else 5)
@@ -309,7 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
 
-    fast, mem, slow = collect(args.quick, args.dense_limit_gib)
+    groups = frozenset(g.strip() for g in args.only.split(",") if g.strip())
+    if not groups <= {"kernel_map", "layers", "backbones"}:
+        p.error(f"--only takes kernel_map, layers, backbones; got {args.only!r}")
+    fast, mem, slow = collect(args.quick, args.dense_limit_gib, groups)
     clocks = _with_cpu_clock(fast + slow)
     rows = run_cases(fast, repeats=args.repeats, warmup=args.warmup, title="sparse")
     rows += run_cases(slow, repeats=args.backbone_repeats, warmup=1, title="sparse")
