@@ -4,7 +4,7 @@ Each config must instantiate with ``hydra.utils.instantiate(cfg, in_channels=...
 module whose constructor is typed and documented, whose ``forward(PointBatch)`` returns ``[B, classes]``
 (``*_cls``) or ``[N, classes]`` in input order (``*_seg``), which ignores the input point order, gives a cloud
 the same output alone as inside a ragged batch, trains (finite loss, a gradient for every parameter) on real
-samples and runs under bfloat16 autocast.
+samples and runs under bfloat16 / float16 autocast (and on CUDA, where present).
 """
 
 from __future__ import annotations
@@ -139,14 +139,26 @@ def _assert_every_parameter_learns(model: torch.nn.Module, path: Path) -> None:
     assert not zero, f"{path.name}: all-zero gradients in {zero[:5]}"
 
 
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.bfloat16, 0.1), (torch.float16, 0.02)], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("path", CONFIGS, ids=_ids(CONFIGS))
-def test_bfloat16_autocast_forward(path: Path, small_batch: PointBatch) -> None:
+def test_autocast_forward(path: Path, small_batch: PointBatch, dtype: torch.dtype, tol: float) -> None:
     model = build(path).eval()
     with torch.no_grad():
         ref = model(small_batch)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype):
             out = model(small_batch)
     assert out.shape == ref.shape and torch.isfinite(out).all()
-    # bfloat16 keeps ~3 significant digits; the logits must still agree as a whole.
+    # bfloat16 keeps ~3 significant digits, float16 ~4; the logits must still agree as a whole.
     rel = (out.float() - ref).norm() / ref.norm().clamp_min(1e-6)
-    assert rel < 0.1, f"{path.name}: bf16 autocast logits deviate by {rel:.3f} (relative L2)"
+    assert rel < tol, f"{path.name}: {dtype} autocast logits deviate by {rel:.4f} (relative L2)"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", CONFIGS, ids=_ids(CONFIGS))
+def test_cuda_matches_cpu(path: Path, small_batch: PointBatch) -> None:
+    model = build(path).eval()
+    with torch.no_grad():
+        ref = model(small_batch)
+        out = model.cuda()(small_batch.to("cuda"))
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-3, rtol=1e-3)
