@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["PointBatchNorm"]
@@ -20,4 +21,8 @@ class PointBatchNorm(nn.BatchNorm1d):
         if x.dim() == 2:
             return super().forward(x)
         shape = x.shape
-        return super().forward(x.reshape(-1, shape[-1])).reshape(shape)
+        out = super().forward(x.reshape(-1, shape[-1]))
+        # A plain .view() output would make the in-place ReLU that follows an in-place op on a view, which
+        # autograd handles by copying the whole tensor (CopySlices) in backward; _unsafe_view is the same
+        # reshape without view tracking (what torch.matmul uses internally for the same reason).
+        return torch.ops.aten._unsafe_view(out, shape)
