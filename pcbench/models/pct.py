@@ -34,7 +34,7 @@ from pcbench.ops import PointBatch, farthest_point_sample, knn, sample_offset
 from pcbench.ops.batch import offset2batch, offset2lengths, offset2start
 
 from .heads import MLPHead
-from .layers import PointBatchNorm, canonical_order, cloud_max, cloud_mean
+from .layers import BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_max, cloud_mean
 
 __all__ = [
     "NeighborEmbedding",
@@ -132,7 +132,7 @@ class NeighborEmbedding(nn.Module):
         self.linear1 = nn.Linear(2 * in_channels, out_channels, bias=False)
         self.bn1 = PointBatchNorm(out_channels)
         self.linear2 = nn.Linear(out_channels, out_channels, bias=False)
-        self.bn2 = PointBatchNorm(out_channels)
+        self.bn2 = BatchNormReLUMax(out_channels)  # BN + ReLU + max over the k neighbours
 
     def forward(self, xyz: Tensor, feat: Tensor, offset: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(centres [M, 3], features [M, out_channels], centre offsets [B])."""
@@ -144,8 +144,7 @@ class NeighborEmbedding(nn.Module):
         w1, w2 = self.linear1.weight[:, : self.in_channels], self.linear1.weight[:, self.in_channels:]
         h = F.linear(feat, w1)[idx].add_(F.linear(feat[sel], w2 - w1).unsqueeze(1))
         h = F.relu(self.bn1(h), inplace=True)
-        h = F.relu(self.bn2(self.linear2(h)), inplace=True)
-        return centres, h.amax(1), new_offset
+        return centres, self.bn2(self.linear2(h)), new_offset
 
 
 class _AttentionStack(nn.Module):

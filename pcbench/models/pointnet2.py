@@ -9,6 +9,7 @@ Design notes (mathematically the reference network, arranged for CPU speed):
 - The first linear layer of a branch is applied to points *before* grouping:
   ``W [x_j - c; f_j] + b = (W_x x_j + W_f f_j + b) - W_x c``, so the widest per-neighbour matmul disappears.
 - The first FP layer is split the same way and its coarse part applied before interpolating (IDW is linear).
+- The last BN + ReLU before each max-pool is applied to the pooled rows only (``BatchNormReLUMax``).
 - Ball-query padding (-1) is filled with each centre's nearest neighbour (the centre itself), as the reference
   CUDA kernel pads with the first neighbour found; under max-pooling duplicates change nothing.
 - Each cloud is first put in a canonical (lexicographic) order so that FPS, hence the output, does not depend
@@ -24,9 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pcbench.ops import PointBatch, ball_query, farthest_point_sample, sample_offset
+from pcbench.ops.batch import offset2lengths
 
 from .heads import MLPHead
-from .layers import MLP, PointBatchNorm, canonical_order, cloud_max, idw_interpolate
+from .layers import MLP, BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_max, idw_interpolate
 
 __all__ = [
     "FeaturePropagation",
@@ -49,20 +51,24 @@ class _GroupBranch(nn.Module):
         super().__init__()
         if radius <= 0 or max_neighbors <= 0:
             raise ValueError(f"radius and max_neighbors must be positive, got {radius} and {max_neighbors}")
+        if not widths:
+            raise ValueError(f"widths must list at least one layer width, got {list(widths)}")
         self.radius, self.max_neighbors = float(radius), int(max_neighbors)
-        self.first = nn.Linear(3 + in_channels, widths[0])  # same shape as the reference 1x1 conv
-        self.first_norm = PointBatchNorm(widths[0])
-        self.rest = MLP(widths[0], list(widths[1:])) if len(widths) > 1 else nn.Identity()
+        ins = [3 + in_channels, *widths[:-1]]
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(ins, widths, strict=True))
+        self.norms = nn.ModuleList([*(PointBatchNorm(w) for w in widths[:-1]), BatchNormReLUMax(widths[-1])])
         self.out_channels = int(widths[-1])
 
     def forward(self, xyz: Tensor, feat: Tensor, offset: Tensor, centres: Tensor, centre_offset: Tensor) -> Tensor:
         idx = ball_query(centres, xyz, self.radius, self.max_neighbors, centre_offset, offset)
         idx = torch.where(idx < 0, idx[:, :1], idx)
-        per_point = self.first(torch.cat([xyz, feat], 1))  # [N, C1]
-        per_centre = F.linear(centres, self.first.weight[:, :3])  # [M, C1]
-        h = per_point[idx] - per_centre.unsqueeze(1)  # [M, k, C1] == first([xyz_j - c, f_j])
-        h = self.rest(F.relu(self.first_norm(h), inplace=True))
-        return h.amax(1)
+        first = self.linears[0]
+        per_point = first(torch.cat([xyz, feat], 1))  # [N, C1]
+        per_centre = F.linear(centres, first.weight[:, :3])  # [M, C1]
+        h = per_point[idx].sub_(per_centre.unsqueeze(1))  # [M, k, C1] == first([xyz_j - c, f_j])
+        for linear, norm in zip(self.linears[1:], self.norms[:-1], strict=True):
+            h = linear(torch.relu_(norm(h)))
+        return self.norms[-1](h)  # BN + ReLU + max over the k neighbours
 
 
 class SetAbstraction(nn.Module):
@@ -106,11 +112,17 @@ class GlobalSetAbstraction(nn.Module):
 
     def __init__(self, in_channels: int, widths: Sequence[int]) -> None:
         super().__init__()
-        self.mlp = MLP(3 + in_channels, list(widths))
+        self.mlp = MLP(3 + in_channels, list(widths[:-1])) if len(widths) > 1 else nn.Identity()
+        self.last = nn.Linear(widths[-2] if len(widths) > 1 else 3 + in_channels, widths[-1])
+        self.last_norm = BatchNormReLUMax(widths[-1])
         self.out_channels = int(widths[-1])
 
     def forward(self, xyz: Tensor, feat: Tensor, offset: Tensor) -> Tensor:
-        return cloud_max(self.mlp(torch.cat([xyz, feat], 1)), offset)
+        h = self.last(self.mlp(torch.cat([xyz, feat], 1)))
+        lengths = offset2lengths(offset)
+        if lengths.numel() and int(lengths[0]) > 0 and bool((lengths == lengths[0]).all()):
+            return self.last_norm(h.view(lengths.numel(), int(lengths[0]), -1))  # clouds as the pooled groups
+        return cloud_max(torch.relu(nn.BatchNorm1d.forward(self.last_norm, h)), offset)
 
 
 class FeaturePropagation(nn.Module):

@@ -27,7 +27,7 @@ from pcbench.ops import PointBatch, farthest_point_sample, knn, sample_offset
 from pcbench.ops.batch import offset2batch
 
 from .heads import MLPHead
-from .layers import PointBatchNorm, canonical_order, cloud_mean, idw_interpolate
+from .layers import BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_mean, idw_interpolate
 
 __all__ = [
     "PointTransformerBlock",
@@ -127,7 +127,8 @@ class TransitionDown(nn.Module):
         super().__init__()
         self.stride, self.k = stride, k
         self.linear = nn.Linear(in_channels + (3 if stride > 1 else 0), out_channels, bias=False)
-        self.bn = PointBatchNorm(out_channels)
+        # With stride > 1 the BN + ReLU + max over the k neighbours runs on the pooled rows only.
+        self.bn = BatchNormReLUMax(out_channels) if stride > 1 else PointBatchNorm(out_channels)
 
     def forward(self, x: Tensor, level: _Level) -> tuple[Tensor, _Level]:
         if self.stride == 1:
@@ -139,7 +140,7 @@ class TransitionDown(nn.Module):
         idx = torch.where(idx < 0, idx[:, :1], idx)  # duplicates of the nearest: neutral under max-pool
         per_point = self.linear(torch.cat([level.xyz, x], 1))
         h = per_point[idx].sub_(F.linear(new.xyz, self.linear.weight[:, :3]).unsqueeze(1))
-        return F.relu(self.bn(h), inplace=True).amax(1), new
+        return self.bn(h), new
 
 
 class TransitionUp(nn.Module):

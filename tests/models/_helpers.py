@@ -100,3 +100,8 @@ def overfit(model: torch.nn.Module, batch: PointBatch, target: Tensor, steps: in
 def n_params(model: torch.nn.Module) -> int:
     """Number of trainable parameters (shared tensors counted once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def plain_bn(norm: torch.nn.BatchNorm1d, x: Tensor) -> Tensor:
+    """Eval-mode BatchNorm of ``x [..., C]`` with ``norm``'s statistics, computed the textbook way."""
+    return (x - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps) * norm.weight + norm.bias

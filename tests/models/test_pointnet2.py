@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pcbench.models.layers import BatchNormReLUMax
 from pcbench.models.pointnet2 import (
     FeaturePropagation,
+    GlobalSetAbstraction,
     PointNet2Cls,
     SetAbstraction,
     pointnet2_msg_cls,
@@ -18,7 +20,7 @@ from pcbench.models.pointnet2 import (
     pointnet2_ssg_seg,
 )
 from pcbench.ops import PointBatch, ball_query, group_relative, interpolate
-from tests.models._helpers import modelnet_batch, n_params, overfit, ragged_objects, scannet_crop
+from tests.models._helpers import modelnet_batch, n_params, overfit, plain_bn, ragged_objects, scannet_crop
 
 
 def _conv_bn(c_in: int, c_out: int) -> int:
@@ -55,20 +57,66 @@ def _naive_branch(branch, xyz, feat, offset, centres, centre_offset):
     """The reference formulation: group [xyz_j - c, f_j], shared MLP on every neighbour, max-pool."""
     idx = ball_query(centres, xyz, branch.radius, branch.max_neighbors, centre_offset, offset)
     idx = torch.where(idx < 0, idx[:, :1], idx)
-    grouped = group_relative(centres, xyz, idx, feat)  # [M, k, 3 + C]
-    h = F.relu(branch.first_norm(branch.first(grouped)))
-    return branch.rest(h).amax(1)
+    h = group_relative(centres, xyz, idx, feat)  # [M, k, 3 + C]
+    for linear, norm in zip(branch.linears, branch.norms, strict=True):
+        h = F.relu(plain_bn(norm, linear(h)))
+    return h.amax(1)
 
 
 def test_set_abstraction_equals_the_grouped_reference_formulation() -> None:
     batch = ragged_objects([200, 120], in_channels=4)
     sa = SetAbstraction(4, radii=[0.15, 0.4], max_neighbors=[8, 32], widths=[[16, 16, 32], [16, 24]],
-                        num_samples=64).eval()
+                        num_samples=64)
+    _randomise_bn(sa)  # includes negative scales, where the pooled BN must take the minimum
+    sa.eval()
     centres, out, centre_offset = sa(batch.coord, batch.feat, batch.offset)
     assert out.shape == (128, 32 + 24) and centre_offset.tolist() == [64, 128]
     expected = torch.cat([_naive_branch(b, batch.coord, batch.feat, batch.offset, centres, centre_offset)
                           for b in sa.branches], 1)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def _randomise_bn(module: torch.nn.Module) -> None:
+    g = torch.Generator().manual_seed(5)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            c = m.num_features
+            m.weight.data = torch.randn(c, generator=g)
+            m.bias.data = torch.randn(c, generator=g)
+            m.running_mean = torch.randn(c, generator=g)
+            m.running_var = torch.rand(c, generator=g) + 0.5
+
+
+def test_global_set_abstraction_equals_mlp_then_cloud_max_for_equal_and_ragged_clouds() -> None:
+    for lengths in ([40, 40], [40, 25, 0]):
+        batch = ragged_objects(lengths, in_channels=2) if all(lengths) else ragged_objects([40, 25], in_channels=2)
+        offset = torch.tensor(lengths).cumsum(0)
+        gsa = GlobalSetAbstraction(2, [8, 16])
+        _randomise_bn(gsa)
+        gsa.eval()
+        out = gsa(batch.coord, batch.feat, offset)
+        h = F.relu(plain_bn(gsa.last_norm, gsa.last(gsa.mlp(torch.cat([batch.coord, batch.feat], 1)))))
+        expected = torch.stack([h[a:b].amax(0) if b > a else h.new_zeros(16)
+                                for a, b in zip([0, *offset[:-1].tolist()], offset.tolist(), strict=True)])
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pooled_batchnorm_matches_batchnorm_relu_max_in_training() -> None:
+    torch.manual_seed(0)
+    norm = BatchNormReLUMax(6)
+    ref = torch.nn.BatchNorm1d(6)
+    norm.weight.data = torch.randn(6)  # negative scales too
+    ref.load_state_dict(norm.state_dict())
+    h = torch.randn(30, 7, 6, requires_grad=True)
+    for _ in range(2):
+        out = norm(h)
+        expected = F.relu(ref(h.reshape(-1, 6))).reshape(30, 7, 6).amax(1)
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+        g = torch.randn_like(out)
+        torch.testing.assert_close(torch.autograd.grad(out, h, g)[0], torch.autograd.grad(expected, h, g)[0],
+                                   atol=1e-6, rtol=1e-5)
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(norm.state_dict()[key], value)
 
 
 def test_feature_propagation_equals_interpolate_then_concat_then_mlp() -> None:
