@@ -205,6 +205,23 @@ def markdown(rows: list[dict[str, object]], env: dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write(ns: argparse.Namespace, rows: list[dict[str, object]], final: bool = False) -> None:
+    from benchmarks.harness import environment  # noqa: PLC0415 - imports torch; only the driver needs it here
+
+    env = environment()
+    env["threads_per_worker"] = ns.threads
+    ns.out.mkdir(parents=True, exist_ok=True)
+    record = {"title": "models", "environment": env, "repeats": ns.repeats, "warmup": ns.warmup,
+              "complete": final, "peers": {f"{k[0]}|{k[1]}": v for k, v in PEERS.items()}, "rows": rows}
+    for name, text in (("models.json", json.dumps(record, indent=2)), ("models.md", markdown(rows, env))):
+        tmp = ns.out / (name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, ns.out / name)
+    if final:
+        print()
+        print(markdown(rows, env))
+
+
 def _summary(row: dict[str, object]) -> str:
     if row.get("error"):
         return f"failed: {row['error']}"
@@ -262,18 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(row)
                     print(f"{config + (' (compiled)' if compiled else ''):<22} {case:<8} {mode:<8} {malloc:<8} "
                           f"{_summary(row)}", flush=True)
-    from benchmarks.harness import environment  # noqa: PLC0415 - imports torch; only the driver needs it here
-
-    env = environment()
-    env["threads_per_worker"] = ns.threads
-    ns.out.mkdir(parents=True, exist_ok=True)
-    record = {"title": "models", "environment": env, "repeats": ns.repeats, "warmup": ns.warmup,
-              "peers": {f"{k[0]}|{k[1]}": v for k, v in PEERS.items()}, "rows": rows}
-    (ns.out / "models.json").write_text(json.dumps(record, indent=2))
-    table = markdown(rows, env)
-    (ns.out / "models.md").write_text(table)
-    print()
-    print(table)
+                    _write(ns, rows)  # partial results survive an interrupted run
+    _write(ns, rows, final=True)
     return 0
 
 
