@@ -15,14 +15,14 @@ def test_cases_cover_object_batches_latency_and_the_scene() -> None:
 
 
 def test_worker_measures_one_row_and_the_table_shows_it() -> None:
-    ns = argparse.Namespace(config="ptv1_cls", case="1x1024", mode="fwd+bwd", threads=1, repeats=1, warmup=1,
+    ns = argparse.Namespace(config="ptv1_cls", case="2x1024", mode="fwd+bwd", threads=1, repeats=1, warmup=1,
                             quick=True, compile=False)
     row = bm_models.worker(ns)
-    assert row["samples_per_call"] == 1 and row["points"] == 1024
+    assert row["samples_per_call"] == 2 and row["points"] == 2048
     assert row["median_ms"] > 0 and row["samples_per_s"] > 0 and row["peak_rss_mib"] > 0
     assert abs(row["params"] - 5.07e6) / 5.07e6 < 0.01
     row["malloc"] = "default"
     skipped = {"config": "pct_seg", "case": "scene", "mode": "fwd", "malloc": "-", "error": "skipped: O(n^2)"}
     table = bm_models.markdown([row, skipped], {"torch": "x"})
-    assert "| ptv1_cls | 1x1024 (1024 pts) | fwd+bwd | default | 5.07M |" in table
+    assert "| ptv1_cls | 2x1024 (2048 pts) | fwd+bwd | default | 5.07M |" in table
     assert "skipped: O(n^2)" in table and "failed" not in table
