@@ -98,7 +98,8 @@ class PointTransformerLayer(nn.Module):
         w = torch.softmax(w, dim=1)
         n, k, c = pos.shape
         vals = v[idx].add_(pos).view(n, k, self.share_planes, c // self.share_planes)
-        return torch.einsum("nksg,nkg->nsg", vals, w).reshape(n, c)
+        # Multiply-and-sum beats einsum here (it lowers to n tiny batched matmuls): 2-3x on CPU.
+        return (vals * w.unsqueeze(2)).sum(1).reshape(n, c)
 
 
 class PointTransformerBlock(nn.Module):

@@ -76,7 +76,7 @@ def idw_interpolate(
     w = torch.where(valid, 1.0 / (dist2.float().sqrt() + 1e-8), torch.zeros((), device=idx.device))
     w = (w / w.sum(1, keepdim=True).clamp_min(1e-30)).to(features.dtype)
     gathered = features[idx.clamp_min(0)]  # [M, k, C]; zero weight on missing rows
-    return torch.einsum("mkc,mk->mc", gathered, w)
+    return (gathered * w.unsqueeze(-1)).sum(1)
 
 
 def canonical_order(coord: Tensor, offset: Tensor) -> Tensor:
