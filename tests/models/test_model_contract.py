@@ -73,7 +73,7 @@ def test_constructor_is_typed_and_documented(path: Path) -> None:
     assert not missing, f"{path.name}: untyped constructor args {missing}"
     assert target.__doc__ and "Args:" in target.__doc__, f"{path.name}: constructor args are not documented"
     for name in OmegaConf.load(path):
-        if name != "_target_":
+        if not (name.startswith("_") and name.endswith("_")):  # Hydra keys (_target_, _convert_, ...)
             assert name in sig.parameters, f"{path.name}: config key {name!r} is not a constructor argument"
     assert hasattr(target, "forward_features"), f"{path.name}: forward_features must be split from the head"
 
