@@ -101,22 +101,29 @@ def test_global_set_abstraction_equals_mlp_then_cloud_max_for_equal_and_ragged_c
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_pooled_batchnorm_matches_batchnorm_relu_max_in_training() -> None:
+def test_pooled_batchnorm_matches_batchnorm_relu_max() -> None:
+    # Outputs, gradients (input, weight, bias) and running statistics of the fused layer against
+    # nn.BatchNorm1d + ReLU + amax, in float64, with negative scales, over train / eval / train steps.
     torch.manual_seed(0)
-    norm = BatchNormReLUMax(6)
-    ref = torch.nn.BatchNorm1d(6)
-    norm.weight.data = torch.randn(6)  # negative scales too
+    norm = BatchNormReLUMax(6).double()
+    ref = torch.nn.BatchNorm1d(6).double()
+    norm.weight.data = torch.randn(6, dtype=torch.float64)
     ref.load_state_dict(norm.state_dict())
-    h = torch.randn(30, 7, 6, requires_grad=True)
-    for _ in range(2):
+    h = (torch.randn(30, 7, 6, dtype=torch.float64) * 3 + 2).requires_grad_()
+    for training in (True, False, True):
+        norm.train(training)
+        ref.train(training)
         out = norm(h)
         expected = F.relu(ref(h.reshape(-1, 6))).reshape(30, 7, 6).amax(1)
-        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(out, expected)
         g = torch.randn_like(out)
-        torch.testing.assert_close(torch.autograd.grad(out, h, g)[0], torch.autograd.grad(expected, h, g)[0],
-                                   atol=1e-6, rtol=1e-5)
+        got = torch.autograd.grad(out, [h, norm.weight, norm.bias], g)
+        want = torch.autograd.grad(expected, [h, ref.weight, ref.bias], g)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
     for key, value in ref.state_dict().items():
         torch.testing.assert_close(norm.state_dict()[key], value)
+    assert torch.autograd.gradcheck(lambda x: norm.eval()(x), (h,))
 
 
 def test_feature_propagation_equals_interpolate_then_concat_then_mlp() -> None:
