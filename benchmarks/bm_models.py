@@ -6,7 +6,11 @@ segmentation, batch-1 latency) and mode (``fwd``: eval + no_grad; ``fwd+bwd``: t
 backward) a worker subprocess builds the model with ``hydra.utils.instantiate(cfg, in_channels=3,
 num_classes=...)``, runs 2 warm-up calls and the timed calls (median reported), and records the peak RSS of its
 first call. Each worker runs under the glibc default allocator and/or the tuned setting of DESIGN.md.
-Writes ``models.json`` and ``models.md`` under ``--out``.
+Writes ``models.json`` and ``models.md`` under ``--out`` (rewritten after every row).
+
+On a shared machine read samples/s next to the recorded CPU time and load average: when the cores are
+oversubscribed, multi-threaded workers lose most of their time in OpenMP barriers (``--threads 1`` is then
+the steadier measure).
 """
 
 from __future__ import annotations
