@@ -1,0 +1,292 @@
+"""Speed and memory of every model config (``conf/model/*_{cls,seg}.yaml``), each measurement in a fresh process.
+
+Usage: ``python -m benchmarks.bm_models [--quick] [--only ptv1_cls,pct_cls] [--malloc both] [--compile]``.
+For every config and case (object batch 16 x 1024 for classifiers, 16 x 4096 and the real ScanNet scene for
+segmentation, batch-1 latency) and mode (``fwd``: eval + no_grad; ``fwd+bwd``: train mode, cross-entropy,
+backward) a worker subprocess builds the model with ``hydra.utils.instantiate(cfg, in_channels=3,
+num_classes=...)``, runs 2 warm-up calls and the timed calls (median reported), and records the peak RSS of its
+first call. Each worker runs under the glibc default allocator and/or the tuned setting of DESIGN.md.
+Writes ``models.json`` and ``models.md`` under ``--out`` (rewritten after every row).
+
+On a shared machine read samples/s next to the recorded CPU time and load average: when the cores are
+oversubscribed, multi-threaded workers lose most of their time in OpenMP barriers (``--threads 1`` is then
+the steadier measure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf" / "model"
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+
+# Community implementations measured by the project lead on this machine (2 threads, glibc default allocator):
+# samples/s (fwd, fwd+bwd) per (config, case). Peers are not re-run here.
+PEERS: dict[tuple[str, str], tuple[str, float, float]] = {
+    ("pointnet2_ssg_cls", "16x1024"): ("yanx27 Pointnet_Pointnet2_pytorch", 11.1, 4.9),
+    ("pointnet2_msg_cls", "16x1024"): ("yanx27 Pointnet_Pointnet2_pytorch", 2.4, 0.84),
+    ("pct_cls", "16x1024"): ("Strawberry-Eat-Mango PCT_Pytorch", 7.7, 3.1),
+    ("ptv1_cls", "16x1024"): ("qq456cvb Point-Transformers (Hengshuang, 9.58M, 3.9-5.5 GiB peak)", 1.5, 0.64),
+    ("pointnet2_ssg_seg", "16x4096"): ("yanx27 Pointnet_Pointnet2_pytorch", 3.4, 2.1),
+}
+
+
+# Rows left out on purpose, with the reason printed in the table.
+SKIP: dict[tuple[str, str], str] = {
+    ("pct_seg", "scene"): "global offset attention is O(n^2): ~1e13 FLOPs per forward on the 80k-point scene",
+}
+
+
+# ------------------------------------------------------------------------------------------------ worker
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _inputs(case: str, task: str, quick: bool):
+    """(PointBatch, labels, samples per call) for a case name like ``16x1024``, ``1x4096`` or ``scene``."""
+    import torch  # noqa: PLC0415 - the parent process never imports torch
+
+    from pcbench.ops import PointBatch, voxelize  # noqa: PLC0415
+    from pcbench.ops._clouds import load_scannet_scene, object_batch, shared_data_dir  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(0)
+    if case == "scene":
+        root = shared_data_dir()
+        if root is None:
+            raise FileNotFoundError("shared sample data not found (set PCBENCH_SHARED_DATA)")
+        coord, color = load_scannet_scene(root / "scannet/scans/scene0000_00/scene0000_00_vh_clean_2.ply")
+        _, inverse, counts = voxelize(coord, 0.02)  # 2 cm grid, first point per voxel
+        first = torch.full((counts.numel(),), coord.shape[0], dtype=torch.long).scatter_reduce(
+            0, inverse, torch.arange(coord.shape[0]), "amin")
+        coord, feat = coord[first], color[first].float() / 255.0
+        if quick:
+            coord, feat = coord[:20000], feat[:20000]
+        batch = PointBatch(coord, feat, torch.tensor([coord.shape[0]]))
+        samples = 1
+    else:
+        b, n = (int(v) for v in case.split("x"))
+        coord, offset = object_batch(b, n)
+        feat = torch.nn.functional.normalize(torch.randn(coord.shape[0], 3, generator=g), dim=1)
+        batch = PointBatch(coord, feat, offset)
+        samples = b
+    n_cls = 40 if task == "cls" else 20
+    rows = batch.num_clouds if task == "cls" else batch.num_points
+    labels = torch.randint(0, n_cls, (rows,), generator=g)
+    return batch, labels, samples, n_cls
+
+
+def worker(args: argparse.Namespace) -> dict[str, object]:
+    """Measure one (config, case, mode) in this process; returns the result row."""
+    import hydra  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+    from omegaconf import OmegaConf  # noqa: PLC0415
+
+    torch.set_num_threads(args.threads)
+    path = CONF / f"{args.config}.yaml"
+    task = "cls" if args.config.endswith("_cls") else "seg"
+    batch, labels, samples, n_cls = _inputs(args.case, task, args.quick)
+    torch.manual_seed(0)
+    model = hydra.utils.instantiate(OmegaConf.load(path), in_channels=3, num_classes=n_cls)
+    params = sum(p.numel() for p in model.parameters())
+    if args.compile:
+        model = torch.compile(model, dynamic=True)
+
+    if args.mode == "fwd":
+        model.eval()
+
+        def call() -> None:
+            with torch.no_grad():
+                model(batch)
+    else:
+        model.train()
+
+        def call() -> None:
+            model.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(batch), labels).backward()
+
+    rss_before = _rss_mib()
+    t0 = time.perf_counter()
+    call()
+    first_ms = (time.perf_counter() - t0) * 1e3
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    for _ in range(max(0, args.warmup - 1)):
+        call()
+    times, cpu = [], []
+    load_before = os.getloadavg()[0]
+    for _ in range(args.repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        call()
+        times.append((time.perf_counter() - t0) * 1e3)
+        cpu.append((time.process_time() - c0) * 1e3)
+    med = statistics.median(times)
+    return {"config": args.config, "case": args.case, "mode": args.mode, "params": params,
+            "points": batch.num_points, "samples_per_call": samples, "median_ms": med,
+            "samples_per_s": samples / (med / 1e3), "times_ms": times, "first_call_ms": first_ms,
+            "peak_rss_mib": peak, "first_call_rss_increase_mib": peak - rss_before,
+            "compiled": bool(args.compile), "threads": torch.get_num_threads(),
+            # CPU time of this process per call and the machine's load: wall-clock figures from a shared,
+            # oversubscribed machine are only interpretable next to them.
+            "median_cpu_ms": statistics.median(cpu), "loadavg_1min": [load_before, os.getloadavg()[0]]}
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def _cases(config: str, quick: bool) -> list[tuple[str, str]]:
+    if config.endswith("_cls"):
+        big = "4x1024" if quick else "16x1024"
+        return [(big, "fwd"), (big, "fwd+bwd"), ("1x1024", "fwd")]
+    big = "4x4096" if quick else "16x4096"
+    return [(big, "fwd"), (big, "fwd+bwd"), ("scene", "fwd"), ("scene", "fwd+bwd"), ("1x4096", "fwd")]
+
+
+def _run_worker(config: str, case: str, mode: str, malloc: str, ns: argparse.Namespace,
+                compile_: bool = False) -> dict[str, object]:
+    env = {k: v for k, v in os.environ.items() if k not in TUNED_MALLOC}
+    if malloc == "tuned":
+        env.update(TUNED_MALLOC)
+    env.setdefault("OMP_NUM_THREADS", str(ns.threads))
+    cmd = [sys.executable, "-m", "benchmarks.bm_models", "--worker", "--config", config, "--case", case,
+           "--mode", mode, "--threads", str(ns.threads), "--repeats", str(ns.repeats), "--warmup", str(ns.warmup)]
+    if ns.quick:
+        cmd.append("--quick")
+    if compile_:
+        cmd.append("--compile")
+    row: dict[str, object] = {"config": config, "case": case, "mode": mode, "malloc": malloc,
+                              "compiled": compile_}
+    try:
+        out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=ns.timeout)
+    except subprocess.TimeoutExpired:
+        row["error"] = f"timeout after {ns.timeout} s"
+        return row
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        err = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        row["error"] = f"exit {out.returncode}: {err[:200]}"
+        return row
+    row.update(json.loads(lines[-1]))
+    row["malloc"] = malloc
+    return row
+
+
+def markdown(rows: list[dict[str, object]], env: dict[str, object]) -> str:
+    """Result rows as a Markdown table, with the community figures alongside where the lead measured one."""
+    lines = ["## models", "",
+             "| model | case | mode | malloc | params | samples/s | median ms | CPU ms / call | load avg | "
+             "peak RSS MiB (first call) | community samples/s (default malloc) | ours / community |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for r in rows:
+        peer = PEERS.get((r["config"], r["case"]))
+        peer_sps = None if peer is None else (peer[1] if r["mode"] == "fwd" else peer[2])
+        name = r["config"] + (" (compiled)" if r.get("compiled") else "")
+        if r.get("error"):
+            err = str(r["error"])
+            msg = err if err.startswith("skipped") else f"failed: {err}"
+            lines.append(f"| {name} | {r['case']} | {r['mode']} | {r['malloc']} | - | {msg} | - | - | - | - | - | - |")
+            continue
+        ratio = f"{r['samples_per_s'] / peer_sps:.2f}x" if peer_sps else "-"
+        peer_txt = f"{peer_sps} ({peer[0]})" if peer_sps else "-"
+        lines.append(f"| {name} | {r['case']} ({r['points']} pts) | {r['mode']} | {r['malloc']} | "
+                     f"{r['params'] / 1e6:.2f}M | {r['samples_per_s']:.2f} | {r['median_ms']:.1f} | "
+                     f"{r['median_cpu_ms']:.0f} | {max(r['loadavg_1min']):.1f} | {r['peak_rss_mib']:.0f} | "
+                     f"{peer_txt} | {ratio} |")
+    lines += ["", f"torch {env.get('torch')}, {env.get('threads_per_worker')} threads per worker, "
+              f"{env.get('cpu_count')} CPUs, commit {env.get('git_commit')}, {env.get('time')}. "
+              "Median of the timed calls after 2 warm-ups; one fresh process per row; fwd = eval + no_grad; "
+              "fwd+bwd = train mode + cross-entropy + backward. 'tuned' malloc = MALLOC_MMAP_THRESHOLD_="
+              f"{TUNED_MALLOC['MALLOC_MMAP_THRESHOLD_']} MALLOC_TRIM_THRESHOLD_={TUNED_MALLOC['MALLOC_TRIM_THRESHOLD_']}."]
+    return "\n".join(lines) + "\n"
+
+
+def _write(ns: argparse.Namespace, rows: list[dict[str, object]], final: bool = False) -> None:
+    from benchmarks.harness import environment  # noqa: PLC0415 - imports torch; only the driver needs it here
+
+    env = environment()
+    env["threads_per_worker"] = ns.threads
+    ns.out.mkdir(parents=True, exist_ok=True)
+    record = {"title": "models", "environment": env, "repeats": ns.repeats, "warmup": ns.warmup,
+              "complete": final, "peers": {f"{k[0]}|{k[1]}": v for k, v in PEERS.items()}, "rows": rows}
+    for name, text in (("models.json", json.dumps(record, indent=2)), ("models.md", markdown(rows, env))):
+        tmp = ns.out / (name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, ns.out / name)
+    if final:
+        print()
+        print(markdown(rows, env))
+
+
+def _summary(row: dict[str, object]) -> str:
+    if row.get("error"):
+        return f"failed: {row['error']}"
+    return f"{row['samples_per_s']:.2f} samples/s, {row['median_ms']:.1f} ms, peak {row['peak_rss_mib']:.0f} MiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run every (config, case, mode, allocator) in its own worker process."""
+    p = argparse.ArgumentParser(prog="bm_models", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small batches, 20k-point scene, 2 repeats (smoke run)")
+    p.add_argument("--only", default="", help="comma-separated config names (default: every *_cls / *_seg)")
+    p.add_argument("--out", type=Path, default=Path("bench_out/models"), help="folder for models.json / .md")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per row (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (the first gives peak RSS)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per worker")
+    p.add_argument("--malloc", choices=("tuned", "default", "both"), default="both", help="glibc allocator setting")
+    p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated modes to run")
+    p.add_argument("--skip-scene", action="store_true", help="leave out the real ScanNet scene rows")
+    p.add_argument("--compile", action="store_true", help="add torch.compile rows for the object-batch cases")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per worker before it is reported as failed")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    ns = p.parse_args(argv)
+    if ns.worker:
+        print(json.dumps(worker(ns)), flush=True)
+        return 0
+    if ns.quick:
+        ns.repeats = min(ns.repeats, 2)
+        ns.warmup = min(ns.warmup, 1)
+    only = {s.strip() for s in ns.only.split(",") if s.strip()}
+    configs = [c.stem for c in sorted(CONF.glob("*.yaml")) if c.stem.endswith(("_cls", "_seg"))]
+    if only:
+        unknown = only - set(configs)
+        if unknown:
+            raise SystemExit(f"--only names unknown configs {sorted(unknown)}; known: {configs}")
+        configs = [c for c in configs if c in only]
+    modes = {m.strip() for m in ns.modes.split(",")}
+    mallocs = ["default", "tuned"] if ns.malloc == "both" else [ns.malloc]
+    rows = []
+    for config in configs:
+        for case, mode in _cases(config, ns.quick):
+            if mode not in modes or (ns.skip_scene and case == "scene"):
+                continue
+            if (config, case) in SKIP:
+                rows.append({"config": config, "case": case, "mode": mode, "malloc": "-", "compiled": False,
+                             "error": f"skipped: {SKIP[(config, case)]}"})
+                continue
+            for malloc in mallocs:
+                variants = [False] + ([True] if ns.compile and case != "scene" and not case.startswith("1x")
+                                      else [])
+                for compiled in variants:
+                    row = _run_worker(config, case, mode, malloc, ns, compile_=compiled)
+                    rows.append(row)
+                    print(f"{config + (' (compiled)' if compiled else ''):<22} {case:<8} {mode:<8} {malloc:<8} "
+                          f"{_summary(row)}", flush=True)
+                    _write(ns, rows)  # partial results survive an interrupted run
+    _write(ns, rows, final=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

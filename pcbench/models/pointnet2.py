@@ -1,0 +1,317 @@
+"""PointNet++ (Qi et al., NeurIPS 2017): hierarchical set abstraction, SSG and MSG, classification and segmentation.
+
+A set abstraction (SA) level picks centres by farthest point sampling, gathers each centre's neighbours by ball
+query, runs a shared MLP on ``[xyz_j - xyz_centre, f_j]`` and max-pools. Multi-scale grouping (MSG) runs several
+(radius, cap, MLP) branches and concatenates them; single-scale grouping (SSG) is the one-branch case. Feature
+propagation (FP) interpolates coarse features back to finer points (inverse distance, k=3) and fuses skips.
+
+Design notes (mathematically the reference network, arranged for CPU speed):
+- The first linear layer of a branch is applied to points *before* grouping:
+  ``W [x_j - c; f_j] + b = (W_x x_j + W_f f_j + b) - W_x c``, so the widest per-neighbour matmul disappears.
+- The first FP layer is split the same way and its coarse part applied before interpolating (IDW is linear).
+- The last BN + ReLU before each max-pool is applied to the pooled rows only (``BatchNormReLUMax``).
+- Ball-query padding (-1) is filled with each centre's nearest neighbour (the centre itself), as the reference
+  CUDA kernel pads with the first neighbour found; under max-pooling duplicates change nothing.
+- Each cloud is first put in a canonical (lexicographic) order so that FPS, hence the output, does not depend
+  on the input point order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pcbench.ops import PointBatch, ball_query, farthest_point_sample, sample_offset
+from pcbench.ops.batch import offset2lengths
+
+from .heads import MLPHead
+from .layers import MLP, BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_max, idw_interpolate
+
+__all__ = [
+    "FeaturePropagation",
+    "GlobalSetAbstraction",
+    "PointNet2Cls",
+    "PointNet2Seg",
+    "SetAbstraction",
+    "pointnet2_msg_cls",
+    "pointnet2_msg_seg",
+    "pointnet2_ssg_cls",
+    "pointnet2_ssg_seg",
+]
+
+
+# --------------------------------------------------------------------------------------------- blocks
+class _GroupBranch(nn.Module):
+    """One grouping scale: ball query (radius, cap) + shared MLP on [relative xyz, features] + max-pool."""
+
+    def __init__(self, in_channels: int, radius: float, max_neighbors: int, widths: Sequence[int]) -> None:
+        super().__init__()
+        if radius <= 0 or max_neighbors <= 0:
+            raise ValueError(f"radius and max_neighbors must be positive, got {radius} and {max_neighbors}")
+        if not widths:
+            raise ValueError(f"widths must list at least one layer width, got {list(widths)}")
+        self.radius, self.max_neighbors = float(radius), int(max_neighbors)
+        ins = [3 + in_channels, *widths[:-1]]
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(ins, widths, strict=True))
+        self.norms = nn.ModuleList([*(PointBatchNorm(w) for w in widths[:-1]), BatchNormReLUMax(widths[-1])])
+        self.out_channels = int(widths[-1])
+
+    def forward(self, xyz: Tensor, feat: Tensor, offset: Tensor, centres: Tensor, centre_offset: Tensor) -> Tensor:
+        idx = ball_query(centres, xyz, self.radius, self.max_neighbors, centre_offset, offset)
+        idx = torch.where(idx < 0, idx[:, :1], idx)
+        first = self.linears[0]
+        per_point = first(torch.cat([xyz, feat], 1))  # [N, C1]
+        per_centre = F.linear(centres, first.weight[:, :3])  # [M, C1]
+        h = per_point[idx].sub_(per_centre.unsqueeze(1))  # [M, k, C1] == first([xyz_j - c, f_j])
+        for linear, norm in zip(self.linears[1:], self.norms[:-1], strict=True):
+            h = linear(torch.relu_(norm(h)))
+        return self.norms[-1](h)  # BN + ReLU + max over the k neighbours
+
+
+class SetAbstraction(nn.Module):
+    """Set abstraction level: FPS centres, then one (SSG) or several (MSG) grouping branches, concatenated.
+
+    Args:
+        in_channels: feature channels of the incoming points (relative xyz is added on top).
+        radii: ball radius of each branch.
+        max_neighbors: neighbour cap (``nsample``) of each branch.
+        widths: shared-MLP widths of each branch.
+        num_samples: centres per cloud (``npoint``), or
+        sample_ratio: centres as a fraction of each cloud (exactly one of the two).
+    """
+
+    def __init__(self, in_channels: int, radii: Sequence[float], max_neighbors: Sequence[int],
+                 widths: Sequence[Sequence[int]], num_samples: int | None = None,
+                 sample_ratio: float | None = None) -> None:
+        super().__init__()
+        if not (len(radii) == len(max_neighbors) == len(widths)) or not radii:
+            raise ValueError(f"radii, max_neighbors and widths need one entry per branch, got {len(radii)}, "
+                             f"{len(max_neighbors)} and {len(widths)}")
+        if (num_samples is None) == (sample_ratio is None):
+            raise ValueError("give exactly one of num_samples or sample_ratio for a set abstraction level, "
+                             f"got {num_samples} and {sample_ratio}")
+        self.num_samples, self.sample_ratio = num_samples, sample_ratio
+        self.branches = nn.ModuleList(_GroupBranch(in_channels, r, k, w)
+                                      for r, k, w in zip(radii, max_neighbors, widths, strict=True))
+        self.out_channels = sum(b.out_channels for b in self.branches)
+
+    def forward(self, xyz: Tensor, feat: Tensor, offset: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(centres [M, 3], features [M, out_channels], centre offsets [B])."""
+        idx = farthest_point_sample(xyz, offset, n=self.num_samples, ratio=self.sample_ratio)
+        centre_offset = sample_offset(offset, n=self.num_samples, ratio=self.sample_ratio)
+        centres = xyz[idx]
+        out = [b(xyz, feat, offset, centres, centre_offset) for b in self.branches]
+        return centres, (out[0] if len(out) == 1 else torch.cat(out, 1)), centre_offset
+
+
+class GlobalSetAbstraction(nn.Module):
+    """Group-all level: shared MLP on [xyz, features] of every point, max-pooled per cloud -> [B, C]."""
+
+    def __init__(self, in_channels: int, widths: Sequence[int]) -> None:
+        super().__init__()
+        self.mlp = MLP(3 + in_channels, list(widths[:-1])) if len(widths) > 1 else nn.Identity()
+        self.last = nn.Linear(widths[-2] if len(widths) > 1 else 3 + in_channels, widths[-1])
+        self.last_norm = BatchNormReLUMax(widths[-1])
+        self.out_channels = int(widths[-1])
+
+    def forward(self, xyz: Tensor, feat: Tensor, offset: Tensor) -> Tensor:
+        h = self.last(self.mlp(torch.cat([xyz, feat], 1)))
+        lengths = offset2lengths(offset)
+        if lengths.numel() and int(lengths[0]) > 0 and bool((lengths == lengths[0]).all()):
+            return self.last_norm(h.view(lengths.numel(), int(lengths[0]), -1))  # clouds as the pooled groups
+        return cloud_max(torch.relu(nn.BatchNorm1d.forward(self.last_norm, h)), offset)
+
+
+class FeaturePropagation(nn.Module):
+    """Interpolate coarse features to finer points (IDW, k nearest), concatenate skip features, shared MLP.
+
+    Args:
+        coarse_channels: channels of the coarse level being upsampled.
+        skip_channels: channels of the finer level's own features (0 for none).
+        widths: shared-MLP widths.
+        k: neighbours of the inverse-distance interpolation (3 in the paper).
+    """
+
+    def __init__(self, coarse_channels: int, skip_channels: int, widths: Sequence[int], k: int = 3) -> None:
+        super().__init__()
+        self.k, self.coarse_channels = k, coarse_channels
+        self.first = nn.Linear(coarse_channels + skip_channels, widths[0])
+        self.first_norm = PointBatchNorm(widths[0])
+        self.rest = MLP(widths[0], list(widths[1:])) if len(widths) > 1 else nn.Identity()
+        self.out_channels = int(widths[-1])
+
+    def forward(self, xyz: Tensor, skip: Tensor | None, offset: Tensor, coarse_xyz: Tensor, coarse_feat: Tensor,
+                coarse_offset: Tensor) -> Tensor:
+        w_coarse, w_skip = self.first.weight[:, : self.coarse_channels], self.first.weight[:, self.coarse_channels:]
+        # IDW weights sum to one, so projecting the (fewer) coarse points first is the same linear map.
+        h = idw_interpolate(xyz, coarse_xyz, F.linear(coarse_feat, w_coarse), offset, coarse_offset, self.k)
+        h = h + self.first.bias
+        if skip is not None and skip.shape[1]:
+            h = h + F.linear(skip, w_skip)
+        return self.rest(F.relu(self.first_norm(h), inplace=True))
+
+
+def _to_canonical(batch: PointBatch) -> tuple[Tensor, Tensor, Tensor]:
+    perm = canonical_order(batch.coord, batch.offset)
+    return perm, batch.coord[perm], batch.feat[perm]
+
+
+def _sa_levels(in_channels: int, num_samples: Sequence[int] | None, sample_ratios: Sequence[float] | None,
+               radii: Sequence[Sequence[float]], max_neighbors: Sequence[Sequence[int]],
+               widths: Sequence[Sequence[Sequence[int]]]) -> nn.ModuleList:
+    n_levels = len(radii)
+    if num_samples is not None and len(num_samples) != n_levels:
+        raise ValueError(f"num_samples needs one entry per level ({n_levels}), got {list(num_samples)}")
+    if sample_ratios is not None and len(sample_ratios) != n_levels:
+        raise ValueError(f"sample_ratios needs one entry per level ({n_levels}), got {list(sample_ratios)}")
+    levels = nn.ModuleList()
+    c = in_channels
+    for i in range(n_levels):
+        sa = SetAbstraction(c, radii[i], max_neighbors[i], widths[i],
+                            num_samples=None if num_samples is None else num_samples[i],
+                            sample_ratio=None if sample_ratios is None else sample_ratios[i])
+        levels.append(sa)
+        c = sa.out_channels
+    return levels
+
+
+# --------------------------------------------------------------------------------------------- models
+class PointNet2Cls(nn.Module):
+    """PointNet++ classifier: SA levels, a group-all level, and an MLP head.
+
+    Args:
+        in_channels: per-point input feature channels (0 = xyz only; 3 for ModelNet normals).
+        num_classes: number of classes.
+        radii: per level, the ball radius of each branch (one branch = SSG).
+        max_neighbors: per level, the neighbour cap of each branch.
+        widths: per level, the shared-MLP widths of each branch.
+        num_samples: centres per cloud at each level (the paper's ``npoint``); or
+        sample_ratios: centres as a fraction of the previous level (exactly one of the two).
+        global_widths: shared-MLP widths of the group-all level.
+        head_hidden: hidden widths of the classifier MLP.
+        dropout: dropout of the classifier MLP.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, radii: Sequence[Sequence[float]],
+                 max_neighbors: Sequence[Sequence[int]], widths: Sequence[Sequence[Sequence[int]]],
+                 num_samples: Sequence[int] | None = None, sample_ratios: Sequence[float] | None = None,
+                 global_widths: Sequence[int] = (256, 512, 1024), head_hidden: Sequence[int] = (512, 256),
+                 dropout: float = 0.5) -> None:
+        super().__init__()
+        if in_channels < 0:
+            raise ValueError(f"in_channels must be >= 0, got {in_channels}")
+        self.in_channels = in_channels
+        self.levels = _sa_levels(in_channels, num_samples, sample_ratios, radii, max_neighbors, widths)
+        self.global_sa = GlobalSetAbstraction(self.levels[-1].out_channels, global_widths)
+        self.num_features = self.global_sa.out_channels
+        self.head = MLPHead(self.num_features, head_hidden, num_classes, dropout)
+
+    def forward_features(self, batch: PointBatch) -> Tensor:
+        """Global feature per cloud [B, global_widths[-1]]."""
+        _check_in_channels(batch, self.in_channels)
+        _, xyz, feat, = _to_canonical(batch)
+        offset = batch.offset
+        for sa in self.levels:
+            xyz, feat, offset = sa(xyz, feat, offset)
+        return self.global_sa(xyz, feat, offset)
+
+    def forward(self, batch: PointBatch) -> Tensor:
+        """Class logits [B, num_classes]."""
+        return self.head(self.forward_features(batch))
+
+
+class PointNet2Seg(nn.Module):
+    """PointNet++ segmentation network: SA encoder, FP decoder back to every input point, per-point head.
+
+    Args:
+        in_channels: per-point input feature channels (0 = xyz only; 3 for colour).
+        num_classes: number of classes.
+        radii, max_neighbors, widths, num_samples, sample_ratios: the SA levels, as in ``PointNet2Cls``.
+        fp_widths: FP widths, from the coarsest level to the input points (one list per SA level).
+        head_hidden: hidden widths of the per-point classifier.
+        dropout: dropout of the per-point classifier.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, radii: Sequence[Sequence[float]],
+                 max_neighbors: Sequence[Sequence[int]], widths: Sequence[Sequence[Sequence[int]]],
+                 fp_widths: Sequence[Sequence[int]], num_samples: Sequence[int] | None = None,
+                 sample_ratios: Sequence[float] | None = None, head_hidden: Sequence[int] = (128,),
+                 dropout: float = 0.5) -> None:
+        super().__init__()
+        if in_channels < 0:
+            raise ValueError(f"in_channels must be >= 0, got {in_channels}")
+        if len(fp_widths) != len(radii):
+            raise ValueError(f"fp_widths needs one entry per SA level ({len(radii)}), got {len(fp_widths)}")
+        self.in_channels = in_channels
+        self.levels = _sa_levels(in_channels, num_samples, sample_ratios, radii, max_neighbors, widths)
+        # Skip channels per resolution; the reference networks pass no skip at the input resolution.
+        skips = [0] + [sa.out_channels for sa in self.levels[:-1]]
+        self.fps = nn.ModuleList()
+        c = self.levels[-1].out_channels
+        for i, w in enumerate(fp_widths):
+            fp = FeaturePropagation(c, skips[len(skips) - 1 - i], w)
+            self.fps.append(fp)
+            c = fp.out_channels
+        self.num_features = c
+        self.head = MLPHead(c, head_hidden, num_classes, dropout)
+
+    def forward_features(self, batch: PointBatch) -> Tensor:
+        """Per-point features [N, fp_widths[-1][-1]] in input order."""
+        _check_in_channels(batch, self.in_channels)
+        perm, xyz, feat = _to_canonical(batch)
+        pyramid = [(xyz, feat, batch.offset)]
+        for sa in self.levels:
+            pyramid.append(sa(*pyramid[-1]))
+        coarse_xyz, h, coarse_offset = pyramid[-1]
+        for i, fp in enumerate(self.fps):
+            fine_xyz, fine_feat, fine_offset = pyramid[-2 - i]
+            skip = fine_feat if i < len(self.fps) - 1 else None
+            h = fp(fine_xyz, skip, fine_offset, coarse_xyz, h, coarse_offset)
+            coarse_xyz, coarse_offset = fine_xyz, fine_offset
+        return torch.empty_like(h).index_copy_(0, perm, h)
+
+    def forward(self, batch: PointBatch) -> Tensor:
+        """Per-point logits [N, num_classes] in input order."""
+        return self.head(self.forward_features(batch))
+
+
+def _check_in_channels(batch: PointBatch, in_channels: int) -> None:
+    if batch.feat.shape[1] != in_channels:
+        raise ValueError(f"batch.feat has {batch.feat.shape[1]} channels but the model was built with "
+                         f"in_channels={in_channels}; rebuild the model or select the matching features")
+
+
+# --------------------------------------------------------------------------------------------- variants
+def pointnet2_ssg_cls(in_channels: int, num_classes: int) -> PointNet2Cls:
+    """SSG classifier of the paper / official ``pointnet2_cls_ssg``: 512/0.2/32, 128/0.4/64, group-all."""
+    return PointNet2Cls(in_channels, num_classes, num_samples=[512, 128], radii=[[0.2], [0.4]],
+                        max_neighbors=[[32], [64]], widths=[[[64, 64, 128]], [[128, 128, 256]]])
+
+
+def pointnet2_msg_cls(in_channels: int, num_classes: int) -> PointNet2Cls:
+    """MSG classifier of the official ``pointnet2_cls_msg``."""
+    return PointNet2Cls(in_channels, num_classes, num_samples=[512, 128],
+                        radii=[[0.1, 0.2, 0.4], [0.2, 0.4, 0.8]], max_neighbors=[[16, 32, 128], [32, 64, 128]],
+                        widths=[[[32, 32, 64], [64, 64, 128], [64, 96, 128]],
+                                [[64, 64, 128], [128, 128, 256], [128, 128, 256]]])
+
+
+def pointnet2_ssg_seg(in_channels: int, num_classes: int) -> PointNet2Seg:
+    """SSG semantic segmentation of the official ``pointnet2_sem_seg`` (1024/256/64/16 centres on 4096 points)."""
+    return PointNet2Seg(in_channels, num_classes, sample_ratios=[0.25, 0.25, 0.25, 0.25],
+                        radii=[[0.1], [0.2], [0.4], [0.8]], max_neighbors=[[32], [32], [32], [32]],
+                        widths=[[[32, 32, 64]], [[64, 64, 128]], [[128, 128, 256]], [[256, 256, 512]]],
+                        fp_widths=[[256, 256], [256, 256], [256, 128], [128, 128, 128]])
+
+
+def pointnet2_msg_seg(in_channels: int, num_classes: int) -> PointNet2Seg:
+    """MSG semantic segmentation (yanx27 ``pointnet2_sem_seg_msg``)."""
+    return PointNet2Seg(in_channels, num_classes, sample_ratios=[0.25, 0.25, 0.25, 0.25],
+                        radii=[[0.05, 0.1], [0.1, 0.2], [0.2, 0.4], [0.4, 0.8]],
+                        max_neighbors=[[16, 32], [16, 32], [16, 32], [16, 32]],
+                        widths=[[[16, 16, 32], [32, 32, 64]], [[64, 64, 128], [64, 96, 128]],
+                                [[128, 196, 256], [128, 196, 256]], [[256, 256, 512], [256, 384, 512]]],
+                        fp_widths=[[256, 256], [256, 256], [256, 128], [128, 128, 128]])

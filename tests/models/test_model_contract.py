@@ -1,0 +1,164 @@
+"""The model contract, checked for EVERY ``conf/model/*.yaml`` (so models added later are covered too).
+
+Each config must instantiate with ``hydra.utils.instantiate(cfg, in_channels=..., num_classes=...)`` into a
+module whose constructor is typed and documented, whose ``forward(PointBatch)`` returns ``[B, classes]``
+(``*_cls``) or ``[N, classes]`` in input order (``*_seg``), which ignores the input point order, gives a cloud
+the same output alone as inside a ragged batch, trains (finite loss, a gradient for every parameter) on real
+samples and runs under bfloat16 / float16 autocast (and on CUDA, where present).
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from pcbench.ops import PointBatch
+from tests.models._helpers import (
+    modelnet_batch,
+    per_cloud,
+    permute_within_clouds,
+    ragged_objects,
+    scannet_crop,
+)
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
+CONFIGS = sorted(CONF.glob("*.yaml"))
+NUM_CLASSES = 5
+IN_CHANNELS = 3
+
+
+def _task(path: Path) -> str:
+    return "cls" if path.stem.endswith("_cls") else "seg"
+
+
+def build(path: Path, in_channels: int = IN_CHANNELS, num_classes: int = NUM_CLASSES, **overrides) -> torch.nn.Module:
+    """Instantiate a model config (seeded) with the given input channels and classes."""
+    cfg = OmegaConf.load(path)
+    for k, v in overrides.items():
+        if k in cfg:
+            cfg[k] = v
+    torch.manual_seed(0)
+    return hydra.utils.instantiate(cfg, in_channels=in_channels, num_classes=num_classes)
+
+
+def _ids(paths: list[Path]) -> list[str]:
+    return [p.stem for p in paths]
+
+
+@pytest.fixture(scope="module")
+def small_batch() -> PointBatch:
+    # Ragged on purpose (different sizes, one cloud smaller than most stage k's after down-sampling).
+    return ragged_objects([160, 96, 128])
+
+
+def test_every_config_name_says_its_task() -> None:
+    assert CONFIGS, f"no model configs under {CONF}"
+    for p in CONFIGS:
+        assert p.stem.endswith(("_cls", "_seg")), f"{p.name}: model configs must be named <model>_{{cls,seg}}.yaml"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=_ids(CONFIGS))
+def test_constructor_is_typed_and_documented(path: Path) -> None:
+    target = hydra.utils.get_class(OmegaConf.load(path)["_target_"])
+    sig = inspect.signature(target.__init__)
+    params = [p for p in sig.parameters.values() if p.name != "self"]
+    assert [p.name for p in params[:2]] == ["in_channels", "num_classes"], f"{path.name}: first args"
+    missing = [p.name for p in params if p.annotation is inspect.Parameter.empty]
+    assert not missing, f"{path.name}: untyped constructor args {missing}"
+    assert target.__doc__ and "Args:" in target.__doc__, f"{path.name}: constructor args are not documented"
+    for name in OmegaConf.load(path):
+        if not (name.startswith("_") and name.endswith("_")):  # Hydra keys (_target_, _convert_, ...)
+            assert name in sig.parameters, f"{path.name}: config key {name!r} is not a constructor argument"
+    assert hasattr(target, "forward_features"), f"{path.name}: forward_features must be split from the head"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=_ids(CONFIGS))
+def test_output_shape_order_and_batch_consistency(path: Path, small_batch: PointBatch) -> None:
+    model = build(path).eval()
+    with torch.no_grad():
+        out = model(small_batch)
+        want = (small_batch.num_clouds if _task(path) == "cls" else small_batch.num_points, NUM_CLASSES)
+        assert tuple(out.shape) == want and out.dtype == torch.float32
+        assert torch.isfinite(out).all()
+        # Point order: classification is invariant, segmentation equivariant (per-point rows follow the points).
+        shuffled, perm = permute_within_clouds(small_batch)
+        out_perm = model(shuffled)
+        expected = out if _task(path) == "cls" else out[perm]
+        torch.testing.assert_close(out_perm, expected, atol=1e-4, rtol=1e-4)
+        # A cloud alone gives what it gives inside the ragged batch.
+        alone = torch.cat([model(c) for c in per_cloud(small_batch)])
+        torch.testing.assert_close(alone, out, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=_ids(CONFIGS))
+def test_wrong_feature_channels_raise(path: Path, small_batch: PointBatch) -> None:
+    model = build(path).eval()
+    bad = PointBatch(small_batch.coord, small_batch.feat[:, :2], small_batch.offset)
+    with pytest.raises(ValueError, match="in_channels"):
+        model(bad)
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if _task(p) == "cls"],
+                         ids=_ids([p for p in CONFIGS if _task(p) == "cls"]))
+def test_cls_trains_on_real_modelnet(path: Path, shared_data: Path) -> None:
+    batch = modelnet_batch(shared_data, 1024)  # PTv1 keeps 4 points per cloud at stride 256
+    model = build(path).train()
+    out = model(batch)
+    loss = F.cross_entropy(out, batch.label % NUM_CLASSES)
+    loss.backward()
+    assert torch.isfinite(loss)
+    _assert_every_parameter_learns(model, path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", [p for p in CONFIGS if _task(p) == "seg"],
+                         ids=_ids([p for p in CONFIGS if _task(p) == "seg"]))
+def test_seg_trains_on_real_scannet(path: Path, shared_data: Path) -> None:
+    batch, num_classes = scannet_crop(shared_data, size=3.0)  # ~5.3k points, 7 classes
+    model = build(path, num_classes=num_classes).train()
+    out = model(batch)
+    assert out.shape == (batch.num_points, num_classes)
+    loss = F.cross_entropy(out, batch.label)
+    loss.backward()
+    assert torch.isfinite(loss)
+    _assert_every_parameter_learns(model, path)
+
+
+def _assert_every_parameter_learns(model: torch.nn.Module, path: Path) -> None:
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, f"{path.name}: parameters without gradient {no_grad[:5]}"
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad, f"{path.name}: non-finite gradients in {bad[:5]}"
+    zero = [n for n, p in model.named_parameters() if p.grad is not None and not p.grad.any()]
+    assert not zero, f"{path.name}: all-zero gradients in {zero[:5]}"
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.bfloat16, 0.1), (torch.float16, 0.02)], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("path", CONFIGS, ids=_ids(CONFIGS))
+def test_autocast_forward(path: Path, small_batch: PointBatch, dtype: torch.dtype, tol: float) -> None:
+    model = build(path).eval()
+    with torch.no_grad():
+        ref = model(small_batch)
+        with torch.autocast("cpu", dtype=dtype):
+            out = model(small_batch)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    # bfloat16 keeps ~3 significant digits, float16 ~4; the logits must still agree as a whole.
+    rel = (out.float() - ref).norm() / ref.norm().clamp_min(1e-6)
+    assert rel < tol, f"{path.name}: {dtype} autocast logits deviate by {rel:.4f} (relative L2)"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", CONFIGS, ids=_ids(CONFIGS))
+def test_cuda_matches_cpu(path: Path, small_batch: PointBatch) -> None:
+    model = build(path).eval()
+    with torch.no_grad():
+        ref = model(small_batch)
+        out = model.cuda()(small_batch.to("cuda"))
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-3, rtol=1e-3)

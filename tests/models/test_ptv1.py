@@ -1,0 +1,114 @@
+"""Point Transformer v1: parameter count of the paper configuration, the vector attention layer and the
+transitions against direct per-point implementations of the paper's formulas, edge cases, overfitting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pcbench.models.ptv1 import (
+    PointTransformerCls,
+    PointTransformerLayer,
+    PointTransformerSeg,
+    TransitionDown,
+    _Level,
+    point_transformer_cls,
+    point_transformer_seg,
+)
+from pcbench.ops import PointBatch, farthest_point_sample, group_relative, knn, sample_offset
+from tests.models._helpers import modelnet_batch, n_params, overfit, plain_bn, ragged_objects, scannet_crop
+
+
+def test_seg50_parameter_count_matches_the_official_model() -> None:
+    # The official PointTransformerSeg50 (POSTECH-CVLab/point-transformer, pointtransformer_seg_repro, c=6
+    # i.e. xyz + rgb, k=13 S3DIS classes) has 7.8M parameters.
+    n = n_params(point_transformer_seg(3, 13))
+    assert abs(n - 7.8e6) / 7.8e6 < 0.02, n
+    assert n == 7_767_729
+
+
+def test_layer_parameter_count_follows_the_official_layer_list() -> None:
+    c, s = 64, 8
+    expected = 3 * (c * c + c) + (3 * 3 + 3) + 2 * 3 + (3 * c + c) + 2 * c + (c * c // s + c // s) + 2 * (c // s) \
+        + ((c // s) ** 2 + c // s)
+    assert n_params(PointTransformerLayer(c, s, 16)) == expected
+
+
+def _naive_layer(layer: PointTransformerLayer, x: torch.Tensor, xyz: torch.Tensor, offset: torch.Tensor):
+    """y_i = sum_j softmax_j(gamma(q_i - k_j + delta_ij)) (.) (v_j + delta_ij), looping over points."""
+    idx, _ = knn(xyz, xyz, layer.k, offset, offset)
+    q, k, v = layer.linear_q(x), layer.linear_k(x), layer.linear_v(x)
+    out = []
+    for i in range(x.shape[0]):
+        nb = idx[i][idx[i] >= 0]
+        delta = layer.linear_p(xyz[nb] - xyz[i])  # [k', C]
+        a = layer.linear_w((k[nb] - q[i]) + delta)  # official code: x_k - x_q + p_r
+        w = torch.softmax(a, dim=0)  # [k', C / s]
+        vals = (v[nb] + delta).view(len(nb), layer.share_planes, -1)  # channel c uses weight group c % (C/s)
+        out.append((vals * w.unsqueeze(1)).sum(0).reshape(-1))
+    return torch.stack(out)
+
+
+def test_vector_attention_equals_the_per_point_formula_on_ragged_clouds() -> None:
+    torch.manual_seed(0)
+    batch = ragged_objects([40, 12], in_channels=16)  # second cloud smaller than k: masked neighbours
+    layer = PointTransformerLayer(16, share_planes=4, k=16).eval()
+    out = layer(batch.feat, _Level(batch.coord, batch.offset))
+    torch.testing.assert_close(out, _naive_layer(layer, batch.feat, batch.coord, batch.offset), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_transition_down_equals_group_then_linear_then_maxpool() -> None:
+    torch.manual_seed(0)
+    batch = ragged_objects([64, 30], in_channels=5)
+    td = TransitionDown(5, 12, stride=4, k=8).eval()
+    td.bn.weight.data[::3] *= -1  # negative BN scales: the pooled BN must take the minimum there
+    x, new = td(batch.feat, _Level(batch.coord, batch.offset))
+    sel = farthest_point_sample(batch.coord, batch.offset, ratio=0.25)
+    assert new.offset.tolist() == sample_offset(batch.offset, ratio=0.25).tolist() == [16, 24]
+    torch.testing.assert_close(new.xyz, batch.coord[sel])
+    idx, _ = knn(new.xyz, batch.coord, 8, new.offset, batch.offset)
+    grouped = group_relative(new.xyz, batch.coord, idx, batch.feat)
+    expected = F.relu(plain_bn(td.bn, td.linear(grouped))).amax(1)
+    torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_empty_cloud_and_float64() -> None:
+    model = point_transformer_cls(3, 4).eval()
+    full = ragged_objects([128, 70], seed=2)
+    with_empty = PointBatch(full.coord, full.feat, torch.tensor([128, 128, 198]))
+    with torch.no_grad():
+        a, b = model(full), model(with_empty)
+        out64 = model.double()(PointBatch(full.coord.double(), full.feat.double(), full.offset))
+    assert torch.isfinite(b).all()
+    torch.testing.assert_close(b[[0, 2]], a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out64.float(), a, atol=1e-4, rtol=1e-4)
+
+
+def test_invalid_configuration_raises() -> None:
+    with pytest.raises(ValueError, match="divisible by share_planes"):
+        PointTransformerLayer(20, share_planes=8)
+    with pytest.raises(ValueError, match="one entry per stage"):
+        PointTransformerSeg(3, 4, channels=[32, 64], depths=[1])
+    with pytest.raises(ValueError, match="decoder_depths"):
+        PointTransformerSeg(3, 4, decoder_depths=[1, 1])
+
+
+@pytest.mark.slow
+def test_cls_overfits_real_modelnet(shared_data: Path) -> None:
+    batch = modelnet_batch(shared_data, 512)
+    torch.manual_seed(0)
+    model = PointTransformerCls(3, 40, dropout=0.0)
+    losses = overfit(model, batch, batch.label, steps=30)
+    assert losses[-1] < 0.1 * losses[0], losses
+
+
+@pytest.mark.slow
+def test_seg_overfits_real_scannet(shared_data: Path) -> None:
+    batch, num_classes = scannet_crop(shared_data, size=2.0)
+    torch.manual_seed(0)
+    losses = overfit(point_transformer_seg(3, num_classes), batch, batch.label, steps=60, lr=3e-3)
+    assert losses[-1] < 0.1 * losses[0], losses
