@@ -192,7 +192,7 @@ def _gather_mm_scatter(feats: Tensor, weight: Tensor, pairs: list[tuple[int, Ten
     for k, src, dst in pairs:
         # In place: one output buffer instead of K fresh [num_out, C_out] temporaries (autograd allows it,
         # no op here needs `out` itself for its backward).
-        out.index_add_(0, dst, feats.index_select(0, src) @ weight[k])
+        out.index_add_(0, dst, (feats.index_select(0, src) @ weight[k]).to(out.dtype))  # autocast-safe
     return out
 
 
@@ -226,7 +226,7 @@ class _SparseConvFunction(torch.autograd.Function):
         for k, src, dst in ctx.pairs:
             go = grad_out.index_select(0, dst)
             if need_x:
-                gx.index_add_(0, src, go @ weight[k].T)
+                gx.index_add_(0, src, (go @ weight[k].T).to(gx.dtype))
             if need_w:
                 torch.mm(feats.index_select(0, src).T, go, out=gw[k])
         return gx, gw, None, None, None

@@ -33,7 +33,17 @@ __all__ = ["SparseResNet", "sparse_resnet14", "sparse_resnet18", "sparse_resnet3
 
 
 class SparseResNet(nn.Module):
-    """Voxel ResNet: packed object clouds -> logits [B, num_classes]."""
+    """Voxel ResNet: packed object clouds -> logits [B, num_classes].
+
+    Args:
+        in_channels: per-point input feature channels (``batch.feat``).
+        num_classes: output classes.
+        voxel_size: voxel edge in input coordinate units (objects are normalised to the unit sphere).
+        layers: residual blocks per stage (ResNet14: 1,1,1,1).
+        planes: output width per stage.
+        init_dim: width of the stem convolution.
+        dropout: dropout before the final linear layer.
+    """
 
     def __init__(
         self,

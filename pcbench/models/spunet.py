@@ -50,7 +50,16 @@ class _ConvBNReLU(nn.Module):
 
 
 class SpUNet(nn.Module):
-    """Sparse U-Net (SpUNet-v1m1): packed points -> per-point logits [N, num_classes]."""
+    """Sparse U-Net (SpUNet-v1m1): packed points -> per-point logits [N, num_classes].
+
+    Args:
+        in_channels: per-point input feature channels (``batch.feat``).
+        num_classes: output classes.
+        voxel_size: voxel edge in input coordinate units (2 cm for ScanNet).
+        base_channels: width of the stem convolution.
+        channels: output width per stage, 4 encoder then 4 decoder stages.
+        layers: residual blocks per stage, same order.
+    """
 
     def __init__(
         self,
