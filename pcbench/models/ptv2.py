@@ -80,8 +80,9 @@ class GroupedVectorAttention(nn.Module):
         w = self.attn_drop(torch.softmax(self.weight_encoding(rel), dim=1))  # [N, S, G]
         # as in the official code, missing neighbours are zeroed after the softmax (no renormalisation)
         w = w * valid[..., None].to(w.dtype)
-        out = (v.view(n, s, self.groups, -1) * w[..., None]).sum(1)
-        return out.reshape(n, -1)
+        c = v.shape[-1]
+        out = (v.view(n, s, self.groups, c // self.groups) * w[..., None]).sum(1)
+        return out.reshape(n, c)
 
 
 class Block(nn.Module):
