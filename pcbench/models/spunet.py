@@ -1,0 +1,144 @@
+"""SpUNet-base (Pointcept's ``SpUNet-v1m1``) for scene segmentation, on pcbench's sparse convolution.
+
+Architecture as in Pointcept ``pointcept/models/sparse_unet/spconv_unet_v1m1_base.py`` (Wu et al.,
+Pointcept codebase; the sparse U-Net baseline of the PTv2/PTv3 papers):
+
+    stem      submanifold conv k=5 -> BN -> ReLU                                   base_channels
+    encoder   4 x [conv(k=2, s=2) -> BN -> ReLU -> layers[i] BasicBlocks(channels[i])]
+    decoder   4 x [inverse conv(k=2, s=2) -> BN -> ReLU -> concat skip -> layers[4+i] BasicBlocks(channels[4+i])]
+    head      kernel-1 conv with bias (a Linear) -> per-voxel logits -> per-point via the voxel inverse map
+
+Unlike MinkUNet the strided convolutions change the width and the blocks' shortcut is a kernel-1
+projection (``proj``) only where widths differ. BatchNorm uses eps 1e-3, momentum 0.01, and submanifold
+convolutions / the head start from a truncated normal (std 0.02), as in the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from pcbench.ops import PointBatch
+
+from .sparse import (
+    SparseBasicBlock,
+    SparseBatchNorm,
+    SparseConv3d,
+    SparseConvTranspose3d,
+    SparseTensor,
+    devoxelize,
+    sparse_cat,
+    sparse_from_points,
+)
+
+__all__ = ["SpUNet", "spunet_base"]
+
+_BN_EPS, _BN_MOMENTUM = 1e-3, 0.01
+
+
+class _ConvBNReLU(nn.Module):
+    def __init__(self, conv: nn.Module, channels: int) -> None:
+        super().__init__()
+        self.conv = conv
+        self.norm = SparseBatchNorm(channels, _BN_EPS, _BN_MOMENTUM)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        y = self.norm(self.conv(x))
+        return y.replace(torch.relu(y.feats))
+
+
+class SpUNet(nn.Module):
+    """Sparse U-Net (SpUNet-v1m1): packed points -> per-point logits [N, num_classes]."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        voxel_size: float = 0.02,
+        base_channels: int = 32,
+        channels: Sequence[int] = (32, 64, 128, 256, 256, 128, 96, 96),
+        layers: Sequence[int] = (2, 3, 4, 6, 2, 2, 2, 2),
+    ) -> None:
+        """Defaults are SpUNet-base; ``voxel_size`` in input coordinate units (metres, 2 cm for ScanNet)."""
+        super().__init__()
+        if in_channels < 1 or num_classes < 1:
+            raise ValueError(f"in_channels and num_classes must be >= 1, got {in_channels} and {num_classes}")
+        if not voxel_size > 0:
+            raise ValueError(f"voxel_size must be a positive float (metres per cell), got {voxel_size!r}")
+        if len(channels) != 8 or len(layers) != 8:
+            raise ValueError(
+                f"channels and layers need 8 entries (4 encoder + 4 decoder stages), got {len(channels)} and "
+                f"{len(layers)}; e.g. channels=(32, 64, 128, 256, 256, 128, 96, 96), layers=(2, 3, 4, 6, 2, 2, 2, 2)"
+            )
+        self.in_channels, self.num_classes, self.voxel_size = in_channels, num_classes, float(voxel_size)
+        channels, layers = [int(c) for c in channels], [int(n) for n in layers]
+
+        self.stem = _ConvBNReLU(SparseConv3d(in_channels, base_channels, 5), base_channels)
+        self.down, self.enc = nn.ModuleList(), nn.ModuleList()
+        width = base_channels
+        for i in range(4):
+            self.down.append(_ConvBNReLU(SparseConv3d(width, channels[i], 2, stride=2), channels[i]))
+            self.enc.append(self._stage(channels[i], channels[i], layers[i]))
+            width = channels[i]
+        skips = [base_channels, *channels[:3]]
+        self.up, self.dec = nn.ModuleList(), nn.ModuleList()
+        for i in range(4):
+            c = channels[4 + i]
+            self.up.append(_ConvBNReLU(SparseConvTranspose3d(width, c, 2, stride=2), c))
+            self.dec.append(self._stage(c + skips[3 - i], c, layers[4 + i]))
+            width = c
+        self.out_channels = width
+        self.head = nn.Linear(width, num_classes)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _stage(cin: int, cout: int, blocks: int) -> nn.Sequential:
+        return nn.Sequential(*[SparseBasicBlock(cin if b == 0 else cout, cout, bn_eps=_BN_EPS, bn_momentum=_BN_MOMENTUM)
+                               for b in range(blocks)])
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # The reference re-initialises submanifold convs and Linear layers; strided/inverse convs keep
+        # the default uniform init.
+        if (isinstance(m, SparseConv3d) and m.stride == 1) or isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm1d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward_voxels(self, batch: PointBatch) -> tuple[SparseTensor, Tensor]:
+        """Decoder features on the finest voxels and the point -> voxel inverse map [N]."""
+        if batch.feat.shape[1] != self.in_channels:
+            raise ValueError(
+                f"batch.feat has {batch.feat.shape[1]} channels but the model was built with "
+                f"in_channels={self.in_channels}; set in_channels to match the data's features"
+            )
+        x, inverse = sparse_from_points(batch.coord, batch.feat, self.voxel_size, batch.offset)
+        x = self.stem(x)
+        skips = [x]
+        for down, enc in zip(self.down, self.enc, strict=True):
+            x = enc(down(x))
+            skips.append(x)
+        skips.pop()
+        for up, dec in zip(self.up, self.dec, strict=True):
+            x = dec(sparse_cat(up(x), skips.pop()))
+        return x, inverse
+
+    def forward_features(self, batch: PointBatch) -> Tensor:
+        """Per-point features [N, channels[-1]]."""
+        x, inverse = self.forward_voxels(batch)
+        return devoxelize(x, inverse)
+
+    def forward(self, batch: PointBatch) -> Tensor:
+        """Per-point logits [N, num_classes], rows in input order."""
+        x, inverse = self.forward_voxels(batch)
+        return self.head(x.feats).index_select(0, inverse)
+
+
+def spunet_base(in_channels: int, num_classes: int, voxel_size: float = 0.02) -> SpUNet:
+    """SpUNet-base: base 32, channels (32, 64, 128, 256, 256, 128, 96, 96), layers (2, 3, 4, 6, 2, 2, 2, 2)."""
+    return SpUNet(in_channels, num_classes, voxel_size)
