@@ -35,16 +35,11 @@ __all__ = ["PointTransformerV3", "ptv3_cls", "ptv3_seg"]
 class _Level:
     grid: Tensor  # [n, 3] int64, non-negative per cloud
     offset: Tensor  # [B]
-    orders: list[Tensor]  # point rows along each curve
+    names: list[str]  # serialization curves of this level (shuffled per level in training)
     parent: GridPartition | None = None  # how the finer level's points map to this level's points
     _kmaps: dict[int, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
     _nbrs: dict[int, Tensor] = field(default_factory=dict)
     _patches: dict[tuple[int, int], PatchIndex] = field(default_factory=dict)
-
-    @classmethod
-    def build(cls, grid: Tensor, offset: Tensor, names: Sequence[str], parent: GridPartition | None) -> _Level:
-        orders = [torch.argsort(serialize(grid, offset, name)) for name in names]
-        return cls(grid, offset, orders, parent)
 
     @property
     def num_points(self) -> int:
@@ -68,9 +63,11 @@ class _Level:
         return self._nbrs[kernel_size]
 
     def patches(self, order_index: int, patch_size: int) -> PatchIndex:
-        key = (order_index % len(self.orders), patch_size)
+        """Patch layout along curve ``names[order_index]`` (built on first use, only for curves in use)."""
+        key = (order_index % len(self.names), patch_size)
         if key not in self._patches:
-            self._patches[key] = build_patches(self.orders[key[0]], offset2lengths(self.offset), patch_size)
+            order = torch.argsort(serialize(self.grid, self.offset, self.names[key[0]]))
+            self._patches[key] = build_patches(order, offset2lengths(self.offset), patch_size)
         return self._patches[key]
 
 
@@ -327,7 +324,7 @@ class PointTransformerV3(nn.Module):
         grid = part.cell[:, 1:]
         if grid.shape[0]:
             grid = grid - cloud_min(grid, part.offset)[offset2batch(part.offset)]
-        return part, _Level.build(grid, part.offset, self._order_names(), None)
+        return part, _Level(grid, part.offset, self._order_names())
 
     # -- forward --------------------------------------------------------------------------------------------
 
@@ -347,7 +344,7 @@ class PointTransformerV3(nn.Module):
                 skips.append(feat)
                 pool = self.down[s - 1].partition(levels[-1])
                 feat = self.down[s - 1](feat, pool)
-                levels.append(_Level.build(pool.cell[:, 1:], pool.offset, self._order_names(), pool))
+                levels.append(_Level(pool.cell[:, 1:], pool.offset, self._order_names(), pool))
             for blk in self.enc[s]:
                 feat = blk(feat, levels[-1])
         if self.cls_mode:

@@ -11,7 +11,15 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from pcbench.models.layers.serialized_attention import SerializedAttention, build_patches
-from pcbench.models.ptv3 import PointTransformerV3, SubMConv3d, _Level, ptv3_cls, ptv3_seg
+from pcbench.models.ptv3 import (
+    GridPooling,
+    GridUnpooling,
+    PointTransformerV3,
+    SubMConv3d,
+    _Level,
+    ptv3_cls,
+    ptv3_seg,
+)
 from pcbench.ops import PointBatch, serialize
 from pcbench.ops._clouds import load_modelnet_txt, load_scannet_scene, object_batch
 from tests.conftest import REPO
@@ -75,6 +83,46 @@ def test_subm_conv_matches_dense_conv3d(kernel_size: int, gemm_max_width: int, g
     w = conv.weight.detach().reshape(k, k, k, cin, cout).permute(4, 3, 0, 1, 2)
     ref = F.conv3d(dense, w, conv.bias.detach(), padding=k // 2)[0, :, grid[:, 0], grid[:, 1], grid[:, 2]].T
     torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+def test_grid_pooling_and_unpooling_match_dict_grouping(stride: int, gen: torch.Generator) -> None:
+    lengths = [60, 0, 45]
+    grid = torch.randint(0, 9, (sum(lengths), 3), generator=gen)
+    level = _Level(grid, torch.tensor(lengths).cumsum(0), [])
+    pool = GridPooling(4, 6, stride).eval()
+    part = pool.partition(level)
+    feat = torch.randn(sum(lengths), 4, generator=gen)
+    cloud = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (b, g) in enumerate(zip(cloud.tolist(), (grid // stride).tolist(), strict=True)):
+        groups.setdefault((b, *g), []).append(i)
+    keys = sorted(groups)
+    assert part.cell.tolist() == [list(k) for k in keys]
+    assert part.offset.tolist() == [sum(1 for k in keys if k[0] <= b) for b in range(3)]
+    with torch.no_grad():
+        proj = pool.proj(feat)
+        want = torch.stack([proj[groups[k]].max(0).values for k in keys])
+        torch.testing.assert_close(pool(feat, part), pool.act(pool.norm(want)))
+        up = GridUnpooling(6, 4, 5).eval()
+        coarse = torch.randn(len(keys), 6, generator=gen)
+        got = up(coarse, feat, part)
+        for k, rows in groups.items():
+            torch.testing.assert_close(got[rows], up.proj_skip(feat[rows]) + up.proj(coarse[keys.index(k)][None]))
+
+
+def test_patch_layout_properties() -> None:
+    order = torch.arange(10)
+    pi = build_patches(order, torch.tensor([10]), 4)  # 3 patches; the last one borrows 2 earlier points
+    assert pi.patch_size == 4 and pi.key_mask is None
+    assert pi.gather.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 6, 7]
+    pi = build_patches(order, torch.tensor([3, 7]), 4)  # the 3-point cloud is one masked patch
+    assert pi.gather.tolist() == [0, 1, 2, 0, 3, 4, 5, 6, 7, 8, 9, 6]
+    assert pi.key_mask.tolist() == [[True, True, True, False], [True] * 4, [True] * 4]
+    pi = build_patches(order, torch.tensor([10]), 1024)  # patch shrinks to the largest cloud
+    assert pi.patch_size == 10 and pi.num_patches == 1
+    with pytest.raises(ValueError, match="patch_size must be a positive"):
+        build_patches(order, torch.tensor([10]), 0)
 
 
 def _naive_patch_attention(attn: SerializedAttention, feat: torch.Tensor, order: torch.Tensor,
