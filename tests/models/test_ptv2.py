@@ -183,6 +183,9 @@ def test_forward_backward_real_modelnet_paper_width(shared_data) -> None:
 def test_forward_backward_real_scannet_scene_paper_config(shared_data) -> None:
     torch.manual_seed(0)
     coord, color, _ = _scannet(shared_data)
+    # a 2.5 m slab of the real scene (~28k of its 81k vertices) keeps this bounded on 2 CPU cores
+    keep = coord[:, 0] < coord[:, 0].min() + 2.5
+    coord, color = coord[keep], color[keep]
     model = ptv2_seg(6, 20).train()
     out = model(PointBatch(coord, torch.cat([color, coord - coord.mean(0)], 1), torch.tensor([len(coord)])))
     assert out.shape == (len(coord), 20) and bool(torch.isfinite(out).all())
