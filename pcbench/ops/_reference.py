@@ -22,6 +22,7 @@ __all__ = [
     "kernel_map_reference",
     "knn_reference",
     "sample_counts",
+    "serialize_reference",
     "voxelize_reference",
 ]
 
@@ -171,3 +172,61 @@ def kernel_map_reference(
 
 
 # --- serialization reference (z-order / Hilbert) is appended below by its owner ---
+
+
+def _morton_point(x: int, y: int, z: int, depth: int) -> int:
+    """Bit-by-bit interleave with x the most significant axis: bit i of x -> 3i+2, y -> 3i+1, z -> 3i."""
+    code = 0
+    for i in range(depth):
+        code |= ((x >> i) & 1) << (3 * i + 2)
+        code |= ((y >> i) & 1) << (3 * i + 1)
+        code |= ((z >> i) & 1) << (3 * i)
+    return code
+
+
+def _hilbert_point(axes: list[int], depth: int) -> int:
+    """Skilling's AxestoTranspose (AIP Conf. Proc. 707, 2004), scalar textbook form, then bit interleave."""
+    x = list(axes)
+    n = len(x)
+    q = 1 << (depth - 1)
+    while q > 1:
+        p = q - 1
+        for i in range(n):
+            if x[i] & q:
+                x[0] ^= p
+            else:
+                t = (x[0] ^ x[i]) & p
+                x[0] ^= t
+                x[i] ^= t
+        q >>= 1
+    for i in range(1, n):
+        x[i] ^= x[i - 1]
+    t = 0
+    q = 1 << (depth - 1)
+    while q > 1:
+        if x[n - 1] & q:
+            t ^= q - 1
+        q >>= 1
+    for i in range(n):
+        x[i] ^= t
+    # the transposed index holds bit b of the Hilbert index digit (axis 0 first) in bit b of each x[i]
+    code = 0
+    for b in range(depth - 1, -1, -1):
+        for i in range(n):
+            code = (code << 1) | ((x[i] >> b) & 1)
+    return code
+
+
+def serialize_reference(
+    grid_coord: Tensor, offset: Tensor | None = None, order: str = "z", depth: int = 16
+) -> Tensor:
+    """Per-point curve code: ``cloud << (3 * depth) | curve(x, y, z)``, "-trans" swaps x and y first."""
+    g = grid_coord.detach().long().cpu().tolist()
+    out = []
+    for b, (a, e) in enumerate(_ranges(offset, len(g))):
+        for x, y, z in g[a:e]:
+            if order.endswith("-trans"):
+                x, y = y, x
+            c = _morton_point(x, y, z, depth) if order.startswith("z") else _hilbert_point([x, y, z], depth)
+            out.append((b << (3 * depth)) | c)
+    return torch.tensor(out, dtype=torch.long).reshape(-1)

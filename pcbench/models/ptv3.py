@@ -1,0 +1,409 @@
+"""Point Transformer V3 (Wu et al., CVPR 2024) on the pure-torch neighbour core.
+
+Pipeline: voxelize the input at ``grid_size`` (features averaged per voxel), serialize the voxels along
+space-filling curves (z-order, Hilbert and their x/y-swapped variants), then a U-Net of blocks
+``x += xCPE(x); x += Attn(LN(x)); x += MLP(LN(x))`` where Attn is patch attention along one curve
+(the curve alternates block to block) and xCPE is a submanifold sparse conv (kernel 3) + Linear + LN.
+Pooling merges each stride^3 cell block (``ops.voxelize`` on the integer grid), unpooling gathers through
+the pooling map. Segmentation returns per-point logits through the input voxel map; classification
+averages the deepest features per cloud.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from pcbench.ops import PointBatch, kernel_map, offset2batch, offset2lengths, serialize, voxel_pool
+from pcbench.ops.serialize import ORDERS
+
+from .layers.grid_pool import DropPath, GridPartition, cloud_min, grid_partition, segment_mean
+from .layers.serialized_attention import PatchIndex, SerializedAttention, build_patches
+
+__all__ = ["PointTransformerV3", "ptv3_cls", "ptv3_seg"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# per-level state: the voxels of one resolution, their curve orders, conv maps and patch layouts (cached)
+
+
+@dataclass
+class _Level:
+    grid: Tensor  # [n, 3] int64, non-negative per cloud
+    offset: Tensor  # [B]
+    names: list[str]  # serialization curves of this level (shuffled per level in training)
+    parent: GridPartition | None = None  # how the finer level's points map to this level's points
+    _kmaps: dict[int, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    _nbrs: dict[int, Tensor] = field(default_factory=dict)
+    _patches: dict[tuple[int, int], PatchIndex] = field(default_factory=dict)
+
+    @property
+    def num_points(self) -> int:
+        return int(self.grid.shape[0])
+
+    def kmap(self, kernel_size: int) -> list[tuple[Tensor, Tensor]]:
+        """Submanifold ``ops.kernel_map`` of this level's voxels (computed once, shared by all blocks)."""
+        if kernel_size not in self._kmaps:
+            c = torch.cat([offset2batch(self.offset)[:, None], self.grid], 1)
+            self._kmaps[kernel_size] = kernel_map(c, c, kernel_size)
+        return self._kmaps[kernel_size]
+
+    def neighbours(self, kernel_size: int) -> Tensor:
+        """[n, K^3] row of the voxel at each kernel offset (conv3d order), ``n`` where there is none."""
+        if kernel_size not in self._nbrs:
+            n = self.num_points
+            table = torch.full((n, kernel_size**3), n, dtype=torch.long, device=self.grid.device)
+            for d, (i, o) in enumerate(self.kmap(kernel_size)):
+                table[o, d] = i
+            self._nbrs[kernel_size] = table
+        return self._nbrs[kernel_size]
+
+    def patches(self, order_index: int, patch_size: int) -> PatchIndex:
+        """Patch layout along curve ``names[order_index]`` (built on first use, only for curves in use)."""
+        key = (order_index % len(self.names), patch_size)
+        if key not in self._patches:
+            order = torch.argsort(serialize(self.grid, self.offset, self.names[key[0]]))
+            self._patches[key] = build_patches(order, offset2lengths(self.offset), patch_size)
+        return self._patches[key]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# blocks
+
+
+def _gathered_gemm(src: Tensor, nbr: Tensor, w: Tensor) -> Tensor:
+    """``out[j] = src_padded[nbr[j]].flatten() @ w``: [n, K] rows of ``src`` (row n = zeros), w [K*C, C']."""
+    padded = torch.cat([src, src.new_zeros(1, src.shape[1])])
+    # rows are chunked so the gathered block stays ~64 MiB
+    rows = max(1, (1 << 24) // max(w.shape[0], 1))
+    chunks = [padded[nbr[a : a + rows]].reshape(-1, w.shape[0]) @ w for a in range(0, nbr.shape[0], rows)]
+    return torch.cat(chunks) if chunks else src.new_zeros(0, w.shape[1])
+
+
+class _SubMConvFunction(torch.autograd.Function):
+    """Submanifold conv as gathers + GEMMs in both directions (no scatter-add anywhere).
+
+    On one level the neighbour relation is symmetric: if voxel i sits at offset d of voxel j, then j sits
+    at offset -d of i, and -d is kernel index K-1-d. So the input gradient is the same gathered GEMM on
+    the output gradient with the kernel flipped and transposed.
+    """
+
+    @staticmethod
+    def forward(ctx, feat: Tensor, weight: Tensor, nbr: Tensor) -> Tensor:  # noqa: D102
+        vol, cin, cout = weight.shape
+        w = weight.to(feat.dtype)
+        ctx.save_for_backward(feat, w, nbr)
+        ctx.weight_dtype = weight.dtype
+        return _gathered_gemm(feat, nbr, w.reshape(vol * cin, cout))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # noqa: D102
+        feat, w, nbr = ctx.saved_tensors
+        vol, cin, cout = w.shape
+        grad = grad.contiguous().to(feat.dtype)
+        grad_feat = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_feat = _gathered_gemm(grad, nbr, w.flip(0).transpose(1, 2).reshape(vol * cout, cin))
+        if ctx.needs_input_grad[1]:
+            padded = torch.cat([feat, feat.new_zeros(1, cin)])
+            rows = max(1, (1 << 24) // (vol * cin))
+            gw = feat.new_zeros(vol * cin, cout)
+            for a in range(0, nbr.shape[0], rows):
+                gw.addmm_(padded[nbr[a : a + rows]].reshape(-1, vol * cin).T, grad[a : a + rows])
+            grad_w = gw.view(vol, cin, cout).to(ctx.weight_dtype)
+        return grad_feat, grad_w, None
+
+
+class SubMConv3d(nn.Module):
+    """Submanifold sparse 3-D convolution over the voxels of one level: [n, C_in] -> [n, C_out].
+
+    ``out[j] = bias + sum_d feat[i_d(j)] @ weight[d]`` over the kernel offsets d whose neighbour
+    ``i_d(j)`` exists (from ``ops.kernel_map``); weight [K^3, C_in, C_out] in conv3d offset order, the
+    layout of ``pcbench.models.sparse.SparseConv3d``. Computed as one GEMM over gathered neighbourhoods
+    ("implicit im2col") forward and backward: on CPU that is several times faster than per-offset
+    scatter-adds (``index_add_``), although missing neighbours cost multiply-adds with zeros.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True) -> None:
+        super().__init__()
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd for a submanifold conv, got {kernel_size}")
+        self.kernel_size = kernel_size
+        vol = kernel_size**3
+        bound = (1.0 / (vol * in_channels)) ** 0.5  # nn.Conv3d's default, as pcbench.models.sparse uses
+        self.weight = nn.Parameter(torch.empty(vol, in_channels, out_channels).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(out_channels).uniform_(-bound, bound)) if bias else None
+
+    def forward(self, feat: Tensor, level: _Level) -> Tensor:
+        """Convolve ``feat`` [n, C_in] over the level's voxels."""
+        out = _SubMConvFunction.apply(feat, self.weight, level.neighbours(self.kernel_size))
+        return out if self.bias is None else out + self.bias
+
+
+class Block(nn.Module):
+    """Pre-norm PTv3 block: xCPE, serialized patch attention and MLP, each with a residual."""
+
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int,
+        patch_size: int,
+        order_index: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.order_index = order_index
+        self.cpe_conv = SubMConv3d(channels, channels, 3, bias=True)
+        self.cpe_linear = nn.Linear(channels, channels)
+        self.cpe_norm = nn.LayerNorm(channels)
+        self.norm1 = nn.LayerNorm(channels)
+        self.attn = SerializedAttention(channels, num_heads, qkv_bias, attn_drop, proj_drop)
+        self.norm2 = nn.LayerNorm(channels)
+        hidden = int(channels * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(channels, hidden), nn.GELU(), nn.Dropout(proj_drop), nn.Linear(hidden, channels),
+            nn.Dropout(proj_drop),
+        )
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, feat: Tensor, level: _Level) -> Tensor:
+        """[n, C] -> [n, C] on one level."""
+        feat = feat + self.cpe_norm(self.cpe_linear(self.cpe_conv(feat, level)))
+        feat = feat + self.drop_path(self.attn(self.norm1(feat), level.patches(self.order_index, self.patch_size)))
+        return feat + self.drop_path(self.mlp(self.norm2(feat)))
+
+
+class GridPooling(nn.Module):
+    """Linear, then max over each stride^3 block of voxels, then BatchNorm + GELU (PTv3 serialized pooling)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 2) -> None:
+        super().__init__()
+        if stride < 2:
+            raise ValueError(f"stride must be an integer >= 2, got {stride}")
+        self.stride = stride
+        self.proj = nn.Linear(in_channels, out_channels)
+        self.norm = nn.BatchNorm1d(out_channels, eps=1e-3, momentum=0.01)
+        self.act = nn.GELU()
+
+    def partition(self, level: _Level) -> GridPartition:
+        """Cells of ``stride`` voxels per axis (exact on integer grids); cell ijk are the coarse grid coords."""
+        return grid_partition(level.grid.double(), float(self.stride), level.offset, relative=False)
+
+    def forward(self, feat: Tensor, part: GridPartition) -> Tensor:
+        """[n_fine, C_in] -> [n_coarse, C_out]."""
+        return self.act(self.norm(voxel_pool(self.proj(feat), part.inverse, part.num_cells, reduce="max")))
+
+
+class GridUnpooling(nn.Module):
+    """Project coarse and skip features, add the coarse ones gathered through the pooling map."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
+        super().__init__()
+
+        def proj(c: int) -> nn.Sequential:
+            return nn.Sequential(nn.Linear(c, out_channels), nn.BatchNorm1d(out_channels, eps=1e-3, momentum=0.01),
+                                 nn.GELU())
+
+        self.proj = proj(in_channels)
+        self.proj_skip = proj(skip_channels)
+
+    def forward(self, feat: Tensor, skip: Tensor, part: GridPartition) -> Tensor:
+        """coarse [n_coarse, C_in], skip [n_fine, C_skip] -> [n_fine, C_out]."""
+        return self.proj_skip(skip) + self.proj(feat)[part.inverse]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the model
+
+
+def _tuple(x: Sequence, n: int, name: str) -> tuple:
+    t = tuple(x)
+    if len(t) != n:
+        raise ValueError(f"{name} must have {n} entries (one per stage), got {len(t)}: {t}")
+    return t
+
+
+class PointTransformerV3(nn.Module):
+    """Point Transformer V3 for segmentation ([N, num_classes]) or classification ([B, num_classes]).
+
+    Args:
+        in_channels: input feature channels per point.
+        num_classes: output classes.
+        grid_size: input voxel size in coordinate units (the paper's ScanNet setting: 0.02 m).
+        order: serialization curves cycled block to block; names from ``ops.serialize``.
+        stride: pooling stride per encoder transition (len = stages - 1).
+        enc_depths, enc_channels, enc_num_heads, enc_patch_size: per encoder stage.
+        dec_depths, dec_channels, dec_num_heads, dec_patch_size: per decoder stage (finest first);
+            ignored when ``cls_mode``.
+        mlp_ratio, qkv_bias, attn_drop, proj_drop: block settings.
+        drop_path: largest stochastic-depth rate (linearly increasing over blocks).
+        shuffle_orders: shuffle the curve list per level in training (as the paper does).
+        cls_mode: encoder only + per-cloud mean + MLP head (classification).
+        cls_head_channels, cls_dropout: hidden widths and dropout of the classification head.
+        embed_kernel_size: kernel of the sparse-conv stem.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        grid_size: float = 0.02,
+        order: Sequence[str] = ("z", "z-trans", "hilbert", "hilbert-trans"),
+        stride: Sequence[int] = (2, 2, 2, 2),
+        enc_depths: Sequence[int] = (2, 2, 2, 6, 2),
+        enc_channels: Sequence[int] = (32, 64, 128, 256, 512),
+        enc_num_heads: Sequence[int] = (2, 4, 8, 16, 32),
+        enc_patch_size: Sequence[int] = (1024, 1024, 1024, 1024, 1024),
+        dec_depths: Sequence[int] = (2, 2, 2, 2),
+        dec_channels: Sequence[int] = (64, 64, 128, 256),
+        dec_num_heads: Sequence[int] = (4, 4, 8, 16),
+        dec_patch_size: Sequence[int] = (1024, 1024, 1024, 1024),
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        drop_path: float = 0.3,
+        shuffle_orders: bool = True,
+        cls_mode: bool = False,
+        cls_head_channels: Sequence[int] = (256, 128),
+        cls_dropout: float = 0.5,
+        embed_kernel_size: int = 5,
+    ) -> None:
+        super().__init__()
+        if grid_size <= 0:
+            raise ValueError(f"grid_size must be positive, got {grid_size}")
+        self.order = (order,) if isinstance(order, str) else tuple(order)
+        bad = [o for o in self.order if o not in ORDERS]
+        if bad or not self.order:
+            raise ValueError(f"order entries must be among {ORDERS}, got {self.order}")
+        ns = len(tuple(enc_depths))
+        enc_depths = _tuple(enc_depths, ns, "enc_depths")
+        enc_channels = _tuple(enc_channels, ns, "enc_channels")
+        enc_num_heads = _tuple(enc_num_heads, ns, "enc_num_heads")
+        enc_patch_size = _tuple(enc_patch_size, ns, "enc_patch_size")
+        self.stride = _tuple(stride, ns - 1, "stride")
+        self.in_channels, self.num_classes = in_channels, num_classes
+        self.grid_size = float(grid_size)
+        self.shuffle_orders = shuffle_orders
+        self.cls_mode = cls_mode
+        self.num_stages = ns
+
+        self.embed_conv = SubMConv3d(in_channels, enc_channels[0], embed_kernel_size, bias=False)
+        self.embed_norm = nn.BatchNorm1d(enc_channels[0], eps=1e-3, momentum=0.01)
+        self.embed_act = nn.GELU()
+
+        rates = torch.linspace(0, drop_path, sum(enc_depths)).tolist()
+        self.down = nn.ModuleList()
+        self.enc = nn.ModuleList()
+        for s in range(ns):
+            if s > 0:
+                self.down.append(GridPooling(enc_channels[s - 1], enc_channels[s], int(self.stride[s - 1])))
+            r = rates[sum(enc_depths[:s]) : sum(enc_depths[: s + 1])]
+            self.enc.append(nn.ModuleList(
+                Block(enc_channels[s], enc_num_heads[s], enc_patch_size[s], i % len(self.order), mlp_ratio,
+                      qkv_bias, attn_drop, proj_drop, r[i])
+                for i in range(enc_depths[s])
+            ))
+
+        if cls_mode:
+            self.up = nn.ModuleList()
+            self.dec = nn.ModuleList()
+            layers: list[nn.Module] = []
+            c = enc_channels[-1]
+            for h in cls_head_channels:
+                layers += [nn.Linear(c, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True), nn.Dropout(cls_dropout)]
+                c = h
+            layers.append(nn.Linear(c, num_classes))
+            self.head = nn.Sequential(*layers)
+            self.out_channels = enc_channels[-1]
+        else:
+            dec_depths = _tuple(dec_depths, ns - 1, "dec_depths")
+            dec_channels = _tuple(dec_channels, ns - 1, "dec_channels")
+            dec_num_heads = _tuple(dec_num_heads, ns - 1, "dec_num_heads")
+            dec_patch_size = _tuple(dec_patch_size, ns - 1, "dec_patch_size")
+            rates = torch.linspace(0, drop_path, sum(dec_depths)).tolist()
+            chans = list(dec_channels) + [enc_channels[-1]]
+            self.up = nn.ModuleList()
+            self.dec = nn.ModuleList()
+            for s in range(ns - 1):  # index s = decoder stage producing level s
+                r = rates[sum(dec_depths[:s]) : sum(dec_depths[: s + 1])][::-1]
+                self.up.append(GridUnpooling(chans[s + 1], enc_channels[s], chans[s]))
+                self.dec.append(nn.ModuleList(
+                    Block(chans[s], dec_num_heads[s], dec_patch_size[s], i % len(self.order), mlp_ratio,
+                          qkv_bias, attn_drop, proj_drop, r[i])
+                    for i in range(dec_depths[s])
+                ))
+            self.head = nn.Linear(chans[0], num_classes)
+            self.out_channels = chans[0]
+
+    # -- serialization --------------------------------------------------------------------------------------
+
+    def _order_names(self) -> list[str]:
+        if self.training and self.shuffle_orders and len(self.order) > 1:
+            return [self.order[i] for i in torch.randperm(len(self.order)).tolist()]
+        return list(self.order)
+
+    def _voxelize_input(self, batch: PointBatch) -> tuple[GridPartition, _Level]:
+        part = grid_partition(batch.coord, self.grid_size, batch.offset, relative=False)
+        grid = part.cell[:, 1:]
+        if grid.shape[0]:
+            grid = grid - cloud_min(grid, part.offset)[offset2batch(part.offset)]
+        return part, _Level(grid, part.offset, self._order_names())
+
+    # -- forward --------------------------------------------------------------------------------------------
+
+    def forward_features(self, batch: PointBatch) -> Tensor:
+        """Per-point features [N, out_channels] (segmentation) or per-cloud features [B, out_channels] (cls)."""
+        if batch.feat.shape[1] != self.in_channels:
+            raise ValueError(
+                f"batch.feat has {batch.feat.shape[1]} channels but the model was built with "
+                f"in_channels={self.in_channels}"
+            )
+        part, level = self._voxelize_input(batch)
+        feat = segment_mean(batch.feat, part)
+        feat = self.embed_act(self.embed_norm(self.embed_conv(feat, level)))
+        levels, skips = [level], []
+        for s in range(self.num_stages):
+            if s > 0:
+                skips.append(feat)
+                pool = self.down[s - 1].partition(levels[-1])
+                feat = self.down[s - 1](feat, pool)
+                levels.append(_Level(pool.cell[:, 1:], pool.offset, self._order_names(), pool))
+            for blk in self.enc[s]:
+                feat = blk(feat, levels[-1])
+        if self.cls_mode:
+            lvl = levels[-1]
+            pooled = voxel_pool(feat, offset2batch(lvl.offset), lvl.offset.numel(), reduce="mean")
+            return pooled
+        for s in reversed(range(self.num_stages - 1)):
+            feat = self.up[s](feat, skips[s], levels[s + 1].parent)
+            for blk in self.dec[s]:
+                feat = blk(feat, levels[s])
+        return feat[part.inverse]
+
+    def forward(self, batch: PointBatch) -> Tensor:
+        """Logits [N, num_classes] in input point order (segmentation) or [B, num_classes] (classification)."""
+        return self.head(self.forward_features(batch))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# variants
+
+
+def ptv3_seg(in_channels: int, num_classes: int, **kwargs) -> PointTransformerV3:
+    """PTv3 ScanNet semantic-segmentation configuration of the paper (~46M parameters)."""
+    return PointTransformerV3(in_channels, num_classes, **kwargs)
+
+
+def ptv3_cls(in_channels: int, num_classes: int, **kwargs) -> PointTransformerV3:
+    """PTv3 encoder + mean pool + MLP head, the official ModelNet40 setting (grid 0.01)."""
+    kwargs.setdefault("grid_size", 0.01)
+    return PointTransformerV3(in_channels, num_classes, cls_mode=True, **kwargs)
