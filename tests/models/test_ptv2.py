@@ -216,7 +216,7 @@ def test_overfits_small_real_batches(shared_data) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     seg_batch = PointBatch(coord, torch.cat([color, coord - coord.mean(0)], 1), torch.tensor([len(coord)]))
     losses = []
-    for _ in range(80):
+    for _ in range(120):
         loss = F.cross_entropy(model(seg_batch), target)
         opt.zero_grad()
         loss.backward()
