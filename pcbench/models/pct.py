@@ -35,6 +35,7 @@ from pcbench.ops.batch import offset2batch, offset2lengths, offset2start
 
 from .heads import MLPHead
 from .layers import BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_max, cloud_mean
+from .layers.checks import check_in_channels
 
 __all__ = [
     "NeighborEmbedding",
@@ -167,12 +168,6 @@ class _AttentionStack(nn.Module):
         return torch.cat(outs, 1)
 
 
-def _check_in_channels(batch: PointBatch, in_channels: int) -> None:
-    if batch.feat.shape[1] != in_channels:
-        raise ValueError(f"batch.feat has {batch.feat.shape[1]} channels but the model was built with "
-                         f"in_channels={in_channels}; rebuild the model or select the matching features")
-
-
 # --------------------------------------------------------------------------------------------- models
 class PCTCls(nn.Module):
     """PCT classifier with neighbour embedding (the paper's full "PCT").
@@ -212,7 +207,7 @@ class PCTCls(nn.Module):
 
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Max-pooled feature per cloud [B, fuse_channels]."""
-        _check_in_channels(batch, self.in_channels)
+        check_in_channels(batch, self.in_channels)
         perm = canonical_order(batch.coord, batch.offset)
         xyz = batch.coord[perm]
         x = self.embed(torch.cat([xyz, batch.feat[perm]], 1))
@@ -260,7 +255,7 @@ class PCTSeg(nn.Module):
 
     def _parts(self, batch: PointBatch) -> tuple[Tensor, Tensor, Tensor]:
         """(perm, per-point fused features [N, F] in canonical order, per-cloud [max, mean] [B, 2F])."""
-        _check_in_channels(batch, self.in_channels)
+        check_in_channels(batch, self.in_channels)
         perm = canonical_order(batch.coord, batch.offset)
         x = self.embed(torch.cat([batch.coord[perm], batch.feat[perm]], 1))
         x = self.fuse(self.attention(x, batch.offset))

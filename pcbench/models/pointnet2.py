@@ -29,6 +29,7 @@ from pcbench.ops.batch import offset2lengths
 
 from .heads import MLPHead
 from .layers import MLP, BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_max, idw_interpolate
+from .layers.checks import check_in_channels
 
 __all__ = [
     "FeaturePropagation",
@@ -211,7 +212,7 @@ class PointNet2Cls(nn.Module):
 
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Global feature per cloud [B, global_widths[-1]]."""
-        _check_in_channels(batch, self.in_channels)
+        check_in_channels(batch, self.in_channels)
         _, xyz, feat, = _to_canonical(batch)
         offset = batch.offset
         for sa in self.levels:
@@ -260,7 +261,7 @@ class PointNet2Seg(nn.Module):
 
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Per-point features [N, fp_widths[-1][-1]] in input order."""
-        _check_in_channels(batch, self.in_channels)
+        check_in_channels(batch, self.in_channels)
         perm, xyz, feat = _to_canonical(batch)
         pyramid = [(xyz, feat, batch.offset)]
         for sa in self.levels:
@@ -276,12 +277,6 @@ class PointNet2Seg(nn.Module):
     def forward(self, batch: PointBatch) -> Tensor:
         """Per-point logits [N, num_classes] in input order."""
         return self.head(self.forward_features(batch))
-
-
-def _check_in_channels(batch: PointBatch, in_channels: int) -> None:
-    if batch.feat.shape[1] != in_channels:
-        raise ValueError(f"batch.feat has {batch.feat.shape[1]} channels but the model was built with "
-                         f"in_channels={in_channels}; rebuild the model or select the matching features")
 
 
 # --------------------------------------------------------------------------------------------- variants

@@ -28,6 +28,7 @@ from pcbench.ops.batch import offset2batch
 
 from .heads import MLPHead
 from .layers import BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_mean, idw_interpolate
+from .layers.checks import check_in_channels
 
 __all__ = [
     "PointTransformerBlock",
@@ -249,7 +250,7 @@ class PointTransformerSeg(nn.Module):
 
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Per-point features [N, channels[0]] in input order."""
-        _check_in_channels(batch, self.in_channels)
+        check_in_channels(batch, self.in_channels)
         perm, skips = self.encoder(batch)
         x, level = skips[-1]
         for j, (up, blocks) in enumerate(zip(self.up, self.dec_blocks, strict=True)):
@@ -290,7 +291,7 @@ class PointTransformerCls(nn.Module):
 
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Mean-pooled feature per cloud [B, channels[-1]]."""
-        _check_in_channels(batch, self.in_channels)
+        check_in_channels(batch, self.in_channels)
         _, skips = self.encoder(batch)
         x, level = skips[-1]
         return cloud_mean(x, level.offset)
@@ -298,12 +299,6 @@ class PointTransformerCls(nn.Module):
     def forward(self, batch: PointBatch) -> Tensor:
         """Class logits [B, num_classes]."""
         return self.head(self.forward_features(batch))
-
-
-def _check_in_channels(batch: PointBatch, in_channels: int) -> None:
-    if batch.feat.shape[1] != in_channels:
-        raise ValueError(f"batch.feat has {batch.feat.shape[1]} channels but the model was built with "
-                         f"in_channels={in_channels}; rebuild the model or select the matching features")
 
 
 # --------------------------------------------------------------------------------------------- variants

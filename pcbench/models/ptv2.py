@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from pcbench.ops import PointBatch, knn, offset2batch, voxel_pool
 
+from .layers.checks import check_in_channels
 from .layers.grid_pool import DropPath, GridPartition, grid_partition, segment_mean
 
 __all__ = ["PointTransformerV2", "ptv2_cls", "ptv2_seg"]
@@ -270,11 +271,7 @@ class PointTransformerV2(nn.Module):
 
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Per-point features [N, out_channels] (segmentation) or per-cloud features [B, out_channels] (cls)."""
-        if batch.feat.shape[1] != self.in_channels:
-            raise ValueError(
-                f"batch.feat has {batch.feat.shape[1]} channels but the model was built with "
-                f"in_channels={self.in_channels}"
-            )
+        check_in_channels(batch, self.in_channels)
         coord, feat, offset = batch.coord, batch.feat, batch.offset.long()
         inp = None
         if self.grid_size is not None:

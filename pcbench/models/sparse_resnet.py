@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from pcbench.ops import PointBatch
 
+from .layers.checks import check_in_channels
 from .sparse import (
     SparseAvgPool3d,
     SparseBasicBlock,
@@ -92,11 +93,7 @@ class SparseResNet(nn.Module):
 
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Per-cloud global features [B, planes[-1]] (zeros for an empty cloud)."""
-        if batch.feat.shape[1] != self.in_channels:
-            raise ValueError(
-                f"batch.feat has {batch.feat.shape[1]} channels but the model was built with "
-                f"in_channels={self.in_channels}; set in_channels to match the data's features"
-            )
+        check_in_channels(batch, self.in_channels)
         x, _ = sparse_from_points(batch.coord, batch.feat, self.voxel_size, batch.offset)
         x = self._relu(self.bn1(self.conv1(x)))
         x = self.stages(self.pool(x))

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from pcbench.ops import PointBatch
 
+from .layers.checks import check_in_channels
 from .sparse import (
     SparseBasicBlock,
     SparseBatchNorm,
@@ -121,11 +122,7 @@ class SpUNet(nn.Module):
 
     def forward_voxels(self, batch: PointBatch) -> tuple[SparseTensor, Tensor]:
         """Decoder features on the finest voxels and the point -> voxel inverse map [N]."""
-        if batch.feat.shape[1] != self.in_channels:
-            raise ValueError(
-                f"batch.feat has {batch.feat.shape[1]} channels but the model was built with "
-                f"in_channels={self.in_channels}; set in_channels to match the data's features"
-            )
+        check_in_channels(batch, self.in_channels)
         x, inverse = sparse_from_points(batch.coord, batch.feat, self.voxel_size, batch.offset)
         x = self.stem(x)
         skips = [x]
