@@ -25,9 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.harness import TUNED_MALLOC
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf" / "model"
-TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 
 # Community implementations measured by the project lead on this machine (2 threads, glibc default allocator):
 # samples/s (fwd, fwd+bwd) per (config, case). Peers are not re-run here.

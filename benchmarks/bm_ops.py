@@ -8,28 +8,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import sys
 from pathlib import Path
 
 import torch
 
-from benchmarks.harness import Case, markdown_table, run_cases
+from benchmarks.harness import Case, markdown_table, reexec_with_tuned_malloc, run_cases
 
 # One module per op family, each exposing ``cases(quick: bool) -> list[Case]``.
 CASE_MODULES = ("benchmarks.bm_ops_knn", "benchmarks.bm_ops_fps", "benchmarks.bm_ops_serialize",
                 "benchmarks.bm_ops_sparse")
-
-# Large temporaries otherwise go through mmap/munmap on every call; see DESIGN.md performance notes.
-TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
-
-
-def _maybe_reexec_with_allocator(malloc: str) -> None:
-    """glibc reads these variables at start-up only, so set them by re-executing this process once."""
-    if malloc != "tuned" or all(os.environ.get(k) == v for k, v in TUNED_MALLOC.items()):
-        return
-    env = {**os.environ, **TUNED_MALLOC}
-    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.bm_ops", *sys.argv[1:]], env)
 
 
 def collect(quick: bool, only: set[str] | None) -> list[Case]:
@@ -53,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                    help="glibc allocator setting for this process (peers run under the same one)")
     args = p.parse_args(argv)
-    _maybe_reexec_with_allocator(args.malloc)
+    reexec_with_tuned_malloc("benchmarks.bm_ops", args.malloc)
     if args.threads:
         torch.set_num_threads(args.threads)
     only = {s.strip() for s in args.only.split(",") if s.strip()} or None

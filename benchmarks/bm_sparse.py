@@ -21,10 +21,8 @@ import gc
 import json
 import math
 import multiprocessing as mp
-import os
 import resource
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Case, Entry, markdown_table, run_cases
+from benchmarks.harness import Case, Entry, markdown_table, reexec_with_tuned_malloc, run_cases
 from pcbench.models.minkunet import minkunet14a, minkunet34c
 from pcbench.models.sparse import CoordinateCache, SparseConv3d, SparseTensor, sparse_conv
 from pcbench.models.spunet import spunet_base
@@ -40,7 +38,6 @@ from pcbench.ops import PointBatch, voxelize
 from pcbench.ops._clouds import load_scannet_scene, shared_data_dir
 
 SCENE = "scannet/scans/scene0000_00/scene0000_00_vh_clean_2.ply"
-TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 BACKBONES: dict[str, Callable[..., torch.nn.Module]] = {
     "MinkUNet14A": minkunet14a, "MinkUNet34C": minkunet34c, "SpUNet-base": spunet_base,
 }
@@ -282,13 +279,6 @@ def _with_cpu_clock(cases: list[Case]) -> dict[tuple[str, str, str], list[float]
     return clocks
 
 
-def _maybe_reexec_with_allocator(malloc: str) -> None:
-    if malloc != "tuned" or all(os.environ.get(k) == v for k, v in TUNED_MALLOC.items()):
-        return
-    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.bm_sparse", *sys.argv[1:]],
-              {**os.environ, **TUNED_MALLOC})
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the sparse-convolution benchmark and write ``sparse.json`` / ``sparse.md``."""
     p = argparse.ArgumentParser(prog="bm_sparse", description=__doc__.splitlines()[0])
@@ -306,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="kernel_map,layers,backbones",
                    help="comma-separated groups to run: kernel_map, layers, backbones")
     args = p.parse_args(argv)
-    _maybe_reexec_with_allocator(args.malloc)
+    reexec_with_tuned_malloc("benchmarks.bm_sparse", args.malloc)
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     threads = args.threads or torch.get_num_threads()

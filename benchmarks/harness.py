@@ -13,6 +13,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -20,7 +21,21 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Case", "Entry", "environment", "markdown_table", "optional_entry", "run_cases", "time_fn"]
+__all__ = [
+    "TUNED_MALLOC", "Case", "Entry", "environment", "markdown_table", "optional_entry", "reexec_with_tuned_malloc",
+    "run_cases", "time_fn",
+]
+
+
+# Large temporaries otherwise go through mmap/munmap on every call; see DESIGN.md performance notes.
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+
+
+def reexec_with_tuned_malloc(module: str, malloc: str) -> None:
+    """Re-run ``python -m module`` once with TUNED_MALLOC set: glibc reads these variables at start-up only."""
+    if malloc != "tuned" or all(os.environ.get(k) == v for k, v in TUNED_MALLOC.items()):
+        return
+    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], {**os.environ, **TUNED_MALLOC})
 
 
 @dataclass
