@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from pcbench.ops import PointBatch
@@ -26,13 +25,13 @@ from pcbench.ops import PointBatch
 from .layers.checks import check_in_channels
 from .sparse import (
     SparseBasicBlock,
-    SparseBatchNorm,
     SparseConv3d,
+    SparseConvBNReLU,
     SparseConvTranspose3d,
     SparseTensor,
     devoxelize,
-    sparse_cat,
     sparse_from_points,
+    sparse_unet,
 )
 
 __all__ = ["MinkUNet", "minkunet14a", "minkunet18a", "minkunet34c"]
@@ -46,17 +45,6 @@ def _check_widths(layers: Sequence[int], planes: Sequence[int]) -> None:
         )
     if any(int(n) < 1 for n in layers) or any(int(c) < 1 for c in planes):
         raise ValueError(f"layers and planes must be positive, got layers={tuple(layers)} planes={tuple(planes)}")
-
-
-class _ConvBNReLU(nn.Module):
-    def __init__(self, conv: nn.Module, channels: int, bn_momentum: float) -> None:
-        super().__init__()
-        self.conv = conv
-        self.norm = SparseBatchNorm(channels, momentum=bn_momentum)
-
-    def forward(self, x: SparseTensor) -> SparseTensor:
-        y = self.norm(self.conv(x))
-        return y.replace(torch.relu(y.feats))
 
 
 class MinkUNet(nn.Module):
@@ -94,21 +82,22 @@ class MinkUNet(nn.Module):
         self.in_channels, self.num_classes, self.voxel_size = in_channels, num_classes, float(voxel_size)
         layers, planes = [int(n) for n in layers], [int(c) for c in planes]
 
-        self.stem = _ConvBNReLU(SparseConv3d(in_channels, init_dim, conv1_kernel_size), init_dim, bn_momentum)
+        self.stem = SparseConvBNReLU(SparseConv3d(in_channels, init_dim, conv1_kernel_size), init_dim,
+                                     momentum=bn_momentum)
         self.down = nn.ModuleList()
         self.enc = nn.ModuleList()
         width = init_dim
         for i in range(4):
             # As in Res16UNet, the stride-2 convolution keeps the width; the first block widens.
-            self.down.append(_ConvBNReLU(SparseConv3d(width, width, 2, stride=2), width, bn_momentum))
+            self.down.append(SparseConvBNReLU(SparseConv3d(width, width, 2, stride=2), width, momentum=bn_momentum))
             self.enc.append(self._stage(width, planes[i], layers[i], bn_momentum))
             width = planes[i]
         skips = [init_dim, planes[0], planes[1], planes[2]]
         self.up = nn.ModuleList()
         self.dec = nn.ModuleList()
         for i in range(4):
-            self.up.append(_ConvBNReLU(SparseConvTranspose3d(width, planes[4 + i], 2, stride=2), planes[4 + i],
-                                       bn_momentum))
+            self.up.append(SparseConvBNReLU(SparseConvTranspose3d(width, planes[4 + i], 2, stride=2), planes[4 + i],
+                                            momentum=bn_momentum))
             self.dec.append(self._stage(planes[4 + i] + skips[3 - i], planes[4 + i], layers[4 + i], bn_momentum))
             width = planes[4 + i]
         self.out_channels = width
@@ -123,14 +112,7 @@ class MinkUNet(nn.Module):
         """Decoder features on the finest voxels and the point -> voxel inverse map [N]."""
         check_in_channels(batch, self.in_channels)
         x, inverse = sparse_from_points(batch.coord, batch.feat, self.voxel_size, batch.offset)
-        x = self.stem(x)
-        skips = [x]
-        for down, enc in zip(self.down, self.enc, strict=True):
-            x = enc(down(x))
-            skips.append(x)
-        skips.pop()
-        for up, dec in zip(self.up, self.dec, strict=True):
-            x = dec(sparse_cat(up(x), skips.pop()))
+        x = sparse_unet(x, self.stem, self.down, self.enc, self.up, self.dec)
         return x, inverse
 
     def forward_features(self, batch: PointBatch) -> Tensor:

@@ -27,6 +27,7 @@ Convolution
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,7 @@ __all__ = [
     "SparseBasicBlock",
     "SparseBatchNorm",
     "SparseConv3d",
+    "SparseConvBNReLU",
     "SparseConvTranspose3d",
     "SparseDropout",
     "SparseFeatureModule",
@@ -56,6 +58,7 @@ __all__ = [
     "sparse_cat",
     "sparse_conv",
     "sparse_from_points",
+    "sparse_unet",
 ]
 
 KernelMap = list[tuple[Tensor, Tensor]]
@@ -467,6 +470,34 @@ def sparse_cat(*xs: SparseTensor) -> SparseTensor:
                 f"{[t.num_voxels for t in xs]} voxels; up-sample to the skip's level first"
             )
     return first.replace(torch.cat([x.feats for x in xs], dim=1))
+
+
+class SparseConvBNReLU(nn.Module):
+    """conv -> SparseBatchNorm -> ReLU, the unit of the U-Net stems, strided and transposed stages."""
+
+    def __init__(self, conv: nn.Module, channels: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.conv = conv
+        self.norm = SparseBatchNorm(channels, eps, momentum)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        """Convolve, normalise and rectify the features of ``x``."""
+        y = self.norm(self.conv(x))
+        return y.replace(torch.relu(y.feats))
+
+
+def sparse_unet(x: SparseTensor, stem: nn.Module, down: Sequence[nn.Module], enc: Sequence[nn.Module],
+                up: Sequence[nn.Module], dec: Sequence[nn.Module]) -> SparseTensor:
+    """U-Net walk: stem, (down -> enc) per level keeping skips, then (up -> concat skip -> dec) per level."""
+    x = stem(x)
+    skips = [x]
+    for d, e in zip(down, enc, strict=True):
+        x = e(d(x))
+        skips.append(x)
+    skips.pop()
+    for u, c in zip(up, dec, strict=True):
+        x = c(sparse_cat(u(x), skips.pop()))
+    return x
 
 
 class SparseBasicBlock(nn.Module):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from pcbench.ops import PointBatch
@@ -25,13 +24,13 @@ from pcbench.ops import PointBatch
 from .layers.checks import check_in_channels
 from .sparse import (
     SparseBasicBlock,
-    SparseBatchNorm,
     SparseConv3d,
+    SparseConvBNReLU,
     SparseConvTranspose3d,
     SparseTensor,
     devoxelize,
-    sparse_cat,
     sparse_from_points,
+    sparse_unet,
 )
 
 __all__ = ["SpUNet", "spunet_base"]
@@ -39,15 +38,8 @@ __all__ = ["SpUNet", "spunet_base"]
 _BN_EPS, _BN_MOMENTUM = 1e-3, 0.01
 
 
-class _ConvBNReLU(nn.Module):
-    def __init__(self, conv: nn.Module, channels: int) -> None:
-        super().__init__()
-        self.conv = conv
-        self.norm = SparseBatchNorm(channels, _BN_EPS, _BN_MOMENTUM)
-
-    def forward(self, x: SparseTensor) -> SparseTensor:
-        y = self.norm(self.conv(x))
-        return y.replace(torch.relu(y.feats))
+def _conv_bn_relu(conv: nn.Module, channels: int) -> SparseConvBNReLU:
+    return SparseConvBNReLU(conv, channels, _BN_EPS, _BN_MOMENTUM)
 
 
 class SpUNet(nn.Module):
@@ -85,18 +77,18 @@ class SpUNet(nn.Module):
         self.in_channels, self.num_classes, self.voxel_size = in_channels, num_classes, float(voxel_size)
         channels, layers = [int(c) for c in channels], [int(n) for n in layers]
 
-        self.stem = _ConvBNReLU(SparseConv3d(in_channels, base_channels, 5), base_channels)
+        self.stem = _conv_bn_relu(SparseConv3d(in_channels, base_channels, 5), base_channels)
         self.down, self.enc = nn.ModuleList(), nn.ModuleList()
         width = base_channels
         for i in range(4):
-            self.down.append(_ConvBNReLU(SparseConv3d(width, channels[i], 2, stride=2), channels[i]))
+            self.down.append(_conv_bn_relu(SparseConv3d(width, channels[i], 2, stride=2), channels[i]))
             self.enc.append(self._stage(channels[i], channels[i], layers[i]))
             width = channels[i]
         skips = [base_channels, *channels[:3]]
         self.up, self.dec = nn.ModuleList(), nn.ModuleList()
         for i in range(4):
             c = channels[4 + i]
-            self.up.append(_ConvBNReLU(SparseConvTranspose3d(width, c, 2, stride=2), c))
+            self.up.append(_conv_bn_relu(SparseConvTranspose3d(width, c, 2, stride=2), c))
             self.dec.append(self._stage(c + skips[3 - i], c, layers[4 + i]))
             width = c
         self.out_channels = width
@@ -124,14 +116,7 @@ class SpUNet(nn.Module):
         """Decoder features on the finest voxels and the point -> voxel inverse map [N]."""
         check_in_channels(batch, self.in_channels)
         x, inverse = sparse_from_points(batch.coord, batch.feat, self.voxel_size, batch.offset)
-        x = self.stem(x)
-        skips = [x]
-        for down, enc in zip(self.down, self.enc, strict=True):
-            x = enc(down(x))
-            skips.append(x)
-        skips.pop()
-        for up, dec in zip(self.up, self.dec, strict=True):
-            x = dec(sparse_cat(up(x), skips.pop()))
+        x = sparse_unet(x, self.stem, self.down, self.enc, self.up, self.dec)
         return x, inverse
 
     def forward_features(self, batch: PointBatch) -> Tensor:
