@@ -1,8 +1,8 @@
 """The model contract, checked for EVERY ``conf/model/*.yaml`` (so models added later are covered too).
 
-Each config must instantiate with ``hydra.utils.instantiate(cfg, in_channels=..., num_classes=...)`` into a
-module whose constructor is typed and documented, whose ``forward(PointBatch)`` returns ``[B, classes]``
-(``*_cls``) or ``[N, classes]`` in input order (``*_seg``), which ignores the input point order, gives a cloud
+Each config declares its ``task`` and must build with ``pcbench.models.build_model(cfg, in_channels, num_classes)``
+into a module whose constructor is typed and documented, whose ``forward(PointBatch)`` returns ``[B, classes]``
+(``task: cls``) or ``[N, classes]`` in input order (``task: seg``), which ignores the input point order, gives a cloud
 the same output alone as inside a ragged batch, trains (finite loss, a gradient for every parameter) on real
 samples and runs under bfloat16 / float16 autocast (and on CUDA, where present).
 """
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from pcbench.models import META_KEYS, build_model, model_task
 from pcbench.ops import PointBatch
 from tests.models._helpers import (
     modelnet_batch,
@@ -34,7 +35,7 @@ IN_CHANNELS = 3
 
 
 def _task(path: Path) -> str:
-    return "cls" if path.stem.endswith("_cls") else "seg"
+    return model_task(OmegaConf.load(path))
 
 
 def build(path: Path, in_channels: int = IN_CHANNELS, num_classes: int = NUM_CLASSES, **overrides) -> torch.nn.Module:
@@ -44,7 +45,7 @@ def build(path: Path, in_channels: int = IN_CHANNELS, num_classes: int = NUM_CLA
         if k in cfg:
             cfg[k] = v
     torch.manual_seed(0)
-    return hydra.utils.instantiate(cfg, in_channels=in_channels, num_classes=num_classes)
+    return build_model(cfg, in_channels=in_channels, num_classes=num_classes)
 
 
 def _ids(paths: list[Path]) -> list[str]:
@@ -57,10 +58,23 @@ def small_batch() -> PointBatch:
     return ragged_objects([160, 96, 128])
 
 
-def test_every_config_name_says_its_task() -> None:
+def test_every_config_declares_its_task_and_leaves_channels_to_the_data() -> None:
     assert CONFIGS, f"no model configs under {CONF}"
     for p in CONFIGS:
-        assert p.stem.endswith(("_cls", "_seg")), f"{p.name}: model configs must be named <model>_{{cls,seg}}.yaml"
+        cfg = OmegaConf.load(p)
+        task = model_task(cfg)
+        assert p.stem.endswith(f"_{task}"), f"{p.name}: declares task: {task}, so name it <model>_{task}.yaml"
+        for key in ("in_channels", "num_classes"):
+            assert OmegaConf.is_missing(cfg, key), f"{p.name}: {key} must be ??? (filled from the dataset)"
+
+
+def test_build_model_errors_name_the_fix() -> None:
+    cfg = OmegaConf.load(CONFIGS[0])
+    no_task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "task"])
+    with pytest.raises(ValueError, match="set task: cls"):
+        build_model(no_task, 3, 5)
+    with pytest.raises(ValueError, match="num_classes >= 1"):
+        build_model(cfg, 3, 0)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=_ids(CONFIGS))
@@ -73,7 +87,8 @@ def test_constructor_is_typed_and_documented(path: Path) -> None:
     assert not missing, f"{path.name}: untyped constructor args {missing}"
     assert target.__doc__ and "Args:" in target.__doc__, f"{path.name}: constructor args are not documented"
     for name in OmegaConf.load(path):
-        if not (name.startswith("_") and name.endswith("_")):  # Hydra keys (_target_, _convert_, ...)
+        # Hydra keys (_target_, _convert_, ...) and meta keys (task) are not constructor arguments.
+        if not (name.startswith("_") and name.endswith("_")) and name not in META_KEYS:
             assert name in sig.parameters, f"{path.name}: config key {name!r} is not a constructor argument"
     assert hasattr(target, "forward_features"), f"{path.name}: forward_features must be split from the head"
 
