@@ -3,7 +3,7 @@
 Usage: ``python -m benchmarks.bm_models [--quick] [--only ptv1_cls,pct_cls] [--malloc both] [--compile]``.
 For every config and case (object batch 16 x 1024 for classifiers, 16 x 4096 and the real ScanNet scene for
 segmentation, batch-1 latency) and mode (``fwd``: eval + no_grad; ``fwd+bwd``: train mode, cross-entropy,
-backward) a worker subprocess builds the model with ``hydra.utils.instantiate(cfg, in_channels=3,
+backward) a worker subprocess builds the model with ``pcbench.models.build_model(cfg, in_channels=3,
 num_classes=...)``, runs 2 warm-up calls and the timed calls (median reported), and records the peak RSS of its
 first call. Each worker runs under the glibc default allocator and/or the tuned setting of DESIGN.md.
 Writes ``models.json`` and ``models.md`` under ``--out`` (rewritten after every row).
@@ -91,16 +91,18 @@ def _inputs(case: str, task: str, quick: bool):
 
 def worker(args: argparse.Namespace) -> dict[str, object]:
     """Measure one (config, case, mode) in this process; returns the result row."""
-    import hydra  # noqa: PLC0415
     import torch  # noqa: PLC0415
     from omegaconf import OmegaConf  # noqa: PLC0415
 
+    from pcbench.models import build_model, model_task  # noqa: PLC0415
+
     torch.set_num_threads(args.threads)
     path = CONF / f"{args.config}.yaml"
-    task = "cls" if args.config.endswith("_cls") else "seg"
+    cfg = OmegaConf.load(path)
+    task = model_task(cfg)
     batch, labels, samples, n_cls = _inputs(args.case, task, args.quick)
     torch.manual_seed(0)
-    model = hydra.utils.instantiate(OmegaConf.load(path), in_channels=3, num_classes=n_cls)
+    model = build_model(cfg, in_channels=3, num_classes=n_cls)
     params = sum(p.numel() for p in model.parameters())
     if args.compile:
         model = torch.compile(model, dynamic=True)

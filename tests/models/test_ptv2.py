@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hydra.utils
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from pcbench.models import build_model
 from pcbench.models.ptv2 import GroupedVectorAttention, PointTransformerV2, ptv2_cls, ptv2_seg
 from pcbench.ops import PointBatch, knn
 from pcbench.ops._clouds import load_modelnet_txt, object_batch
@@ -252,7 +252,7 @@ def test_bad_arguments() -> None:
 @pytest.mark.parametrize("name", ["ptv2_seg", "ptv2_cls"])
 def test_hydra_config_instantiates(name: str) -> None:
     cfg = OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
-    model = hydra.utils.instantiate(cfg, in_channels=6, num_classes=13)
+    model = build_model(cfg, in_channels=6, num_classes=13)
     assert isinstance(model, PointTransformerV2)
     assert model.cls_mode == name.endswith("cls")
     ref = ptv2_cls(6, 13) if model.cls_mode else ptv2_seg(6, 13)

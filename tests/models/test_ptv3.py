@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 
-import hydra.utils
 import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from pcbench.models import build_model
 from pcbench.models.layers.serialized_attention import SerializedAttention, build_patches
 from pcbench.models.ptv3 import (
     GridPooling,
@@ -339,7 +339,7 @@ def test_bad_arguments() -> None:
 @pytest.mark.parametrize("name", ["ptv3_seg", "ptv3_cls"])
 def test_hydra_config_instantiates(name: str) -> None:
     cfg = OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
-    model = hydra.utils.instantiate(cfg, in_channels=6, num_classes=13)
+    model = build_model(cfg, in_channels=6, num_classes=13)
     assert isinstance(model, PointTransformerV3)
     assert model.cls_mode == name.endswith("cls")
     ref = ptv3_cls(6, 13) if model.cls_mode else ptv3_seg(6, 13)
