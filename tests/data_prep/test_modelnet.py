@@ -376,7 +376,9 @@ def test_injected_interrupt_then_resume(synth, tmp_path, monkeypatch):
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert not any(".pcbench-tmp-" in f for f in files)  # the interrupted shard left no temp file
     assert [f for f in files if f.endswith(".h5")] == ["train/shard_00000.h5", "train/shard_00001.h5"]
-    assert "manifest.json" not in files
+    with pytest.raises(PrepError, match=r"status: a preparation .* did not finish.*finish it with: pcbench-prep "
+                                        r"modelnet40 raw=.* points=32 sampling=random shard_size=3"):
+        read_manifest(out)  # the half-written folder is refused, with the command that finishes it
     rep = M.prepare(synth, out, o, workers=1)
     assert rep.skipped == 2 and rep.done == 4  # 10 train -> 4 shards, 5 test -> 2 shards; 2 were finished
     assert _fingerprint(out) == _fingerprint(ref)
@@ -402,7 +404,8 @@ def test_hard_kill_then_resume(synth, tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / "manifest.json").exists()
+    with pytest.raises(PrepError, match="did not finish.*finish it with: pcbench-prep modelnet40"):
+        read_manifest(out)
     n_done = len(list(done_dir.glob("*.json")))
     assert 3 <= n_done < 15
     for p in out.rglob("*.h5"):  # every shard that exists is complete
