@@ -123,9 +123,11 @@ class InputUnreadable(PrepError):
 def _reason(err: OSError, path: Path) -> str:
     if err.errno == errno.ELOOP:
         return "symbolic link loop"
-    if isinstance(err, FileNotFoundError) and os.path.islink(path):
-        with contextlib.suppress(OSError):
-            return f"broken symbolic link (to {os.readlink(path)!r})"
+    if isinstance(err, FileNotFoundError):
+        if os.path.islink(path):
+            with contextlib.suppress(OSError):
+                return f"broken symbolic link (to {os.readlink(path)!r})"
+        return "not found"
     if isinstance(err, IsADirectoryError):
         return "is a folder, not a file"
     return (err.strerror or str(err)).lower()
