@@ -107,7 +107,7 @@ def _split_kv(pairs: Sequence[str]) -> dict[str, str]:
 def _print(*args: Any, **kwargs: Any) -> None:
     """print() that survives a closed pipe (``pcbench-prep ... | head``): the rest of the output is dropped."""
     try:
-        print(*args, **kwargs)
+        print(*args, **kwargs, flush=True)  # a closed pipe shows here, not in the interpreter's final flush
     except BrokenPipeError:
         # the reader is gone; point stdout at /dev/null so that the interpreter's final flush cannot fail again
         with contextlib.suppress(OSError):

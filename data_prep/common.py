@@ -991,8 +991,8 @@ def check_shard_jobs(process: Callable[[ShardJob, Path, dict[str, Any]], ShardRe
     problems: list[str] = []
     fn = functools.partial(_check_job, process, raw, options)
     for job, res in parallel_map(fn, list(jobs), workers=workers, desc=f"checking {desc}".strip(), progress=progress):
-        if isinstance(res, BaseException):
-            problems.append(f"{job.key}: {res}")
+        if isinstance(res, BaseException):  # the whole unit (e.g. one h5 file) is unusable
+            problems.append(str(res) if isinstance(res, PrepError) else f"{job.key}: {res}")
             continue
         problems += [str(msg) for _, msg in res["failed"]]
     return problems

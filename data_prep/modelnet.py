@@ -460,7 +460,7 @@ def _list_problems(lists: dict[str, tuple[Path, list[str]]]) -> list[str]:
         if reps:
             problems.append(str(PrepError(f"{len(reps)} id(s) listed more than once, e.g. {', '.join(reps[:5])}",
                                           path, split, "restore the official list (each id once)")))
-    names = sorted(lists)
+    names = list(lists)  # train before test
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             both = sorted(set(lists[a][1]) & set(lists[b][1]))
@@ -578,6 +578,8 @@ def check(raw: Path, options: dict[str, Any], workers: int = 1, progress: bool |
         kind, root, items, missing, problems = _plan(Path(raw), options)
     except PrepError as err:
         return [str(err)]
+    if problems:  # preparation would refuse to start; converting the objects would add nothing
+        return problems
     if missing and not options["allow_missing"]:
         by_dir: dict[str, list[str]] = {}
         for m, why in missing:
@@ -588,9 +590,7 @@ def check(raw: Path, options: dict[str, Any], workers: int = 1, progress: bool |
     for split, its in items.items():
         if not its:
             problems.append(f"{root}: split {split!r} has no readable inputs")
-    if problems:  # preparation would refuse to start; converting the objects would add nothing
-        return problems
-    return check_shard_jobs(process_job, root, options, _jobs(kind, root, items, options), workers,
+    return problems + check_shard_jobs(process_job, root, options, _jobs(kind, root, items, options), workers,
                             desc=f"modelnet{options['num_classes']}", progress=progress)
 
 

@@ -717,7 +717,7 @@ def read_split_list(path: Path) -> list[str]:
             raise PrepError(f"line {i}: {s[:40]!r} is not a scene id like scene0000_00", path, f"line {i}",
                             "restore the official split list")
         if s in first:
-            raise PrepError(f"line {i}: {s} is listed again (first on line {first[s]})", path, f"line {i}",
+            raise PrepError(f"{s} is listed again (first on line {first[s]})", path, f"line {i}",
                             "restore the official split list (each scene once)")
         first[s] = i
         out.append(s)
