@@ -821,7 +821,6 @@ def _abs(p: str | os.PathLike) -> Path:
     return Path(os.path.abspath(p))
 
 
-_raw_key = input_key  # the key of an input in the manifest and the skip-if-done records
 
 
 def _task_inputs(task: ShardTask, log: DoneLog) -> dict[str, dict[str, Any]]:
@@ -835,7 +834,7 @@ def _task_inputs(task: ShardTask, log: DoneLog) -> dict[str, dict[str, Any]]:
     inputs = hash_files(inside, raw, cache)
     for p in paths:
         if not p.is_relative_to(raw):
-            key = _raw_key(p, raw)
+            key = input_key(p, raw)
             inputs[key] = next(iter(hash_files([p], p.parent, {p.name: cache.get(key, {})}).values()))
     return inputs
 
@@ -1039,9 +1038,9 @@ def _build_manifest(raw: Path, out: Path, opts: Mapping[str, Any], plan: Plan, t
     for kind, n in versions.most_common():
         ex = ", ".join(version_scenes[kind][:3])
         report.warnings.insert(0, f"detected {kind}: {n} scene(s) (e.g. {ex})")
-    report.warnings.insert(0, f"label map {_raw_key(Path(table.path), raw)}: ScanNet v2 format (raw_category column, "
+    report.warnings.insert(0, f"label map {input_key(Path(table.path), raw)}: ScanNet v2 format (raw_category column, "
                               f"{len(table.raw_to_id)} raw categories)" + (
-                                  f"; v1 label map {_raw_key(v1, raw)} used to read v1 labels.ply ids" if v1 else ""))
+                                  f"; v1 label map {input_key(v1, raw)} used to read v1 labels.ply ids" if v1 else ""))
     for cat, u in sorted(unknown.items()):
         report.warnings.append(f"raw category {cat!r} is not in {TSV_NAME}: mapped to ignore "
                                f"({u['vertices']} vertices in {len(u['scenes'])} scene(s), e.g. {u['scenes'][0]})")
@@ -1051,9 +1050,9 @@ def _build_manifest(raw: Path, out: Path, opts: Mapping[str, Any], plan: Plan, t
                                    f"on {chk['disagreeing_vertices']} vertices")
         if chk.get("invalid_nyu40_values"):
             report.warnings.append(f"{scene}: labels.ply holds invalid nyu40 ids {chk['invalid_nyu40_values']}")
-    inputs[_raw_key(Path(table.path), raw)] = table.sha256
+    inputs[input_key(Path(table.path), raw)] = table.sha256
     for p in plan.split_files.values():
-        inputs[_raw_key(p, raw)] = sha256_file(p)
+        inputs[input_key(p, raw)] = sha256_file(p)
     display_changes = {table.nyu40_names[i]: n for i, n in zip(c20.source_ids, c20.names, strict=True)
                        if table.nyu40_names.get(i, n) != n}
     return {
