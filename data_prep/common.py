@@ -819,6 +819,9 @@ class OutputFolder:
         body = dict(manifest)
         if complete:
             for rel in sorted(self.owned - outputs):
+                parts = Path(rel).parts
+                if Path(rel).is_absolute() or ".." in parts or rel in (MANIFEST_NAME, DONE_DIR) or parts[:1] == (DONE_DIR,):
+                    continue  # a damaged record must never point the clean-up outside the shards
                 with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                     (self.root / rel).unlink()
             DoneLog(self.root).prune(units)

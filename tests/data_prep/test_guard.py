@@ -136,6 +136,20 @@ def test_files_it_did_not_write_are_never_overwritten_or_deleted(nr, tmp_path):
         "shard_00000.h5", "shard_00001.h5", "shard_00002.h5", "shard_00099.h5"]
 
 
+def test_a_damaged_record_cannot_point_the_clean_up_outside_the_folder(nr, tmp_path):
+    out = tmp_path / "out"
+    assert M.prepare(nr, out, mn_opts(), workers=1).ok
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not a shard")
+    rec = next((out / ".done").glob("*.json"))
+    body = json.loads(rec.read_text())
+    body["outputs"][f"../{victim.name}"] = "0" * 64
+    body["outputs"]["manifest.json"] = "0" * 64
+    rec.write_text(json.dumps(body))
+    assert M.prepare(nr, out, mn_opts(shard_size=4), workers=1).ok
+    assert victim.read_text() == "not a shard" and read_manifest(out)["splits"]["train"]["num_samples"] == 10
+
+
 def test_rerun_with_a_wrong_variant_leaves_the_folder_as_it_was(templates, tmp_path, capsys):
     out = tmp_path / "out"
     raw = templates["so"]
