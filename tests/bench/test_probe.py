@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from pcbench.bench.probe import count_flops, probe_efficiency, single_cloud
+from pcbench.bench.probe import count_flops, peak_memory_mib, probe_efficiency, single_cloud
 from pcbench.models import build_model
 from pcbench.ops import PointBatch
 from tests.models._helpers import ragged_objects
@@ -193,3 +193,22 @@ def test_probe_real_models(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml")))
 def test_probe_every_model_config(name: str) -> None:
     _check_real(_probe_config(name), name)
+
+
+@pytest.mark.gpu
+def test_cuda_peak_memory_sees_a_known_allocation() -> None:
+    mib, method = peak_memory_mib(lambda: torch.ones(96 * 2**20 // 4, device="cuda").sum().item(), "cuda")
+    assert method.startswith("CUDA max_memory_allocated") and 96 <= mib <= 100
+
+
+@pytest.mark.gpu
+def test_probe_on_cuda() -> None:
+    cfg = OmegaConf.load(REPO / "conf" / "model" / "pointnet2_ssg_cls.yaml")
+    torch.manual_seed(0)
+    model = build_model(cfg, in_channels=3, num_classes=5).cuda()
+    b = ragged_objects([160, 96, 128])
+    out = probe_efficiency(model, [b], [b], task="cls", device="cuda", warmup=1, repeats=2, latency_repeats=3)
+    assert out["device"] == "cuda" and out["device_name"] == torch.cuda.get_device_name(0)
+    assert out["memory_method"].startswith("CUDA") and out["train_peak_mib"] > 0
+    assert out["bf16_status"] == "ok"
+    assert out["int8_status"] == "ok" or out["int8_status"].startswith("unsupported: "), out["int8_status"]
