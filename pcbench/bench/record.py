@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import platform
 import socket
@@ -124,6 +125,14 @@ def _check_type(field: str, value: Any) -> Any:
     return value
 
 
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
 def normalize_record(record: Mapping[str, Any]) -> dict[str, Any]:
     """A complete, type-checked copy of ``record`` (absent fields None); ValueError naming a bad field."""
     unknown = sorted(set(record) - set(RECORD_FIELDS))
@@ -146,6 +155,8 @@ def normalize_record(record: Mapping[str, Any]) -> dict[str, Any]:
                          f"its config ({config_sha256(out['config'])[:12]}...); compute it with "
                          "pcbench.bench.record.config_sha256(config)")
     for split in _METRIC_SPLITS:
+        if out[split] is not None:  # NaN (a class absent from the split) -> null: standard JSON, same meaning
+            out[split] = {k: _nan_to_none(v) for k, v in out[split].items()}
         for key, val in (out[split] or {}).items():
             vals = val if isinstance(val, list) else [val]
             if key in ("oa", "macc", "miou", "iou_per_class", "acc_per_class") and any(

@@ -59,7 +59,7 @@ class LeaderRow:
     fidelity: str
     scores: list[float]
     metrics: dict[str, float | None]
-    iou_per_class: list[float] | None
+    iou_per_class: list[float | None] | None
     class_names: list[str] | None
     hardware: str
     efficiency: dict[str, float | None]
@@ -197,8 +197,8 @@ def build_leaderboard(records: Iterable[Mapping[str, Any]], ops: dict[str, Any] 
         splits = [m[1] for m in members]
         per_class = [s.get("iou_per_class") for s in splits if s.get("iou_per_class")]
         iou = None
-        if per_class and len({len(p) for p in per_class}) == 1:
-            iou = [statistics.fmean(v) for v in zip(*per_class, strict=True)]
+        if per_class and len({len(p) for p in per_class}) == 1:  # None: the class was absent in that run
+            iou = [_mean_or_none(v) for v in zip(*per_class, strict=True)]
         hardware, eff, int8, bf16, other = _efficiency(runs)
         rows.append(LeaderRow(
             dataset=dataset, protocol=protocol, task=task, metric=metric, model=model, variant=variant, recipe=recipe,

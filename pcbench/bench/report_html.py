@@ -198,6 +198,10 @@ def heatmap_svg(rows: Sequence[LeaderRow], title: str) -> str:
         y = top + i * chh
         out.append(f'<text x="{left - 6}" y="{y + 14}" font-size="11" text-anchor="end">{_e(r.label)}</text>')
         for j, v in enumerate(r.iou_per_class):
+            if v is None:  # class absent from every run's split
+                out.append(f'<rect class="cell" x="{left + j * cw}" y="{y}" width="{cw - 1}" height="{chh - 1}" '
+                           f'fill="#ddd"><title>{_e(r.label)} / {_e(names[j])}: absent</title></rect>')
+                continue
             fill = _viridis(v)
             ink = "#000" if v > 0.6 else "#fff"
             out.append(f'<rect class="cell" x="{left + j * cw}" y="{y}" width="{cw - 1}" height="{chh - 1}" '

@@ -180,3 +180,26 @@ def test_cli_errors_name_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit) as exc:
         report_cli.main(["--help"])
     assert exc.value.code == 0 and "results=<...>" in capsys.readouterr().out
+
+
+def test_absent_classes_are_skipped_in_means_and_shown_grey(tmp_path: Path) -> None:
+    recs = [r for r in synthetic_records() if r.get("model") == "ptv3_seg"]
+    recs[0]["val"]["iou_per_class"][3] = None
+    for r in recs:
+        r["val"]["iou_per_class"][5] = None
+    row = build_leaderboard(recs).rows[0]
+    assert row.iou_per_class[3] == pytest.approx(statistics.fmean(r["val"]["iou_per_class"][3] for r in recs[1:]))
+    assert row.iou_per_class[5] is None
+    text = write_report(recs, tmp_path)["html"].read_text()
+    assert text.count('fill="#ddd"><title>') == 1 and "class5: absent" in text
+
+
+def test_store_and_report_start_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, pcbench.bench, pcbench.cli.report, pcbench.cli.results; "
+            "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert out.stdout.strip() == "[]"  # many writer processes and the CLIs start in milliseconds, not seconds

@@ -202,3 +202,15 @@ def test_import_names_the_bad_line_and_writes_nothing(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="trunc.jsonl:2"):
             store.import_jsonl(tmp_path / "trunc.jsonl")
         assert len(store) == 0
+
+
+def test_absent_class_nan_is_stored_as_null_and_exports_standard_json(tmp_path: Path) -> None:
+    nan = float("nan")
+    rec = record_from_metrics({"val": {"miou": 0.5, "iou_per_class": [0.5, nan, 0.5], "oa": nan}}, cell="c",
+                              config={"a": 1}, host=HOST)
+    assert rec["val"] == {"miou": 0.5, "iou_per_class": [0.5, None, 0.5], "oa": None}
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        store.add(rec)
+        store.export_jsonl(tmp_path / "x.jsonl")
+    line = (tmp_path / "x.jsonl").read_text()
+    assert "NaN" not in line and json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard {c}"))
