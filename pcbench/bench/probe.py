@@ -26,7 +26,8 @@ under the record's ``probe``) with:
   same figures, the share of parameters it covers, or ``"unsupported: <reason>"``.
 
 ``score(model, autocast_dtype_or_None) -> float`` is supplied by the caller (the runner wraps the trainer's
-evaluation); deltas are ``score(variant) - score(fp32)`` in the score's own units.
+evaluation and returns the headline metric as a fraction in [0, 1], which the report shows in points);
+deltas are ``score(variant) - score(fp32)``.
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ EFFICIENCY = {
     "params": "params", "flops_per_sample": "FLOPs/sample", "train_samples_per_s": "train samples/s",
     "infer_samples_per_s": "infer samples/s", "latency_b1_ms": "batch-1 latency ms",
     "train_peak_mib": "train peak MiB", "infer_peak_mib": "infer peak MiB", "bf16_speedup": "bf16 speed-up",
-    "bf16_score_delta": "bf16 Δscore", "int8_speedup": "int8 speed-up", "int8_score_delta": "int8 Δscore",
+    "bf16_score_delta": "bf16 Δscore (points)", "int8_speedup": "int8 speed-up",
+    "int8_score_delta": "int8 Δscore (points)",
 }
 _PROVENANCE = ("result_id", "suite", "cell", "seed", "config_sha256", "git_commit", "pcbench_version", "torch_version",
                "cuda_version", "device", "device_name", "cpu_model", "num_threads", "allocator", "hostname",
@@ -206,8 +207,9 @@ def build_leaderboard(records: Iterable[Mapping[str, Any]], ops: dict[str, Any] 
             metrics={k: _mean_or_none(s.get(k) for s in splits) for k in METRIC_NAMES},
             iou_per_class=iou, class_names=next((r.get("class_names") for r in runs if r.get("class_names")), None),
             hardware=hardware, efficiency=eff, int8_status=int8, bf16_status=bf16,
-            runs=sorted(({k: r.get(k) for k in _PROVENANCE} for r in runs), key=lambda p: (p["seed"] is None,
-                                                                                           p["seed"] or 0)),
+            runs=sorted(({**{k: r.get(k) for k in _PROVENANCE},
+                          "memory_method": (r.get("probe") or {}).get("memory_method")} for r in runs),
+                        key=lambda p: (p["seed"] is None, p["seed"] or 0)),
             published=_pick_published(model, dataset, metric, protocol), other_hardware_runs=other,
         ))
     by_section: dict[tuple[str, str], list[LeaderRow]] = defaultdict(list)
