@@ -32,6 +32,7 @@ __all__ = [
     "eval_loader",
     "eval_transform",
     "manifest_sha256",
+    "split_dataset",
     "stratified_holdout",
     "train_loader",
 ]
@@ -129,6 +130,12 @@ def _without_loop(node: DictConfig) -> DictConfig:
     return OmegaConf.create(plain)
 
 
+def split_dataset(cfg: DictConfig, split: str) -> Dataset:
+    """The prepared split ``split`` (a name in the folder's manifest) with the evaluation transforms."""
+    eval_cfg = OmegaConf.merge(cfg, {"data": {"dataset": _without_loop(cfg.data.dataset)}})
+    return _dataset(eval_cfg, split, eval_transform(cfg), int(cfg.seed))
+
+
 def build_data(cfg: DictConfig, check: bool = True) -> DataBundle:
     """The train / val / test datasets of ``cfg`` (validated with :func:`pcbench.train.config.check_data` first)."""
     from .config import check_data  # noqa: PLC0415
@@ -159,6 +166,7 @@ def build_data(cfg: DictConfig, check: bool = True) -> DataBundle:
         info["val"] = {"source": str(d.splits.val), "num_samples": len(val)}
     test = _dataset(eval_cfg, d.splits.test, eval_transform(cfg), seed)
     info["train_samples"], info["test_samples"] = len(train), len(test)
+    info["manifest_splits"] = sorted(train_full.manifest["splits"])
     base = train_full
     return DataBundle(train=train, val=val, test=test, task=str(d.task), num_classes=base.num_classes,
                       in_channels=base.in_channels, ignore_index=base.ignore_index, class_names=base.classes,

@@ -40,7 +40,7 @@ from pcbench.models import build_model
 
 from .checkpoint import FORMAT, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from .config import check_run_config, config_sha256
-from .data import ConfigError, DataBundle, build_data, eval_loader, eval_transform, train_loader
+from .data import ConfigError, DataBundle, build_data, eval_loader, eval_transform, split_dataset, train_loader
 from .distributed import (
     all_reduce_sum,
     broadcast_object,
@@ -697,12 +697,12 @@ def evaluate(cfg: DictConfig, checkpoint: str | os.PathLike) -> dict[str, Any]:
             run = build_run(cfg, device)
             run.model.load_state_dict(state["model"])
             split = str(cfg.eval.split)
-            if split not in ("train", "val", "test"):
-                raise ConfigError(f"eval.split={split!r} is unknown; use val or test (data.splits maps them to "
-                                  "prepared splits)")
-            role = "test" if split == "train" else split
-            if split == "train":
-                run.data.test = _with_transform(_dataset_of(run.data.train), eval_transform(cfg))
+            splits = run.data.info.get("manifest_splits", [])
+            if split not in splits:
+                raise ConfigError(f"eval.split={split!r} is not a split of data.root={cfg.data.root} (splits: "
+                                  f"{splits}); choose one of them")
+            role = "test"
+            run.data.test = split_dataset(cfg, split)
             precision = str(cfg.eval.autocast) if cfg.eval.autocast else run.precision
             submission = cfg.eval.submission_dir
             keep = bool(cfg.eval.save_predictions) or submission is not None
