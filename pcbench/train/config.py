@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .data import ConfigError
+from .errors import ConfigError
 
 __all__ = ["ConfigError", "check_data", "check_run_config", "compose", "config_dir", "config_sha256", "group_options"]
 

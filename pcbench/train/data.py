@@ -24,6 +24,7 @@ from pcbench.data.transforms import Compose
 from pcbench.ops import PointBatch
 
 from .distributed import GlobalBatchSampler
+from .errors import ConfigError
 
 __all__ = [
     "DataBundle",
@@ -36,10 +37,6 @@ __all__ = [
     "stratified_holdout",
     "train_loader",
 ]
-
-
-class ConfigError(ValueError):
-    """A configuration problem found before the first step; the message names the key and the fix."""
 
 
 def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:

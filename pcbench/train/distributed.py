@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .errors import ConfigError
+
 __all__ = [
     "DistInfo",
     "GlobalBatchSampler",
@@ -62,11 +64,11 @@ def init_distributed(backend: str | None = None) -> bool:
     ``backend=None`` takes nccl when CUDA is available, gloo otherwise.
     """
     if not dist.is_available():
-        raise ValueError("torch.distributed is not available in this torch build; use trainer=cpu or trainer=gpu")
+        raise ConfigError("torch.distributed is not available in this torch build; use trainer=cpu or trainer=gpu")
     if dist.is_initialized():
         return False
     if not launched_by_torchrun():
-        raise ValueError("trainer.strategy=ddp needs several processes: launch with "
+        raise ConfigError("trainer.strategy=ddp needs several processes: launch with "
                          "`torchrun --nproc_per_node=N -m pcbench.train trainer=ddp ...` (or use trainer=cpu/gpu)")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
@@ -110,7 +112,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
     def __init__(self, num_samples: int, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0,
                  world_size: int = 1, drop_last: bool = True, limit_batches: int | None = None) -> None:
         if batch_size % world_size:
-            raise ValueError(f"trainer.batch_size={batch_size} (the global batch) is not divisible by the "
+            raise ConfigError(f"trainer.batch_size={batch_size} (the global batch) is not divisible by the "
                              f"{world_size} ranks; use a multiple of {world_size}")
         self.num_samples, self.batch_size, self.seed, self.shuffle = num_samples, batch_size, seed, shuffle
         self.rank, self.world_size, self.drop_last, self.limit = rank, world_size, drop_last, limit_batches
@@ -199,7 +201,7 @@ def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
         cls = type(m)
         own = next(k.__dict__["forward"] for k in cls.__mro__ if "forward" in k.__dict__)
         if own not in delegating:
-            raise ValueError(f"trainer.sync_batchnorm=true cannot synchronise {name} ({cls.__name__}): it computes "
+            raise ConfigError(f"trainer.sync_batchnorm=true cannot synchronise {name} ({cls.__name__}): it computes "
                              "its batch statistics itself; set trainer.sync_batchnorm=false for this model")
         if cls not in _SYNC_CLASSES:
             # MRO: cls, ..., BatchNorm1d, _SyncStats, _BatchNorm: a super().forward() inside cls reaches _SyncStats

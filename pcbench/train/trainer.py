@@ -40,7 +40,7 @@ from pcbench.models import build_model
 
 from .checkpoint import FORMAT, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from .config import check_run_config, config_sha256
-from .data import ConfigError, DataBundle, build_data, eval_loader, eval_transform, split_dataset, train_loader
+from .data import DataBundle, build_data, eval_loader, eval_transform, split_dataset, train_loader
 from .distributed import (
     all_reduce_sum,
     broadcast_object,
@@ -49,6 +49,7 @@ from .distributed import (
     init_distributed,
     maybe_no_sync,
 )
+from .errors import ConfigError
 from .evaluate import EvalResult, autocast_context, evaluate_loaders, gather_predictions, write_predictions
 from .evaluate import write_submission as _write_submission
 from .io import write_json, write_text
