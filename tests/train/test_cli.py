@@ -74,9 +74,12 @@ def check_run_dir(run_dir: Path, task: str) -> dict:
 def test_every_family_trains_and_evaluates_through_the_cli(model: str, kind: str, prepared: dict[str, Path],
                                                            tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    run([*data_args(prepared, kind), f"model={model}", *TINY[model], *FAST, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    p = run([*data_args(prepared, kind), f"model={model}", *TINY[model], *FAST, f"hydra.run.dir={run_dir}"],
+            cwd=tmp_path)
     m = check_run_dir(run_dir, model.rsplit("_", 1)[1])
     assert m["malloc"] == "env"  # the CLI re-ran itself with the tuned glibc allocator
+    # stdout is a pipe here: periodic log lines instead of a progress bar
+    assert "epoch 0 step 1/2 loss" in p.stdout and "\r" not in p.stdout
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ Also checks that fit() can be called repeatedly in one process (no state left be
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -58,7 +59,7 @@ def test_recipe_runs_a_few_steps(name: str, roots, tmp_path: Path) -> None:
     cwd = os.getcwd()
     handlers = list(logging.getLogger("pcbench.train").handlers)
     m = fit(cfg)
-    assert m["steps"] == 2 and (tmp_path / "run" / "metrics.json").is_file()
+    assert m["steps"] == 2 and json.loads((tmp_path / "run" / "metrics.json").read_text()) == m
     assert torch.get_num_threads() == threads and os.getcwd() == cwd  # nothing left behind for the caller
     assert logging.getLogger("pcbench.train").handlers == handlers
     m2 = fit(compose([f"experiment={name}", f"data.root={roots(data_name)}", *small], run_dir=tmp_path / "run2"))

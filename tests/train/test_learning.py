@@ -29,8 +29,8 @@ def objects(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from data_prep.synthetic_objects import write_modelnet_normal_resampled
 
     base = tmp_path_factory.mktemp("learn_objects")
-    raw = write_modelnet_normal_resampled(base / "raw", train=24, test=8, seed=1, points=2048)
-    return prep("modelnet40", base / "prepared", raw, "points=512")
+    raw = write_modelnet_normal_resampled(base / "raw", train=16, test=8, seed=1, points=2048)
+    return prep("modelnet40", base / "prepared", raw, "points=256")
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +46,11 @@ def _report(name: str, figures: dict) -> None:
 
 @pytest.mark.parametrize("model", CLS_MODELS)
 def test_classifier_beats_chance(model: str, objects: Path, tmp_path: Path) -> None:
-    cfg = compose(["data=modelnet40", f"data.root={objects}", "data.num_points=512", "data.val_fraction=0.1",
-                   f"model={model}", *TINY[model], "optim=adamw", "optim.lr=0.003", "optim.weight_decay=0.01",
-                   "sched=cosine", "sched.warmup_fraction=0.05", "trainer.max_epochs=12", "trainer.batch_size=12",
-                   "trainer.num_workers=1", "logger.tensorboard=false", "logger.log_every_n_steps=50",
-                   "aug=scale_shift", "eval.every_n_epochs=3"], run_dir=tmp_path / "run")
+    cfg = compose(["data=modelnet40", f"data.root={objects}", "data.num_points=256", "data.val_fraction=0.1",
+                   f"model={model}", *TINY[model], "optim=adamw", "optim.lr=0.01", "optim.weight_decay=0.01",
+                   "sched=cosine", "sched.warmup_fraction=0.05", "trainer.max_epochs=25", "trainer.batch_size=16",
+                   "trainer.num_workers=0", "trainer.threads=1", "logger.tensorboard=false",
+                   "logger.log_every_n_steps=50", "aug=scale_shift", "eval.every_n_epochs=5"], run_dir=tmp_path / "run")
     m = fit(cfg)
     chance = 1 / 5
     _report(model, {"test_oa": m["test"]["oa"], "test_macc": m["test"]["macc"], "val_oa": m["val"]["oa"],
@@ -62,7 +62,7 @@ def test_segmentation_beats_majority_class(rooms: Path, tmp_path: Path) -> None:
     model = "minkunet14a_seg"
     cfg = compose(["data=scannet20", f"data.root={rooms}", f"model={model}", "model.planes=[16,16,32,32,32,16,16,16]",
                    "model.init_dim=16", "optim=adamw", "optim.lr=0.01", "optim.weight_decay=0.01", "sched=cosine",
-                   "trainer.max_epochs=40", "trainer.batch_size=2", "trainer.num_workers=1", "data.grid_size=0.04",
+                   "trainer.max_epochs=40", "trainer.batch_size=2", "trainer.num_workers=0", "trainer.threads=1", "data.grid_size=0.04",
                    "data.train_max_points=20000", "logger.tensorboard=false", "eval.every_n_epochs=10",
                    "eval.save_predictions=true"], run_dir=tmp_path / "run")
     m = fit(cfg)
