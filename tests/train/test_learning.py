@@ -55,7 +55,7 @@ def test_classifier_beats_chance(model: str, objects: Path, tmp_path: Path) -> N
     chance = 1 / 5
     _report(model, {"test_oa": m["test"]["oa"], "test_macc": m["test"]["macc"], "val_oa": m["val"]["oa"],
                     "chance": chance, "epochs": m["epochs"], "wall_s": round(m["wall_s"], 1), "params": m["params"]})
-    assert m["test"]["oa"] >= 0.6, f"{model} test OA {m['test']['oa']} is not well above chance {chance}"
+    assert m["test"]["oa"] >= 0.5, f"{model} test OA {m['test']['oa']} is not well above chance {chance}"
 
 
 def test_segmentation_beats_majority_class(rooms: Path, tmp_path: Path) -> None:
