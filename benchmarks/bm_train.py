@@ -112,6 +112,13 @@ def worker(ns: argparse.Namespace) -> dict[str, Any]:
         return {"samples_per_s": n / dt, "malloc": _malloc.malloc_setting(), "steps": len(batches)}
 
 
+def _best(args: list[str], env_malloc: bool, repeats: int) -> dict[str, Any]:
+    """The fastest of ``repeats`` fresh-process runs (the least disturbed by other load on the machine)."""
+    runs = [_spawn(args, env_malloc) for _ in range(max(1, repeats))]
+    ok = [r for r in runs if "samples_per_s" in r]
+    return max(ok, key=lambda r: r["samples_per_s"]) if ok else runs[-1]
+
+
 def _spawn(args: list[str], env_malloc: bool) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k not in TUNED_MALLOC}
     if env_malloc:
@@ -133,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--data", default="", help="folder for the prepared synthetic data (default: a temp folder)")
     p.add_argument("--no-malloc-table", action="store_true")
+    p.add_argument("--repeats", type=int, default=2, help="fresh-process repeats per row; the best is kept")
     # worker mode
     p.add_argument("--worker", choices=("fit", "bare"))
     p.add_argument("--model")
@@ -159,15 +167,16 @@ def main(argv: list[str] | None = None) -> int:
         row: dict[str, Any] = {"model": model, "data": kind, "steps": steps,
                                "batch": ns.batch if kind == "objects" else 1}
         for mode in ("bare", "fit"):
-            r = _spawn(["--worker", mode, *common], env_malloc=True)
+            r = _best(["--worker", mode, *common], env_malloc=True, repeats=ns.repeats)
             row[mode] = r.get("samples_per_s")
             row[f"{mode}_error"] = r.get("error")
         if row["bare"] and row["fit"]:
             row["overhead"] = 1.0 - row["fit"] / row["bare"]
         if not ns.no_malloc_table:
-            row["fit_malloc_default"] = _spawn(["--worker", "fit", "--malloc-opt", "default", *common],
-                                               env_malloc=False).get("samples_per_s")
-            row["fit_mallopt"] = _spawn(["--worker", "fit", *common], env_malloc=False).get("samples_per_s")
+            row["fit_malloc_default"] = _best(["--worker", "fit", "--malloc-opt", "default", *common],
+                                              env_malloc=False, repeats=ns.repeats).get("samples_per_s")
+            row["fit_mallopt"] = _best(["--worker", "fit", *common], env_malloc=False,
+                                       repeats=ns.repeats).get("samples_per_s")
             row["fit_env"] = row["fit"]
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -178,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"threads": ns.threads, "torch": torch.__version__, "load_avg_start": load, "load_avg_end": os.getloadavg()[0],
             "cpus": os.cpu_count(), "num_workers": "trainer default (2)"}
     (out / "bm_train.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = [f"Trainer overhead: {steps} optimizer steps, {ns.threads} torch threads, tuned allocator (env) for both; "
+    lines = [f"Trainer overhead: {steps} optimizer steps, {ns.threads} torch threads, tuned allocator (env) for both, "
+             f"best of {ns.repeats} fresh processes per figure; "
              f"load average {load:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.", "",
              "| model | data | batch | bare samples/s | fit samples/s | overhead |", "|---|---|---|---|---|---|"]
     for r in rows:
