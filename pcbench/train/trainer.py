@@ -154,6 +154,7 @@ def _environment(cfg: DictConfig) -> Iterator[dict[str, Any]]:
         created = init_distributed()
     threads = torch.get_num_threads()
     det = torch.are_deterministic_algorithms_enabled()
+    caller_rng = rng_state()  # the run seeds the global generators; the caller gets its own back
     try:
         if cfg.trainer.threads:
             torch.set_num_threads(int(cfg.trainer.threads))
@@ -164,6 +165,7 @@ def _environment(cfg: DictConfig) -> Iterator[dict[str, Any]]:
             _malloc.apply_mallopt()
         yield {"device": device}
     finally:
+        restore_rng_state(caller_rng)
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(det)
         if created:

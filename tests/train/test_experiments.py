@@ -58,7 +58,10 @@ def test_recipe_runs_a_few_steps(name: str, roots, tmp_path: Path) -> None:
     threads = torch.get_num_threads()
     cwd = os.getcwd()
     handlers = list(logging.getLogger("pcbench.train").handlers)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
     m = fit(cfg)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's generator state is given back
     assert m["steps"] == 2 and json.loads((tmp_path / "run" / "metrics.json").read_text()) == m
     assert torch.get_num_threads() == threads and os.getcwd() == cwd  # nothing left behind for the caller
     assert logging.getLogger("pcbench.train").handlers == handlers
