@@ -22,6 +22,7 @@ from ._cli import TINY, prep
 pytestmark = pytest.mark.slow
 
 CLS_MODELS = ["pointnet2_ssg_cls", "pct_cls", "ptv1_cls", "ptv2_cls", "ptv3_cls", "sparse_resnet_cls"]
+LR = {"ptv3_cls": 0.002}  # attention + LayerNorm: 0.01 diverges early on 100 steps (test OA 0.475 measured)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def _report(name: str, figures: dict) -> None:
 @pytest.mark.parametrize("model", CLS_MODELS)
 def test_classifier_beats_chance(model: str, objects: Path, tmp_path: Path) -> None:
     cfg = compose(["data=modelnet40", f"data.root={objects}", "data.num_points=256", "data.val_fraction=0.1",
-                   f"model={model}", *TINY[model], "optim=adamw", "optim.lr=0.01", "optim.weight_decay=0.01",
+                   f"model={model}", *TINY[model], "optim=adamw", f"optim.lr={LR.get(model, 0.01)}", "optim.weight_decay=0.01",
                    "sched=cosine", "sched.warmup_fraction=0.05", "trainer.max_epochs=25", "trainer.batch_size=16",
                    "trainer.num_workers=0", "trainer.threads=1", "logger.tensorboard=false",
                    "logger.log_every_n_steps=50", "aug=scale_shift", "eval.every_n_epochs=5"], run_dir=tmp_path / "run")
