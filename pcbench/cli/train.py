@@ -60,7 +60,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         if not any(a == "trainer.malloc=default" for a in argv):
             _malloc.reexec_with_tuned_malloc([sys.executable, "-m", "pcbench.train", *argv])
         try:
-            compose([a for a in argv if not a.startswith(("hydra.", "hydra/"))], run_dir="/unused")
+            # Hydra's own flags (-m/--multirun, --config-name, ...) and hydra.* keys are Hydra's to check
+            compose([a for a in argv if "=" in a and not a.startswith(("hydra.", "hydra/", "-"))], run_dir="/unused")
             argv = _torchrun_argv(argv)
         except ConfigError as err:
             return _fail(str(err))
