@@ -29,7 +29,7 @@ from pcbench.ops.batch import offset2lengths
 
 from .heads import MLPHead
 from .layers import MLP, BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_max, idw_interpolate
-from .layers.checks import check_in_channels
+from .layers.checks import model_input
 
 __all__ = [
     "FeaturePropagation",
@@ -212,7 +212,7 @@ class PointNet2Cls(nn.Module):
 
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Global feature per cloud [B, global_widths[-1]]."""
-        check_in_channels(batch, self.in_channels)
+        batch = model_input(self, batch)
         _, xyz, feat, = _to_canonical(batch)
         offset = batch.offset
         for sa in self.levels:
@@ -261,7 +261,7 @@ class PointNet2Seg(nn.Module):
 
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Per-point features [N, fp_widths[-1][-1]] in input order."""
-        check_in_channels(batch, self.in_channels)
+        batch = model_input(self, batch)
         perm, xyz, feat = _to_canonical(batch)
         pyramid = [(xyz, feat, batch.offset)]
         for sa in self.levels:

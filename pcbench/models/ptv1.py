@@ -28,7 +28,7 @@ from pcbench.ops.batch import offset2batch
 
 from .heads import MLPHead
 from .layers import BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_mean, idw_interpolate
-from .layers.checks import check_in_channels
+from .layers.checks import model_input
 
 __all__ = [
     "PointTransformerBlock",
@@ -250,7 +250,7 @@ class PointTransformerSeg(nn.Module):
 
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Per-point features [N, channels[0]] in input order."""
-        check_in_channels(batch, self.in_channels)
+        batch = model_input(self, batch)
         perm, skips = self.encoder(batch)
         x, level = skips[-1]
         for j, (up, blocks) in enumerate(zip(self.up, self.dec_blocks, strict=True)):
@@ -291,7 +291,7 @@ class PointTransformerCls(nn.Module):
 
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Mean-pooled feature per cloud [B, channels[-1]]."""
-        check_in_channels(batch, self.in_channels)
+        batch = model_input(self, batch)
         _, skips = self.encoder(batch)
         x, level = skips[-1]
         return cloud_mean(x, level.offset)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from pcbench.ops import PointBatch, kernel_map, offset2batch, offset2lengths, serialize, voxel_pool
 from pcbench.ops.serialize import ORDERS
 
-from .layers.checks import check_in_channels
+from .layers.checks import model_input
 from .layers.grid_pool import DropPath, GridPartition, cloud_min, grid_partition, segment_mean
 from .layers.serialized_attention import PatchIndex, SerializedAttention, build_patches
 
@@ -363,7 +363,7 @@ class PointTransformerV3(nn.Module):
 
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Per-point features [N, out_channels] (segmentation) or per-cloud features [B, out_channels] (cls)."""
-        check_in_channels(batch, self.in_channels)
+        batch = model_input(self, batch)
         part, level = self._voxelize_input(batch)
         feat = segment_mean(batch.feat, part)
         feat = self.embed_act(self.embed_norm(self.embed_conv(feat, level)))
