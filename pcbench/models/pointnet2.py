@@ -26,9 +26,10 @@ from torch import Tensor, nn
 
 from pcbench.ops import PointBatch, ball_query, farthest_point_sample, sample_offset
 from pcbench.ops.batch import offset2lengths
+from pcbench.ops.interpolate import interpolate
 
 from .heads import MLPHead
-from .layers import MLP, BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_max, idw_interpolate
+from .layers import MLP, BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_max
 from .layers.checks import model_input
 
 __all__ = [
@@ -148,7 +149,7 @@ class FeaturePropagation(nn.Module):
                 coarse_offset: Tensor) -> Tensor:
         w_coarse, w_skip = self.first.weight[:, : self.coarse_channels], self.first.weight[:, self.coarse_channels:]
         # IDW weights sum to one, so projecting the (fewer) coarse points first is the same linear map.
-        h = idw_interpolate(xyz, coarse_xyz, F.linear(coarse_feat, w_coarse), offset, coarse_offset, self.k)
+        h = interpolate(xyz, coarse_xyz, F.linear(coarse_feat, w_coarse), self.k, offset, coarse_offset)
         h = h + self.first.bias
         if skip is not None and skip.shape[1]:
             h = h + F.linear(skip, w_skip)

@@ -25,9 +25,10 @@ from torch import Tensor, nn
 
 from pcbench.ops import PointBatch, farthest_point_sample, knn, sample_offset
 from pcbench.ops.batch import offset2batch
+from pcbench.ops.interpolate import interpolate
 
 from .heads import MLPHead
-from .layers import BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_mean, idw_interpolate
+from .layers import BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_mean
 from .layers.checks import model_input
 
 __all__ = [
@@ -167,7 +168,7 @@ class TransitionUp(nn.Module):
         if self.is_head:
             g = self.linear2(cloud_mean(x, level.offset))[offset2batch(level.offset)]
             return self.linear1(torch.cat([x, g], 1))
-        up = idw_interpolate(level.xyz, coarse.xyz, self.linear2(coarse_x), level.offset, coarse.offset, 3)
+        up = interpolate(level.xyz, coarse.xyz, self.linear2(coarse_x), 3, level.offset, coarse.offset)
         return self.linear1(x) + up
 
 
