@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 
-# Large temporaries otherwise go through mmap/munmap on every call; see DESIGN.md performance notes.
+# Large temporaries otherwise go through mmap/munmap on every call (glibc mallopt(3): M_MMAP_THRESHOLD).
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 
 
