@@ -5,7 +5,7 @@ For every config and case (object batch 16 x 1024 for classifiers, 16 x 4096 and
 segmentation, batch-1 latency) and mode (``fwd``: eval + no_grad; ``fwd+bwd``: train mode, cross-entropy,
 backward) a worker subprocess builds the model with ``pcbench.models.build_model(cfg, in_channels=3,
 num_classes=...)``, runs 2 warm-up calls and the timed calls (median reported), and records the peak RSS of its
-first call. Each worker runs under the glibc default allocator and/or the tuned setting of DESIGN.md.
+first call. Each worker runs under the glibc default allocator and/or the tuned setting (``harness.TUNED_MALLOC``).
 Writes ``models.json`` and ``models.md`` under ``--out`` (rewritten after every row).
 
 On a shared machine read samples/s next to the recorded CPU time and load average: when the cores are
@@ -29,17 +29,6 @@ from benchmarks.harness import TUNED_MALLOC
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf" / "model"
-
-# Community implementations measured by the project lead on this machine (2 threads, glibc default allocator):
-# samples/s (fwd, fwd+bwd) per (config, case). Peers are not re-run here.
-PEERS: dict[tuple[str, str], tuple[str, float, float]] = {
-    ("pointnet2_ssg_cls", "16x1024"): ("yanx27 Pointnet_Pointnet2_pytorch", 11.1, 4.9),
-    ("pointnet2_msg_cls", "16x1024"): ("yanx27 Pointnet_Pointnet2_pytorch", 2.4, 0.84),
-    ("pct_cls", "16x1024"): ("Strawberry-Eat-Mango PCT_Pytorch", 7.7, 3.1),
-    ("ptv1_cls", "16x1024"): ("qq456cvb Point-Transformers (Hengshuang, 9.58M, 3.9-5.5 GiB peak)", 1.5, 0.64),
-    ("pointnet2_ssg_seg", "16x4096"): ("yanx27 Pointnet_Pointnet2_pytorch", 3.4, 2.1),
-}
-
 
 # Rows left out on purpose, with the reason printed in the table.
 SKIP: dict[tuple[str, str], str] = {
@@ -184,26 +173,21 @@ def _run_worker(config: str, case: str, mode: str, malloc: str, ns: argparse.Nam
 
 
 def markdown(rows: list[dict[str, object]], env: dict[str, object]) -> str:
-    """Result rows as a Markdown table, with the community figures alongside where the lead measured one."""
+    """Result rows as a Markdown table (pcbench only: no peer runs here, so no ratio column)."""
     lines = ["## models", "",
              "| model | case | mode | malloc | params | samples/s | median ms | CPU ms / call | load avg | "
-             "peak RSS MiB (first call) | community samples/s (default malloc) | ours / community |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "peak RSS MiB (first call) |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        peer = PEERS.get((r["config"], r["case"]))
-        peer_sps = None if peer is None else (peer[1] if r["mode"] == "fwd" else peer[2])
         name = r["config"] + (" (compiled)" if r.get("compiled") else "")
         if r.get("error"):
             err = str(r["error"])
             msg = err if err.startswith("skipped") else f"failed: {err}"
-            lines.append(f"| {name} | {r['case']} | {r['mode']} | {r['malloc']} | - | {msg} | - | - | - | - | - | - |")
+            lines.append(f"| {name} | {r['case']} | {r['mode']} | {r['malloc']} | - | {msg} | - | - | - | - |")
             continue
-        ratio = f"{r['samples_per_s'] / peer_sps:.2f}x" if peer_sps else "-"
-        peer_txt = f"{peer_sps} ({peer[0]})" if peer_sps else "-"
         lines.append(f"| {name} | {r['case']} ({r['points']} pts) | {r['mode']} | {r['malloc']} | "
                      f"{r['params'] / 1e6:.2f}M | {r['samples_per_s']:.2f} | {r['median_ms']:.1f} | "
-                     f"{r['median_cpu_ms']:.0f} | {max(r['loadavg_1min']):.1f} | {r['peak_rss_mib']:.0f} | "
-                     f"{peer_txt} | {ratio} |")
+                     f"{r['median_cpu_ms']:.0f} | {max(r['loadavg_1min']):.1f} | {r['peak_rss_mib']:.0f} |")
     lines += ["", f"torch {env.get('torch')}, {env.get('threads_per_worker')} threads per worker, "
               f"{env.get('cpu_count')} CPUs, commit {env.get('git_commit')}, {env.get('time')}. "
               "Median of the timed calls after 2 warm-ups; one fresh process per row; fwd = eval + no_grad; "
@@ -219,7 +203,7 @@ def _write(ns: argparse.Namespace, rows: list[dict[str, object]], final: bool = 
     env["threads_per_worker"] = ns.threads
     ns.out.mkdir(parents=True, exist_ok=True)
     record = {"title": "models", "environment": env, "repeats": ns.repeats, "warmup": ns.warmup,
-              "complete": final, "peers": {f"{k[0]}|{k[1]}": v for k, v in PEERS.items()}, "rows": rows}
+              "complete": final, "rows": rows}
     for name, text in (("models.json", json.dumps(record, indent=2)), ("models.md", markdown(rows, env))):
         tmp = ns.out / (name + ".tmp")
         tmp.write_text(text)

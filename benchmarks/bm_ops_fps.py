@@ -40,7 +40,7 @@ def _fps_case(name: str, coord: torch.Tensor, offset: torch.Tensor | None, n: in
     pts = [coord[a:b].numpy() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     # QuickFPS tree height, tuned here (1 thread): 1024 points best at h=4, 65k points at h=7 (h=12: 15x slower)
     h = 4 if max(len(p) for p in pts) <= 4096 else 7
-    entries: list[Entry | None] = [
+    entries: list[Entry] = [
         Entry("pcbench", lambda: farthest_point_sample(coord, offset, n=n), "exact, identical to reference"),
         optional_entry("fpsample exact", lambda: _fpsample("fps_sampling", pts, n, start_idx=0), "exact"),
         optional_entry("fpsample npdu_kdtree", lambda: _fpsample("fps_npdu_kdtree_sampling", pts, n, start_idx=0),
@@ -54,7 +54,7 @@ def _fps_case(name: str, coord: torch.Tensor, offset: torch.Tensor | None, n: in
     if reference:
         entries.append(Entry("torch loop (reference)", lambda: fps_reference(coord, offset, n=n),
                              "plain per-cloud torch loop"))
-    return Case("fps", name, [e for e in entries if e is not None])
+    return Case("fps", name, entries)
 
 
 def _voxel_case(n: int, size: float) -> Case:
@@ -76,7 +76,7 @@ def _voxel_case(n: int, size: float) -> Case:
         optional_entry("open3d voxel_down_sample", o3d_build, "means only, no inverse map"),
         Entry("numpy unique", numpy_unique, "rows unique, axis=0"),
     ]
-    return Case("voxelize", f"{n // 1024}k scene, {size * 100:g} cm", [e for e in entries if e is not None])
+    return Case("voxelize", f"{n // 1024}k scene, {size * 100:g} cm", entries)
 
 
 def _interp_case(nq: int, ns: int, channels: int) -> Case:
@@ -102,7 +102,7 @@ def _interp_case(nq: int, ns: int, channels: int) -> Case:
         optional_entry("scipy cKDTree + numpy", scipy_build, "tree build included"),
     ]
     return Case("interpolate", f"{nq // 1024}k <- {ns // 1024}k, k=3, C={channels}",
-                [e for e in entries if e is not None])
+                entries)
 
 
 def cases(quick: bool) -> list[Case]:

@@ -98,7 +98,7 @@ def knn_case(name: str, coord: Tensor, offset: Tensor, k: int, reference: bool =
     """One kNN input (query = support) timed under pcbench and every available peer."""
     clouds = _split(coord, offset)
     biggest = max(len(c) for c in clouds)
-    entries: list[Entry | None] = [
+    entries: list[Entry] = [
         Entry("pcbench", lambda: knn(coord, coord, k, offset, offset)),
         optional_entry("pykdtree", lambda: _pykdtree(clouds, k)),
         optional_entry("scipy cKDTree", lambda: _ckdtree(clouds, k), "workers=-1"),
@@ -112,7 +112,7 @@ def knn_case(name: str, coord: Tensor, offset: Tensor, k: int, reference: bool =
         entries.append(Entry("pcbench reference", lambda: knn_reference(coord, coord, k, offset, offset),
                              "float64 brute force"))
     n = coord.shape[0]
-    return Case("knn", f"{name} N={n} k={k}", [e for e in entries if e is not None])
+    return Case("knn", f"{name} N={n} k={k}", entries)
 
 
 def _open3d_hybrid(c: np.ndarray, radius: float, max_nn: int) -> Callable[[], object]:
@@ -151,7 +151,7 @@ def ball_case(name: str, coord: Tensor, radius: float, max_nn: int) -> Case:
         optional_entry("pykdtree", lambda: _pykdtree_ball(c, radius, max_nn), "k + distance_upper_bound"),
     ]
     return Case("ball_query", f"{name} N={coord.shape[0]} r={radius:.3g} max={max_nn} (mean {mean:.1f} nbrs)",
-                [e for e in entries if e is not None])
+                entries)
 
 
 def _radius_for(n: int, volume: float, neighbours: float) -> float:

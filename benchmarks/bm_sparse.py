@@ -5,7 +5,11 @@ Times (median of repeats after warm-up) and peak memory of
     MinkUNet forward needs;
   * one sparse convolution layer (32 -> 32 channels, k=3 submanifold and k=2 stride 2), forward and
     forward + backward, against ``torch.nn.functional.conv3d`` on the dense grid of the same scene where
-    that grid fits in ``--dense-limit-gib`` per activation (ratio = sparse time / dense time);
+    that grid fits in ``--dense-limit-gib`` per activation (ratio = sparse time / dense time), and for the
+    submanifold layer against the gathered-GEMM method (implicit im2col: one GEMM over a [V, K * C_in]
+    block of gathered neighbourhoods, zeros where a neighbour is missing, forward and backward without
+    scatter-adds), the alternative to the per-offset gather -> matmul -> scatter-add of
+    ``pcbench.models.sparse``;
   * whole backbones (MinkUNet14A, MinkUNet34C, SpUNet-base): eval forward and training forward + backward.
 
 Peak memory is the growth of the process's peak RSS during one call, measured in a fresh child process
@@ -85,6 +89,17 @@ def _layer_fns(batch: PointBatch, vs: float, k: int, stride: int, train: bool, d
 
     fns: dict[str, Callable[[], object]] = {"pcbench sparse": sparse}
     notes = {"pcbench sparse": f"V={x.num_voxels}"}
+    if (k, stride) == (3, 1):
+        table = _neighbour_table(x.cache.kernel_map(1, 1, k, 1), x.num_voxels)  # built once, like the map
+
+        def gathered() -> object:
+            y = _GatheredGemm.apply(x.feats, conv.weight, table)
+            if train:
+                y.sum().backward()
+            return y
+
+        fns["gathered GEMM"] = gathered
+        notes["gathered GEMM"] = f"{float((table < x.num_voxels).float().mean()):.0%} of the K*V table occupied"
     if train:
         def plain() -> object:  # same ops through plain autograd (stores every gathered input)
             y = sparse_conv(x.feats, conv.weight, x.cache.kernel_map(1, stride, k, 1),
@@ -120,6 +135,46 @@ def _layer_fns(batch: PointBatch, vs: float, k: int, stride: int, train: bool, d
         fns["dense conv3d"] = too_big
         notes["dense conv3d"] = reason
     return fns, notes
+
+
+# --- the gathered-GEMM method, a peer for the submanifold layer ---------------------------------------
+
+class _GatheredGemm(torch.autograd.Function):
+    """Submanifold conv as gathered GEMMs both ways (the input gradient uses the flipped kernel: on one
+    level, voxel i at offset d of voxel j means j at offset -d of i, kernel index K-1-d)."""
+
+    @staticmethod
+    def forward(ctx, feats: torch.Tensor, weight: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(feats, weight, nbr)
+        return _gemm_rows(feats, nbr, weight.reshape(-1, weight.shape[2]))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        feats, weight, nbr = ctx.saved_tensors
+        k, cin, cout = weight.shape
+        grad = grad.contiguous()
+        gx = _gemm_rows(grad, nbr, weight.flip(0).transpose(1, 2).reshape(k * cout, cin))
+        padded = torch.cat([feats, feats.new_zeros(1, cin)])
+        gw = feats.new_zeros(k * cin, cout)
+        rows = max(1, (1 << 24) // (k * cin))
+        for a in range(0, nbr.shape[0], rows):
+            gw.addmm_(padded[nbr[a:a + rows]].reshape(-1, k * cin).T, grad[a:a + rows])
+        return gx, gw.view(k, cin, cout), None
+
+
+def _gemm_rows(src: torch.Tensor, nbr: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``out[j] = cat_d src[nbr[j, d]] @ w`` with row ``len(src)`` read as zeros, in ~64 MiB row chunks."""
+    padded = torch.cat([src, src.new_zeros(1, src.shape[1])])
+    rows = max(1, (1 << 24) // w.shape[0])
+    return torch.cat([padded[nbr[a:a + rows]].reshape(-1, w.shape[0]) @ w for a in range(0, nbr.shape[0], rows)])
+
+
+def _neighbour_table(kmap: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> torch.Tensor:
+    """[n, K] input row at each kernel offset of every output row, ``n`` where there is none."""
+    table = torch.full((n, len(kmap)), n, dtype=torch.long)
+    for d, (i, j) in enumerate(kmap):
+        table[j, d] = i
+    return table
 
 
 # --- backbones ----------------------------------------------------------------------------------------

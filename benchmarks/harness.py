@@ -38,11 +38,16 @@ def reexec_with_tuned_malloc(module: str, malloc: str) -> None:
 
 @dataclass
 class Entry:
-    """One implementation to time: ``fn()`` runs the whole operation once on prepared inputs."""
+    """One implementation to time: ``fn()`` runs the whole operation once on prepared inputs.
+
+    ``unavailable`` holds why a peer cannot run on this machine (set by :func:`optional_entry`); such an
+    entry is not timed but stays in the table as ``unavailable: <reason>``.
+    """
 
     name: str
     fn: Callable[[], object]
     note: str = ""
+    unavailable: str | None = None
 
 
 @dataclass
@@ -56,16 +61,23 @@ class Case:
     notes: dict[str, str] = field(default_factory=dict)
 
 
-def optional_entry(name: str, build: Callable[[], Callable[[], object]], note: str = "") -> Entry | None:
-    """An Entry whose peer may be missing: ``build()`` imports it and returns the timed callable.
+def optional_entry(name: str, build: Callable[[], Callable[[], object]], note: str = "") -> Entry:
+    """An Entry whose peer may be missing or broken here: ``build()`` imports it and returns the timed callable.
 
-    Returns None (the row is reported as unavailable) when the import fails.
+    Any failure of ``build()`` (ImportError; OSError from a shared library that does not load, as open3d
+    raises without libusb; anything else) gives an entry marked ``unavailable`` with the exception type
+    and message, so the table says which peers a ratio was taken against instead of dropping one silently.
     """
     try:
         fn = build()
-    except ImportError:
-        return None
+    except Exception as err:  # noqa: BLE001 - reported in the table, never dropped
+        reason = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+        return Entry(name, _not_run, note, unavailable=reason)
     return Entry(name, fn, note)
+
+
+def _not_run() -> object:
+    raise RuntimeError("an unavailable peer is never timed")
 
 
 def _sync() -> None:
@@ -122,6 +134,9 @@ def run_cases(
         timed: dict[str, float] = {}
         errors: dict[str, str] = {}
         for entry in case.entries:
+            if entry.unavailable is not None:
+                errors[entry.name] = f"unavailable: {entry.unavailable}"
+                continue
             try:
                 ms = time_fn(entry.fn, repeats=repeats, warmup=warmup)
                 timed[entry.name] = statistics.median(ms)
@@ -136,6 +151,8 @@ def run_cases(
             if name in timed and best_peer is not None:
                 row["ratio_to_fastest_peer"] = timed[name] / peers[best_peer]
                 row["fastest_peer"] = best_peer
+                row["peers_timed"] = sorted(peers)
+                row["peers_unavailable"] = sorted(e.name for e in case.entries if e.unavailable is not None)
             rows.append(row)
             if verbose:
                 t = f"{timed[name]:10.2f} ms" if name in timed else f"  failed: {errors.get(name)}"
@@ -157,11 +174,17 @@ def _atomic_text(path: Path, text: str) -> None:
 
 
 def markdown_table(rows: list[dict[str, object]], title: str = "benchmark") -> str:
-    """Rows as a Markdown table: one line per (op, case, implementation), ratio to the fastest peer."""
+    """Rows as a Markdown table: one line per (op, case, implementation), ratio to the fastest peer timed.
+
+    Peers that are unavailable here keep their line (``unavailable: <reason>``), so a ratio taken without
+    them shows as such.
+    """
     lines = [f"## {title}", "", "| op | case | impl | median ms | ratio to fastest peer | note |",
              "|---|---|---|---:|---:|---|"]
     for r in rows:
-        ms = f"{r['median_ms']:.2f}" if r.get("median_ms") is not None else f"failed ({r.get('error')})"
+        err = str(r.get("error"))
+        ms = (f"{r['median_ms']:.2f}" if r.get("median_ms") is not None
+              else err if err.startswith("unavailable: ") else f"failed ({err})")
         ratio = f"{r['ratio_to_fastest_peer']:.2f}x" if r.get("ratio_to_fastest_peer") is not None else "-"
         lines.append(f"| {r['op']} | {r['case']} | {r['impl']} | {ms} | {ratio} | {r.get('note') or ''} |")
     env = environment()

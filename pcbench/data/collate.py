@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from pcbench.ops import PointBatch
+from pcbench.ops.batch import NonFiniteError
 
 __all__ = ["collate"]
 
@@ -26,7 +27,7 @@ def collate(samples: Sequence[dict[str, Any]]) -> PointBatch:
     ``inverse`` [m] (from GridSample) is shifted by each cloud's start row so that
     ``pred_full = pred[batch.inverse]`` works on the packed predictions, with ``inverse_offset`` [B]
     the cumulative full-resolution counts. Empty clouds are allowed. Raises ValueError naming the
-    sample and key when shapes or keys disagree.
+    sample and key when shapes or keys disagree, or when a sample's coord or feat holds NaN or inf.
     """
     if len(samples) == 0:
         raise ValueError("collate got an empty list of samples; use a batch_size >= 1")
@@ -72,5 +73,11 @@ def collate(samples: Sequence[dict[str, Any]]) -> PointBatch:
         inverse = torch.from_numpy(np.concatenate([np.asarray(s["inverse"], dtype=np.int64) + st
                                                    for s, st in zip(samples, starts, strict=True)]))
         inverse_offset = torch.cumsum(torch.tensor([len(s["inverse"]) for s in samples], dtype=torch.long), 0)
-    return PointBatch(coord=coord, feat=feat, offset=offset, label=label, instance=instance, inverse=inverse,
-                      inverse_offset=inverse_offset)
+    try:
+        return PointBatch(coord=coord, feat=feat, offset=offset, label=label, instance=instance, inverse=inverse,
+                          inverse_offset=inverse_offset)
+    except NonFiniteError as err:
+        named = ", ".join(f"sample {i}" + (f" ({samples[i]['name']})" if "name" in samples[i] else "")
+                          for i in err.clouds[:8])
+        raise ValueError(f"{err.field} of {named} contains NaN or inf; repair the prepared sample or drop it "
+                         f"(PointBatch: {err})") from err

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from pcbench.ops import PointBatch
 
-from .layers.checks import check_in_channels
+from .layers.checks import model_input
 from .sparse import (
     SparseBasicBlock,
     SparseConv3d,
@@ -110,7 +110,7 @@ class MinkUNet(nn.Module):
 
     def forward_voxels(self, batch: PointBatch) -> tuple[SparseTensor, Tensor]:
         """Decoder features on the finest voxels and the point -> voxel inverse map [N]."""
-        check_in_channels(batch, self.in_channels)
+        batch = model_input(self, batch)
         x, inverse = sparse_from_points(batch.coord, batch.feat, self.voxel_size, batch.offset)
         x = sparse_unet(x, self.stem, self.down, self.enc, self.up, self.dec)
         return x, inverse

@@ -35,7 +35,7 @@ from pcbench.ops.batch import offset2batch, offset2lengths, offset2start
 
 from .heads import MLPHead
 from .layers import BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_max, cloud_mean
-from .layers.checks import check_in_channels
+from .layers.checks import model_input
 
 __all__ = [
     "NeighborEmbedding",
@@ -207,7 +207,7 @@ class PCTCls(nn.Module):
 
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Max-pooled feature per cloud [B, fuse_channels]."""
-        check_in_channels(batch, self.in_channels)
+        batch = model_input(self, batch)
         perm = canonical_order(batch.coord, batch.offset)
         xyz = batch.coord[perm]
         x = self.embed(torch.cat([xyz, batch.feat[perm]], 1))
@@ -255,7 +255,7 @@ class PCTSeg(nn.Module):
 
     def _parts(self, batch: PointBatch) -> tuple[Tensor, Tensor, Tensor]:
         """(perm, per-point fused features [N, F] in canonical order, per-cloud [max, mean] [B, 2F])."""
-        check_in_channels(batch, self.in_channels)
+        batch = model_input(self, batch)
         perm = canonical_order(batch.coord, batch.offset)
         x = self.embed(torch.cat([batch.coord[perm], batch.feat[perm]], 1))
         x = self.fuse(self.attention(x, batch.offset))

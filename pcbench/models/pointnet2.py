@@ -26,10 +26,11 @@ from torch import Tensor, nn
 
 from pcbench.ops import PointBatch, ball_query, farthest_point_sample, sample_offset
 from pcbench.ops.batch import offset2lengths
+from pcbench.ops.interpolate import interpolate
 
 from .heads import MLPHead
-from .layers import MLP, BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_max, idw_interpolate
-from .layers.checks import check_in_channels
+from .layers import MLP, BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_max
+from .layers.checks import model_input
 
 __all__ = [
     "FeaturePropagation",
@@ -148,7 +149,7 @@ class FeaturePropagation(nn.Module):
                 coarse_offset: Tensor) -> Tensor:
         w_coarse, w_skip = self.first.weight[:, : self.coarse_channels], self.first.weight[:, self.coarse_channels:]
         # IDW weights sum to one, so projecting the (fewer) coarse points first is the same linear map.
-        h = idw_interpolate(xyz, coarse_xyz, F.linear(coarse_feat, w_coarse), offset, coarse_offset, self.k)
+        h = interpolate(xyz, coarse_xyz, F.linear(coarse_feat, w_coarse), self.k, offset, coarse_offset)
         h = h + self.first.bias
         if skip is not None and skip.shape[1]:
             h = h + F.linear(skip, w_skip)
@@ -212,7 +213,7 @@ class PointNet2Cls(nn.Module):
 
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Global feature per cloud [B, global_widths[-1]]."""
-        check_in_channels(batch, self.in_channels)
+        batch = model_input(self, batch)
         _, xyz, feat, = _to_canonical(batch)
         offset = batch.offset
         for sa in self.levels:
@@ -261,7 +262,7 @@ class PointNet2Seg(nn.Module):
 
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Per-point features [N, fp_widths[-1][-1]] in input order."""
-        check_in_channels(batch, self.in_channels)
+        batch = model_input(self, batch)
         perm, xyz, feat = _to_canonical(batch)
         pyramid = [(xyz, feat, batch.offset)]
         for sa in self.levels:

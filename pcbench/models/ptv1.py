@@ -25,10 +25,11 @@ from torch import Tensor, nn
 
 from pcbench.ops import PointBatch, farthest_point_sample, knn, sample_offset
 from pcbench.ops.batch import offset2batch
+from pcbench.ops.interpolate import interpolate
 
 from .heads import MLPHead
-from .layers import BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_mean, idw_interpolate
-from .layers.checks import check_in_channels
+from .layers import BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_mean
+from .layers.checks import model_input
 
 __all__ = [
     "PointTransformerBlock",
@@ -167,7 +168,7 @@ class TransitionUp(nn.Module):
         if self.is_head:
             g = self.linear2(cloud_mean(x, level.offset))[offset2batch(level.offset)]
             return self.linear1(torch.cat([x, g], 1))
-        up = idw_interpolate(level.xyz, coarse.xyz, self.linear2(coarse_x), level.offset, coarse.offset, 3)
+        up = interpolate(level.xyz, coarse.xyz, self.linear2(coarse_x), 3, level.offset, coarse.offset)
         return self.linear1(x) + up
 
 
@@ -250,7 +251,7 @@ class PointTransformerSeg(nn.Module):
 
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Per-point features [N, channels[0]] in input order."""
-        check_in_channels(batch, self.in_channels)
+        batch = model_input(self, batch)
         perm, skips = self.encoder(batch)
         x, level = skips[-1]
         for j, (up, blocks) in enumerate(zip(self.up, self.dec_blocks, strict=True)):
@@ -291,7 +292,7 @@ class PointTransformerCls(nn.Module):
 
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Mean-pooled feature per cloud [B, channels[-1]]."""
-        check_in_channels(batch, self.in_channels)
+        batch = model_input(self, batch)
         _, skips = self.encoder(batch)
         x, level = skips[-1]
         return cloud_mean(x, level.offset)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from pcbench.ops import PointBatch, knn, offset2batch, voxel_pool
 
-from .layers.checks import check_in_channels
+from .layers.checks import model_input
 from .layers.grid_pool import DropPath, GridPartition, grid_partition, segment_mean
 
 __all__ = ["PointTransformerV2", "ptv2_cls", "ptv2_seg"]
@@ -271,7 +271,7 @@ class PointTransformerV2(nn.Module):
 
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Per-point features [N, out_channels] (segmentation) or per-cloud features [B, out_channels] (cls)."""
-        check_in_channels(batch, self.in_channels)
+        batch = model_input(self, batch)
         coord, feat, offset = batch.coord, batch.feat, batch.offset.long()
         inp = None
         if self.grid_size is not None:

@@ -3,7 +3,8 @@
 Pipeline: voxelize the input at ``grid_size`` (features averaged per voxel), serialize the voxels along
 space-filling curves (z-order, Hilbert and their x/y-swapped variants), then a U-Net of blocks
 ``x += xCPE(x); x += Attn(LN(x)); x += MLP(LN(x))`` where Attn is patch attention along one curve
-(the curve alternates block to block) and xCPE is a submanifold sparse conv (kernel 3) + Linear + LN.
+(the curve alternates block to block) and xCPE is a submanifold sparse conv (kernel 3,
+``pcbench.models.sparse.SparseConv3d`` on the level's voxels in serialized row order) + Linear + LN.
 Pooling merges each stride^3 cell block (``ops.voxelize`` on the integer grid), unpooling gathers through
 the pooling map. Segmentation returns per-point logits through the input voxel map; classification
 averages the deepest features per cloud.
@@ -17,12 +18,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from pcbench.ops import PointBatch, kernel_map, offset2batch, offset2lengths, serialize, voxel_pool
+from pcbench.ops import PointBatch, offset2batch, offset2lengths, serialize, voxel_pool
 from pcbench.ops.serialize import ORDERS
 
-from .layers.checks import check_in_channels
+from .layers.checks import model_input
 from .layers.grid_pool import DropPath, GridPartition, cloud_min, grid_partition, segment_mean
 from .layers.serialized_attention import PatchIndex, SerializedAttention, build_patches
+from .sparse import CoordinateCache, SparseConv3d, SparseTensor
 
 __all__ = ["PointTransformerV3", "ptv3_cls", "ptv3_seg"]
 
@@ -37,30 +39,20 @@ class _Level:
     offset: Tensor  # [B]
     names: list[str]  # serialization curves of this level (shuffled per level in training)
     parent: GridPartition | None = None  # how the finer level's points map to this level's points
-    _kmaps: dict[int, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
-    _nbrs: dict[int, Tensor] = field(default_factory=dict)
+    _convs: CoordinateCache = field(default_factory=CoordinateCache)  # kernel maps of this level's voxels
     _patches: dict[tuple[int, int], PatchIndex] = field(default_factory=dict)
 
     @property
     def num_points(self) -> int:
         return int(self.grid.shape[0])
 
-    def kmap(self, kernel_size: int) -> list[tuple[Tensor, Tensor]]:
-        """Submanifold ``ops.kernel_map`` of this level's voxels (computed once, shared by all blocks)."""
-        if kernel_size not in self._kmaps:
-            c = torch.cat([offset2batch(self.offset)[:, None], self.grid], 1)
-            self._kmaps[kernel_size] = kernel_map(c, c, kernel_size)
-        return self._kmaps[kernel_size]
-
-    def neighbours(self, kernel_size: int) -> Tensor:
-        """[n, K^3] row of the voxel at each kernel offset (conv3d order), ``n`` where there is none."""
-        if kernel_size not in self._nbrs:
-            n = self.num_points
-            table = torch.full((n, kernel_size**3), n, dtype=torch.long, device=self.grid.device)
-            for d, (i, o) in enumerate(self.kmap(kernel_size)):
-                table[o, d] = i
-            self._nbrs[kernel_size] = table
-        return self._nbrs[kernel_size]
+    def sparse(self, feat: Tensor) -> SparseTensor:
+        """``feat`` [n, C] on this level's voxels, rows in level order, for ``pcbench.models.sparse`` layers
+        (one kernel map per kernel size, shared by every block of the level)."""
+        coords = self._convs.level(1)
+        if coords is None:
+            coords = torch.cat([offset2batch(self.offset)[:, None], self.grid], 1)
+        return SparseTensor(coords, feat, 1, int(self.offset.numel()), self._convs)
 
     def patches(self, order_index: int, patch_size: int) -> PatchIndex:
         """Patch layout along curve ``names[order_index]`` (built on first use, only for curves in use)."""
@@ -73,75 +65,6 @@ class _Level:
 
 # ----------------------------------------------------------------------------------------------------------
 # blocks
-
-
-def _gathered_gemm(src: Tensor, nbr: Tensor, w: Tensor) -> Tensor:
-    """``out[j] = src_padded[nbr[j]].flatten() @ w``: [n, K] rows of ``src`` (row n = zeros), w [K*C, C']."""
-    padded = torch.cat([src, src.new_zeros(1, src.shape[1])])
-    # rows are chunked so the gathered block stays ~64 MiB
-    rows = max(1, (1 << 24) // max(w.shape[0], 1))
-    chunks = [padded[nbr[a : a + rows]].reshape(-1, w.shape[0]) @ w for a in range(0, nbr.shape[0], rows)]
-    return torch.cat(chunks) if chunks else src.new_zeros(0, w.shape[1])
-
-
-class _SubMConvFunction(torch.autograd.Function):
-    """Submanifold conv as gathers + GEMMs in both directions (no scatter-add anywhere).
-
-    On one level the neighbour relation is symmetric: if voxel i sits at offset d of voxel j, then j sits
-    at offset -d of i, and -d is kernel index K-1-d. So the input gradient is the same gathered GEMM on
-    the output gradient with the kernel flipped and transposed.
-    """
-
-    @staticmethod
-    def forward(ctx, feat: Tensor, weight: Tensor, nbr: Tensor) -> Tensor:  # noqa: D102
-        vol, cin, cout = weight.shape
-        w = weight.to(feat.dtype)
-        ctx.save_for_backward(feat, w, nbr)
-        ctx.weight_dtype = weight.dtype
-        return _gathered_gemm(feat, nbr, w.reshape(vol * cin, cout))
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # noqa: D102
-        feat, w, nbr = ctx.saved_tensors
-        vol, cin, cout = w.shape
-        grad = grad.contiguous().to(feat.dtype)
-        grad_feat = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_feat = _gathered_gemm(grad, nbr, w.flip(0).transpose(1, 2).reshape(vol * cout, cin))
-        if ctx.needs_input_grad[1]:
-            padded = torch.cat([feat, feat.new_zeros(1, cin)])
-            rows = max(1, (1 << 24) // (vol * cin))
-            gw = feat.new_zeros(vol * cin, cout)
-            for a in range(0, nbr.shape[0], rows):
-                gw.addmm_(padded[nbr[a : a + rows]].reshape(-1, vol * cin).T, grad[a : a + rows])
-            grad_w = gw.view(vol, cin, cout).to(ctx.weight_dtype)
-        return grad_feat, grad_w, None
-
-
-class SubMConv3d(nn.Module):
-    """Submanifold sparse 3-D convolution over the voxels of one level: [n, C_in] -> [n, C_out].
-
-    ``out[j] = bias + sum_d feat[i_d(j)] @ weight[d]`` over the kernel offsets d whose neighbour
-    ``i_d(j)`` exists (from ``ops.kernel_map``); weight [K^3, C_in, C_out] in conv3d offset order, the
-    layout of ``pcbench.models.sparse.SparseConv3d``. Computed as one GEMM over gathered neighbourhoods
-    ("implicit im2col") forward and backward: on CPU that is several times faster than per-offset
-    scatter-adds (``index_add_``), although missing neighbours cost multiply-adds with zeros.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True) -> None:
-        super().__init__()
-        if kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd for a submanifold conv, got {kernel_size}")
-        self.kernel_size = kernel_size
-        vol = kernel_size**3
-        bound = (1.0 / (vol * in_channels)) ** 0.5  # nn.Conv3d's default, as pcbench.models.sparse uses
-        self.weight = nn.Parameter(torch.empty(vol, in_channels, out_channels).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(out_channels).uniform_(-bound, bound)) if bias else None
-
-    def forward(self, feat: Tensor, level: _Level) -> Tensor:
-        """Convolve ``feat`` [n, C_in] over the level's voxels."""
-        out = _SubMConvFunction.apply(feat, self.weight, level.neighbours(self.kernel_size))
-        return out if self.bias is None else out + self.bias
 
 
 class Block(nn.Module):
@@ -162,7 +85,7 @@ class Block(nn.Module):
         super().__init__()
         self.patch_size = patch_size
         self.order_index = order_index
-        self.cpe_conv = SubMConv3d(channels, channels, 3, bias=True)
+        self.cpe_conv = SparseConv3d(channels, channels, 3, bias=True)
         self.cpe_linear = nn.Linear(channels, channels)
         self.cpe_norm = nn.LayerNorm(channels)
         self.norm1 = nn.LayerNorm(channels)
@@ -177,7 +100,7 @@ class Block(nn.Module):
 
     def forward(self, feat: Tensor, level: _Level) -> Tensor:
         """[n, C] -> [n, C] on one level."""
-        feat = feat + self.cpe_norm(self.cpe_linear(self.cpe_conv(feat, level)))
+        feat = feat + self.cpe_norm(self.cpe_linear(self.cpe_conv(level.sparse(feat)).feats))
         feat = feat + self.drop_path(self.attn(self.norm1(feat), level.patches(self.order_index, self.patch_size)))
         return feat + self.drop_path(self.mlp(self.norm2(feat)))
 
@@ -297,7 +220,7 @@ class PointTransformerV3(nn.Module):
         self.cls_mode = cls_mode
         self.num_stages = ns
 
-        self.embed_conv = SubMConv3d(in_channels, enc_channels[0], embed_kernel_size, bias=False)
+        self.embed_conv = SparseConv3d(in_channels, enc_channels[0], embed_kernel_size, bias=False)
         self.embed_norm = nn.BatchNorm1d(enc_channels[0], eps=1e-3, momentum=0.01)
         self.embed_act = nn.GELU()
 
@@ -363,10 +286,10 @@ class PointTransformerV3(nn.Module):
 
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Per-point features [N, out_channels] (segmentation) or per-cloud features [B, out_channels] (cls)."""
-        check_in_channels(batch, self.in_channels)
+        batch = model_input(self, batch)
         part, level = self._voxelize_input(batch)
         feat = segment_mean(batch.feat, part)
-        feat = self.embed_act(self.embed_norm(self.embed_conv(feat, level)))
+        feat = self.embed_act(self.embed_norm(self.embed_conv(level.sparse(feat)).feats))
         levels, skips = [level], []
         for s in range(self.num_stages):
             if s > 0:

@@ -16,10 +16,16 @@ Convolution
     ``W == conv_transpose3d_weight.permute(2, 3, 4, 0, 1).reshape(K, C_in, C_out)``. Odd kernels are centred
     (offsets -(k//2)..k//2), even kernels span 0..k-1, as with conv3d padding ``dilation * (k // 2)``
     resp. 0. A strided convolution outputs the voxels ``unique(floor(coords / stride))`` (MinkowskiEngine's
-    rule), whatever the kernel size. Each offset is one gather -> matmul -> ``index_add_``. The backward is
+    rule), whatever the kernel size. Each offset is one gather -> matmul -> ``index_add_``: this is the one
+    sparse convolution of the project (MinkUNet, SpUNet, the sparse ResNet and PTv3's stem and xCPE all
+    use it). The alternative gathered-GEMM method (one GEMM over a [V, K * C_in] block of gathered
+    neighbourhoods, zeros for missing neighbours) multiplies every missing neighbour too; on real scenes,
+    where 10-40% of a k=3 neighbourhood is occupied, it is several times slower on CPU
+    (``benchmarks/bm_sparse.py`` times both side by side). The backward is
     the same three torch ops run in reverse by a small ``autograd.Function`` that re-gathers inputs instead
     of storing K gathered copies (2.7x less memory for a k=3 layer on a real scene; ``recompute=False`` in
-    :func:`sparse_conv` runs plain autograd instead, and the tests hold both to identical results).
+    :func:`sparse_conv` runs plain autograd instead, and the tests hold both to identical results). Under
+    autocast the products run in autocast's dtype, forward and backward alike.
     Weights are initialised like ``nn.Conv3d``: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = C_in * K
     (C_out * K for the transposed layer, whose fan-in is per output).
 """
@@ -189,13 +195,23 @@ def devoxelize(x: SparseTensor, inverse: Tensor) -> Tensor:
     return x.feats.index_select(0, inverse)
 
 
+def _matmul_dtype(feats: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype of ``feats @ weight`` here: autocast's lower precision where autocast applies, else promotion."""
+    dev = feats.device.type
+    if torch.is_autocast_enabled(dev) and torch.float64 not in (feats.dtype, weight.dtype):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(feats.dtype, weight.dtype)
+
+
 def _gather_mm_scatter(feats: Tensor, weight: Tensor, pairs: list[tuple[int, Tensor, Tensor]], num_out: int,
                        center: int | None) -> Tensor:
-    out = feats @ weight[center] if center is not None else feats.new_zeros(num_out, weight.shape[2])
+    dtype = _matmul_dtype(feats, weight)
+    out = (feats @ weight[center]).to(dtype) if center is not None else feats.new_zeros(
+        num_out, weight.shape[2], dtype=dtype)
     for k, src, dst in pairs:
         # In place: one output buffer instead of K fresh [num_out, C_out] temporaries (autograd allows it,
         # no op here needs `out` itself for its backward).
-        out.index_add_(0, dst, (feats.index_select(0, src) @ weight[k]).to(out.dtype))  # autocast-safe
+        out.index_add_(0, dst, (feats.index_select(0, src) @ weight[k]).to(dtype))
     return out
 
 
@@ -204,20 +220,24 @@ class _SparseConvFunction(torch.autograd.Function):
 
     Plain autograd would save every ``feats[src_k]`` ([P_k, C_in], K of them) for the weight gradient and
     build a zero-filled [N, C_in] gradient per offset; this saves only ``feats`` and the index lists.
+    The backward runs in the dtype the forward multiplied in (autocast's, under autocast), so a bfloat16
+    forward gets a bfloat16 backward; the gradients come back in the dtypes of ``feats`` and ``weight``.
     """
 
     @staticmethod
     def forward(ctx, feats: Tensor, weight: Tensor, pairs: list, num_out: int, center: int | None) -> Tensor:
+        out = _gather_mm_scatter(feats, weight, pairs, num_out, center)
         ctx.save_for_backward(feats, weight)
-        ctx.pairs, ctx.center = pairs, center
-        return _gather_mm_scatter(feats, weight, pairs, num_out, center)
+        ctx.pairs, ctx.center, ctx.dtype = pairs, center, out.dtype
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        feats, weight = ctx.saved_tensors
-        center = ctx.center
-        grad_out = grad_out.contiguous()
+        feats_in, weight_in = ctx.saved_tensors
+        dtype, center = ctx.dtype, ctx.center
+        feats, weight = feats_in.to(dtype), weight_in.to(dtype)
+        grad_out = grad_out.to(dtype).contiguous()
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gx = gw = None
         if need_x:
@@ -229,10 +249,11 @@ class _SparseConvFunction(torch.autograd.Function):
         for k, src, dst in ctx.pairs:
             go = grad_out.index_select(0, dst)
             if need_x:
-                gx.index_add_(0, src, (go @ weight[k].T).to(gx.dtype))
+                gx.index_add_(0, src, go @ weight[k].T)
             if need_w:
                 torch.mm(feats.index_select(0, src).T, go, out=gw[k])
-        return gx, gw, None, None, None
+        return (None if gx is None else gx.to(feats_in.dtype), None if gw is None else gw.to(weight_in.dtype),
+                None, None, None)
 
 
 def sparse_conv(

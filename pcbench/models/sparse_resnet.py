@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from pcbench.ops import PointBatch
 
-from .layers.checks import check_in_channels
+from .layers.checks import model_input
 from .sparse import (
     SparseAvgPool3d,
     SparseBasicBlock,
@@ -93,7 +93,7 @@ class SparseResNet(nn.Module):
 
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Per-cloud global features [B, planes[-1]] (zeros for an empty cloud)."""
-        check_in_channels(batch, self.in_channels)
+        batch = model_input(self, batch)
         x, _ = sparse_from_points(batch.coord, batch.feat, self.voxel_size, batch.offset)
         x = self._relu(self.bn1(self.conv1(x)))
         x = self.stages(self.pool(x))

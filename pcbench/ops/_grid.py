@@ -36,6 +36,8 @@ _MIN_BLOCK_ELEMS = 1 << 16
 _MAX_CELLS_PER_DIM = 1 << 19
 # Empty cells padded around every cloud's grid: stencils reach at most this far without wrapping.
 MAX_REACH = 3
+# Clouds whose largest |coordinate| lies outside [2^-_SAFE_EXP, 2^_SAFE_EXP] are rescaled (see unit_scale).
+_SAFE_EXP = 32
 
 
 class Grid:
@@ -92,6 +94,26 @@ def cloud_bounds(q64: Tensor, s64: Tensor, qcl: Tensor, scl: Tensor, num: int) -
     lo[empty] = 0.0
     hi[empty] = 0.0
     return lo, hi
+
+
+def unit_scale(lo: Tensor, hi: Tensor) -> Tensor | None:
+    """Per-cloud power-of-two factors [B] (float64) for clouds at extreme scales, or None when none is.
+
+    Selection runs on float32 distances (``cdist`` squares the differences), which overflow to inf for
+    differences beyond ~1.8e19 and lose all precision below ~1e-19: a cloud at 1e20 would get ``-1``
+    neighbours and one at 1e-20 arbitrary ones. A cloud whose largest |coordinate| ``m`` lies outside
+    [2^-32, 2^32] is multiplied by ``2^-e`` (``m = f 2^e``, 0.5 <= f < 1), which brings ``m`` into [0.5, 1):
+    multiplying by a power of two is exact, so every distance is the original one times ``4^-e`` with the
+    same rounding, and the selection is that of the original points. Inside the band the squares of
+    all differences the input dtype can resolve stay normal floats, so nothing is rescaled there.
+    """
+    m = torch.maximum(lo.abs(), hi.abs()).amax(1)
+    # frexp(0) gives exponent 0 (scale 1); the clamp keeps 2^-e finite for float64 subnormals.
+    e = torch.frexp(m).exponent.to(torch.float64).clamp(-1000.0, 1000.0)
+    need = e.abs() > _SAFE_EXP
+    if not bool(need.any()):
+        return None
+    return torch.where(need, torch.pow(2.0, -e), torch.ones_like(m))
 
 
 def stencil_search(

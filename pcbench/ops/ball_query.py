@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._grid import Grid, cloud_bounds, stencil_search
+from ._grid import Grid, cloud_bounds, stencil_search, unit_scale
 from .batch import check_same_device, offset2batch, offset2lengths, resolve_offset
 from .knn import _exact, _validate, compute_dtype, coord_major
 
@@ -58,7 +58,6 @@ def ball_query(
     m = query.shape[0]
     k = max_neighbors
     cd = compute_dtype(query.dtype)
-    q, s = query.detach().to(cd), support.detach().to(cd)
     q64, s64 = query.detach().double(), support.detach().double()
     qcl, scl = offset2batch(qo), offset2batch(so)
     ns = offset2lengths(so)
@@ -67,13 +66,27 @@ def ball_query(
     active = torch.nonzero(ns[qcl] > 0).squeeze(1) if m else qcl
     if active.numel():
         lo, hi = cloud_bounds(q64, s64, qcl, scl, qo.numel())
+        cell = torch.full((qo.numel(),), radius, dtype=torch.float64, device=dev)
+        # Clouds at extreme scales are rescaled by exact powers of two (see knn); dist2 is scaled back.
+        scale = unit_scale(lo, hi)
+        if scale is None:
+            q, s = query.detach().to(cd), support.detach().to(cd)
+        else:
+            q64, s64 = q64 * scale[qcl, None], s64 * scale[scl, None]
+            lo, hi, cell = lo * scale[:, None], hi * scale[:, None], cell * scale
+            q, s = q64.to(cd), s64.to(cd)
         # Cells of size >= radius: the 3x3x3 stencil holds the whole ball, so one pass is exact.
-        grid = Grid(lo, hi, torch.full((qo.numel(),), radius, dtype=torch.float64, device=dev))
+        grid = Grid(lo, hi, cell)
         grid.sort_support(s, s64, scl)
         ii, _ = stencil_search(q, q64, qcl, active, grid, k, reach=1)
         ii, dd = _exact(coord_major(q64), coord_major(s64, True), active, ii)
-        # The reference rounds dist2 to the input dtype before comparing with radius**2.
-        inside = dd.to(query.dtype).double() < radius * radius
+        # The reference rounds dist2 to the input dtype before comparing with radius**2; on rescaled
+        # clouds both sides carry the same power of two, so the comparison is the same where dist2 and
+        # radius**2 are representable, and still meaningful where they would overflow or underflow.
+        r2 = cell.square()[qcl[active], None]
+        inside = dd.to(query.dtype).double() < r2
+        if scale is not None:
+            dd = dd / scale[qcl[active], None] / scale[qcl[active], None]
         idx[active] = torch.where(inside, ii, torch.full_like(ii, -1))
         d2[active] = torch.where(inside, dd, torch.full_like(dd, math.inf))
     if return_dist2:

@@ -16,6 +16,12 @@ squared distances are then recomputed in float64 and rounded to the input dtype,
 matches a float64 brute force, and among neighbours whose distances tie to ~1e-7 relative any may
 win. For float16 inputs ``dist2`` is float16 too, like the reference: it saturates to inf above
 65504 (such entries keep a valid ``idx``).
+
+Any finite coordinates are searched exactly: a cloud whose largest |coordinate| lies outside
+[2^-32, 2^32] (e.g. at 1e20 or 1e-20, where float32 squares overflow or flush to zero) is rescaled
+internally by an exact power of two first (``_grid.unit_scale``). ``dist2`` is returned in the input
+dtype, so in float32 it saturates to inf beyond distances of ~1.8e19 and loses precision below ~1e-19;
+``idx`` stays exact.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._grid import MAX_REACH, Grid, cloud_bounds, stencil_search
+from ._grid import MAX_REACH, Grid, cloud_bounds, stencil_search, unit_scale
 from .batch import check_coords, check_same_device, offset2batch, offset2lengths, resolve_offset
 
 __all__ = ["knn"]
@@ -115,8 +121,6 @@ def _knn(query: Tensor, support: Tensor, k: int, qo: Tensor, so: Tensor, method:
     dev = query.device
     m = query.shape[0]
     cd = compute_dtype(query.dtype)
-    q = query.detach().to(cd)
-    s = support.detach().to(cd)
     q64 = query.detach().double()
     s64 = support.detach().double()
     num = qo.numel()
@@ -131,10 +135,19 @@ def _knn(query: Tensor, support: Tensor, k: int, qo: Tensor, so: Tensor, method:
         if method == "auto":
             method = _auto_method(dev, nq, ns)
         lo, hi = cloud_bounds(q64, s64, qcl, scl, num)
+        scale = unit_scale(lo, hi)
+        if scale is None:
+            q, s = query.detach().to(cd), support.detach().to(cd)
+        else:  # exact power-of-two rescaling of clouds at extreme scales; dist2 is scaled back below
+            q64, s64 = q64 * scale[qcl, None], s64 * scale[scl, None]
+            lo, hi = lo * scale[:, None], hi * scale[:, None]
+            q, s = q64.to(cd), s64.to(cd)
         if method == "dense":
             _dense_into(q, s, q64, s64, qcl, qo, so, lo, hi, active, k, idx, d2)
         else:
             _grid_into(q, s, q64, s64, qcl, scl, qo, so, lo, hi, active, k, idx, d2)
+        if scale is not None:
+            d2 = d2 / scale[qcl, None] / scale[qcl, None]  # twice: scale**2 may overflow float64
     return idx, d2.to(query.dtype)
 
 

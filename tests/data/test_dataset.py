@@ -197,3 +197,17 @@ def test_base_class_is_usable_directly(prepared):
     ds = PreparedDataset(prepared["so"], "test", feat_keys=("coord",))
     s = ds[0]
     assert set(s) >= {"coord", "mask", "label", "name", "feat"} and s["coord"].dtype == np.float32
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_collate_names_the_sample_with_non_finite_features(bad):
+    samples = [{**_obj(4, 2, 0), "name": f"obj_{i}"} for i in range(3)]
+    samples[1]["feat"] = samples[1]["feat"].copy()
+    samples[1]["feat"][2, 1] = bad
+    with pytest.raises(ValueError, match=r"feat of sample 1 \(obj_1\) contains NaN or inf"):
+        collate(samples)
+    samples[1]["feat"][2, 1] = 0.0
+    samples[2]["coord"] = samples[2]["coord"].copy()
+    samples[2]["coord"][0, 0] = bad
+    with pytest.raises(ValueError, match=r"coord of sample 2 \(obj_2\)"):
+        collate(samples)

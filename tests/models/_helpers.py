@@ -105,3 +105,21 @@ def n_params(model: torch.nn.Module) -> int:
 def plain_bn(norm: torch.nn.BatchNorm1d, x: Tensor) -> Tensor:
     """Eval-mode BatchNorm of ``x [..., C]`` with ``norm``'s statistics, computed the textbook way."""
     return (x - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps) * norm.weight + norm.bias
+
+
+def naive_idw(query: Tensor, support: Tensor, feat: Tensor, query_offset: Tensor, support_offset: Tensor,
+              k: int = 3) -> Tensor:
+    """Inverse-distance weighted mean of the k nearest support features, one cloud at a time by brute force
+    (``torch.cdist`` + sort): weights ``1 / (dist + 1e-8)`` normalised over the ``min(k, n)`` neighbours found."""
+    out, q0, s0 = [], 0, 0
+    for q1, s1 in zip(query_offset.tolist(), support_offset.tolist(), strict=True):
+        q, s, f = query[q0:q1], support[s0:s1], feat[s0:s1]
+        if s.shape[0] == 0:
+            out.append(feat.new_zeros(q.shape[0], feat.shape[1]))
+        else:
+            d, i = torch.cdist(q.double(), s.double()).sort(1)
+            w = 1.0 / (d[:, :k] + 1e-8)
+            w = (w / w.sum(1, keepdim=True)).to(feat.dtype)
+            out.append((f[i[:, :k]] * w.unsqueeze(-1)).sum(1))
+        q0, s0 = q1, s1
+    return torch.cat(out)

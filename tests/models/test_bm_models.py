@@ -26,3 +26,14 @@ def test_worker_measures_one_row_and_the_table_shows_it() -> None:
     table = bm_models.markdown([row, skipped], {"torch": "x"})
     assert "| ptv1_cls | 2x1024 (2048 pts) | fwd+bwd | default | 5.07M |" in table
     assert "skipped: O(n^2)" in table and "failed" not in table
+
+
+def test_table_has_no_ratio_against_figures_from_another_run() -> None:
+    # bm_models runs no peer, so it shows no peer figures and no ratio (a ratio needs both sides in one run).
+    row = {"config": "pointnet2_ssg_cls", "case": "16x1024", "mode": "fwd", "malloc": "default", "params": 1.48e6,
+           "points": 16384, "samples_per_s": 9.7, "median_ms": 1650.0, "median_cpu_ms": 3200.0,
+           "loadavg_1min": [1.0, 1.2], "peak_rss_mib": 900.0}
+    table = bm_models.markdown([row], {"torch": "x"})
+    assert "| pointnet2_ssg_cls | 16x1024 (16384 pts) | fwd | default | 1.48M | 9.70 |" in table
+    assert "community" not in table.lower() and "ours /" not in table and "ratio" not in table.lower()
+    assert not hasattr(bm_models, "PEERS")

@@ -119,6 +119,19 @@ def test_wrong_feature_channels_raise(path: Path, small_batch: PointBatch) -> No
         model(bad)
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=_ids(CONFIGS))
+def test_batch_in_another_dtype_is_cast_to_the_parameters(path: Path, small_batch: PointBatch) -> None:
+    # The one dtype policy: coord and feat are cast to the parameters' dtype (exact here: float32 -> float64
+    # -> float32 round-trips), so a float64 batch gives exactly the float32 batch's output.
+    model = build(path).eval()
+    as64 = PointBatch(small_batch.coord.double(), small_batch.feat.double(), small_batch.offset)
+    with torch.no_grad():
+        ref = model(small_batch)
+        out = model(as64)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("path", [p for p in CONFIGS if _task(p) == "cls"],
                          ids=_ids([p for p in CONFIGS if _task(p) == "cls"]))
 def test_cls_trains_on_real_modelnet(path: Path, shared_data: Path) -> None:

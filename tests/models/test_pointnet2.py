@@ -20,7 +20,15 @@ from pcbench.models.pointnet2 import (
     pointnet2_ssg_seg,
 )
 from pcbench.ops import PointBatch, ball_query, group_relative, interpolate
-from tests.models._helpers import modelnet_batch, n_params, overfit, plain_bn, ragged_objects, scannet_crop
+from tests.models._helpers import (
+    modelnet_batch,
+    n_params,
+    naive_idw,
+    overfit,
+    plain_bn,
+    ragged_objects,
+    scannet_crop,
+)
 
 
 def _conv_bn(c_in: int, c_out: int) -> int:
@@ -134,6 +142,35 @@ def test_feature_propagation_equals_interpolate_then_concat_then_mlp() -> None:
     up = interpolate(fine.coord, coarse.coord, coarse.feat, 3, fine.offset, coarse.offset)  # reference op
     expected = fp.rest(F.relu(fp.first_norm(fp.first(torch.cat([up, fine.feat], 1)))))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_interpolates_with_the_one_ops_interpolate(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every FP layer goes through pcbench.ops.interpolate (no model-local IDW helper), and its output and the
+    # gradients of the coarse features and the weights equal a brute-force float64 IDW reference.
+    import pcbench.models.layers as layers  # noqa: PLC0415
+    import pcbench.models.pointnet2 as pn2  # noqa: PLC0415
+
+    assert not hasattr(layers, "idw_interpolate")
+    calls = []
+    real = pn2.interpolate
+    monkeypatch.setattr(pn2, "interpolate", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        pointnet2_ssg_seg(3, 4).eval()(ragged_objects([100, 80], seed=4))
+    assert len(calls) == 4  # one per FP level
+
+    fine = ragged_objects([90, 70, 5], in_channels=5, seed=1)
+    coarse = ragged_objects([20, 10, 2], in_channels=12, seed=2)  # 2 < k: a missing neighbour
+    fp = FeaturePropagation(12, 5, [16, 8]).double().eval()
+    cf = coarse.feat.double().requires_grad_(True)
+    out = fp(fine.coord.double(), fine.feat.double(), fine.offset, coarse.coord.double(), cf, coarse.offset)
+    up = naive_idw(fine.coord, coarse.coord, cf, fine.offset, coarse.offset, 3)
+    ref = fp.rest(F.relu(fp.first_norm(fp.first(torch.cat([up, fine.feat.double()], 1)))))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    r = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    params = (cf, fp.first.weight, fp.first.bias)
+    for a, b in zip(torch.autograd.grad((out * r).sum(), params), torch.autograd.grad((ref * r).sum(), params),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_empty_and_tiny_clouds() -> None:

@@ -14,12 +14,21 @@ from pcbench.models.ptv1 import (
     PointTransformerLayer,
     PointTransformerSeg,
     TransitionDown,
+    TransitionUp,
     _Level,
     point_transformer_cls,
     point_transformer_seg,
 )
 from pcbench.ops import PointBatch, farthest_point_sample, group_relative, knn, sample_offset
-from tests.models._helpers import modelnet_batch, n_params, overfit, plain_bn, ragged_objects, scannet_crop
+from tests.models._helpers import (
+    modelnet_batch,
+    n_params,
+    naive_idw,
+    overfit,
+    plain_bn,
+    ragged_objects,
+    scannet_crop,
+)
 
 
 def test_seg50_parameter_count_matches_the_official_model() -> None:
@@ -74,6 +83,31 @@ def test_transition_down_equals_group_then_linear_then_maxpool() -> None:
     grouped = group_relative(new.xyz, batch.coord, idx, batch.feat)
     expected = F.relu(plain_bn(td.bn, td.linear(grouped))).amax(1)
     torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_transition_up_interpolates_with_the_one_ops_interpolate(monkeypatch: pytest.MonkeyPatch) -> None:
+    # linear1(skip) + IDW(linear2(coarse)) through pcbench.ops.interpolate, equal to a brute-force float64 IDW
+    # reference in value and in the gradients of the coarse features and the weights.
+    import pcbench.models.ptv1 as ptv1  # noqa: PLC0415
+
+    calls = []
+    real = ptv1.interpolate
+    monkeypatch.setattr(ptv1, "interpolate", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    fine = ragged_objects([90, 70, 5], in_channels=6, seed=1)
+    coarse = ragged_objects([20, 10, 2], in_channels=12, seed=2)  # 2 < k: a missing neighbour
+    up = TransitionUp(12, 6).double().eval()
+    cx = coarse.feat.double().requires_grad_(True)
+    out = up(fine.feat.double(), _Level(fine.coord.double(), fine.offset), cx,
+             _Level(coarse.coord.double(), coarse.offset))
+    assert len(calls) == 1
+    ref = up.linear1(fine.feat.double()) + naive_idw(fine.coord, coarse.coord, up.linear2(cx), fine.offset,
+                                                     coarse.offset, 3)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    r = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    params = (cx, up.linear2[0].weight)
+    for a, b in zip(torch.autograd.grad((out * r).sum(), params), torch.autograd.grad((ref * r).sum(), params),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_empty_cloud_and_float64() -> None:

@@ -15,12 +15,11 @@ from pcbench.models.ptv3 import (
     GridPooling,
     GridUnpooling,
     PointTransformerV3,
-    SubMConv3d,
     _Level,
-    _SubMConvFunction,
     ptv3_cls,
     ptv3_seg,
 )
+from pcbench.models.sparse import SparseConv3d
 from pcbench.ops import PointBatch, serialize
 from pcbench.ops._clouds import load_modelnet_txt, object_batch
 from tests.conftest import REPO
@@ -67,25 +66,27 @@ def test_paper_parameter_counts() -> None:
 
 
 @pytest.mark.parametrize("kernel_size", [1, 3, 5])
-def test_subm_conv_matches_dense_conv3d(kernel_size: int, gen: torch.Generator) -> None:
+def test_level_conv_matches_dense_conv3d(kernel_size: int, gen: torch.Generator) -> None:
+    # PTv3's xCPE / stem run pcbench.models.sparse.SparseConv3d on the level's rows (serialized, unsorted).
     side, cin, cout = 7, 3, 4
     grid = torch.unique(torch.randint(0, side, (150, 3), generator=gen), dim=0)
     grid = grid[torch.randperm(grid.shape[0], generator=gen)]
     level = _Level(grid, torch.tensor([grid.shape[0]]), [])
-    conv = SubMConv3d(cin, cout, kernel_size, bias=True).double()
+    conv = SparseConv3d(cin, cout, kernel_size, bias=True).double()
     feat = torch.randn(grid.shape[0], cin, generator=gen, dtype=torch.float64, requires_grad=True)
-    got = conv(feat, level)
+    got = conv(level.sparse(feat)).feats
     dense = torch.zeros(1, cin, side, side, side, dtype=torch.float64)
     dense[0, :, grid[:, 0], grid[:, 1], grid[:, 2]] = feat.T
     k = kernel_size
-    w = conv.weight.detach().reshape(k, k, k, cin, cout).permute(4, 3, 0, 1, 2)
-    ref = F.conv3d(dense, w, conv.bias.detach(), padding=k // 2)[0, :, grid[:, 0], grid[:, 1], grid[:, 2]].T
-    torch.testing.assert_close(got, ref.detach())
-    # the hand-written backward (gathers with the flipped kernel) against finite differences
-    small = _Level(grid[:40], torch.tensor([40]), [])
-    w = conv.weight.detach().clone().requires_grad_(True)
-    f = feat.detach()[:40].clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda f, w: _SubMConvFunction.apply(f, w, small.neighbours(k)), (f, w))
+    w = conv.weight.reshape(k, k, k, cin, cout).permute(4, 3, 0, 1, 2)
+    ref = F.conv3d(dense, w, conv.bias, padding=k // 2)[0, :, grid[:, 0], grid[:, 1], grid[:, 2]].T
+    torch.testing.assert_close(got, ref)
+    r = torch.randn(got.shape, generator=gen, dtype=torch.float64)
+    g_got = torch.autograd.grad((got * r).sum(), (feat, conv.weight))
+    g_ref = torch.autograd.grad((ref * r).sum(), (feat, conv.weight))
+    for a, b in zip(g_got, g_ref, strict=True):
+        torch.testing.assert_close(a, b)
+    assert list(level.sparse(feat).cache.kernel_maps) == ([(1, 1, k, 1)] if k > 1 else [])  # one map per level
 
 
 @pytest.mark.parametrize("stride", [2, 3])

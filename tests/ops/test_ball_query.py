@@ -137,3 +137,28 @@ def test_bad_inputs_raise_actionable_errors(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         ball_query(**args)
+
+
+
+@pytest.mark.parametrize(("dtype", "exponent"), [
+    (torch.float32, 76), (torch.float32, 100), (torch.float32, -76), (torch.float32, -100),
+    (torch.float64, 530), (torch.float64, -530),
+])
+def test_exact_at_extreme_coordinate_scales(dtype, exponent, gen):
+    # The cell search squares coordinate differences in float32 (float64 for float64 input): at 1e20
+    # they overflow (every neighbour was -1), at 1e-20 they flush to zero. Scaling by 2^e is exact, so
+    # the float64 brute force on the unscaled clouds is the reference.
+    sizes = [200, 0, 150]
+    base = torch.rand(sum(sizes), 3, generator=gen, dtype=torch.float64).to(dtype).double()
+    p = (base * 2.0**exponent).to(dtype)
+    off = torch.tensor(sizes).cumsum(0)
+    idx, d2 = ball_query(p, p, 0.2 * 2.0**exponent, 16, off, off, return_dist2=True)
+    ref = ball_query_reference(base, base, 0.2, 16, off, off)
+    _, rd2 = knn_reference(base, base, 16, off, off)
+    assert torch.equal(idx < 0, ref < 0) and bool((idx[:, 0] >= 0).all())
+    ok = idx >= 0
+    diff = base[:, None, :] - base[idx.clamp(min=0)]
+    exact = (diff * diff).sum(-1)
+    torch.testing.assert_close(exact[ok], rd2[ok], rtol=1e-12, atol=0)
+    want = (exact * 2.0**exponent * 2.0**exponent).to(dtype)  # inf where dist2 overflows the dtype
+    torch.testing.assert_close(d2[ok], want[ok], rtol=_ULPS[dtype], atol=0)

@@ -2,9 +2,12 @@ import pytest
 import torch
 
 from pcbench.ops.batch import (
+    NonFiniteError,
     PointBatch,
+    all_finite,
     batch2offset,
     check_offset,
+    find_nonfinite,
     lengths2offset,
     offset2batch,
     offset2lengths,
@@ -45,3 +48,31 @@ def test_point_batch_validates_and_moves():
         PointBatch(coord=torch.tensor([[0.0, float("nan"), 0.0]]), feat=torch.zeros(1, 1), offset=torch.tensor([1]))
     with pytest.raises(ValueError, match="feat must be"):
         PointBatch(coord=torch.rand(5, 3), feat=torch.rand(4, 2), offset=torch.tensor([5]))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_point_batch_refuses_non_finite_features_naming_the_clouds(bad, dtype):
+    coord = torch.rand(9, 3, dtype=dtype)
+    feat = torch.rand(9, 2, dtype=dtype)
+    offset = torch.tensor([3, 3, 6, 9])  # cloud 1 is empty
+    PointBatch(coord, feat, offset)
+    feat[4, 1] = bad
+    feat[8, 0] = bad
+    with pytest.raises(NonFiniteError, match=r"PointBatch.feat contains NaN or inf in cloud\(s\) \[2, 3\].*row 4, column 1"):
+        PointBatch(coord, feat, offset)
+    with pytest.raises(ValueError, match="feat must be a floating tensor"):
+        PointBatch(coord, torch.ones(9, 2, dtype=torch.long), offset)
+
+
+def test_finite_check_handles_sums_that_overflow():
+    # Finite entries whose sum overflows: the cheap sum test must fall back to the exact one.
+    big = torch.full((4, 3), 3e38)
+    assert all_finite(big) and not bool(torch.isfinite(big.sum()))
+    PointBatch(big, big.clone(), torch.tensor([4]))
+    half = torch.full((10, 2), 6e4, dtype=torch.float16)
+    assert all_finite(half)
+    big[3, 2] = float("nan")
+    assert not all_finite(big)
+    assert find_nonfinite(big, torch.tensor([1, 4])) == ([1], 3, 2)
+    assert all_finite(torch.zeros(0, 3))

@@ -240,3 +240,46 @@ def test_bad_inputs_raise_actionable_errors(kwargs, match):
     method = args.pop("method")
     with pytest.raises(ValueError, match=match):
         knn(**args, method=method)
+
+
+
+def _extreme_batch(gen, exponents, dtype):
+    """Clouds ``base * 2^e`` (base uniform in the unit cube, every other one shifted off the origin) plus an
+    empty cloud: (points in ``dtype``, offsets, the base clouds in float64). Scaling by 2^e is exact, so the
+    float64 brute force on the base clouds is the reference at any scale, even where squares overflow."""
+    clouds, bases = [], []
+    for i, e in enumerate(exponents):
+        b = torch.rand(150 + 20 * i, 3, generator=gen, dtype=torch.float64) + (0.5 if i % 2 else 0.0)
+        b = b.to(dtype).double()  # the values the input dtype can hold
+        bases.append(b)
+        clouds.append((b * 2.0**e).to(dtype))
+    scale = torch.cat([torch.full((b.shape[0],), 2.0**e, dtype=torch.float64) for b, e in zip(bases, exponents,
+                                                                                          strict=True)])
+    clouds.insert(1, torch.zeros(0, 3, dtype=dtype))
+    bases.insert(1, torch.zeros(0, 3, dtype=torch.float64))
+    return torch.cat(clouds), torch.tensor([c.shape[0] for c in clouds]).cumsum(0), torch.cat(bases), scale
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("dtype", "exponents"), [
+    (torch.float32, (66, 100, 124)),  # 7e19, 1.3e30, 2e37
+    (torch.float32, (-66, -100, -124)),  # 1.4e-20, 7.9e-31, 4.7e-38
+    (torch.float32, (100, 0, -100)),  # mixed scales in one batch
+    (torch.float64, (530, -530, 0)),  # 3.5e159 (squares overflow float64), 2.9e-160
+])
+def test_exact_at_extreme_coordinate_scales(method, dtype, exponents, gen):
+    # Float32 distances overflow beyond ~1.8e19 and flush to zero below ~1e-19: without rescaling, knn
+    # returned -1 (huge clouds) or arbitrary neighbours (tiny clouds).
+    p, off, base, scale = _extreme_batch(gen, exponents, dtype)
+    k = 10
+    idx, d2 = knn(p, p, k, off, off, method=method)
+    _, rd2 = knn_reference(base, base, k, off, off)
+    assert bool((idx >= 0).all()), "every cloud holds more than k points: no neighbour may be missing"
+    diff = base[:, None, :] - base[idx]
+    exact = (diff * diff).sum(-1)
+    # the selected set is the k nearest: the reference's float64 distances, row by row
+    torch.testing.assert_close(exact, rd2, rtol=1e-12, atol=0)
+    cloud = torch.searchsorted(off, torch.arange(p.shape[0]), right=True)
+    assert torch.equal(cloud[idx], cloud[:, None].expand_as(idx))
+    # dist2 is the exact value at the input's scale, rounded to the input dtype (inf where it overflows)
+    torch.testing.assert_close(d2, (exact * scale[:, None] * scale[:, None]).to(dtype), rtol=_ULPS[dtype], atol=0)

@@ -69,7 +69,7 @@ def test_voxel_counts_match_open3d():
     pc = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(coord.numpy()))
     down = pc.voxel_down_sample(0.02)
     assert len(down.points) == voxels.shape[0] == torch.unique(cells, dim=0).shape[0]
-    # open3d returns voxel means: every mean lies in exactly one of our voxels
+    # open3d returns voxel means: every mean lies in exactly one pcbench voxel
     means = torch.from_numpy(np.asarray(down.points))
     mine = {tuple(r) for r in voxels[:, 1:].tolist()}
     assert {tuple(r) for r in torch.floor(means / 0.02).long().tolist()} == mine

@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pcbench.ops import knn
 from pcbench.ops.batch import offset2batch, offset2lengths
 
 from .norm import PointBatchNorm
 
-__all__ = ["MLP", "canonical_order", "cloud_max", "cloud_mean", "idw_interpolate", "linear_bn_act"]
+__all__ = ["MLP", "canonical_order", "cloud_max", "cloud_mean", "linear_bn_act"]
 
 
 def linear_bn_act(c_in: int, c_out: int, bias: bool = True, act: nn.Module | None = None) -> nn.Sequential:
@@ -61,22 +60,6 @@ def cloud_mean(x: Tensor, offset: Tensor) -> Tensor:
         return x.view(offset.numel(), n, x.shape[1]).mean(1)
     out = x.new_zeros(offset.numel(), x.shape[1]).index_add_(0, offset2batch(offset), x)
     return out / offset2lengths(offset).clamp_min(1).unsqueeze(1).to(x.dtype)
-
-
-def idw_interpolate(
-    query: Tensor, support: Tensor, features: Tensor, query_offset: Tensor, support_offset: Tensor, k: int = 3
-) -> Tensor:
-    """Inverse-distance weighted mean of the ``k`` nearest support features at every query point -> ``[M, C]``.
-
-    Same semantics as ``pcbench.ops.interpolate`` (weights ``1 / (dist + 1e-8)``, missing neighbours skipped)
-    but differentiable with respect to ``features``, which the decoders of segmentation networks need.
-    """
-    idx, dist2 = knn(query, support, k, query_offset, support_offset)
-    valid = idx >= 0
-    w = torch.where(valid, 1.0 / (dist2.float().sqrt() + 1e-8), torch.zeros((), device=idx.device))
-    w = (w / w.sum(1, keepdim=True).clamp_min(1e-30)).to(features.dtype)
-    gathered = features[idx.clamp_min(0)]  # [M, k, C]; zero weight on missing rows
-    return (gathered * w.unsqueeze(-1)).sum(1)
 
 
 def canonical_order(coord: Tensor, offset: Tensor) -> Tensor:
