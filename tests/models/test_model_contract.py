@@ -126,9 +126,10 @@ def test_output_shape_order_and_batch_consistency(path: Path, small_batch: Point
         # A cloud alone gives what it gives inside the ragged batch.
         alone = torch.cat([_seeded(model, c) for c in per_cloud(small_batch)])
         torch.testing.assert_close(alone, out, atol=1e-4, rtol=1e-4)
-        # The reference settings build and run too.
-        ref = build(path).eval()
-        assert _seeded(ref, small_batch).shape == out.shape
+        # Where the config's own settings differ (see INDEPENDENT), those build and run too.
+        if any(k in OmegaConf.load(path) for k in INDEPENDENT):
+            ref = build(path).eval()
+            assert _seeded(ref, small_batch).shape == out.shape
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=_ids(CONFIGS))
