@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from benchmarks.harness import Case, Entry, optional_entry, run_cases
-from pcbench.ops import ball_query, knn
+from pcbench.ops import ball_query, farthest_point_sample, knn, sample_offset
 from pcbench.ops._clouds import (
     load_scannet_scene,
     object_batch,
@@ -146,12 +146,39 @@ def ball_case(name: str, coord: Tensor, radius: float, max_nn: int) -> Case:
     mean = float((ball_query(coord, coord, radius, max_nn) >= 0).sum(1).float().mean())
     entries = [
         Entry("pcbench", lambda: ball_query(coord, coord, radius, max_nn)),
+        Entry("pcbench order=index", lambda: ball_query(coord, coord, radius, max_nn, order="index")),
         optional_entry("open3d hybrid", lambda: _open3d_hybrid(c, radius, max_nn), "hybrid_search"),
         optional_entry("scipy cKDTree", lambda: _ckdtree_ball(c, radius, max_nn), "k + distance_upper_bound"),
         optional_entry("pykdtree", lambda: _pykdtree_ball(c, radius, max_nn), "k + distance_upper_bound"),
     ]
     return Case("ball_query", f"{name} N={coord.shape[0]} r={radius:.3g} max={max_nn} (mean {mean:.1f} nbrs)",
                 entries)
+
+
+def _dense_first_in_ball(centres: Tensor, coord: Tensor, b: int, radius: float, nsample: int) -> Tensor:
+    """The dense-batch formulation of index-order ball query used by PyTorch PointNet++ ports
+    (yanx27/Pointnet_Pointnet2_pytorch ``query_ball_point``): all distances, indices outside the ball set to
+    N, sort, keep the first ``nsample``, fill with the first."""
+    q, s = centres.view(b, -1, 3), coord.view(b, -1, 3)
+    n = s.shape[1]
+    idx = torch.arange(n).expand(b, q.shape[1], n).clone()
+    idx[torch.cdist(q, s) ** 2 > radius * radius] = n
+    idx = idx.sort(dim=-1).values[:, :, :nsample]
+    first = idx[:, :, :1].expand_as(idx)
+    return torch.where(idx == n, first, idx)
+
+
+def grouping_case(b: int, n: int, m: int, radius: float, nsample: int) -> Case:
+    """PointNet++ grouping (object batch, ``m`` FPS centres per cloud): index-order ball query vs the dense port."""
+    coord, offset = object_batch(b, n, seed=0)
+    sel = farthest_point_sample(coord, offset, n=m)
+    centres, coff = coord[sel], sample_offset(offset, n=m)
+    entries = [
+        Entry("pcbench", lambda: ball_query(centres, coord, radius, nsample, coff, offset, order="index")),
+        Entry("pcbench order=distance", lambda: ball_query(centres, coord, radius, nsample, coff, offset)),
+        Entry("torch dense sort (yanx27 formulation)", lambda: _dense_first_in_ball(centres, coord, b, radius, nsample)),
+    ]
+    return Case("ball_query", f"PointNet++ grouping {b}x{n}, {m} centres, r={radius:g}, nsample={nsample}", entries)
 
 
 def _radius_for(n: int, volume: float, neighbours: float) -> float:
@@ -189,6 +216,7 @@ def cases(quick: bool) -> list[Case]:
         out.append(knn_case("uniform scene", p, torch.tensor([p.shape[0]]), 16))
         p = uniform_cloud(16384, seed=1)
         out.append(ball_case("uniform scene", p, _radius_for(16384, 1.0, 30), 32))
+        out.append(grouping_case(8, 1024, 512, 0.2, 32))
         return out
     for b, n in ((32, 1024), (16, 4096)):
         coord, offset = object_batch(b, n, seed=0)
@@ -218,6 +246,8 @@ def cases(quick: bool) -> list[Case]:
     out.append(ball_case("uniform scene", p, _radius_for(65536, 1.0, 30), 32))
     p = scan_like_scene(65536, seed=1)
     out.append(ball_case("scan-like scene", p, 0.16, 32))  # ~29 neighbours on average
+    out.append(grouping_case(16, 1024, 512, 0.2, 32))  # SSG level 1
+    out.append(grouping_case(16, 1024, 512, 0.4, 128))  # MSG level 1, widest branch
     return out
 
 

@@ -33,18 +33,27 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from benchmarks.harness import Case, Entry, markdown_table, reexec_with_tuned_malloc, run_cases
-from pcbench.models.minkunet import minkunet14a, minkunet34c
+from pcbench.models import build_model
 from pcbench.models.sparse import CoordinateCache, SparseConv3d, SparseTensor, sparse_conv
-from pcbench.models.spunet import spunet_base
 from pcbench.ops import PointBatch, voxelize
 from pcbench.ops._clouds import load_scannet_scene, shared_data_dir
 
 SCENE = "scannet/scans/scene0000_00/scene0000_00_vh_clean_2.ply"
-BACKBONES: dict[str, Callable[..., torch.nn.Module]] = {
-    "MinkUNet14A": minkunet14a, "MinkUNet34C": minkunet34c, "SpUNet-base": spunet_base,
+CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
+# benchmark name -> model config (built as the trainer builds it, with this run's voxel size)
+BACKBONES: dict[str, str] = {
+    "MinkUNet14A": "minkunet14a_seg", "MinkUNet34C": "minkunet34c_seg", "SpUNet-base": "spunet_base_seg",
 }
+
+
+def build_backbone(name: str, in_channels: int, num_classes: int, voxel_size: float) -> torch.nn.Module:
+    """The ``BACKBONES[name]`` config built with ``build_model`` at ``voxel_size``."""
+    cfg = OmegaConf.load(CONF_MODEL / f"{BACKBONES[name]}.yaml")
+    cfg.voxel_size = voxel_size
+    return build_model(cfg, in_channels=in_channels, num_classes=num_classes)
 
 
 def _scene() -> PointBatch:
@@ -181,7 +190,7 @@ def _neighbour_table(kmap: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> t
 
 def _backbone_fn(batch: PointBatch, name: str, vs: float, train: bool) -> Callable[[], object]:
     torch.manual_seed(0)
-    model = BACKBONES[name](3, 20, voxel_size=vs).train(train)
+    model = build_backbone(name, 3, 20, vs).train(train)
     target = torch.randint(0, 20, (batch.num_points,), generator=torch.Generator().manual_seed(0))
 
     def step() -> object:

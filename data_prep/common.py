@@ -561,8 +561,8 @@ def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int = 
     """Apply ``fn`` to every item, yielding ``(item, result)`` or ``(item, exception)`` as they finish.
 
     ``workers <= 1`` runs in this process in order (easy to debug); otherwise a spawn-started
-    process pool is used (``fn`` must be a module-level function; the allocator settings from
-    DESIGN.md are set for the workers). An exception in one item is returned for that item and the
+    process pool is used (``fn`` must be a module-level function; the workers get the allocator
+    settings of ``pcbench._malloc.TUNED_MALLOC``). An exception in one item is returned for that item and the
     others go on; if a worker process dies hard, the items still pending are returned with the error.
     Ctrl-C (KeyboardInterrupt), or the consumer closing the generator, cancels the queued items and
     terminates the workers at once (their unfinished atomic writes leave only temporary files).

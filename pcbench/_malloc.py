@@ -21,7 +21,8 @@ import sys
 
 __all__ = ["TUNED_MALLOC", "apply_mallopt", "malloc_setting", "reexec_with_tuned_malloc", "tuned_env_active"]
 
-# Large temporaries otherwise go through mmap/munmap on every call; see DESIGN.md performance notes.
+# Large temporaries otherwise go through mmap/munmap on every call (glibc mallopt(3): M_MMAP_THRESHOLD);
+# README.md "Training" gives the measured effect.
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 
 # mallopt(3) parameter numbers from glibc's <malloc.h>

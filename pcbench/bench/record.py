@@ -73,7 +73,7 @@ def config_sha256(config: Mapping[str, Any]) -> str:
 
 
 def describe_allocator(environ: Mapping[str, str] | None = None) -> str:
-    """Which memory allocator setting this process runs under (it changes CPU speed 1.7-3x, DESIGN.md)."""
+    """Which memory allocator setting this process runs under (it changes CPU training speed severalfold, README.md)."""
     env = os.environ if environ is None else environ
     preload = env.get("LD_PRELOAD", "")
     for name in ("jemalloc", "tcmalloc", "mimalloc"):

@@ -34,7 +34,7 @@ from .sparse import (
     sparse_unet,
 )
 
-__all__ = ["MinkUNet", "minkunet14a", "minkunet18a", "minkunet34c"]
+__all__ = ["MinkUNet"]
 
 
 def _check_widths(layers: Sequence[int], planes: Sequence[int]) -> None:
@@ -125,18 +125,3 @@ class MinkUNet(nn.Module):
         x, inverse = self.forward_voxels(batch)
         # The head is per-voxel (a kernel-1 convolution), so apply it before copying rows to points.
         return self.head(x.feats).index_select(0, inverse)
-
-
-def minkunet14a(in_channels: int, num_classes: int, voxel_size: float = 0.02) -> MinkUNet:
-    """MinkUNet14A: one block per stage, PLANES (32, 64, 128, 256, 128, 128, 96, 96)."""
-    return MinkUNet(in_channels, num_classes, voxel_size, layers=(1,) * 8, planes=(32, 64, 128, 256, 128, 128, 96, 96))
-
-
-def minkunet18a(in_channels: int, num_classes: int, voxel_size: float = 0.02) -> MinkUNet:
-    """MinkUNet18A: two blocks per stage, PLANES (32, 64, 128, 256, 128, 128, 96, 96)."""
-    return MinkUNet(in_channels, num_classes, voxel_size, layers=(2,) * 8, planes=(32, 64, 128, 256, 128, 128, 96, 96))
-
-
-def minkunet34c(in_channels: int, num_classes: int, voxel_size: float = 0.02) -> MinkUNet:
-    """MinkUNet34C: LAYERS (2, 3, 4, 6, 2, 2, 2, 2), PLANES (32, 64, 128, 256, 256, 128, 96, 96)."""
-    return MinkUNet(in_channels, num_classes, voxel_size)

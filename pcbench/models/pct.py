@@ -42,8 +42,6 @@ __all__ = [
     "OffsetAttention",
     "PCTCls",
     "PCTSeg",
-    "pct_cls",
-    "pct_seg",
 ]
 
 _CHUNK_ELEMS = 1 << 24  # attention entries per chunk (64 MiB in float32)
@@ -182,11 +180,14 @@ class PCTCls(nn.Module):
         fuse_channels: width of the fusion layer (1024).
         head_hidden: classifier hidden widths (512, 256).
         dropout: classifier dropout (0.5).
+        head_negative_slope: LeakyReLU slope of the classifier's hidden layers: 0.2 in the PyTorch port
+            (Strawberry-Eat-Mango/PCT_Pytorch), 0.0 (ReLU) in the official Jittor code.
     """
 
     def __init__(self, in_channels: int, num_classes: int, embed_channels: Sequence[int] = (64, 128, 256),
                  num_samples: Sequence[int] = (512, 256), k: int = 32, depth: int = 4, fuse_channels: int = 1024,
-                 head_hidden: Sequence[int] = (512, 256), dropout: float = 0.5) -> None:
+                 head_hidden: Sequence[int] = (512, 256), dropout: float = 0.5,
+                 head_negative_slope: float = 0.2) -> None:
         super().__init__()
         if len(embed_channels) != 3 or len(num_samples) != 2:
             raise ValueError(f"embed_channels needs 3 widths and num_samples 2 counts, got {list(embed_channels)} "
@@ -203,7 +204,7 @@ class PCTCls(nn.Module):
                                   PointBatchNorm(fuse_channels), nn.LeakyReLU(0.2, inplace=True))
         self.num_features = fuse_channels
         self.head = MLPHead(fuse_channels, head_hidden, num_classes, dropout,
-                            hidden_bias=[False] + [True] * (len(head_hidden) - 1), negative_slope=0.2)
+                            hidden_bias=[False] + [True] * (len(head_hidden) - 1), negative_slope=head_negative_slope)
 
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Max-pooled feature per cloud [B, fuse_channels]."""
@@ -282,14 +283,3 @@ class PCTSeg(nn.Module):
     def head_logits(self, features: Tensor) -> Tensor:
         """Logits from ``forward_features`` output (the unsplit head, for checks and feature reuse)."""
         return self._head(self.head_first(features))
-
-
-# --------------------------------------------------------------------------------------------- variants
-def pct_cls(in_channels: int, num_classes: int) -> PCTCls:
-    """The paper's PCT classifier (neighbour embedding + 4 offset-attention layers)."""
-    return PCTCls(in_channels, num_classes)
-
-
-def pct_seg(in_channels: int, num_classes: int) -> PCTSeg:
-    """The paper's PCT segmentation network."""
-    return PCTSeg(in_channels, num_classes)

@@ -10,10 +10,15 @@ Design notes (mathematically the reference network, arranged for CPU speed):
   ``W [x_j - c; f_j] + b = (W_x x_j + W_f f_j + b) - W_x c``, so the widest per-neighbour matmul disappears.
 - The first FP layer is split the same way and its coarse part applied before interpolating (IDW is linear).
 - The last BN + ReLU before each max-pool is applied to the pooled rows only (``BatchNormReLUMax``).
-- Ball-query padding (-1) is filled with each centre's nearest neighbour (the centre itself), as the reference
-  CUDA kernel pads with the first neighbour found; under max-pooling duplicates change nothing.
-- Each cloud is first put in a canonical (lexicographic) order so that FPS, hence the output, does not depend
-  on the input point order.
+- Grouping (``ball_query_order``): ``"index"`` (default) is the official rule: the first ``nsample`` points of
+  the ball in the cloud's point order (charlesq34/pointnet2 ``tf_ops/grouping/tf_grouping_g.cu``), with the
+  unused slots filled by the first point found, as that kernel fills them. The filled duplicates go through
+  the shared MLP and its BatchNorm statistics like real neighbours, exactly as in the official network, and
+  change nothing under the max-pool. Points are used in input order, so FPS starts at each cloud's first point
+  (the official kernel's start) and the output depends on the point order as the official network's does; the
+  official training shuffles the points of every cloud each batch, which makes the kept points a random subset
+  of a fuller ball. ``"distance"`` keeps the nearest ``nsample`` instead (filled with the nearest, the centre
+  itself) and first puts each cloud in a canonical (lexicographic) order, so the output ignores point order.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pcbench.ops import PointBatch, ball_query, farthest_point_sample, sample_offset
+from pcbench.ops.ball_query import ORDERS
 from pcbench.ops.batch import offset2lengths
 from pcbench.ops.interpolate import interpolate
 
@@ -38,10 +44,6 @@ __all__ = [
     "PointNet2Cls",
     "PointNet2Seg",
     "SetAbstraction",
-    "pointnet2_msg_cls",
-    "pointnet2_msg_seg",
-    "pointnet2_ssg_cls",
-    "pointnet2_ssg_seg",
 ]
 
 
@@ -49,20 +51,26 @@ __all__ = [
 class _GroupBranch(nn.Module):
     """One grouping scale: ball query (radius, cap) + shared MLP on [relative xyz, features] + max-pool."""
 
-    def __init__(self, in_channels: int, radius: float, max_neighbors: int, widths: Sequence[int]) -> None:
+    def __init__(self, in_channels: int, radius: float, max_neighbors: int, widths: Sequence[int],
+                 ball_query_order: str = "index") -> None:
         super().__init__()
         if radius <= 0 or max_neighbors <= 0:
             raise ValueError(f"radius and max_neighbors must be positive, got {radius} and {max_neighbors}")
         if not widths:
             raise ValueError(f"widths must list at least one layer width, got {list(widths)}")
+        _check_order(ball_query_order)
         self.radius, self.max_neighbors = float(radius), int(max_neighbors)
+        self.ball_query_order = ball_query_order
         ins = [3 + in_channels, *widths[:-1]]
         self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(ins, widths, strict=True))
         self.norms = nn.ModuleList([*(PointBatchNorm(w) for w in widths[:-1]), BatchNormReLUMax(widths[-1])])
         self.out_channels = int(widths[-1])
 
     def forward(self, xyz: Tensor, feat: Tensor, offset: Tensor, centres: Tensor, centre_offset: Tensor) -> Tensor:
-        idx = ball_query(centres, xyz, self.radius, self.max_neighbors, centre_offset, offset)
+        idx = ball_query(centres, xyz, self.radius, self.max_neighbors, centre_offset, offset,
+                         order=self.ball_query_order)
+        # Fill unused slots with the first neighbour: the official kernel's layout. Centres are points of the
+        # support (FPS), so each finds itself and column 0 is never -1.
         idx = torch.where(idx < 0, idx[:, :1], idx)
         first = self.linears[0]
         per_point = first(torch.cat([xyz, feat], 1))  # [N, C1]
@@ -83,11 +91,13 @@ class SetAbstraction(nn.Module):
         widths: shared-MLP widths of each branch.
         num_samples: centres per cloud (``npoint``), or
         sample_ratio: centres as a fraction of each cloud (exactly one of the two).
+        ball_query_order: which points of a fuller ball are grouped: ``"index"`` (the official first-found
+            rule) or ``"distance"`` (the nearest); see ``pcbench.ops.ball_query``.
     """
 
     def __init__(self, in_channels: int, radii: Sequence[float], max_neighbors: Sequence[int],
                  widths: Sequence[Sequence[int]], num_samples: int | None = None,
-                 sample_ratio: float | None = None) -> None:
+                 sample_ratio: float | None = None, ball_query_order: str = "index") -> None:
         super().__init__()
         if not (len(radii) == len(max_neighbors) == len(widths)) or not radii:
             raise ValueError(f"radii, max_neighbors and widths need one entry per branch, got {len(radii)}, "
@@ -96,7 +106,7 @@ class SetAbstraction(nn.Module):
             raise ValueError("give exactly one of num_samples or sample_ratio for a set abstraction level, "
                              f"got {num_samples} and {sample_ratio}")
         self.num_samples, self.sample_ratio = num_samples, sample_ratio
-        self.branches = nn.ModuleList(_GroupBranch(in_channels, r, k, w)
+        self.branches = nn.ModuleList(_GroupBranch(in_channels, r, k, w, ball_query_order)
                                       for r, k, w in zip(radii, max_neighbors, widths, strict=True))
         self.out_channels = sum(b.out_channels for b in self.branches)
 
@@ -156,14 +166,23 @@ class FeaturePropagation(nn.Module):
         return self.rest(F.relu(self.first_norm(h), inplace=True))
 
 
-def _to_canonical(batch: PointBatch) -> tuple[Tensor, Tensor, Tensor]:
+def _check_order(order: str) -> None:
+    if order not in ORDERS:
+        raise ValueError(f"ball_query_order must be one of {ORDERS} (\"index\": the official first-found grouping; "
+                         f"\"distance\": the nearest points), got {order!r}")
+
+
+def _input_order(batch: PointBatch, order: str) -> tuple[Tensor | None, Tensor, Tensor]:
+    """(perm or None, coord, feat): the canonical order for nearest-first grouping, else the input order."""
+    if order == "index":
+        return None, batch.coord, batch.feat
     perm = canonical_order(batch.coord, batch.offset)
     return perm, batch.coord[perm], batch.feat[perm]
 
 
 def _sa_levels(in_channels: int, num_samples: Sequence[int] | None, sample_ratios: Sequence[float] | None,
                radii: Sequence[Sequence[float]], max_neighbors: Sequence[Sequence[int]],
-               widths: Sequence[Sequence[Sequence[int]]]) -> nn.ModuleList:
+               widths: Sequence[Sequence[Sequence[int]]], ball_query_order: str) -> nn.ModuleList:
     n_levels = len(radii)
     if num_samples is not None and len(num_samples) != n_levels:
         raise ValueError(f"num_samples needs one entry per level ({n_levels}), got {list(num_samples)}")
@@ -174,7 +193,8 @@ def _sa_levels(in_channels: int, num_samples: Sequence[int] | None, sample_ratio
     for i in range(n_levels):
         sa = SetAbstraction(c, radii[i], max_neighbors[i], widths[i],
                             num_samples=None if num_samples is None else num_samples[i],
-                            sample_ratio=None if sample_ratios is None else sample_ratios[i])
+                            sample_ratio=None if sample_ratios is None else sample_ratios[i],
+                            ball_query_order=ball_query_order)
         levels.append(sa)
         c = sa.out_channels
     return levels
@@ -194,19 +214,24 @@ class PointNet2Cls(nn.Module):
         sample_ratios: centres as a fraction of the previous level (exactly one of the two).
         global_widths: shared-MLP widths of the group-all level.
         head_hidden: hidden widths of the classifier MLP.
-        dropout: dropout of the classifier MLP.
+        dropout: dropout of the classifier MLP (the drop probability; TensorFlow's ``keep_prob`` is 1 - it).
+        ball_query_order: ``"index"`` (official first-found grouping, input point order) or ``"distance"``
+            (nearest-first grouping, point-order invariant); see the module notes.
     """
 
     def __init__(self, in_channels: int, num_classes: int, radii: Sequence[Sequence[float]],
                  max_neighbors: Sequence[Sequence[int]], widths: Sequence[Sequence[Sequence[int]]],
                  num_samples: Sequence[int] | None = None, sample_ratios: Sequence[float] | None = None,
                  global_widths: Sequence[int] = (256, 512, 1024), head_hidden: Sequence[int] = (512, 256),
-                 dropout: float = 0.5) -> None:
+                 dropout: float = 0.5, ball_query_order: str = "index") -> None:
         super().__init__()
         if in_channels < 0:
             raise ValueError(f"in_channels must be >= 0, got {in_channels}")
+        _check_order(ball_query_order)
         self.in_channels = in_channels
-        self.levels = _sa_levels(in_channels, num_samples, sample_ratios, radii, max_neighbors, widths)
+        self.ball_query_order = ball_query_order
+        self.levels = _sa_levels(in_channels, num_samples, sample_ratios, radii, max_neighbors, widths,
+                                 ball_query_order)
         self.global_sa = GlobalSetAbstraction(self.levels[-1].out_channels, global_widths)
         self.num_features = self.global_sa.out_channels
         self.head = MLPHead(self.num_features, head_hidden, num_classes, dropout)
@@ -214,7 +239,7 @@ class PointNet2Cls(nn.Module):
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Global feature per cloud [B, global_widths[-1]]."""
         batch = model_input(self, batch)
-        _, xyz, feat, = _to_canonical(batch)
+        _, xyz, feat = _input_order(batch, self.ball_query_order)
         offset = batch.offset
         for sa in self.levels:
             xyz, feat, offset = sa(xyz, feat, offset)
@@ -235,20 +260,24 @@ class PointNet2Seg(nn.Module):
         fp_widths: FP widths, from the coarsest level to the input points (one list per SA level).
         head_hidden: hidden widths of the per-point classifier.
         dropout: dropout of the per-point classifier.
+        ball_query_order: ``"index"`` (official first-found grouping) or ``"distance"`` (nearest first).
     """
 
     def __init__(self, in_channels: int, num_classes: int, radii: Sequence[Sequence[float]],
                  max_neighbors: Sequence[Sequence[int]], widths: Sequence[Sequence[Sequence[int]]],
                  fp_widths: Sequence[Sequence[int]], num_samples: Sequence[int] | None = None,
                  sample_ratios: Sequence[float] | None = None, head_hidden: Sequence[int] = (128,),
-                 dropout: float = 0.5) -> None:
+                 dropout: float = 0.5, ball_query_order: str = "index") -> None:
         super().__init__()
         if in_channels < 0:
             raise ValueError(f"in_channels must be >= 0, got {in_channels}")
         if len(fp_widths) != len(radii):
             raise ValueError(f"fp_widths needs one entry per SA level ({len(radii)}), got {len(fp_widths)}")
+        _check_order(ball_query_order)
         self.in_channels = in_channels
-        self.levels = _sa_levels(in_channels, num_samples, sample_ratios, radii, max_neighbors, widths)
+        self.ball_query_order = ball_query_order
+        self.levels = _sa_levels(in_channels, num_samples, sample_ratios, radii, max_neighbors, widths,
+                                 ball_query_order)
         # Skip channels per resolution; the reference networks pass no skip at the input resolution.
         skips = [0] + [sa.out_channels for sa in self.levels[:-1]]
         self.fps = nn.ModuleList()
@@ -263,7 +292,7 @@ class PointNet2Seg(nn.Module):
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Per-point features [N, fp_widths[-1][-1]] in input order."""
         batch = model_input(self, batch)
-        perm, xyz, feat = _to_canonical(batch)
+        perm, xyz, feat = _input_order(batch, self.ball_query_order)
         pyramid = [(xyz, feat, batch.offset)]
         for sa in self.levels:
             pyramid.append(sa(*pyramid[-1]))
@@ -273,41 +302,8 @@ class PointNet2Seg(nn.Module):
             skip = fine_feat if i < len(self.fps) - 1 else None
             h = fp(fine_xyz, skip, fine_offset, coarse_xyz, h, coarse_offset)
             coarse_xyz, coarse_offset = fine_xyz, fine_offset
-        return torch.empty_like(h).index_copy_(0, perm, h)
+        return h if perm is None else torch.empty_like(h).index_copy_(0, perm, h)
 
     def forward(self, batch: PointBatch) -> Tensor:
         """Per-point logits [N, num_classes] in input order."""
         return self.head(self.forward_features(batch))
-
-
-# --------------------------------------------------------------------------------------------- variants
-def pointnet2_ssg_cls(in_channels: int, num_classes: int) -> PointNet2Cls:
-    """SSG classifier of the paper / official ``pointnet2_cls_ssg``: 512/0.2/32, 128/0.4/64, group-all."""
-    return PointNet2Cls(in_channels, num_classes, num_samples=[512, 128], radii=[[0.2], [0.4]],
-                        max_neighbors=[[32], [64]], widths=[[[64, 64, 128]], [[128, 128, 256]]])
-
-
-def pointnet2_msg_cls(in_channels: int, num_classes: int) -> PointNet2Cls:
-    """MSG classifier of the official ``pointnet2_cls_msg``."""
-    return PointNet2Cls(in_channels, num_classes, num_samples=[512, 128],
-                        radii=[[0.1, 0.2, 0.4], [0.2, 0.4, 0.8]], max_neighbors=[[16, 32, 128], [32, 64, 128]],
-                        widths=[[[32, 32, 64], [64, 64, 128], [64, 96, 128]],
-                                [[64, 64, 128], [128, 128, 256], [128, 128, 256]]])
-
-
-def pointnet2_ssg_seg(in_channels: int, num_classes: int) -> PointNet2Seg:
-    """SSG semantic segmentation of the official ``pointnet2_sem_seg`` (1024/256/64/16 centres on 4096 points)."""
-    return PointNet2Seg(in_channels, num_classes, sample_ratios=[0.25, 0.25, 0.25, 0.25],
-                        radii=[[0.1], [0.2], [0.4], [0.8]], max_neighbors=[[32], [32], [32], [32]],
-                        widths=[[[32, 32, 64]], [[64, 64, 128]], [[128, 128, 256]], [[256, 256, 512]]],
-                        fp_widths=[[256, 256], [256, 256], [256, 128], [128, 128, 128]])
-
-
-def pointnet2_msg_seg(in_channels: int, num_classes: int) -> PointNet2Seg:
-    """MSG semantic segmentation (yanx27 ``pointnet2_sem_seg_msg``)."""
-    return PointNet2Seg(in_channels, num_classes, sample_ratios=[0.25, 0.25, 0.25, 0.25],
-                        radii=[[0.05, 0.1], [0.1, 0.2], [0.2, 0.4], [0.4, 0.8]],
-                        max_neighbors=[[16, 32], [16, 32], [16, 32], [16, 32]],
-                        widths=[[[16, 16, 32], [32, 32, 64]], [[64, 64, 128], [64, 96, 128]],
-                                [[128, 196, 256], [128, 196, 256]], [[256, 256, 512], [256, 384, 512]]],
-                        fp_widths=[[256, 256], [256, 256], [256, 128], [128, 128, 128]])

@@ -38,8 +38,6 @@ __all__ = [
     "PointTransformerSeg",
     "TransitionDown",
     "TransitionUp",
-    "point_transformer_cls",
-    "point_transformer_seg",
 ]
 
 
@@ -275,7 +273,8 @@ class PointTransformerCls(nn.Module):
 
     Args:
         in_channels, num_classes, channels, depths, strides, neighbors, share_planes: as in
-            ``PointTransformerSeg``.
+            ``PointTransformerSeg`` (Pointcept's PointTransformer-Cls50 builds depths 0, 1, 2, 4, 1; a depth
+            may be 0: the stage is then its transition down alone).
         head_hidden: hidden widths of the classifier (256, 128).
         dropout: classifier dropout (0.5).
     """
@@ -300,14 +299,3 @@ class PointTransformerCls(nn.Module):
     def forward(self, batch: PointBatch) -> Tensor:
         """Class logits [B, num_classes]."""
         return self.head(self.forward_features(batch))
-
-
-# --------------------------------------------------------------------------------------------- variants
-def point_transformer_seg(in_channels: int, num_classes: int) -> PointTransformerSeg:
-    """PointTransformerSeg50 of the paper / official repository (``pointtransformer_seg_repro``)."""
-    return PointTransformerSeg(in_channels, num_classes)
-
-
-def point_transformer_cls(in_channels: int, num_classes: int) -> PointTransformerCls:
-    """Classifier with the paper's encoder (Pointcept ``PointTransformerCls50``)."""
-    return PointTransformerCls(in_channels, num_classes)

@@ -21,7 +21,7 @@ from pcbench.ops import PointBatch, knn, offset2batch, voxel_pool
 from .layers.checks import model_input
 from .layers.grid_pool import DropPath, GridPartition, grid_partition, segment_mean
 
-__all__ = ["PointTransformerV2", "ptv2_cls", "ptv2_seg"]
+__all__ = ["PointTransformerV2"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -295,18 +295,3 @@ class PointTransformerV2(nn.Module):
     def forward(self, batch: PointBatch) -> Tensor:
         """Logits [N, num_classes] in input point order (segmentation) or [B, num_classes] (classification)."""
         return self.head(self.forward_features(batch))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# variants
-
-
-def ptv2_seg(in_channels: int, num_classes: int, **kwargs) -> PointTransformerV2:
-    """PTv2m2 ScanNet segmentation configuration of the official code (~11M parameters)."""
-    return PointTransformerV2(in_channels, num_classes, **kwargs)
-
-
-def ptv2_cls(in_channels: int, num_classes: int, **kwargs) -> PointTransformerV2:
-    """PTv2 encoder + mean pool + MLP head on raw (not voxelized) object points."""
-    kwargs.setdefault("grid_size", None)
-    return PointTransformerV2(in_channels, num_classes, cls_mode=True, **kwargs)

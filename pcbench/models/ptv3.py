@@ -8,6 +8,15 @@ space-filling curves (z-order, Hilbert and their x/y-swapped variants), then a U
 Pooling merges each stride^3 cell block (``ops.voxelize`` on the integer grid), unpooling gathers through
 the pooling map. Segmentation returns per-point logits through the input voxel map; classification
 averages the deepest features per cloud.
+
+Serialization follows Pointcept (``pointcept/models/utils/structure.py`` ``Point.serialization`` and
+``point_transformer_v3m1_base.py`` ``SerializedPooling``): the curve depth (bits per axis) is taken from the
+batch, ``depth = int(max(grid_coord) + 1).bit_length()`` over all clouds, unless fixed by
+``serialization_depth``; a pooling of stride ``2**p`` lowers it by ``p`` (the coarse codes are the fine ones
+shifted right by ``3p`` bits, which equals encoding the coarse grid at the lower depth); and with
+``shuffle_orders`` the curve list is permuted at the input and again at every pooling, in training *and* in
+evaluation, as Pointcept does. The Hilbert curve depends on the depth, so a cloud may follow a different curve
+alone than inside a batch with a larger scene (z-order does not).
 """
 
 from __future__ import annotations
@@ -19,14 +28,14 @@ import torch
 from torch import Tensor, nn
 
 from pcbench.ops import PointBatch, offset2batch, offset2lengths, serialize, voxel_pool
-from pcbench.ops.serialize import ORDERS
+from pcbench.ops.serialize import MAX_DEPTH, ORDERS
 
 from .layers.checks import model_input
 from .layers.grid_pool import DropPath, GridPartition, cloud_min, grid_partition, segment_mean
 from .layers.serialized_attention import PatchIndex, SerializedAttention, build_patches
 from .sparse import CoordinateCache, SparseConv3d, SparseTensor
 
-__all__ = ["PointTransformerV3", "ptv3_cls", "ptv3_seg"]
+__all__ = ["PointTransformerV3", "serialization_depth"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -37,8 +46,9 @@ __all__ = ["PointTransformerV3", "ptv3_cls", "ptv3_seg"]
 class _Level:
     grid: Tensor  # [n, 3] int64, non-negative per cloud
     offset: Tensor  # [B]
-    names: list[str]  # serialization curves of this level (shuffled per level in training)
+    names: list[str]  # serialization curves of this level (permuted per level when shuffle_orders)
     parent: GridPartition | None = None  # how the finer level's points map to this level's points
+    depth: int = 16  # curve bits per axis (Pointcept's serialized_depth); grid values are < 2**depth
     _convs: CoordinateCache = field(default_factory=CoordinateCache)  # kernel maps of this level's voxels
     _patches: dict[tuple[int, int], PatchIndex] = field(default_factory=dict)
 
@@ -58,9 +68,22 @@ class _Level:
         """Patch layout along curve ``names[order_index]`` (built on first use, only for curves in use)."""
         key = (order_index % len(self.names), patch_size)
         if key not in self._patches:
-            order = torch.argsort(serialize(self.grid, self.offset, self.names[key[0]]))
+            # depth 0 (every cloud one voxel) has a single order; serialize needs at least one bit
+            code = serialize(self.grid, self.offset, self.names[key[0]], depth=max(self.depth, 1))
+            order = torch.argsort(code)
             self._patches[key] = build_patches(order, offset2lengths(self.offset), patch_size)
         return self._patches[key]
+
+
+def serialization_depth(grid: Tensor) -> int:
+    """Pointcept's curve depth for a batch of non-negative grid coordinates: ``int(max + 1).bit_length()``."""
+    return int(grid.max() + 1).bit_length() if grid.numel() else 1
+
+
+def _pooled_depth(depth: int, stride: int) -> int:
+    """Depth after a pooling of stride ``2**p``; Pointcept skips the shift when ``p`` exceeds the depth."""
+    p = (stride - 1).bit_length()
+    return depth - p if p <= depth else depth
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,7 +192,10 @@ class PointTransformerV3(nn.Module):
             ignored when ``cls_mode``.
         mlp_ratio, qkv_bias, attn_drop, proj_drop: block settings.
         drop_path: largest stochastic-depth rate (linearly increasing over blocks).
-        shuffle_orders: shuffle the curve list per level in training (as the paper does).
+        shuffle_orders: permute the curve list at the input and at every pooling, in training and evaluation
+            (Pointcept's rule; seed torch's generator for a repeatable evaluation).
+        serialization_depth: curve bits per axis at the input level; None (default) takes Pointcept's
+            ``int(max(grid_coord) + 1).bit_length()`` over the batch, an int fixes it (at most 20).
         cls_mode: encoder only + per-cloud mean + MLP head (classification).
         cls_head_channels, cls_dropout: hidden widths and dropout of the classification head.
         embed_kernel_size: kernel of the sparse-conv stem.
@@ -200,10 +226,14 @@ class PointTransformerV3(nn.Module):
         cls_head_channels: Sequence[int] = (256, 128),
         cls_dropout: float = 0.5,
         embed_kernel_size: int = 5,
+        serialization_depth: int | None = None,
     ) -> None:
         super().__init__()
         if grid_size <= 0:
             raise ValueError(f"grid_size must be positive, got {grid_size}")
+        if serialization_depth is not None and not 1 <= serialization_depth <= MAX_DEPTH:
+            raise ValueError(f"serialization_depth must be None (from the batch) or an int in [1, {MAX_DEPTH}], "
+                             f"got {serialization_depth!r}")
         self.order = (order,) if isinstance(order, str) else tuple(order)
         bad = [o for o in self.order if o not in ORDERS]
         if bad or not self.order:
@@ -214,6 +244,11 @@ class PointTransformerV3(nn.Module):
         enc_num_heads = _tuple(enc_num_heads, ns, "enc_num_heads")
         enc_patch_size = _tuple(enc_patch_size, ns, "enc_patch_size")
         self.stride = _tuple(stride, ns - 1, "stride")
+        bad_stride = [x for x in self.stride if int(x) < 2 or int(x) & (int(x) - 1)]
+        if bad_stride:
+            raise ValueError(f"stride entries must be powers of two >= 2 (serialized pooling shifts the curve "
+                             f"codes by 3 bits per halving, as in Pointcept), got {self.stride}")
+        self.serialization_depth = serialization_depth
         self.in_channels, self.num_classes = in_channels, num_classes
         self.grid_size = float(grid_size)
         self.shuffle_orders = shuffle_orders
@@ -270,39 +305,60 @@ class PointTransformerV3(nn.Module):
 
     # -- serialization --------------------------------------------------------------------------------------
 
-    def _order_names(self) -> list[str]:
-        if self.training and self.shuffle_orders and len(self.order) > 1:
-            return [self.order[i] for i in torch.randperm(len(self.order)).tolist()]
-        return list(self.order)
+    def _order_names(self, previous: Sequence[str] | None = None) -> list[str]:
+        """The curves of a new level: the previous level's list (or ``order``), permuted when shuffling."""
+        names = list(self.order if previous is None else previous)
+        if self.shuffle_orders:  # Pointcept permutes the code list at every serialization, in eval too
+            names = [names[i] for i in torch.randperm(len(names)).tolist()]
+        return names
 
     def _voxelize_input(self, batch: PointBatch) -> tuple[GridPartition, _Level]:
         part = grid_partition(batch.coord, self.grid_size, batch.offset, relative=False)
         grid = part.cell[:, 1:]
         if grid.shape[0]:
             grid = grid - cloud_min(grid, part.offset)[offset2batch(part.offset)]
-        return part, _Level(grid, part.offset, self._order_names())
+        depth = self.serialization_depth
+        if depth is None:
+            depth = serialization_depth(grid)
+            if depth > MAX_DEPTH:
+                raise ValueError(
+                    f"PTv3 serialization: the largest grid coordinate {int(grid.max())} needs {depth} bits per axis, "
+                    f"more than {MAX_DEPTH}; use a coarser grid_size (now {self.grid_size}) or crop the scene")
+        return part, _Level(grid, part.offset, self._order_names(), depth=depth)
 
     # -- forward --------------------------------------------------------------------------------------------
+
+    def levels(self, batch: PointBatch) -> tuple[GridPartition, list[_Level]]:
+        """The input voxel map and every level's voxels, curve depth and curve list (geometry only).
+
+        Level 0 holds the input voxels; level s the cells of the s-th pooling, with ``parent`` mapping level
+        s - 1 onto them. With ``shuffle_orders`` this draws one ``torch.randperm`` per level, in level order.
+        """
+        part, level = self._voxelize_input(batch)
+        out = [level]
+        for down in self.down:
+            prev = out[-1]
+            pool = down.partition(prev)
+            out.append(_Level(pool.cell[:, 1:], pool.offset, self._order_names(prev.names), pool,
+                              depth=_pooled_depth(prev.depth, down.stride)))
+        return part, out
 
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Per-point features [N, out_channels] (segmentation) or per-cloud features [B, out_channels] (cls)."""
         batch = model_input(self, batch)
-        part, level = self._voxelize_input(batch)
+        part, levels = self.levels(batch)
         feat = segment_mean(batch.feat, part)
-        feat = self.embed_act(self.embed_norm(self.embed_conv(level.sparse(feat)).feats))
-        levels, skips = [level], []
+        feat = self.embed_act(self.embed_norm(self.embed_conv(levels[0].sparse(feat)).feats))
+        skips = []
         for s in range(self.num_stages):
             if s > 0:
                 skips.append(feat)
-                pool = self.down[s - 1].partition(levels[-1])
-                feat = self.down[s - 1](feat, pool)
-                levels.append(_Level(pool.cell[:, 1:], pool.offset, self._order_names(), pool))
+                feat = self.down[s - 1](feat, levels[s].parent)
             for blk in self.enc[s]:
-                feat = blk(feat, levels[-1])
+                feat = blk(feat, levels[s])
         if self.cls_mode:
             lvl = levels[-1]
-            pooled = voxel_pool(feat, offset2batch(lvl.offset), lvl.offset.numel(), reduce="mean")
-            return pooled
+            return voxel_pool(feat, offset2batch(lvl.offset), lvl.offset.numel(), reduce="mean")
         for s in reversed(range(self.num_stages - 1)):
             feat = self.up[s](feat, skips[s], levels[s + 1].parent)
             for blk in self.dec[s]:
@@ -312,18 +368,3 @@ class PointTransformerV3(nn.Module):
     def forward(self, batch: PointBatch) -> Tensor:
         """Logits [N, num_classes] in input point order (segmentation) or [B, num_classes] (classification)."""
         return self.head(self.forward_features(batch))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# variants
-
-
-def ptv3_seg(in_channels: int, num_classes: int, **kwargs) -> PointTransformerV3:
-    """PTv3 ScanNet semantic-segmentation configuration of the paper (~46M parameters)."""
-    return PointTransformerV3(in_channels, num_classes, **kwargs)
-
-
-def ptv3_cls(in_channels: int, num_classes: int, **kwargs) -> PointTransformerV3:
-    """PTv3 encoder + mean pool + MLP head, the official ModelNet40 setting (grid 0.01)."""
-    kwargs.setdefault("grid_size", 0.01)
-    return PointTransformerV3(in_channels, num_classes, cls_mode=True, **kwargs)

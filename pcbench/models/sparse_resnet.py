@@ -30,7 +30,7 @@ from .sparse import (
     sparse_from_points,
 )
 
-__all__ = ["SparseResNet", "sparse_resnet14", "sparse_resnet18", "sparse_resnet34"]
+__all__ = ["SparseResNet"]
 
 
 class SparseResNet(nn.Module):
@@ -107,18 +107,3 @@ class SparseResNet(nn.Module):
     def forward(self, batch: PointBatch) -> Tensor:
         """Logits [B, num_classes]."""
         return self.head(self.forward_features(batch))
-
-
-def sparse_resnet14(in_channels: int, num_classes: int, voxel_size: float = 0.02) -> SparseResNet:
-    """ResNet14: one BasicBlock per stage, PLANES (64, 128, 256, 512)."""
-    return SparseResNet(in_channels, num_classes, voxel_size, layers=(1, 1, 1, 1))
-
-
-def sparse_resnet18(in_channels: int, num_classes: int, voxel_size: float = 0.02) -> SparseResNet:
-    """ResNet18: two BasicBlocks per stage."""
-    return SparseResNet(in_channels, num_classes, voxel_size, layers=(2, 2, 2, 2))
-
-
-def sparse_resnet34(in_channels: int, num_classes: int, voxel_size: float = 0.02) -> SparseResNet:
-    """ResNet34: (3, 4, 6, 3) BasicBlocks."""
-    return SparseResNet(in_channels, num_classes, voxel_size, layers=(3, 4, 6, 3))

@@ -33,7 +33,7 @@ from .sparse import (
     sparse_unet,
 )
 
-__all__ = ["SpUNet", "spunet_base"]
+__all__ = ["SpUNet"]
 
 _BN_EPS, _BN_MOMENTUM = 1e-3, 0.01
 
@@ -128,8 +128,3 @@ class SpUNet(nn.Module):
         """Per-point logits [N, num_classes], rows in input order."""
         x, inverse = self.forward_voxels(batch)
         return self.head(x.feats).index_select(0, inverse)
-
-
-def spunet_base(in_channels: int, num_classes: int, voxel_size: float = 0.02) -> SpUNet:
-    """SpUNet-base: base 32, channels (32, 64, 128, 256, 256, 128, 96, 96), layers (2, 3, 4, 6, 2, 2, 2, 2)."""
-    return SpUNet(in_channels, num_classes, voxel_size)

@@ -124,8 +124,14 @@ def stencil_search(
     grid: Grid,
     k: int,
     reach: int = 1,
+    ball: tuple[float, torch.dtype] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The ``k`` nearest support points of each query in ``qsel`` among its cell's stencil.
+
+    With ``ball = (radius2, dtype)`` the selection is by index instead: the ``k`` lowest support rows
+    (ascending) among the stencil points whose float64 squared distance, rounded to ``dtype``, is
+    ``< radius2``; -1 where fewer qualify. That test is exact, so no caller check is needed when the
+    stencil holds the whole ball.
 
     The stencil is the (2 reach + 1)^3 block of cells around the query's cell. ``q`` holds the
     query coordinates in the compute dtype, ``q64`` in float64 (cell arithmetic), ``qcl`` cloud ids;
@@ -195,7 +201,7 @@ def stencil_search(
             if cmax > 0:
                 rows = unit_start[c0:c1, None] + torch.arange(qn_, device=dev)  # [Uc, Q] cell-order positions
                 qpos = qperm[rows]  # positions in qsel
-                _block(q, grid, qsel, qpos, ucell[c0:c1], starts, lens, excl, tot, cmax, k, out_idx)
+                _block(q, grid, qsel, qpos, ucell[c0:c1], starts, lens, excl, tot, cmax, k, out_idx, ball)
             c0 = c1
         a = b_end
     return out_idx, bdist
@@ -228,6 +234,7 @@ def _block(
     cmax: int,
     k: int,
     out_idx: Tensor,
+    ball: tuple[float, torch.dtype] | None = None,
 ) -> None:
     """Distances of one chunk of units [Uc, Q] against their stencil candidates [Uc, C]; top-k into out_idx."""
     dev = q.device
@@ -245,6 +252,9 @@ def _block(
     # points far below the cell size. cdist returns distances, which order like their squares.
     sp = grid.ss.index_select(0, pos.view(-1)).view(nu, cmax, 3)
     qp = q.index_select(0, qsel.index_select(0, qpos.view(-1))).view(nu, nq, 3)
+    if ball is not None:
+        _first_within(grid, pos, sp, qp, qpos, k, out_idx, *ball)
+        return
     dist = torch.cdist(qp, sp, compute_mode="donot_use_mm_for_euclid_dist").view(nu * nq, cmax)
     flat = qpos.view(-1)
     kk = min(k, cmax)
@@ -261,3 +271,48 @@ def _block(
     # padded slots point at the sentinel row, whose permutation entry is -1
     res = grid.sperm.index_select(0, pos.view(-1).index_select(0, arg.view(-1))).view(nu * nq, kk)
     out_idx[:, :kk].index_copy_(0, flat, res)
+
+
+def _first_within(
+    grid: Grid,
+    pos: Tensor,
+    sp: Tensor,
+    qp: Tensor,
+    qpos: Tensor,
+    k: int,
+    out_idx: Tensor,
+    radius2: float,
+    dtype: torch.dtype,
+) -> None:
+    """Index-order selection of one chunk: the ``k`` lowest support rows inside the ball, ascending.
+
+    ``sp [Uc, C, 3]`` and ``qp [Uc, Q, 3]`` hold the candidates and queries in the compute dtype. The
+    rule (``_reference.ball_query_reference``): the float64 squared distance, summed x, y, z and rounded
+    to the input ``dtype``, is ``< radius2``. The compute dtype decides every entry clearly inside or
+    outside; the few within rounding distance of the boundary are recomputed in float64.
+    """
+    nu, cmax = pos.shape
+    nq = qp.shape[1]
+    d2 = None
+    for a in range(3):  # x, y, z in turn: the summation order of the reference
+        diff = qp[:, :, None, a] - sp[:, None, :, a]
+        sq = diff.mul_(diff)  # a separate multiply and add: no fused rounding, as in the reference
+        d2 = sq if d2 is None else d2.add_(sq)
+    inside = d2 < radius2  # [Uc, Q, C]; padded slots hold inf and never qualify
+    if not (d2.dtype == torch.float64 and dtype == torch.float64):  # float64 sums are the reference's own
+        # float32 sums lie within ~1e-6 (relative) of the float64 ones; rounding to float16 moves them 1e-3
+        tol = 4e-3 if dtype == torch.float16 else 1e-5
+        near = torch.nonzero((d2 - radius2).abs_() <= tol * radius2)
+        if near.numel():
+            u, i, c = near.unbind(1)
+            diff = qp[u, i].double() - sp[u, c].double()
+            sq = diff * diff
+            exact = (sq[:, 0] + sq[:, 1]) + sq[:, 2]
+            inside[u, i, c] = exact.to(dtype).double() < radius2
+    rows = grid.sperm.index_select(0, pos.view(-1)).view(nu, 1, cmax)
+    big = torch.iinfo(torch.int64).max
+    key = torch.where(inside, rows, big).view(nu * nq, cmax)
+    kk = min(k, cmax)
+    first, _ = torch.topk(key, kk, dim=1, largest=False, sorted=True)
+    res = torch.where(first == big, -1, first)
+    out_idx[:, :kk].index_copy_(0, qpos.view(-1), res)

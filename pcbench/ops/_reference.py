@@ -61,10 +61,28 @@ def ball_query_reference(
     max_neighbors: int,
     query_offset: Tensor | None = None,
     support_offset: Tensor | None = None,
+    order: str = "distance",
 ) -> Tensor:
-    """Neighbours with dist2 < radius**2, nearest first, first ``max_neighbors`` kept, padded with -1."""
-    idx, d2 = knn_reference(query, support, max_neighbors, query_offset, support_offset)
-    return torch.where(d2.double() < radius * radius, idx, torch.full_like(idx, -1))
+    """Neighbours with dist2 < radius**2 (dist2 rounded to the input dtype), padded with -1.
+
+    ``order="distance"``: the ``max_neighbors`` nearest, nearest first. ``order="index"``: the first
+    ``max_neighbors`` support rows of the query's cloud that lie inside, scanned in row order.
+    """
+    if order == "distance":
+        idx, d2 = knn_reference(query, support, max_neighbors, query_offset, support_offset)
+        return torch.where(d2.double() < radius * radius, idx, torch.full_like(idx, -1))
+    if order != "index":
+        raise ValueError(f"order must be 'distance' or 'index', got {order!r}")
+    q = query.detach().double().cpu().numpy()
+    s = support.detach().double().cpu().numpy()
+    idx = np.full((q.shape[0], max_neighbors), -1, dtype=np.int64)
+    dtype = torch.empty(0, dtype=query.dtype).numpy().dtype
+    for (qa, qb), (sa, sb) in zip(_ranges(query_offset, len(q)), _ranges(support_offset, len(s)), strict=True):
+        for i in range(qa, qb):
+            d2 = ((q[i] - s[sa:sb]) ** 2).sum(-1)
+            inside = np.nonzero(d2.astype(dtype).astype(np.float64) < radius * radius)[0][:max_neighbors]
+            idx[i, : len(inside)] = inside + sa
+    return torch.from_numpy(idx)
 
 
 def sample_counts(lengths: Tensor, n: int | None = None, ratio: float | None = None) -> Tensor:

@@ -6,14 +6,36 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from pcbench.models import build_model
 from pcbench.ops import PointBatch, voxelize
 from pcbench.ops._clouds import load_modelnet_txt, object_batch
+
+CONF_MODEL = Path(__file__).resolve().parents[2] / "conf" / "model"
 
 MODELNET_FILES = ["airplane/airplane_0126.txt", "chair/chair_0391.txt", "sofa/sofa_0034.txt",
                   "table/table_0053.txt", "monitor/monitor_0468.txt", "toilet/toilet_0409.txt", "bed/bed_0026.txt",
                   "guitar/guitar_0084.txt"]
+
+
+def model_config(name: str, **overrides: object) -> DictConfig:
+    """``conf/model/<name>.yaml`` with ``overrides`` applied (each must name a key the config has)."""
+    cfg = OmegaConf.load(CONF_MODEL / f"{name}.yaml")
+    for key, value in overrides.items():
+        if key not in cfg:
+            raise KeyError(f"{name}.yaml has no key {key!r}")
+        cfg[key] = value
+    return cfg
+
+
+def build_from_yaml(name: str, in_channels: int, num_classes: int, seed: int | None = 0,
+                    **overrides: object) -> torch.nn.Module:
+    """The model of ``conf/model/<name>.yaml`` (with ``overrides``) built as the trainer builds it."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return build_model(model_config(name, **overrides), in_channels=in_channels, num_classes=num_classes)
 
 
 def ragged_objects(lengths: list[int], in_channels: int = 3, seed: int = 0) -> PointBatch:

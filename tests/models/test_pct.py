@@ -10,14 +10,30 @@ import torch
 import torch.nn.functional as F
 
 from pcbench.models import pct
-from pcbench.models.pct import NeighborEmbedding, OffsetAttention, PCTCls, PCTSeg, pct_cls, pct_seg
+from pcbench.models.pct import NeighborEmbedding, OffsetAttention, PCTCls, PCTSeg
 from pcbench.ops import PointBatch, farthest_point_sample, group, knn
-from tests.models._helpers import modelnet_batch, n_params, overfit, plain_bn, ragged_objects, scannet_crop
+from tests.models._helpers import (
+    build_from_yaml,
+    modelnet_batch,
+    n_params,
+    overfit,
+    plain_bn,
+    ragged_objects,
+    scannet_crop,
+)
 
 
-def test_cls_parameter_count_matches_the_paper() -> None:
+def test_cls_parameter_count_matches_the_port_and_the_paper() -> None:
+    # Strawberry-Eat-Mango/PCT_Pytorch model.py Pct, counted from its layer list (xyz input, 40 classes):
+    # conv1-2 + BN, two Local_op (two convs without bias + BN), Point_Transformer_Last (two convs + BN, four
+    # SA_Layers with shared q/k), conv_fuse + BN, linear1 (no bias) + BN, linear2 + BN, linear3.
+    sa = 256 * 64 + (256 * 256 + 256) + (256 * 256 + 256) + 2 * 256
+    expected = (3 * 64 + 2 * 64 + 64 * 64 + 2 * 64) + (128 * 128 + 2 * 128 + 128 * 128 + 2 * 128) \
+        + (256 * 256 + 2 * 256 + 256 * 256 + 2 * 256) + (2 * (256 * 256 + 2 * 256) + 4 * sa) \
+        + (1280 * 1024 + 2 * 1024) + (1024 * 512 + 2 * 512) + (512 * 256 + 256 + 2 * 256) + 256 * 40 + 40
+    n = n_params(build_from_yaml("pct_cls", 0, 40))
+    assert n == expected == 2_876_136
     # PCT paper (Guo et al. 2021), Table 1: PCT has 2.88M parameters (ModelNet40, xyz input).
-    n = n_params(pct_cls(0, 40))
     assert abs(n - 2.88e6) / 2.88e6 < 0.02, n
 
 
@@ -83,7 +99,7 @@ def test_neighbor_embedding_equals_grouping_then_mlp() -> None:
 
 def test_seg_forward_equals_head_on_forward_features() -> None:
     batch = ragged_objects([50, 30], seed=1)
-    model = pct_seg(3, 7).eval()
+    model = build_from_yaml("pct_seg", 3, 7).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(batch), model.head_logits(model.forward_features(batch)), atol=1e-5,
                                    rtol=1e-5)
@@ -93,7 +109,7 @@ def test_seg_forward_equals_head_on_forward_features() -> None:
 def test_empty_cloud_and_float64() -> None:
     full = ragged_objects([80, 40], seed=2)
     with_empty = PointBatch(full.coord, full.feat, torch.tensor([80, 80, 120]))
-    for model in (pct_cls(3, 4).eval(), pct_seg(3, 4).eval()):
+    for model in (build_from_yaml("pct_cls", 3, 4).eval(), build_from_yaml("pct_seg", 3, 4).eval()):
         with torch.no_grad():
             a, b = model(full), model(with_empty)
             out64 = model.double()(PointBatch(full.coord.double(), full.feat.double(), full.offset))

@@ -16,11 +16,10 @@ from pcbench.models.ptv1 import (
     TransitionDown,
     TransitionUp,
     _Level,
-    point_transformer_cls,
-    point_transformer_seg,
 )
 from pcbench.ops import PointBatch, farthest_point_sample, group_relative, knn, sample_offset
 from tests.models._helpers import (
+    build_from_yaml,
     modelnet_batch,
     n_params,
     naive_idw,
@@ -31,12 +30,47 @@ from tests.models._helpers import (
 )
 
 
+def _official_layer(c: int, s: int = 8) -> int:
+    """Parameters of the official PointTransformerLayer(c, c, s): q, k, v; linear_p (3-3-BN-c); linear_w."""
+    return 3 * (c * c + c) + (3 * 3 + 3) + 2 * 3 + (3 * c + c) + 2 * c + (c * c // s + c // s) + 2 * (c // s) \
+        + ((c // s) ** 2 + c // s)
+
+
+def _official_block(c: int) -> int:
+    return 2 * c * c + 6 * c + _official_layer(c)  # Bottleneck: linear1, linear3 (no bias), bn1-3, the layer
+
+
+def _official_encoder(c_in: int, blocks: list[int]) -> int:
+    """TransitionDown (linear without bias + BN; 3 + C inputs when it groups) and the blocks of each stage."""
+    total, c = 0, c_in
+    for i, (p, b) in enumerate(zip((32, 64, 128, 256, 512), blocks, strict=True)):
+        total += (c if i == 0 else 3 + c) * p + 2 * p + b * _official_block(p)
+        c = p
+    return total
+
+
 def test_seg50_parameter_count_matches_the_official_model() -> None:
-    # The official PointTransformerSeg50 (POSTECH-CVLab/point-transformer, pointtransformer_seg_repro, c=6
-    # i.e. xyz + rgb, k=13 S3DIS classes) has 7.8M parameters.
-    n = n_params(point_transformer_seg(3, 13))
-    assert abs(n - 7.8e6) / 7.8e6 < 0.02, n
-    assert n == 7_767_729
+    # The official PointTransformerSeg50 (POSTECH-CVLab/point-transformer pointtransformer_seg_repro, c=6 i.e.
+    # xyz + rgb, k=13 S3DIS classes): 7.8M parameters; the layer list counted independently.
+    planes = (32, 64, 128, 256, 512)
+    dec = (2 * 512 * 512 + 512 + 2 * 512) + (512 * 512 + 512) + _official_block(512)  # head TransitionUp + block
+    for i in reversed(range(4)):
+        dec += (planes[i] ** 2 + 3 * planes[i]) + (planes[i + 1] * planes[i] + 3 * planes[i]) + _official_block(planes[i])
+    expected = _official_encoder(6, [1, 2, 3, 5, 2]) + dec + (32 * 32 + 32 + 2 * 32) + 32 * 13 + 13
+    n = n_params(build_from_yaml("ptv1_seg", 3, 13))
+    assert n == expected == 7_767_729
+    assert abs(n - 7.8e6) / 7.8e6 < 0.02
+
+
+def test_cls50_parameter_count_matches_pointcept() -> None:
+    # Pointcept PointTransformer-Cls50 builds range(1, [1, 2, 3, 5, 2]) blocks: 0, 1, 2, 4, 1 (xyz + normal, 40 classes)
+    head = (512 * 256 + 256 + 2 * 256) + (256 * 128 + 128 + 2 * 128) + 128 * 40 + 40
+    expected = _official_encoder(6, [0, 1, 2, 4, 1]) + head
+    model = build_from_yaml("ptv1_cls", 3, 40)
+    assert n_params(model) == expected == 3_262_872
+    assert [len(stage.blocks) for stage in model.encoder.stages] == [0, 1, 2, 4, 1]
+    assert n_params(build_from_yaml("ptv1_cls", 3, 40, depths=[1, 2, 3, 5, 2])) == \
+        _official_encoder(6, [1, 2, 3, 5, 2]) + head == 5_073_362
 
 
 def test_layer_parameter_count_follows_the_official_layer_list() -> None:
@@ -111,7 +145,7 @@ def test_transition_up_interpolates_with_the_one_ops_interpolate(monkeypatch: py
 
 
 def test_empty_cloud_and_float64() -> None:
-    model = point_transformer_cls(3, 4).eval()
+    model = build_from_yaml("ptv1_cls", 3, 4).eval()
     full = ragged_objects([128, 70], seed=2)
     with_empty = PointBatch(full.coord, full.feat, torch.tensor([128, 128, 198]))
     with torch.no_grad():
@@ -144,5 +178,5 @@ def test_cls_overfits_real_modelnet(shared_data: Path) -> None:
 def test_seg_overfits_real_scannet(shared_data: Path) -> None:
     batch, num_classes = scannet_crop(shared_data, size=2.0)
     torch.manual_seed(0)
-    losses = overfit(point_transformer_seg(3, num_classes), batch, batch.label, steps=60, lr=3e-3)
+    losses = overfit(build_from_yaml("ptv1_seg", 3, num_classes), batch, batch.label, steps=60, lr=3e-3)
     assert losses[-1] < 0.1 * losses[0], losses

@@ -7,22 +7,20 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
-from pcbench.models import build_model
 from pcbench.models.layers.serialized_attention import SerializedAttention, build_patches
 from pcbench.models.ptv3 import (
     GridPooling,
     GridUnpooling,
     PointTransformerV3,
     _Level,
-    ptv3_cls,
-    ptv3_seg,
+    serialization_depth,
 )
 from pcbench.models.sparse import SparseConv3d
-from pcbench.ops import PointBatch, serialize
+from pcbench.ops import PointBatch, offset2lengths, serialize
 from pcbench.ops._clouds import load_modelnet_txt, object_batch
-from tests.conftest import REPO
+from pcbench.ops._reference import serialize_reference
+from tests.models._helpers import build_from_yaml
 
 SMALL = dict(
     enc_depths=(1, 1, 1, 1, 1), enc_channels=(16, 16, 32, 32, 64), enc_num_heads=(1, 1, 2, 2, 4),
@@ -57,11 +55,11 @@ def _official_count(in_ch: int, ncls: int, enc: tuple, dec: tuple | None, depths
 def test_paper_parameter_counts() -> None:
     # PTv3 paper (Wu et al., CVPR 2024, arXiv:2312.10035), model-efficiency table: 46.2M parameters for the
     # ScanNet semantic segmentation model (6 input channels: colour + normal; 20 classes).
-    seg = ptv3_seg(6, 20)
+    seg = build_from_yaml("ptv3_seg", 6, 20)
     assert _nparams(seg) == _official_count(6, 20, (32, 64, 128, 256, 512), (64, 64, 128, 256),
                                             (2, 2, 2, 6, 2), (2, 2, 2, 2))
     assert abs(_nparams(seg) - 46.2e6) / 46.2e6 < 0.02
-    cls = ptv3_cls(6, 40)  # Pointcept configs/modelnet40/cls-ptv3-v1m1-0-base.py
+    cls = build_from_yaml("ptv3_cls", 6, 40)  # Pointcept configs/modelnet40/cls-ptv3-v1m1-0-base.py
     assert _nparams(cls) == _official_count(6, 40, (32, 64, 128, 256, 512), None, (2, 2, 2, 6, 2), ())
 
 
@@ -185,13 +183,18 @@ def _ragged(gen: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor
 
 @pytest.mark.parametrize("cls_mode", [False, True])
 def test_batch_consistency_ragged(cls_mode: bool, gen: torch.Generator) -> None:
+    # The default depth comes from the whole batch (Pointcept's rule), so a fixed depth makes a cloud's curves
+    # independent of its batch mates; the same seed makes the same curve shuffle.
     torch.manual_seed(0)
-    model = PointTransformerV3(4, 7, cls_mode=cls_mode, **(SMALL_CLS if cls_mode else SMALL)).eval()
+    model = PointTransformerV3(4, 7, cls_mode=cls_mode, serialization_depth=16,
+                               **(SMALL_CLS if cls_mode else SMALL)).eval()
     clouds, feats = _ragged(gen)
     with torch.no_grad():
+        torch.manual_seed(1)
         out = model(_batch(clouds, feats))
         start = 0
         for b, (c, f) in enumerate(zip(clouds, feats, strict=True)):
+            torch.manual_seed(1)
             alone = model(_batch([c], [f]))
             if cls_mode:
                 if len(c):
@@ -212,9 +215,13 @@ def test_segmentation_equivariant_and_classification_invariant(gen: torch.Genera
     shuffled = PointBatch(batch.coord[perm], batch.feat[perm], batch.offset)
     seg = PointTransformerV3(4, 5, **SMALL).eval()
     cls = PointTransformerV3(4, 5, cls_mode=True, **SMALL_CLS).eval()
+    def run(model: PointTransformerV3, b: PointBatch) -> torch.Tensor:
+        torch.manual_seed(1)  # the same curve shuffle for both calls
+        return model(b)
+
     with torch.no_grad():
-        torch.testing.assert_close(seg(shuffled), seg(batch)[perm], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(cls(shuffled), cls(batch), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(run(seg, shuffled), run(seg, batch)[perm], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(run(cls, shuffled), run(cls, batch), atol=1e-5, rtol=1e-5)
 
 
 def _modelnet_batch(shared_data, n: int = 2048) -> tuple[PointBatch, torch.Tensor]:
@@ -232,7 +239,7 @@ def _modelnet_batch(shared_data, n: int = 2048) -> tuple[PointBatch, torch.Tenso
 def test_forward_backward_real_modelnet_paper_width(shared_data) -> None:
     torch.manual_seed(0)
     batch, label = _modelnet_batch(shared_data, 1024)
-    model = ptv3_cls(6, 40).train()
+    model = build_from_yaml("ptv3_cls", 6, 40).train()
     out = model(batch)
     assert out.shape == (4, 40) and bool(torch.isfinite(out).all())
     F.cross_entropy(out, label).backward()
@@ -258,7 +265,7 @@ def test_forward_backward_real_scannet_scene_paper_config(shared_data) -> None:
     # a 2.5 m slab of the real scene (~28k of its 81k vertices) keeps this bounded on 2 CPU cores
     keep = coord[:, 0] < coord[:, 0].min() + 2.5
     coord, color = coord[keep], color[keep]
-    model = ptv3_seg(6, 20).train()
+    model = build_from_yaml("ptv3_seg", 6, 20).train()
     out = model(PointBatch(coord, torch.cat([color, coord - coord.mean(0)], 1), torch.tensor([len(coord)])))
     assert out.shape == (len(coord), 20) and bool(torch.isfinite(out).all())
     out.float().logsumexp(1).mean().backward()
@@ -307,17 +314,88 @@ def test_bfloat16_autocast_cpu(gen: torch.Generator) -> None:
         out.float().sum().backward()
 
 
-def test_training_shuffles_orders_but_eval_is_deterministic(gen: torch.Generator) -> None:
+def test_curve_lists_are_shuffled_per_level_in_training_and_evaluation_as_pointcept(gen: torch.Generator) -> None:
+    # Pointcept permutes the code list with torch.randperm at the input serialization and again (the already
+    # permuted list) at every SerializedPooling, whatever the mode; no shuffle keeps the configured list.
     clouds, feats = _ragged(gen)
     batch = _batch(clouds, feats)
+    order = ["z", "z-trans", "hilbert", "hilbert-trans"]
+    for training in (True, False):
+        model = PointTransformerV3(4, 5, **SMALL).train(training)
+        for seed in range(4):
+            torch.manual_seed(seed)
+            _, levels = model.levels(batch)
+            torch.manual_seed(seed)
+            names = order
+            for level in levels:
+                names = [names[i] for i in torch.randperm(4).tolist()]
+                assert level.names == names
+    model = PointTransformerV3(4, 5, **SMALL, shuffle_orders=False).eval()
+    assert all(level.names == order for level in model.levels(batch)[1])
+    # evaluation: repeatable under a fixed seed, and the shuffle reaches the output
     model = PointTransformerV3(4, 5, **SMALL).eval()
+    outs = []
     with torch.no_grad():
-        torch.testing.assert_close(model(batch), model(batch), atol=0, rtol=0)
-    assert model._order_names() == ["z", "z-trans", "hilbert", "hilbert-trans"]
-    model.train()
-    torch.manual_seed(3)
-    seen = {tuple(model._order_names()) for _ in range(20)}
-    assert len(seen) > 1 and all(sorted(s) == sorted(model.order) for s in seen)
+        for seed in (0, 0, 1, 2, 3):
+            torch.manual_seed(seed)
+            outs.append(model(batch))
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+    assert any(not torch.allclose(outs[0], o) for o in outs[2:])
+
+
+def _pointcept_grid(batch: PointBatch, grid_size: float) -> tuple[torch.Tensor, int]:
+    """Pointcept GridSample's grid_coord (floor(coord / grid) minus each cloud's minimum) for the distinct voxels,
+    in numpy, and the serialization depth of structure.py: int(grid_coord.max() + 1).bit_length()."""
+    import numpy as np
+
+    rows = []
+    start = 0
+    for b, end in enumerate(batch.offset.tolist()):
+        g = np.floor(batch.coord[start:end].double().numpy() / grid_size).astype(np.int64)
+        if len(g):
+            g = np.unique(g - g.min(0), axis=0)
+            rows.append(np.concatenate([np.full((len(g), 1), b), g], 1))
+        start = end
+    cells = np.concatenate(rows)
+    return torch.from_numpy(cells), int(cells[:, 1:].max() + 1).bit_length()
+
+
+def test_serialization_depth_and_pooled_codes_follow_pointcept(gen: torch.Generator) -> None:
+    # One 4 m room-like cloud and a small object: the depth comes from the largest grid coordinate of the batch.
+    room = torch.rand(1500, 3, generator=gen) * torch.tensor([4.0, 2.0, 1.0])
+    obj = torch.rand(200, 3, generator=gen) * 0.3
+    batch = _batch([room, obj], [torch.zeros(1500, 4), torch.zeros(200, 4)])
+    model = PointTransformerV3(4, 5, **{**SMALL, "grid_size": 0.05}, shuffle_orders=False).eval()
+    part, levels = model.levels(batch)
+    cells, depth = _pointcept_grid(batch, 0.05)
+    assert depth == serialization_depth(levels[0].grid) == levels[0].depth == 7  # max grid coord 79
+    assert sorted(map(tuple, torch.cat([torch.repeat_interleave(torch.arange(2), torch.diff(
+        levels[0].offset, prepend=torch.tensor([0])))[:, None], levels[0].grid], 1).tolist())) == \
+        sorted(map(tuple, cells.tolist()))
+    assert [lv.depth for lv in levels] == [7, 6, 5, 4, 3]
+    # Pointcept's coarse codes: the fine codes shifted right by 3 bits per pooling, read at any fine point of a cell
+    # (SerializedPooling keeps the head's code); the reference encodes each fine voxel bit by bit at the input depth.
+    chain = torch.arange(levels[0].num_points)
+    for name in ("z", "z-trans", "hilbert", "hilbert-trans"):
+        fine = serialize_reference(levels[0].grid, levels[0].offset, name, depth)
+        chain = torch.arange(levels[0].num_points)
+        for s, level in enumerate(levels):
+            if s:
+                chain = level.parent.inverse[chain]
+            ours = serialize(level.grid, level.offset, name, depth=level.depth)
+            assert torch.equal(ours[chain], fine >> (3 * s)), (name, s)
+            # the attention patches of that curve follow these codes
+            want = build_patches(torch.argsort(ours), offset2lengths(level.offset), 48)
+            assert torch.equal(level.patches(model.order.index(name), 48).gather, want.gather)
+    # alone, the object has a smaller depth and so follows another Hilbert curve (z-order is depth-free;
+    # the 3-D Hilbert order here repeats with a period of 3 depths, so 3 and 6 would coincide)
+    _, alone = model.levels(_batch([obj], [torch.zeros(200, 4)]))
+    assert alone[0].depth == 3 < levels[0].depth
+    obj_grid = levels[0].grid[levels[0].offset[0]:]
+    assert torch.equal(torch.argsort(serialize(obj_grid, None, "z", depth=3)),
+                       torch.argsort(serialize(obj_grid, None, "z", depth=7)))
+    assert not torch.equal(torch.argsort(serialize(obj_grid, None, "hilbert", depth=3)),
+                           torch.argsort(serialize(obj_grid, None, "hilbert", depth=7)))
 
 
 def test_bad_arguments() -> None:
@@ -332,16 +410,13 @@ def test_bad_arguments() -> None:
     model = PointTransformerV3(3, 2, **SMALL)
     with pytest.raises(ValueError, match="in_channels=3"):
         model(PointBatch(torch.rand(10, 3), torch.rand(10, 5), torch.tensor([10])))
-    with pytest.raises(ValueError, match="grid_coord values must be < 2\\*\\*depth"):
-        PointTransformerV3(3, 2, **{**SMALL, "grid_size": 1e-6})(
+    with pytest.raises(ValueError, match="needs 24 bits per axis, more than 20; use a coarser grid_size"):
+        PointTransformerV3(3, 2, **{**SMALL, "grid_size": 1e-7})(
             PointBatch(torch.rand(10, 3), torch.rand(10, 3), torch.tensor([10])))
-
-
-@pytest.mark.parametrize("name", ["ptv3_seg", "ptv3_cls"])
-def test_hydra_config_instantiates(name: str) -> None:
-    cfg = OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
-    model = build_model(cfg, in_channels=6, num_classes=13)
-    assert isinstance(model, PointTransformerV3)
-    assert model.cls_mode == name.endswith("cls")
-    ref = ptv3_cls(6, 13) if model.cls_mode else ptv3_seg(6, 13)
-    assert _nparams(model) == _nparams(ref)
+    with pytest.raises(ValueError, match="grid_coord values must be < 2\\*\\*depth"):
+        PointTransformerV3(3, 2, **{**SMALL, "grid_size": 1e-3}, serialization_depth=4)(
+            PointBatch(torch.rand(10, 3), torch.rand(10, 3), torch.tensor([10])))
+    with pytest.raises(ValueError, match="serialization_depth must be None"):
+        PointTransformerV3(3, 2, serialization_depth=21)
+    with pytest.raises(ValueError, match="stride entries must be powers of two"):
+        PointTransformerV3(3, 2, stride=(2, 3, 2, 2))

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from pcbench.models import build_model
-from pcbench.models.minkunet import MinkUNet, minkunet14a, minkunet18a, minkunet34c
-from pcbench.models.sparse_resnet import SparseResNet, sparse_resnet14, sparse_resnet18
-from pcbench.models.spunet import SpUNet, spunet_base
+from pcbench.models.minkunet import MinkUNet
+from pcbench.models.sparse_resnet import SparseResNet
+from pcbench.models.spunet import SpUNet
 from pcbench.ops import PointBatch
 from pcbench.ops._clouds import load_modelnet_txt, load_scannet_scene, object_batch, scan_like_scene
+from tests.models._helpers import build_from_yaml
 
 SCENE = Path("scannet/scans/scene0000_00/scene0000_00_vh_clean_2.ply")
 NPY = Path("scannet/preprocessed/votenet_mmdet3d_npy")
@@ -53,7 +53,7 @@ def _unet_count(cin: int, ncls: int, stem_k: int, init: int, planes: list[int], 
 
 def test_minkunet34c_size_matches_publication() -> None:
     with torch.device("meta"):
-        m = minkunet34c(3, 20)
+        m = build_from_yaml("minkunet34c_seg", 3, 20)
     n = _n_params(m)
     # Layer-by-layer count of chrischoy/SpatioTemporalSegmentation models/res16unet.py (Res16UNet34C).
     assert n == _unet_count(3, 20, 5, 32, [32, 64, 128, 256, 256, 128, 96, 96], [2, 3, 4, 6, 2, 2, 2, 2], True)
@@ -64,7 +64,7 @@ def test_minkunet34c_size_matches_publication() -> None:
 
 def test_spunet_base_size_matches_publication() -> None:
     with torch.device("meta"):
-        m = spunet_base(6, 20)
+        m = build_from_yaml("spunet_base_seg", 6, 20)
     n = _n_params(m)
     # Layer-by-layer count of Pointcept/Pointcept pointcept/models/sparse_unet/spconv_unet_v1m1_base.py.
     assert n == _unet_count(6, 20, 5, 32, [32, 64, 128, 256, 256, 128, 96, 96], [2, 3, 4, 6, 2, 2, 2, 2], False)
@@ -77,11 +77,12 @@ def test_spunet_base_size_matches_publication() -> None:
 
 def test_variant_widths() -> None:
     with torch.device("meta"):
-        assert _n_params(minkunet14a(3, 20)) == _unet_count(
+        assert _n_params(build_from_yaml("minkunet14a_seg", 3, 20)) == _unet_count(
             3, 20, 5, 32, [32, 64, 128, 256, 128, 128, 96, 96], [1] * 8, True)
-        assert _n_params(minkunet18a(3, 20)) == _unet_count(
+        assert _n_params(build_from_yaml("minkunet18a_seg", 3, 20)) == _unet_count(
             3, 20, 5, 32, [32, 64, 128, 256, 128, 128, 96, 96], [2] * 8, True)
-        assert _n_params(sparse_resnet18(3, 40)) > _n_params(sparse_resnet14(3, 40))
+        assert _n_params(build_from_yaml("sparse_resnet_cls", 3, 40, layers=[2, 2, 2, 2])) > \
+            _n_params(build_from_yaml("sparse_resnet_cls", 3, 40))
 
 
 # --- contract on small synthetic scenes ----------------------------------------------------------------
@@ -98,7 +99,7 @@ def _scene_batch(sizes: list[int], cin: int = 3, seed: int = 0) -> tuple[PointBa
 
 
 SEG_MODELS = {
-    "minkunet14a": lambda: minkunet14a(3, 7, voxel_size=0.05),
+    "minkunet14a": lambda: build_from_yaml("minkunet14a_seg", 3, 7, voxel_size=0.05),
     "spunet_small": lambda: SpUNet(3, 7, 0.05, base_channels=8, channels=(8, 16, 16, 16, 16, 16, 8, 8),
                                    layers=(1,) * 8),
     "minkunet_small": lambda: MinkUNet(3, 7, 0.05, layers=(1, 1, 1, 1, 1, 1, 1, 1), planes=(8, 16, 16, 16, 16, 16, 8, 8),
@@ -131,7 +132,7 @@ def test_segmentation_permutation_equivariance(name: str) -> None:
 
 
 def test_points_in_one_voxel_share_logits() -> None:
-    model = minkunet14a(3, 5, voxel_size=0.05).eval()
+    model = build_from_yaml("minkunet14a_seg", 3, 5, voxel_size=0.05).eval()
     batch, _ = _scene_batch([800])
     with torch.no_grad():
         out = model(batch)
@@ -142,7 +143,7 @@ def test_points_in_one_voxel_share_logits() -> None:
 
 
 def test_forward_features_and_head_split() -> None:
-    model = minkunet14a(3, 5, voxel_size=0.05).eval()
+    model = build_from_yaml("minkunet14a_seg", 3, 5, voxel_size=0.05).eval()
     batch, _ = _scene_batch([600, 400])
     with torch.no_grad():
         feats = model.forward_features(batch)
@@ -153,7 +154,7 @@ def test_forward_features_and_head_split() -> None:
 def test_errors() -> None:
     batch, _ = _scene_batch([300], cin=4)
     with pytest.raises(ValueError, match="in_channels=3"):
-        minkunet14a(3, 5)(batch)
+        build_from_yaml("minkunet14a_seg", 3, 5)(batch)
     with pytest.raises(ValueError, match="in_channels=3"):
         SpUNet(3, 5)(batch)
     with pytest.raises(ValueError, match="voxel_size must be a positive"):
@@ -170,7 +171,7 @@ def test_errors() -> None:
 
 def test_classifier_contract_and_batch_consistency() -> None:
     torch.manual_seed(0)
-    model = sparse_resnet14(3, 10, voxel_size=0.05).eval()
+    model = build_from_yaml("sparse_resnet_cls", 3, 10, voxel_size=0.05).eval()
     coord, offset = object_batch(4, 512, seed=1)
     # A ragged batch: drop half of cloud 1 and put an empty cloud at the end.
     keep = torch.ones(coord.shape[0], dtype=torch.bool)
@@ -196,7 +197,7 @@ def test_classifier_on_real_modelnet_objects(shared_data: Path) -> None:
     coords, normals = zip(*(load_modelnet_txt(f) for f in files), strict=True)
     coord, feat = torch.cat(coords), torch.cat(normals)
     batch = PointBatch(coord, feat, torch.tensor([10000, 20000]))
-    model = sparse_resnet14(3, 40)
+    model = build_from_yaml("sparse_resnet_cls", 3, 40)
     out = model(batch)
     assert out.shape == (2, 40) and bool(torch.isfinite(out).all())
     torch.nn.functional.cross_entropy(out, torch.tensor([0, 8])).backward()
@@ -227,7 +228,7 @@ def test_real_scene_crop_forward_backward_2cm(shared_data: Path) -> None:
     torch.manual_seed(0)
     batch = _real_scene(shared_data, crop=(2.5, 2.5))
     assert 5000 < batch.num_points < 40000
-    model = minkunet14a(3, 20, voxel_size=0.02)
+    model = build_from_yaml("minkunet14a_seg", 3, 20, voxel_size=0.02)
     out = model(batch)
     assert out.shape == (batch.num_points, 20)
     assert bool(torch.isfinite(out).all())
@@ -236,7 +237,8 @@ def test_real_scene_crop_forward_backward_2cm(shared_data: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("build", [lambda: minkunet34c(3, 20), lambda: SpUNet(3, 20)], ids=["minkunet34c", "spunet"])
+@pytest.mark.parametrize("build", [lambda: build_from_yaml("minkunet34c_seg", 3, 20), lambda: SpUNet(3, 20)],
+                         ids=["minkunet34c", "spunet"])
 def test_real_scene_full_forward_backward_2cm(shared_data: Path, build) -> None:
     torch.manual_seed(0)
     batch = _real_scene(shared_data)
@@ -262,7 +264,7 @@ def test_overfit_real_scene(shared_data: Path) -> None:
     assert ncls >= 3
     batch = PointBatch(coord, color, torch.tensor([coord.shape[0]]))
     torch.manual_seed(0)
-    model = minkunet14a(3, ncls, voxel_size=0.05)
+    model = build_from_yaml("minkunet14a_seg", 3, ncls, voxel_size=0.05)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(30):
@@ -274,34 +276,8 @@ def test_overfit_real_scene(shared_data: Path) -> None:
     assert losses[-1] < 0.1 * losses[0], losses
 
 
-# --- configs ------------------------------------------------------------------------------------------
-
-CONFIGS = {
-    "minkunet14a_seg": (3, minkunet14a),
-    "minkunet18a_seg": (3, minkunet18a),
-    "minkunet34c_seg": (3, minkunet34c),
-    "spunet_base_seg": (6, spunet_base),
-    "sparse_resnet_cls": (3, sparse_resnet14),
-}
-
-
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_config_instantiates_the_published_network(name: str) -> None:
-    from omegaconf import OmegaConf  # noqa: PLC0415
-
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "model" / f"{name}.yaml")
-    cin, ref = CONFIGS[name]
-    with torch.device("meta"):  # shapes only: skips initialising ~40M parameters twice
-        model = build_model(cfg, in_channels=cin, num_classes=20)
-        want = ref(cin, 20)
-    assert type(model) is type(want)
-    # Same architecture as the named variant constructor: identical parameter shapes.
-    assert [p.shape for p in model.parameters()] == [p.shape for p in want.parameters()]
-    assert model.voxel_size == 0.02
-
-
 def test_empty_batch_in_eval_mode() -> None:
     batch = PointBatch(torch.zeros(0, 3), torch.zeros(0, 3), torch.tensor([0, 0]))
     with torch.no_grad():
         assert SEG_MODELS["minkunet_small"]().eval()(batch).shape == (0, 7)
-        assert sparse_resnet14(3, 4, 0.05).eval()(batch).shape == (2, 4)
+        assert build_from_yaml("sparse_resnet_cls", 3, 4, voxel_size=0.05).eval()(batch).shape == (2, 4)

@@ -10,7 +10,7 @@ import torch
 from scipy.spatial import cKDTree
 
 from pcbench.ops import ball_query
-from pcbench.ops._clouds import load_scannet_scene, scan_like_scene, uniform_cloud
+from pcbench.ops._clouds import load_scannet_scene, object_batch, scan_like_scene, uniform_cloud
 from pcbench.ops._reference import ball_query_reference, knn_reference
 
 # a few units in the last place: summation order of the three squared differences may differ
@@ -162,3 +162,121 @@ def test_exact_at_extreme_coordinate_scales(dtype, exponent, gen):
     torch.testing.assert_close(exact[ok], rd2[ok], rtol=1e-12, atol=0)
     want = (exact * 2.0**exponent * 2.0**exponent).to(dtype)  # inf where dist2 overflows the dtype
     torch.testing.assert_close(d2[ok], want[ok], rtol=_ULPS[dtype], atol=0)
+
+
+# --- order="index": the first max_neighbors support rows inside the ball (official PointNet++ rule) ---------
+
+
+def check_index_order(q, s, radius, max_neighbors, qo=None, so=None):
+    """Exactly the reference's rows (index order has no ties), ascending, inside, padded only at the tail."""
+    idx, d2 = ball_query(q, s, radius, max_neighbors, qo, so, order="index", return_dist2=True)
+    ref = ball_query_reference(q, s, radius, max_neighbors, qo, so, order="index")
+    assert idx.shape == (q.shape[0], max_neighbors) and idx.dtype == torch.long
+    assert torch.equal(idx, ref)
+    ok = idx >= 0
+    assert not bool((~ok[:, :-1] & ok[:, 1:]).any())
+    assert bool((idx[:, 1:] > idx[:, :-1]).logical_or(~ok[:, 1:]).all())
+    diff = q.double()[:, None, :] - s.double()[idx.clamp(min=0)]
+    exact = (diff * diff).sum(-1)
+    torch.testing.assert_close(d2[ok], exact.to(q.dtype)[ok], rtol=_ULPS[q.dtype], atol=0)
+    assert bool(torch.isinf(d2[~ok]).all())
+    # the same ball as order="distance": a capped ball keeps the same number of points either way
+    by_distance = ball_query(q, s, radius, max_neighbors, qo, so)
+    assert torch.equal(ok.sum(1), (by_distance >= 0).sum(1))
+    return idx
+
+
+def _official_kernel(q, s, radius, nsample):
+    """The rule of charlesq34/pointnet2 query_ball_point_gpu, one cloud, written as a plain loop: scan the
+    support in order, keep a point while d = max(sqrt(|q - s|^2), 1e-20) < radius (float32), stop at nsample,
+    and fill the unused slots with the first index found (0 when nothing is found)."""
+    qf, sf = q.float().numpy(), s.float().numpy()
+    out = np.zeros((len(qf), nsample), dtype=np.int64)
+    for j, c in enumerate(qf):
+        cnt = 0
+        for k, p in enumerate(sf):
+            if cnt == nsample:
+                break
+            d = max(np.sqrt(np.float32(((c - p) ** 2).sum(dtype=np.float32))), np.float32(1e-20))
+            if d < np.float32(radius):
+                if cnt == 0:
+                    out[j, :] = k
+                out[j, cnt] = k
+                cnt += 1
+    return torch.from_numpy(out)
+
+
+@pytest.mark.parametrize("radius", [0.02, 0.15, 0.4, 3.0])
+@pytest.mark.parametrize("max_neighbors", [1, 8, 40])
+def test_index_order_ragged_batch_with_empty_and_single_point_clouds(radius, max_neighbors, gen):
+    q, qo = _ragged([150, 0, 30, 1, 200, 4], gen)
+    s, so = _ragged([180, 5, 0, 1, 220, 0], gen)
+    idx = check_index_order(q, s, radius, max_neighbors, qo, so)
+    # queries of clouds without support (cloud 2 and 5) find nothing; every row stays in its own cloud
+    assert bool((idx[150:180] == -1).all()) and bool((idx[-4:] == -1).all())
+    cloud_of = torch.repeat_interleave(torch.arange(6), torch.tensor([180, 5, 0, 1, 220, 0]))
+    qcloud = torch.repeat_interleave(torch.arange(6), torch.tensor([150, 0, 30, 1, 200, 4]))
+    ok = idx >= 0
+    assert torch.equal(cloud_of[idx[ok]], qcloud[:, None].expand_as(idx)[ok])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_index_order_dtypes_and_scales(dtype, gen):
+    q, qo = _ragged([300, 100], gen, dtype=dtype)
+    s, so = _ragged([400, 50], gen, dtype=dtype)
+    check_index_order(q, s, 0.2, 16, qo, so)
+    for scale in (1e-4, 1e4):
+        base = (torch.rand(2000, 3, generator=gen, dtype=torch.float64) * scale + 5.0 * scale).to(dtype)
+        if dtype != torch.float16:
+            check_index_order(base[:700], base[300:], 0.1 * scale, 24)
+
+
+def test_index_order_duplicates_ties_and_the_strict_boundary():
+    g = torch.arange(5, dtype=torch.float32)
+    lattice = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
+    s = torch.cat([torch.full((30, 3), 1.0), lattice, torch.full((10, 3), 2.0)])
+    # radius 1.0: neighbours at distance exactly 1 are out (strict), only the duplicates of the centre count
+    idx = check_index_order(lattice, s, 1.0, 64)
+    centre = (lattice == 1.0).all(1).nonzero().item()
+    assert idx[centre, :31].tolist() == [*range(30), 30 + centre] and bool((idx[centre, 31:] == -1).all())
+    # radius 1.5: the six unit neighbours and twelve at sqrt(2) in; duplicates fill the cap first
+    idx = check_index_order(lattice, s, 1.5, 40)
+    assert idx[centre, :30].tolist() == list(range(30))
+
+
+def test_index_order_fewer_than_max_neighbors_and_queries_outside_every_ball(gen):
+    s = torch.rand(50, 3, generator=gen)
+    q = torch.cat([s[:10], torch.full((3, 3), 10.0)])  # the last three see nothing
+    idx = check_index_order(q, s, 0.3, 200)
+    assert bool((idx[-3:] == -1).all()) and int((idx[:10] >= 0).sum(1).max()) < 50
+
+
+def test_index_order_matches_the_official_kernel_after_its_padding(gen):
+    # Centres drawn from the cloud (as FPS does) always find themselves, so the kernel's fill value is defined.
+    coord, offset = object_batch(3, 700, seed=5)
+    centres = coord[torch.randperm(700, generator=gen)[:64]]
+    idx = ball_query(centres, coord[:700], 0.2, 32, order="index")
+    padded = torch.where(idx < 0, idx[:, :1], idx)
+    assert torch.equal(padded, _official_kernel(centres, coord[:700], 0.2, 32))
+    # ... and per cloud of a packed batch, with rows shifted by the cloud start
+    cidx = torch.cat([torch.arange(b * 700, b * 700 + 40) for b in range(3)])
+    got = ball_query(coord[cidx], coord, 0.3, 16, torch.tensor([40, 80, 120]), offset, order="index")
+    got = torch.where(got < 0, got[:, :1], got)
+    for b in range(3):
+        ref = _official_kernel(coord[cidx[b * 40:(b + 1) * 40]], coord[b * 700:(b + 1) * 700], 0.3, 16)
+        assert torch.equal(got[b * 40:(b + 1) * 40], ref + b * 700)
+
+
+def test_index_order_real_scannet_scene(shared_data):
+    coord, _ = load_scannet_scene(shared_data / "scannet/scans/scene0000_00/scene0000_00_vh_clean_2.ply")
+    check_index_order(coord[::400], coord, 0.1, 32)
+
+
+def test_index_order_scan_like_scene():
+    pts = scan_like_scene(20000, seed=2)
+    check_index_order(pts[::97], pts, 0.1, 32)
+
+
+def test_bad_order_raises():
+    with pytest.raises(ValueError, match="order must be one of"):
+        ball_query(torch.rand(5, 3), torch.rand(5, 3), 0.5, 4, order="nearest")
