@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["BatchNormReLUMax", "PointBatchNorm", "Repeats"]
@@ -152,6 +153,19 @@ class PointBatchNorm(nn.BatchNorm1d):
         return out.to(x.dtype) if low_precision else out
 
 
+def _max_with_index(rows: Tensor, size: int, count: int) -> tuple[Tensor, Tensor]:
+    """Max and its first index over each group of ``size`` consecutive rows of ``rows [size * count, C]``.
+
+    Same result as ``rows.view(count, size, C).max(1)``, computed by max-pooling the groups seen as a
+    channels-last ``[count, C, size, 1]`` image: that kernel vectorises over channels, about 10x faster on CPU
+    than a max with indices over the middle dimension.
+    """
+    c = rows.shape[1]
+    image = rows.view(count, size, 1, c).permute(0, 3, 1, 2)
+    values, index = F.max_pool2d(image, (size, 1), return_indices=True)
+    return values.reshape(count, c), index.reshape(count, c)
+
+
 class _PooledBNFunction(torch.autograd.Function):
     """max_k ReLU(BN(h)) per group with a hand-written backward: one dense pass over h plus a scatter at the pooled
     rows, instead of autograd's chain of BatchNorm, ReLU and max-pool backward passes over every row."""
@@ -165,11 +179,10 @@ class _PooledBNFunction(torch.autograd.Function):
         any_neg = bool(neg.any())
         pooled, arg, start = [h.new_zeros(0, h.shape[1])], [torch.zeros(0, h.shape[1], dtype=torch.long, device=h.device)], 0
         for size, count in blocks:
-            v = h[start: start + size * count].view(count, size, h.shape[1])
-            p, a = v.max(1)
+            p, a = _max_with_index(h[start: start + size * count], size, count)
             if any_neg:
-                low, a_low = v.min(1)
-                p, a = torch.where(neg, low, p), torch.where(neg, a_low, a)
+                low, a_low = _max_with_index(h[start: start + size * count].neg(), size, count)
+                p, a = torch.where(neg, low.neg_(), p), torch.where(neg, a_low, a)
             pooled.append(p)
             arg.append(a.add_((torch.arange(count, device=h.device) * size + start).unsqueeze(1)))
             start += size * count
