@@ -13,7 +13,7 @@ Design notes (mathematically the reference network, arranged for CPU speed):
 - Ball-query padding (-1) is filled with each centre's nearest neighbour (the centre itself), as the reference
   CUDA kernel pads with the first neighbour found; under max-pooling duplicates change nothing. The copies are
   never materialised: each distinct (centre, neighbour) row goes through the shared MLP once and the copies are
-  counted in the BatchNorm statistics (``layers.norm.Repeats``), which halves the MLP work on object clouds.
+  counted in the BatchNorm statistics (``layers.grouped.CompactGroups``), which halves the MLP work on object clouds.
 - Each cloud is first put in a canonical (lexicographic) order so that FPS, hence the output, does not depend
   on the input point order.
 """
@@ -32,7 +32,7 @@ from pcbench.ops.batch import offset2lengths
 from .heads import MLPHead
 from .layers import MLP, BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_max, idw_interpolate
 from .layers.checks import check_in_channels
-from .layers.norm import Repeats
+from .layers.grouped import CompactGroups
 
 __all__ = [
     "FeaturePropagation",
@@ -65,44 +65,15 @@ class _GroupBranch(nn.Module):
 
     def forward(self, xyz: Tensor, feat: Tensor, offset: Tensor, centres: Tensor, centre_offset: Tensor) -> Tensor:
         idx = ball_query(centres, xyz, self.radius, self.max_neighbors, centre_offset, offset)
-        order, neighbour, centre, blocks, repeats = _distinct_neighbour_rows(idx)
+        groups = CompactGroups.from_ball_query(idx)  # padding copies of column 0 are counted, not computed
         first = self.linears[0]
         per_point = first(torch.cat([xyz, feat], 1))  # [N, C1]
-        minus_centre = F.linear(centres, -first.weight[:, :3])  # [M, C1]; negated here, not on [V, C1] in backward
-        # [V, C1] == first([xyz_j - c, f_j]) for each distinct (centre, neighbour) pair
-        h = per_point.index_select(0, neighbour).add_(minus_centre.index_select(0, centre))
+        per_centre = F.linear(centres, -first.weight[:, :3])  # [M, C1]
+        h = groups.gather(per_point, per_centre)  # [V, C1] == first([xyz_j - c, f_j]) for each distinct pair
         for linear, norm in zip(self.linears[1:], self.norms[:-1], strict=True):
-            h = linear(norm.forward_relu(h, repeats))
-        pooled = self.norms[-1].pool(h, blocks, repeats)  # BN + ReLU + max over each centre's neighbours
-        return pooled.index_select(0, torch.argsort(order))  # back to centre order
-
-
-def _distinct_neighbour_rows(idx: Tensor) -> tuple[Tensor, Tensor, Tensor, tuple[tuple[int, int], ...], Repeats]:
-    """Packed distinct neighbours of ball-query rows ``idx [M, k]`` (-1 = padding after the found neighbours).
-
-    The reference networks pad a centre's missing neighbours with copies of its first one (column 0), which
-    gives identical feature rows all through the shared MLP; they are computed once and counted ``k - count``
-    more times (``Repeats``) in the BatchNorm statistics. Centres are ordered by neighbour count (descending) so
-    that equal-size groups are consecutive. Returns (order [M]: centre of each group, neighbour [V] and
-    centre [V]: support row and centre of each packed row, blocks: (group size, number of groups) in row
-    order, repeats).
-    """
-    m, k = idx.shape
-    valid = idx >= 0
-    count = valid.sum(1)
-    if m and not bool(valid[:, 0].all()):
-        raise ValueError("every centre needs at least one neighbour within the radius (the centres must be "
-                         "points of the support cloud, e.g. its farthest point samples)")
-    order = torch.argsort(count, descending=True, stable=True)
-    count = count[order]
-    neighbour = idx[order][valid[order]]  # row-major: each centre's neighbours consecutive, column 0 first
-    centre = torch.repeat_interleave(order, count)
-    sizes, numbers = torch.unique_consecutive(count, return_counts=True)
-    blocks = tuple(zip(sizes.tolist(), numbers.tolist(), strict=True))
-    extra = k - count
-    copied = torch.nonzero(extra).squeeze(1)
-    first_row = torch.cumsum(count, 0) - count
-    return order, neighbour, centre, blocks, Repeats(first_row[copied], extra[copied].float(), m * k)
+            h = linear(norm.forward_relu(h, groups.repeats))
+        # BN + ReLU + max over each centre's neighbours
+        return groups.to_centre_order(self.norms[-1].pool(h, groups.blocks, groups.repeats))
 
 
 class SetAbstraction(nn.Module):

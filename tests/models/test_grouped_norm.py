@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from pcbench.models.layers import BatchNormReLUMax, PointBatchNorm
+from pcbench.models.layers.grouped import CompactGroups
 from pcbench.models.layers.norm import Repeats
-from pcbench.models.pointnet2 import SetAbstraction, _distinct_neighbour_rows
+from pcbench.models.pointnet2 import SetAbstraction
 from pcbench.ops import ball_query, group_relative
 from tests.models._helpers import ragged_objects
 
@@ -86,14 +87,24 @@ def test_pooled_batchnorm_over_variable_size_groups_with_repeats() -> None:
         norm.pool(x, ((4, 2),), repeats)
 
 
-def test_distinct_neighbour_rows_describe_the_padded_ball_query() -> None:
+def test_compact_groups_describe_the_padded_ball_query() -> None:
     idx = torch.tensor([[5, 2, -1, -1], [7, 1, 3, 0], [4, -1, -1, -1], [6, 8, -1, -1]])
-    order, neighbour, centre, blocks, repeats = _distinct_neighbour_rows(idx)
-    assert order.tolist() == [1, 0, 3, 2] and blocks == ((4, 1), (2, 2), (1, 1))
-    assert neighbour.tolist() == [7, 1, 3, 0, 5, 2, 6, 8, 4] and centre.tolist() == [1, 1, 1, 1, 0, 0, 3, 3, 2]
-    assert repeats.rows.tolist() == [4, 6, 8] and repeats.extra.tolist() == [2.0, 2.0, 3.0] and repeats.total == 16
+    groups = CompactGroups.from_ball_query(idx)
+    assert groups.order.tolist() == [1, 0, 3, 2] and groups.blocks == ((4, 1), (2, 2), (1, 1))
+    assert groups.neighbour.tolist() == [7, 1, 3, 0, 5, 2, 6, 8, 4]
+    rep = groups.repeats
+    assert rep.rows.tolist() == [4, 6, 8] and rep.extra.tolist() == [2.0, 2.0, 3.0] and rep.total == 16
+    # gather: per_point[neighbour] + per_centre[centre], gradients summed back to points and centres
+    g = torch.Generator().manual_seed(0)
+    per_point = torch.randn(9, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    per_centre = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    centre = torch.tensor([1, 1, 1, 1, 0, 0, 3, 3, 2])
+    torch.testing.assert_close(groups.gather(per_point, per_centre), per_point[groups.neighbour] + per_centre[centre])
+    assert torch.autograd.gradcheck(groups.gather, (per_point, per_centre))
+    pooled = torch.arange(4.0).unsqueeze(1)  # group g -> row g
+    assert groups.to_centre_order(pooled).squeeze(1).tolist() == [1.0, 0.0, 3.0, 2.0]
     with pytest.raises(ValueError, match="at least one neighbour"):
-        _distinct_neighbour_rows(torch.tensor([[-1, -1], [1, 2]]))
+        CompactGroups.from_ball_query(torch.tensor([[-1, -1], [1, 2]]))
 
 
 def _reference_branch(branch, xyz, feat, offset, centres, centre_offset):  # noqa: ANN001, ANN202
