@@ -141,7 +141,11 @@ class NeighborEmbedding(nn.Module):
         idx, _ = knn(centres, xyz, self.k, new_offset, offset)
         idx = torch.where(idx < 0, idx[:, :1], idx)  # duplicates of the nearest: neutral under max-pool
         w1, w2 = self.linear1.weight[:, : self.in_channels], self.linear1.weight[:, self.in_channels:]
-        h = F.linear(feat, w1)[idx].add_(F.linear(feat[sel], w2 - w1).unsqueeze(1))
+        m, k = idx.shape
+        # index_select of the flat indices is several times faster on CPU than advanced indexing with [M, k];
+        # _unsafe_view keeps the in-place add off autograd's view tracking (see PointBatchNorm.forward).
+        h = torch.ops.aten._unsafe_view(F.linear(feat, w1).index_select(0, idx.view(-1)), (m, k, w1.shape[0]))
+        h = h.add_(F.linear(feat[sel], w2 - w1).unsqueeze(1))
         h = F.relu(self.bn1(h), inplace=True)
         return centres, self.bn2(self.linear2(h)), new_offset
 

@@ -19,6 +19,9 @@ Design notes (mathematically the reference network, arranged for CPU speed):
   official training shuffles the points of every cloud each batch, which makes the kept points a random subset
   of a fuller ball. ``"distance"`` keeps the nearest ``nsample`` instead (filled with the nearest, the centre
   itself) and first puts each cloud in a canonical (lexicographic) order, so the output ignores point order.
+- The padding copies are never materialised: each distinct (centre, neighbour) row goes through the shared MLP
+  once and the copies are counted in the BatchNorm statistics (``layers.grouped.CompactGroups``), which gives
+  the padded network's outputs, gradients and running statistics at about half the MLP work on object clouds.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pcbench.ops.interpolate import interpolate
 from .heads import MLPHead
 from .layers import MLP, BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_max
 from .layers.checks import model_input
+from .layers.grouped import CompactGroups
 
 __all__ = [
     "FeaturePropagation",
@@ -69,16 +73,17 @@ class _GroupBranch(nn.Module):
     def forward(self, xyz: Tensor, feat: Tensor, offset: Tensor, centres: Tensor, centre_offset: Tensor) -> Tensor:
         idx = ball_query(centres, xyz, self.radius, self.max_neighbors, centre_offset, offset,
                          order=self.ball_query_order)
-        # Fill unused slots with the first neighbour: the official kernel's layout. Centres are points of the
-        # support (FPS), so each finds itself and column 0 is never -1.
-        idx = torch.where(idx < 0, idx[:, :1], idx)
+        # Centres are points of the support (FPS), so each finds itself and column 0 is never -1; the unused
+        # slots stand for copies of column 0 (the official kernel's fill), counted rather than computed.
+        groups = CompactGroups.from_ball_query(idx)
         first = self.linears[0]
         per_point = first(torch.cat([xyz, feat], 1))  # [N, C1]
-        per_centre = F.linear(centres, first.weight[:, :3])  # [M, C1]
-        h = per_point[idx].sub_(per_centre.unsqueeze(1))  # [M, k, C1] == first([xyz_j - c, f_j])
+        per_centre = F.linear(centres, -first.weight[:, :3])  # [M, C1]
+        h = groups.gather(per_point, per_centre)  # [V, C1] == first([xyz_j - c, f_j]) for each distinct pair
         for linear, norm in zip(self.linears[1:], self.norms[:-1], strict=True):
-            h = linear(torch.relu_(norm(h)))
-        return self.norms[-1](h)  # BN + ReLU + max over the k neighbours
+            h = linear(norm.forward_relu(h, groups.repeats))
+        # BN + ReLU + max over each centre's neighbours
+        return groups.to_centre_order(self.norms[-1].pool(h, groups.blocks, groups.repeats))
 
 
 class SetAbstraction(nn.Module):
