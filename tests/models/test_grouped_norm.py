@@ -109,7 +109,8 @@ def test_compact_groups_describe_the_padded_ball_query() -> None:
 
 def _reference_branch(branch, xyz, feat, offset, centres, centre_offset):  # noqa: ANN001, ANN202
     """Grouped reference: [xyz_j - c, f_j] of all k (padding = copies of the first), MLP + BatchNorm1d, max."""
-    idx = ball_query(centres, xyz, branch.radius, branch.max_neighbors, centre_offset, offset)
+    idx = ball_query(centres, xyz, branch.radius, branch.max_neighbors, centre_offset, offset,
+                     order=branch.ball_query_order)
     idx = torch.where(idx < 0, idx[:, :1], idx)
     h = group_relative(centres, xyz, idx, feat)  # [M, k, 3 + C]
     for linear, norm in zip(branch.linears, branch.norms, strict=True):
@@ -118,12 +119,13 @@ def _reference_branch(branch, xyz, feat, offset, centres, centre_offset):  # noq
     return h.amax(1)
 
 
-def test_set_abstraction_training_step_equals_the_grouped_reference() -> None:
+@pytest.mark.parametrize("order", ["index", "distance"])
+def test_set_abstraction_training_step_equals_the_grouped_reference(order: str) -> None:
     # Ragged clouds and small radii: many centres with padded balls, several group sizes.
     batch = ragged_objects([150, 90], in_channels=4)
     torch.manual_seed(0)
     sa = SetAbstraction(4, radii=[0.2, 0.5], max_neighbors=[8, 24], widths=[[16, 16, 32], [16, 24]],
-                        num_samples=48).double().train()
+                        num_samples=48, ball_query_order=order).double().train()
     for m in sa.modules():
         if isinstance(m, torch.nn.BatchNorm1d):
             m.weight.data = torch.randn(m.num_features, dtype=torch.float64)
