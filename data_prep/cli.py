@@ -3,19 +3,22 @@
 Usage::
 
     pcbench-prep <dataset> raw=<raw folder> out=<output folder> [key=value ...] [--workers N]
-    pcbench-prep <dataset> --check raw=<raw folder> [key=value ...]   # inspect only, writes nothing
-    pcbench-prep <dataset> --verify out=<output folder>              # re-hash a prepared folder
+    pcbench-prep <dataset> --check raw=<raw folder> [key=value ...]   # validate every input, writes nothing
+    pcbench-prep <dataset> --verify out=<output folder> [raw=<raw>]  # re-hash outputs and inputs
     pcbench-prep <dataset> --help                                     # every option of that dataset
     pcbench-prep <dataset> raw=synthetic out=<folder>                 # generated quickstart data
 
-Exit status: 0 success, 1 some samples failed (the others are written), 2 unusable arguments or inputs.
+Exit status: 0 success, 1 some samples failed (the others are written), 2 unusable arguments or inputs,
+130 interrupted (Ctrl-C; finished units are kept, the same command resumes).
 Each preparer module follows the contract in :mod:`data_prep.common`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import json
 import os
 import sys
 import textwrap
@@ -24,7 +27,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .common import PrepError, parse_options, read_manifest, verify_outputs
+from .common import PrepError, parse_options, read_manifest, verify_inputs, verify_outputs
 
 #: dataset name -> (preparer module, options fixed by the dataset name and hidden from --help)
 DATASETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -79,9 +82,14 @@ def dataset_help(dataset: str) -> str:
         lines += ["      " + t for t in textwrap.wrap(opt.help, 92)]
     lines += ["", "flags:",
               "  --workers N  processes for the conversion (default: all cores); 1 = in-process, easiest to debug",
-              "  --check      inspect raw= and list what is missing or malformed; writes nothing",
-              "  --verify     re-hash every file of out= against its manifest.json",
-              "", "exit status: 0 ok, 1 some samples failed (others written, see manifest.json), 2 bad arguments/inputs"]
+              "  --check      validate raw= as preparation would (every sample is read and converted, with the same",
+              "               options, e.g. allow_missing); list every problem; writes nothing",
+              "  --verify     re-hash every output of out= and every input (in raw=, default: the raw folder recorded",
+              "               in manifest.json) against manifest.json: catches shards changed after preparation and",
+              "               inputs edited since, even with their modification time restored (preparation itself",
+              "               re-hashes an input whenever its size, mtime, ctime or inode changed)",
+              "", "exit status: 0 ok, 1 some samples failed (others written, see manifest.json), 2 bad arguments/inputs,",
+              "             130 interrupted (finished units are kept; run the same command again to resume)"]
     return "\n".join(lines)
 
 
@@ -94,6 +102,33 @@ def _split_kv(pairs: Sequence[str]) -> dict[str, str]:
         k, v = p.split("=", 1)
         out[k.strip()] = v
     return out
+
+
+def _print(*args: Any, **kwargs: Any) -> None:
+    """print() that survives a closed pipe (``pcbench-prep ... | head``): the rest of the output is dropped."""
+    try:
+        print(*args, **kwargs, flush=True)  # a closed pipe shows here, not in the interpreter's final flush
+    except BrokenPipeError:
+        # the reader is gone; point stdout at /dev/null so that the interpreter's final flush cannot fail again
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+
+
+def _verify(out: str, raw: str | None) -> int:
+    manifest = read_manifest(out)
+    problems = verify_outputs(out, manifest)
+    raw_dir = raw or manifest.get("raw")
+    checked_inputs = bool(raw_dir) and Path(raw_dir).expanduser().is_dir()
+    if checked_inputs:
+        problems += verify_inputs(Path(raw_dir).expanduser(), manifest, out)
+    for p in problems:
+        _print(p)
+    what = "every output" + (f" and every input (in {raw_dir})" if checked_inputs else "")
+    _print(f"{out}: {f'OK, {what} matches manifest.json' if not problems else f'{len(problems)} problems'}")
+    if not checked_inputs:
+        _print(f"{out}: inputs not checked: raw folder {raw_dir or '(not recorded)'} not found; give raw=<folder>")
+    return 1 if problems else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -115,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0 if args.help else 2
         if args.help:
-            print(dataset_help(args.dataset))
+            _print(dataset_help(args.dataset))
             return 0
         mod, fixed = load_preparer(args.dataset)
         kv = _split_kv(args.pairs)
@@ -129,11 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verify:
             if out is None:
                 raise PrepError("--verify needs out=<prepared folder>", None, "out", "add out=...")
-            problems = verify_outputs(out, read_manifest(out))
-            for p in problems:
-                print(p)
-            print(f"{out}: {'OK, every output matches manifest.json' if not problems else f'{len(problems)} problems'}")
-            return 1 if problems else 0
+            return _verify(out, raw)
         if raw is None:
             raise PrepError("raw=<folder with the official files> is required", None, "raw",
                             f"see `pcbench-prep {args.dataset} --help`")
@@ -141,26 +172,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             if out is None:
                 raise PrepError("raw=synthetic needs out=<folder>", None, "out", "add out=<folder>")
             raw_path = _synthetic_raw(args.dataset, Path(out).expanduser() / "synthetic_raw")
-            print(f"wrote synthetic {args.dataset} raw files to {raw_path}")
+            _print(f"wrote synthetic {args.dataset} raw files to {raw_path}")
         else:
             raw_path = Path(raw).expanduser()
-        if args.check:
-            problems = mod.check(raw_path, options)
-            for p in problems:
-                print(p)
-            print(f"{raw_path}: " + ("ready to prepare" if not problems else f"{len(problems)} problems found"))
-            return 1 if problems else 0
-        if out is None:
-            raise PrepError("out=<output folder> is required", None, "out", "add out=<folder for the prepared files>")
         workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
         if workers < 1:
             raise PrepError(f"--workers must be >= 1, got {workers}", None, "--workers", "use --workers 1 or more")
+        if args.check:
+            problems = mod.check(raw_path, options, workers=workers)
+            for p in problems:
+                _print(p)
+            _print(f"{raw_path}: " + ("ready to prepare" if not problems else f"{len(problems)} problems found"))
+            return 1 if problems else 0
+        if out is None:
+            raise PrepError("out=<output folder> is required", None, "out", "add out=<folder for the prepared files>")
         report = mod.prepare(raw_path, Path(out).expanduser(), options, workers)
-        print(report.summary())
+        _print(report.summary())
         return 0 if report.ok else 1
     except PrepError as err:
-        print(f"pcbench-prep: error: {err}", file=sys.stderr)
+        _eprint(f"pcbench-prep: error: {err}")
         return 2
+    except KeyboardInterrupt:
+        _eprint("pcbench-prep: interrupted: finished units are kept; run the same command again to resume")
+        return 130
+    except (OSError, json.JSONDecodeError) as err:  # an input or output problem no reader above named
+        where = getattr(err, "filename", None)
+        _eprint(f"pcbench-prep: error: {where + ': ' if where else ''}{getattr(err, 'strerror', None) or err}. "
+                "Fix: check that path and its permissions")
+        return 2
+
+
+def _eprint(line: str) -> None:
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

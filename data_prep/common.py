@@ -1,44 +1,52 @@
-"""Shared machinery of the dataset preparers: errors, hashing, atomic writes, manifests, ragged HDF5
-shards, a fault-tolerant parallel map and skip-if-done bookkeeping.
+"""Shared machinery of the dataset preparers: errors, input reading and hashing, atomic writes, the
+output-folder guard, a fault-tolerant parallel map and skip-if-done bookkeeping.
+
+The prepared-data format itself (manifest schema, ragged HDF5 reader and writer, format version) lives
+in :mod:`pcbench.data.format`; it is re-exported here for the preparers.
 
 Preparer contract (every module ``data_prep.<dataset>`` that ``pcbench-prep <dataset>`` dispatches to)
 ------------------------------------------------------------------------------------------------------
 ``OPTIONS: dict[str, Option]``
     Every ``key=value`` option the preparer accepts, with default, type, choices and a help line;
     ``pcbench-prep <dataset> --help`` prints them. Values arrive already parsed by :func:`parse_options`.
-``check(raw: Path, options: dict) -> list[str]``
-    Inspect the raw folder without writing anything; return one human-readable line per missing or
-    malformed input (each names the file, the field and the fix). ``[]`` means ready to prepare.
+``check(raw: Path, options: dict, workers: int = 1, progress: bool | None = None) -> list[str]``
+    Validate the raw folder as :func:`prepare` would (every sample is read and converted, nothing is
+    written), honouring the same options (e.g. ``allow_missing``); return one human-readable line per
+    problem that would make preparation fail a sample or refuse to start (each names the file, the
+    field and the fix). ``[]`` means ready to prepare. Shows a progress bar like ``prepare``.
 ``prepare(raw: Path, out: Path, options: dict, workers: int) -> Report``
     Convert raw official files into ``out``: HDF5 shards written with :func:`write_ragged_h5` (through
     :func:`atomic_write`) plus ``manifest.json`` written with :func:`write_manifest`. Must be
     idempotent and resumable: units of work (e.g. one shard) are skipped when :class:`DoneLog` says
     their inputs, options and outputs are unchanged. One bad sample never loses the others: record it in
-    ``Report.failed`` and go on; the CLI exits non-zero when ``Report.failed`` is not empty.
-    Take ``with PrepLock(out):`` around the work so that two runs never write one folder.
+    ``Report.failed`` and go on (an unreadable input fails only its own sample; with ``allow_missing``
+    it goes to ``Report.missing``); the CLI exits non-zero when ``Report.failed`` is not empty.
+    Do the work inside ``with OutputFolder(out, dataset, command) as folder:`` (lock, ownership,
+    manifest invalidation, never-worse-on-failure, see :class:`OutputFolder`).
     Typical body (see ``data_prep/modelnet.py``): build a list of :class:`ShardJob` (key, split, output
     shard path, raw input paths, payload), write a module-level ``process(job, raw, options) ->
     ShardResult``, call :func:`run_shard_jobs` (parallel, skip-if-done, failures into the Report), then
-    assemble the manifest from the returned records and :func:`write_manifest` it.
+    assemble the manifest from the returned records and :meth:`OutputFolder.commit` it.
     Option values are typed by :func:`parse_options`; the CLI may fix some per dataset name
     (``data_prep.cli.DATASETS``: e.g. modelnet10 = modelnet with num_classes=10).
 
 Prepared layout
 ---------------
-``out/manifest.json`` (see :func:`write_manifest` for the required keys) and HDF5 shards in the ragged
-format of :func:`write_ragged_h5`, read back lazily with :class:`RaggedH5Reader`. Bookkeeping lives in
+``out/manifest.json`` (see :mod:`pcbench.data.format`) and HDF5 shards in the ragged format of
+:func:`write_ragged_h5`, read back lazily with :class:`RaggedH5Reader`. Bookkeeping lives in
 ``out/.done/`` (one JSON record per finished unit of work) and may be deleted to force a full rebuild.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import stat
 import sys
 import tempfile
-import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -47,12 +55,28 @@ from typing import Any
 
 import numpy as np
 
+from pcbench.data.format import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    REQUIRED_MANIFEST_KEYS,
+    STATUS_COMPLETE,
+    PrepError,
+    RaggedH5Reader,
+    incomplete_manifest,
+    manifest_body,
+    read_manifest,
+    write_ragged_h5,
+)
+from pcbench.data.format import json_default as _json_default
+
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "REQUIRED_MANIFEST_KEYS",
     "DoneLog",
+    "InputUnreadable",
     "Option",
+    "OutputFolder",
     "PrepError",
     "PrepLock",
     "RaggedH5Reader",
@@ -61,50 +85,127 @@ __all__ = [
     "ShardResult",
     "atomic_write",
     "atomic_write_text",
+    "check_shard_jobs",
     "clean_stale_temps",
+    "done_record",
     "hash_files",
+    "input_key",
+    "input_path",
+    "input_problem",
     "parallel_map",
     "parse_options",
     "prep_command",
-    "done_record",
+    "read_input",
     "read_manifest",
-    "remove_stale_shards",
+    "read_text_input",
+    "require_folder",
     "run_shard_job",
     "run_shard_jobs",
     "sha256_bytes",
     "sha256_file",
+    "verify_inputs",
     "verify_outputs",
     "write_manifest",
     "write_ragged_h5",
 ]
 
-#: Version of the prepared on-disk layout (manifest + ragged shards). Bump on incompatible changes.
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 TEMP_PREFIX = ".pcbench-tmp-"
 DONE_DIR = ".done"
 
 
-class PrepError(Exception):
-    """A preparation problem with the file, the field and the fix spelled out.
+class InputUnreadable(PrepError):
+    """A raw input that exists (or is listed) but cannot be read: permission denied, a broken symbolic
+    link, a symbolic link loop, a folder where a file should be. Fails only its own sample; with
+    ``allow_missing=true`` the sample is skipped and listed in ``Report.missing``."""
 
-    ``str(err)`` reads ``<path>: <field>: <message>. Fix: <fix>`` (parts omitted when not given).
-    """
 
-    def __init__(self, message: str, path: str | os.PathLike | None = None, field: str | None = None,
-                 fix: str | None = None) -> None:
-        self.message = message
-        self.path = None if path is None else str(path)
-        self.field = field
-        self.fix = fix
-        parts = [p for p in (self.path, field) if p]
-        text = ": ".join([*parts, message])
-        if fix:
-            text += f". Fix: {fix}"
-        super().__init__(text)
+# ------------------------------------------------------------------------------------ reading inputs
+def _reason(err: OSError, path: Path) -> str:
+    if err.errno == errno.ELOOP:
+        return "symbolic link loop"
+    if isinstance(err, FileNotFoundError):
+        if os.path.islink(path):
+            with contextlib.suppress(OSError):
+                return f"broken symbolic link (to {os.readlink(path)!r})"
+        return "not found"
+    if isinstance(err, IsADirectoryError):
+        return "is a folder, not a file"
+    return (err.strerror or str(err)).lower()
 
-    def __reduce__(self):  # keep the structured fields across process boundaries
-        return (PrepError, (self.message, self.path, self.field, self.fix))
+
+def input_problem(path: str | os.PathLike) -> str | None:
+    """None when ``path`` is a regular file (by ``stat``), else why not: "not found", "broken symbolic
+    link (to ...)", "symbolic link loop", "is a folder, not a file", "permission denied", ..."""
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except OSError as err:
+        return _reason(err, p)
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder, not a file"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    return None
+
+
+def _unreadable_fix(path: Path) -> str:
+    return (f"check it with `ls -lL {path}` and restore the file, its link target or its read permission; "
+            "or prepare with allow_missing=true to skip it")
+
+
+def read_input(path: str | os.PathLike) -> bytes:
+    """The bytes of a raw input file; InputUnreadable naming the file and the reason when it cannot be read."""
+    p = Path(path)
+    try:
+        return p.read_bytes()
+    except OSError as err:
+        raise InputUnreadable(f"cannot read ({_reason(err, p)})", p, None, _unreadable_fix(p)) from None
+
+
+def read_text_input(path: str | os.PathLike, what: str, fix: str) -> str:
+    """A UTF-8 text input (split list, label table, class names); PrepError naming the file, the bad
+    byte's offset or the read error, and ``fix``."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as err:
+        raise PrepError(f"cannot read the {what} ({_reason(err, p)})", p, None, fix) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise PrepError(f"the {what} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}, "
+                        f"line {line})", p, None, fix) from None
+
+
+def require_folder(path: str | os.PathLike, fix: str) -> Path:
+    """``path`` if it is a readable folder; PrepError saying whether it is absent, a file or unreadable."""
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except OSError as err:
+        msg = "folder not found" if isinstance(err, FileNotFoundError) and not os.path.islink(p) else \
+            f"folder unreadable ({_reason(err, p)})"
+        raise PrepError(msg, p, "raw", fix) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise PrepError("is a file, not a folder", p, "raw", fix)
+    try:
+        with os.scandir(p):
+            pass
+    except OSError as err:
+        raise PrepError(f"folder unreadable ({_reason(err, p)})", p, "raw", fix) from None
+    return p
+
+
+def input_key(path: str | os.PathLike, raw: str | os.PathLike) -> str:
+    """Manifest key of an input: its path relative to raw (symlinks not resolved) or ``external:<abs path>``."""
+    p, r = Path(os.path.abspath(path)), Path(os.path.abspath(raw))
+    return p.relative_to(r).as_posix() if p.is_relative_to(r) else f"external:{p}"
+
+
+def input_path(key: str, raw: str | os.PathLike) -> Path:
+    """The file an :func:`input_key` names."""
+    return Path(key.removeprefix("external:")) if key.startswith("external:") else Path(raw) / key
 
 
 # --------------------------------------------------------------------------------------------- hashing
@@ -122,22 +223,38 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+#: stat fields that must all be unchanged for a cached hash to be reused. ctime_ns cannot be set by a
+#: user (os.utime restores mtime but moves ctime to now), so an input edited in place with its
+#: modification time restored is hashed again; ino catches a file replaced by another one.
+_STAT_KEYS = ("size", "mtime_ns", "ctime_ns", "ino")
+
+
+def _stat_entry(st: os.stat_result) -> dict[str, int]:
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
+
+
 def hash_files(paths: Iterable[Path], root: Path, cache: Mapping[str, Mapping[str, Any]] | None = None
                ) -> dict[str, dict[str, Any]]:
-    """``{relpath: {"sha256", "size", "mtime_ns"}}`` for ``paths`` (relative to ``root``).
+    """``{relpath: {"sha256", "size", "mtime_ns", "ctime_ns", "ino"}}`` for ``paths`` (relative to ``root``).
 
-    A ``cache`` entry (from an earlier call) is reused without reading the file when size and mtime_ns
-    are unchanged, so re-running over thousands of unchanged inputs costs one ``stat`` each.
+    A ``cache`` entry (from an earlier call) is reused without reading the file when size, mtime,
+    ctime and inode are all unchanged, so re-running over thousands of unchanged inputs costs one
+    ``stat`` each. A file that cannot be read gets ``{"sha256": None, "error": reason}`` instead of
+    raising: the unit goes on, and the sample that needs the file fails (or is skipped) by itself.
     """
     out: dict[str, dict[str, Any]] = {}
     for p in paths:
-        rel = Path(p).relative_to(root).as_posix()
-        st = os.stat(p)
-        old = (cache or {}).get(rel)
-        if old and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns:
-            out[rel] = dict(old)
-        else:
-            out[rel] = {"sha256": sha256_file(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        p = Path(p)
+        rel = p.relative_to(root).as_posix()
+        try:
+            entry = _stat_entry(os.stat(p))
+            old = (cache or {}).get(rel)
+            if old and old.get("sha256") and all(old.get(k) == entry[k] for k in _STAT_KEYS):
+                out[rel] = dict(old)
+            else:
+                out[rel] = {"sha256": sha256_file(p), **entry}
+        except OSError as err:
+            out[rel] = {"sha256": None, "error": _reason(err, p)}
     return out
 
 
@@ -206,8 +323,12 @@ class PrepLock:
     def __enter__(self) -> PrepLock:
         import fcntl  # noqa: PLC0415 - POSIX only; imported where used
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise PrepError(f"cannot write here ({_reason(err, self.path)})", self.path.parent, "out",
+                            "choose an out= folder you can write to, or fix its permissions") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -223,8 +344,6 @@ class PrepLock:
         if self._fd is not None:
             os.close(self._fd)  # closing releases the flock
             self._fd = None
-
-
 # ------------------------------------------------------------------------------------------- options
 @dataclass(frozen=True)
 class Option:
@@ -294,7 +413,8 @@ def prep_command(dataset: str, raw: str | os.PathLike, out: str | os.PathLike, o
 # ------------------------------------------------------------------------------------------- reports
 @dataclass
 class Report:
-    """Outcome of one ``prepare`` call; ``failed`` holds ``(sample or unit, message)`` pairs."""
+    """Outcome of one ``prepare`` call; ``failed`` holds ``(sample or unit, message)`` pairs, ``missing``
+    the inputs skipped under ``allow_missing=true`` (absent, or unreadable with the reason)."""
 
     dataset: str
     out: str
@@ -318,7 +438,7 @@ class Report:
             f"({self.done} units prepared, {self.skipped} already done and skipped)"
         ]
         if self.missing:
-            lines.append(f"  skipped {len(self.missing)} listed but absent inputs (allow_missing=true), "
+            lines.append(f"  skipped {len(self.missing)} listed but absent or unreadable inputs (allow_missing=true), "
                          f"e.g. {', '.join(self.missing[:5])}")
         lines += [f"  warning: {w}" for w in self.warnings[:20]]
         if self.failed:
@@ -334,60 +454,20 @@ class Report:
 
 
 # ------------------------------------------------------------------------------------------ manifest
-#: Keys every manifest must carry (write_manifest refuses to write without them).
-REQUIRED_MANIFEST_KEYS = (
-    "dataset",  # e.g. "modelnet40"
-    "preparer_version",  # version string of the preparer module
-    "command",  # the pcbench-prep command that re-creates this folder
-    "options",  # parsed options
-    "classes",  # class names, index = label
-    "splits",  # {split: {"files": [shard relpaths], "num_samples": int}}
-    "inputs",  # {raw relpath: sha256}
-    "outputs",  # {out relpath: sha256}
-    "label_stats",  # {split: {class name: count}}
-    "validation",  # Report.to_dict() of the run that wrote the manifest
-)
-
-
 def write_manifest(out_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> Path:
-    """Write ``out_dir/manifest.json`` atomically, adding ``format_version`` and ``created_utc``."""
-    missing = [k for k in REQUIRED_MANIFEST_KEYS if k not in manifest]
-    if missing:
-        raise ValueError(f"manifest is missing keys {missing}; every preparer must fill {list(REQUIRED_MANIFEST_KEYS)}")
-    body = {"format_version": FORMAT_VERSION, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **manifest}
+    """Write a complete ``out_dir/manifest.json`` atomically (adds ``format_version``, ``status``, ``created_utc``)."""
+    body = manifest_body(manifest)
     path = Path(out_dir) / MANIFEST_NAME
     atomic_write_text(path, json.dumps(body, indent=1, sort_keys=False, default=_json_default) + "\n")
     return path
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Load ``out_dir/manifest.json``; PrepError (with the command to re-prepare) on absence or a format mismatch."""
-    path = Path(out_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise PrepError("no prepared dataset here (manifest.json missing)", path, None,
-                        "prepare it first: pcbench-prep <dataset> raw=<raw folder> out=" + str(Path(out_dir)))
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PrepError(f"unreadable JSON ({err})", path, None, "delete the folder and prepare it again") from None
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        cmd = manifest.get("command") or f"pcbench-prep {manifest.get('dataset', '<dataset>')} raw=<raw> out={out_dir}"
-        raise PrepError(
-            f"prepared with format_version {version!r}, this pcbench reads version {FORMAT_VERSION}", path,
-            "format_version", f"re-prepare with: {cmd}")
-    return manifest
+def _manifest_map(manifest: Mapping[str, Any], key: str, path: Path) -> Mapping[str, str]:
+    value = manifest.get(key)
+    if not isinstance(value, Mapping):
+        raise PrepError(f"manifest.json has no {key!r} table ({type(value).__name__} found)", path / MANIFEST_NAME,
+                        key, f"re-prepare with: {manifest.get('command') or 'the pcbench-prep command that made it'}")
+    return value
 
 
 def verify_outputs(out_dir: str | os.PathLike, manifest: Mapping[str, Any] | None = None) -> list[str]:
@@ -395,7 +475,7 @@ def verify_outputs(out_dir: str | os.PathLike, manifest: Mapping[str, Any] | Non
     root = Path(out_dir)
     manifest = manifest if manifest is not None else read_manifest(root)
     problems = []
-    for rel, digest in manifest["outputs"].items():
+    for rel, digest in _manifest_map(manifest, "outputs", root).items():
         p = root / rel
         if not p.is_file():
             problems.append(f"{p}: missing")
@@ -404,156 +484,27 @@ def verify_outputs(out_dir: str | os.PathLike, manifest: Mapping[str, Any] | Non
     return problems
 
 
-# --------------------------------------------------------------------------------- ragged HDF5 store
-def write_ragged_h5(path: str | os.PathLike, samples: Sequence[Mapping[str, np.ndarray]], names: Sequence[str],
-                    attrs: Mapping[str, Any] | None = None) -> None:
-    """Write samples with per-sample varying lengths into one HDF5 file (call it inside :func:`atomic_write`).
+def verify_inputs(raw: str | os.PathLike, manifest: Mapping[str, Any], out_dir: str | os.PathLike = ".") -> list[str]:
+    """Re-hash every raw input listed in ``manifest['inputs']`` (no stat cache); returns the problems.
 
-    Every sample has the same keys. For a key whose values have ``ndim >= 1`` the arrays are
-    concatenated along axis 0 into dataset ``<key>`` and ``<key>__offset`` [S+1] int64 holds the start
-    rows (sample i owns rows ``offset[i]:offset[i+1]``); trailing shapes and dtypes must agree across
-    samples. A 0-d value (e.g. a class label) is stacked into dataset ``<key>`` [S]. ``names`` [S]
-    (UTF-8) identifies the samples; ``attrs`` go to the file's attributes (JSON-encoded).
+    Catches inputs changed after preparation, including edits whose modification time was restored.
     """
-    import h5py  # noqa: PLC0415 - keep module import light
-
-    if len(samples) != len(names):
-        raise ValueError(f"names has {len(names)} entries but samples has {len(samples)}; give one name per sample")
-    keys = list(samples[0].keys()) if samples else []
-    for i, s in enumerate(samples):
-        if list(s.keys()) != keys:
-            raise ValueError(f"sample {i} ({names[i]}) has keys {list(s.keys())}, expected {keys}")
-    with h5py.File(path, "w") as f:
-        f.attrs["pcbench_ragged_version"] = 1
-        f.attrs["keys"] = json.dumps(keys)
-        for k, v in (attrs or {}).items():
-            f.attrs[k] = json.dumps(v, default=_json_default)
-        f.create_dataset("names", data=np.array(list(names), dtype=object), dtype=h5py.string_dtype())
-        for key in keys:
-            arrs = [np.asarray(s[key]) for s in samples]
-            a0 = arrs[0]
-            for i, a in enumerate(arrs):
-                if a.ndim != a0.ndim or a.shape[1:] != a0.shape[1:] or a.dtype != a0.dtype:
-                    raise ValueError(
-                        f"sample {i} ({names[i]}) key {key!r}: shape {a.shape} dtype {a.dtype} does not match "
-                        f"sample 0 shape {a0.shape} dtype {a0.dtype}; give every sample the same trailing shape and dtype")
-            if a0.ndim == 0:
-                f.create_dataset(key, data=np.stack(arrs))
-            else:
-                lengths = np.array([a.shape[0] for a in arrs], dtype=np.int64)
-                offset = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-                f.create_dataset(key, data=np.concatenate(arrs, axis=0))
-                f.create_dataset(f"{key}__offset", data=offset)
-
-
-class RaggedH5Reader:
-    """Random access to the samples of one :func:`write_ragged_h5` file without loading it.
-
-    Offsets and names are read once (small); sample arrays are sliced from the file on demand. The
-    HDF5 handle is opened lazily and re-opened after a fork (it is keyed by process id), and pickling
-    drops it, so one reader can be shared with DataLoader workers.
-    """
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self._meta: tuple[list[str], dict[str, np.ndarray | None], list[str], dict[str, Any]] | None = None
-        self._h5: Any = None
-        self._dsets: dict[str, Any] = {}
-        self._pid: int | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_h5"] = None
-        state["_dsets"] = {}
-        state["_pid"] = None
-        return state
-
-    def _file(self) -> Any:
-        if self._h5 is None or self._pid != os.getpid():
-            import h5py  # noqa: PLC0415
-
-            if not self.path.is_file():
-                raise PrepError("prepared shard not found", self.path, None,
-                                "re-run the pcbench-prep command recorded in manifest.json")
-            # an inherited handle from the parent must not be used (HDF5 state is per process)
-            self._h5 = h5py.File(self.path, "r")
-            self._dsets = {}
-            self._pid = os.getpid()
-        return self._h5
-
-    def _dset(self, key: str) -> Any:
-        # h5py's name lookup costs ~0.1 ms; per-sample reads of several keys add up, so keep the handles
-        f = self._file()
-        d = self._dsets.get(key)
-        if d is None:
-            d = self._dsets[key] = f[key]
-        return d
-
-    def _load_meta(self):
-        if self._meta is None:
-            f = self._file()
-            if "pcbench_ragged_version" not in f.attrs:
-                raise PrepError("not a pcbench ragged shard (attribute pcbench_ragged_version missing)", self.path,
-                                None, "re-prepare the dataset with pcbench-prep")
-            keys = json.loads(f.attrs["keys"])
-            offsets = {k: (f[f"{k}__offset"][()] if f"{k}__offset" in f else None) for k in keys}
-            names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["names"][()]]
-            attrs = {k: json.loads(v) for k, v in f.attrs.items() if k not in ("keys", "pcbench_ragged_version")}
-            self._meta = (keys, offsets, names, attrs)
-        return self._meta
-
-    def close(self) -> None:
-        """Close the HDF5 handle of this process (it is re-opened on the next access)."""
-        if self._h5 is not None and self._pid == os.getpid():
-            self._h5.close()
-        self._h5 = None
-        self._dsets = {}
-
-    def __len__(self) -> int:
-        return len(self._load_meta()[2])
-
-    @property
-    def keys(self) -> list[str]:
-        """Per-sample keys stored in the file."""
-        return list(self._load_meta()[0])
-
-    @property
-    def names(self) -> list[str]:
-        """Sample names, in storage order."""
-        return list(self._load_meta()[2])
-
-    @property
-    def attrs(self) -> dict[str, Any]:
-        """File attributes given to :func:`write_ragged_h5`."""
-        return dict(self._load_meta()[3])
-
-    def lengths(self, key: str) -> np.ndarray:
-        """Rows per sample [S] of a ragged key."""
-        off = self._load_meta()[1][key]
-        if off is None:
-            raise ValueError(f"key {key!r} holds one value per sample, it has no lengths")
-        return np.diff(off)
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        return self.get(i)
-
-    def get(self, i: int, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Sample ``i`` as ``{key: array}`` (0-d arrays for per-sample scalars); ``keys`` limits the read."""
-        all_keys, offsets, names, _ = self._load_meta()
-        n = len(names)
-        if not -n <= i < n:
-            raise IndexError(f"sample index {i} out of range for {n} samples in {self.path}")
-        i %= n
-        out = {}
-        for k in keys if keys is not None else all_keys:
-            off = offsets[k]
-            d = self._dset(k)
-            out[k] = np.asarray(d[i] if off is None else d[int(off[i]):int(off[i + 1])])
-        return out
-
-    def name(self, i: int) -> str:
-        """Name of sample ``i`` (no copy of the name list)."""
-        return self._load_meta()[2][i]
+    problems = []
+    for key, digest in _manifest_map(manifest, "inputs", Path(out_dir)).items():
+        p = input_path(key, raw)
+        why = input_problem(p)
+        if why is not None:
+            problems.append(f"{p}: input {why}")
+            continue
+        try:
+            now = sha256_file(p)
+        except OSError as err:
+            problems.append(f"{p}: input unreadable ({_reason(err, p)})")
+            continue
+        if now != digest:
+            problems.append(f"{p}: input changed since preparation (sha256 differs from manifest.json); "
+                            "re-run the preparation to use it")
+    return problems
 
 
 # ------------------------------------------------------------------------------------- parallel map
@@ -578,12 +529,31 @@ def _worker_init() -> None:
     # one thread per worker (the pool already uses every core); torch reads this when (if) it is imported,
     # so workers that never touch torch do not pay its import
     os.environ["OMP_NUM_THREADS"] = "1"
+    import signal  # noqa: PLC0415
+
+    # Ctrl-C reaches the whole process group; the parent alone decides (it stops the pool at once),
+    # so a worker must not turn it into a failed item and go on with the next one
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):  # die with the parent: a killed run must not leave writers behind
         with contextlib.suppress(Exception):
             import ctypes  # noqa: PLC0415
-            import signal  # noqa: PLC0415
 
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _stop_pool(pool: Any) -> None:
+    """Cancel every queued item and end the worker processes now (Ctrl-C, or the consumer stopped)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())  # public API only from Python 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.terminate()
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
 
 
 def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int = 1, desc: str = "",
@@ -594,6 +564,8 @@ def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int = 
     process pool is used (``fn`` must be a module-level function; the allocator settings from
     DESIGN.md are set for the workers). An exception in one item is returned for that item and the
     others go on; if a worker process dies hard, the items still pending are returned with the error.
+    Ctrl-C (KeyboardInterrupt), or the consumer closing the generator, cancels the queued items and
+    terminates the workers at once (their unfinished atomic writes leave only temporary files).
     A tqdm bar on stderr shows progress (``progress=None``: only when stderr is a terminal).
     """
     from tqdm import tqdm  # noqa: PLC0415
@@ -620,8 +592,9 @@ def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int = 
             os.environ.setdefault(k, v)
         os.environ["OMP_NUM_THREADS"] = "1"
         try:
-            with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=mp.get_context("spawn"),
-                                     initializer=_worker_init) as pool:
+            pool = ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=mp.get_context("spawn"),
+                                       initializer=_worker_init)
+            try:
                 futs = {pool.submit(_call, fn, it): it for it in items}
                 pending = set(futs)
                 while pending:
@@ -635,6 +608,10 @@ def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int = 
                                               "re-run to resume (finished work is kept)")
                         bar.update(1)
                         yield it, res
+            except BaseException:
+                _stop_pool(pool)
+                raise
+            pool.shutdown(wait=True)
         finally:
             for k, v in env_keep.items():
                 if v is None:
@@ -667,8 +644,19 @@ class DoneLog:
         p = self._record_path(unit)
         try:
             return json.loads(p.read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
             return None
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every readable record in the log."""
+        out = []
+        if self.dir.is_dir():
+            for p in sorted(self.dir.glob("*.json")):
+                with contextlib.suppress(OSError, json.JSONDecodeError, UnicodeDecodeError):
+                    rec = json.loads(p.read_text(encoding="utf-8"))
+                    if isinstance(rec, dict):
+                        out.append(rec)
+        return out
 
     def is_done(self, unit: str, inputs: Mapping[str, Mapping[str, Any]], options: Mapping[str, Any],
                 verify_outputs: bool = True) -> bool:
@@ -718,6 +706,146 @@ class DoneLog:
         return rec.get("input_stats", {}) if rec else {}
 
 
+# ------------------------------------------------------------------------------------ output folder
+def _stat_key(p: Path) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(p)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class OutputFolder:
+    """One preparation's hold on ``out=``: never deletes what it did not write, never leaves the folder
+    worse than it found it, and marks the folder while it is half rewritten.
+
+    * Ownership: a file belongs to pcbench-prep when ``manifest.json`` (``outputs``, ``owned_outputs``,
+      ``retained_outputs``) or a ``.done/`` record lists it. :meth:`claim` refuses to overwrite any
+      other file; nothing else is ever deleted.
+    * :meth:`begin_writes` (called before the first shard is written) replaces ``manifest.json`` with an
+      incomplete manifest carrying the new command, so readers refuse the half-rewritten folder with the
+      command that finishes it (:func:`pcbench.data.format.read_manifest`).
+    * :meth:`commit` writes the new manifest. Only when every planned output was written does it delete
+      the owned files the new manifest no longer lists (e.g. after a ``shard_size`` change); otherwise they
+      stay, listed as ``retained_outputs``. When some units failed and nothing was written, the previous
+      manifest is put back unchanged (the folder is as it was).
+    * On an exception (Ctrl-C included) temporary files are removed and, if no shard was written yet,
+      the previous manifest is put back; otherwise the incomplete manifest stays.
+    """
+
+    def __init__(self, out: str | os.PathLike, dataset: str, command: str) -> None:
+        self.root = Path(out)
+        self.dataset = dataset
+        self.command = command
+        self.planned: list[str] = []
+        self.owned: set[str] = set()
+        self._old_bytes: bytes | None = None
+        self._old_complete = False
+        self._lock: PrepLock | None = None
+        self._snapshot: dict[str, tuple[int, ...] | None] = {}
+        self._started = False
+        self._committed = False
+
+    def __enter__(self) -> OutputFolder:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PrepError(f"cannot create the output folder ({_reason(err, self.root)})", self.root, "out",
+                            "choose an out= folder you can write to, or fix its permissions") from None
+        self._lock = PrepLock(self.root).__enter__()
+        try:
+            clean_stale_temps(self.root)
+            old: dict[str, Any] = {}
+            path = self.root / MANIFEST_NAME
+            if path.is_file():
+                self._old_bytes = path.read_bytes()
+                with contextlib.suppress(ValueError):
+                    parsed = json.loads(self._old_bytes.decode("utf-8"))
+                    old = parsed if isinstance(parsed, dict) else {}
+            self._old_complete = old.get("status", STATUS_COMPLETE) == STATUS_COMPLETE and isinstance(
+                old.get("outputs"), dict)
+            self.owned = ({str(k) for k in old.get("outputs") or {}} | {str(k) for k in old.get("owned_outputs") or []}
+                          | {str(k) for k in old.get("retained_outputs") or []})
+            for rec in DoneLog(self.root).records():
+                self.owned |= set(rec.get("outputs") or {})
+        except BaseException:
+            self._lock.__exit__()
+            raise
+        return self
+
+    def claim(self, outputs: Iterable[str]) -> None:
+        """Plan to write ``outputs`` (relative paths); PrepError when one exists and is not ours."""
+        self.planned = list(dict.fromkeys(outputs))
+        foreign = [rel for rel in self.planned if rel not in self.owned and os.path.lexists(self.root / rel)]
+        if foreign:
+            raise PrepError(
+                f"{len(foreign)} file(s) that pcbench-prep did not write are in the way, e.g. {', '.join(foreign[:3])} "
+                "(no manifest.json or .done/ record here lists them); nothing was changed", self.root, "out",
+                "choose an empty out= folder, or move those files elsewhere")
+
+    def begin_writes(self) -> None:
+        """Mark the folder as being rewritten (call once, before the first shard is written or deleted)."""
+        if self._started:
+            return
+        self._snapshot = {rel: _stat_key(self.root / rel) for rel in self.planned}
+        body = incomplete_manifest(self.dataset, self.command, self.owned | set(self.planned))
+        atomic_write_text(self.root / MANIFEST_NAME, json.dumps(body, indent=1) + "\n")
+        self._started = True
+
+    def changed(self) -> bool:
+        """True when a planned output was written (or removed) since :meth:`begin_writes`."""
+        return self._started and any(_stat_key(self.root / rel) != key for rel, key in self._snapshot.items())
+
+    def _restore(self) -> None:
+        path = self.root / MANIFEST_NAME
+        if self._old_bytes is None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        else:
+            with atomic_write(path) as tmp:
+                tmp.write_bytes(self._old_bytes)
+
+    def commit(self, manifest: Mapping[str, Any], report: Any, complete: bool, units: Iterable[str] = ()) -> bool:
+        """Write the new manifest (see the class docstring); False when the previous one was kept instead.
+
+        ``complete``: every planned output exists from this run or a finished earlier one; ``units``:
+        the skip-if-done keys of this run (records of other units are dropped when complete).
+        """
+        if not complete and not self.changed() and self._old_bytes is not None and self._old_complete:
+            self._restore()
+            self._committed = True
+            report.warnings.append("nothing could be prepared, so out= keeps the previous preparation unchanged "
+                                   "(manifest.json and its shards as they were)")
+            return False
+        outputs = set(manifest["outputs"])
+        body = dict(manifest)
+        if complete:
+            for rel in sorted(self.owned - outputs):
+                parts = Path(rel).parts
+                if Path(rel).is_absolute() or ".." in parts or rel in (MANIFEST_NAME, DONE_DIR) or parts[:1] == (DONE_DIR,):
+                    continue  # a damaged record must never point the clean-up outside the shards
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    (self.root / rel).unlink()
+            DoneLog(self.root).prune(units)
+        else:
+            retained = sorted(r for r in (self.owned | set(self.planned)) - outputs if os.path.lexists(self.root / r))
+            if retained:
+                body["retained_outputs"] = retained
+        write_manifest(self.root, body)
+        self._committed = True
+        return True
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if exc_type is not None:
+                clean_stale_temps(self.root)  # workers are gone by now: their temporary files are orphans
+                if self._started and not self._committed and not self.changed():
+                    self._restore()
+        finally:
+            if self._lock is not None:
+                self._lock.__exit__()
+
+
 # ------------------------------------------------------------------------------------ shard job driver
 @dataclass
 class ShardJob:
@@ -739,8 +867,10 @@ class ShardResult:
     """What a process function returns for a :class:`ShardJob`.
 
     ``samples``/``names`` go to the shard; ``failed`` lists ``(sample, message)`` for samples left out;
-    ``info`` (JSON-able, e.g. labels and point counts per sample) is kept in the skip-if-done record so
-    that a skipped unit still contributes to the manifest; ``attrs`` go to the shard's attributes.
+    ``skipped`` lists ``(sample, reason)`` for unreadable samples left out under ``allow_missing=true``;
+    ``warnings`` go to the report; ``info`` (JSON-able, e.g. labels and point counts per sample) is kept
+    in the skip-if-done record so that a skipped unit still contributes to the manifest; ``attrs`` go
+    to the shard's attributes.
     """
 
     samples: list[dict[str, np.ndarray]]
@@ -748,6 +878,8 @@ class ShardResult:
     failed: list[tuple[str, str]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     attrs: dict[str, Any] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def _unit_options(options: Mapping[str, Any], job: ShardJob, salt: str) -> dict[str, Any]:
@@ -765,42 +897,56 @@ def done_record(raw: Path, out: Path, options: dict[str, Any], job: ShardJob, sa
     log = DoneLog(out)
     if log.record(job.key) is None:
         return None
-    try:
-        inputs = hash_files([raw / p for p in job.inputs], raw, log.input_cache(job.key))
-    except OSError:
-        return None
+    inputs = hash_files([raw / p for p in job.inputs], raw, log.input_cache(job.key))
     return log.record(job.key) if log.is_done(job.key, inputs, _unit_options(options, job, salt)) else None
+
+
+def _result_lists(res: ShardResult) -> dict[str, Any]:
+    return {"failed": [list(f) for f in res.failed], "missing": [list(s) for s in res.skipped],
+            "warnings": list(res.warnings)}
 
 
 def run_shard_job(process: Callable[[ShardJob, Path, dict[str, Any]], ShardResult], raw: Path, out: Path,
                   options: dict[str, Any], job: ShardJob, salt: str = "") -> dict[str, Any]:
-    """Run one job unless :class:`DoneLog` says it is done; returns its record plus ``skipped`` (bool).
+    """Run one job unless :class:`DoneLog` says it is done; returns its record plus ``skipped`` and ``written``.
 
     Module-level so that ``functools.partial(run_shard_job, process, raw, out, options)`` can be handed
     to :func:`parallel_map`. The shard is written atomically before the record, so a kill at any point
     leaves either the finished unit or nothing that counts. ``salt`` (e.g. the preparer version)
-    invalidates earlier records when it changes.
+    invalidates earlier records when it changes. A unit whose every sample failed or was skipped writes
+    nothing (``written`` False), so it never replaces an earlier good shard with an empty one.
     """
     log = DoneLog(out)
     rec = done_record(raw, out, options, job, salt)
     if rec is not None:
-        return {**rec, "skipped": True}
+        return {**rec, "skipped": True, "written": True}
     inputs = hash_files([raw / p for p in job.inputs], raw, log.input_cache(job.key))
     res = process(job, raw, options)
+    if not res.samples and (res.failed or res.skipped):
+        return {"unit": job.key, "split": job.split, "names": [], "info": res.info, "skipped": False,
+                "written": False, **_result_lists(res)}
     with atomic_write(out / job.output) as tmp:
         write_ragged_h5(tmp, res.samples, res.names, attrs={"split": job.split, **res.attrs})
     rec = log.mark(job.key, inputs, _unit_options(options, job, salt), [job.output],
-                   extra={"split": job.split, "names": list(res.names), "failed": [list(f) for f in res.failed],
-                          "info": res.info})
-    return {**rec, "skipped": False}
+                   extra={"split": job.split, "names": list(res.names), "info": res.info, **_result_lists(res)})
+    return {**rec, "skipped": False, "written": True}
+
+
+def _absorb(report: Report, rec: Mapping[str, Any]) -> None:
+    report.failed.extend((str(a), str(b)) for a, b in rec.get("failed", []))
+    report.missing.extend(f"{a} ({b})" for a, b in rec.get("missing", []))
+    report.warnings.extend(str(w) for w in rec.get("warnings", []))
 
 
 def run_shard_jobs(process: Callable[[ShardJob, Path, dict[str, Any]], ShardResult], raw: Path, out: Path,
                    options: dict[str, Any], jobs: Sequence[ShardJob], workers: int, report: Report,
-                   desc: str = "", salt: str = "") -> list[dict[str, Any]]:
+                   desc: str = "", salt: str = "", before_write: Callable[[], None] | None = None
+                   ) -> list[dict[str, Any]]:
     """Run every job (in parallel, skipping finished ones) and update ``report``; returns the records in job order.
 
-    A job that raises is recorded in ``report.failed`` under its key and has no record; the others go on.
+    ``before_write`` is called once before the first unfinished job starts (see
+    :meth:`OutputFolder.begin_writes`). A job that raises is recorded in ``report.failed`` under its key
+    and has no record; one that wrote nothing has no record either; the others go on.
     """
     import functools  # noqa: PLC0415
 
@@ -815,10 +961,15 @@ def run_shard_jobs(process: Callable[[ShardJob, Path, dict[str, Any]], ShardResu
         records[job.key] = {**rec, "skipped": True}
         report.skipped += 1
         report.samples += len(rec.get("names", []))
-        report.failed.extend((str(a), str(b)) for a, b in rec.get("failed", []))
+        _absorb(report, rec)
+    if pending and before_write is not None:
+        before_write()
     for job, res in parallel_map(fn, pending, workers=workers, desc=desc):
         if isinstance(res, BaseException):
             report.failed.append((job.key, str(res)))
+            continue
+        _absorb(report, res)
+        if not res["written"]:
             continue
         records[job.key] = res
         if res["skipped"]:
@@ -826,22 +977,27 @@ def run_shard_jobs(process: Callable[[ShardJob, Path, dict[str, Any]], ShardResu
         else:
             report.done += 1
         report.samples += len(res.get("names", []))
-        report.failed.extend((str(a), str(b)) for a, b in res.get("failed", []))
     return [records[j.key] for j in jobs if j.key in records]
 
 
-def remove_stale_shards(out: Path, jobs: Sequence[ShardJob], pattern: str = "*/shard_*.h5") -> list[str]:
-    """Delete shards matching ``pattern`` that no current job writes, and the records of other units.
+def _check_job(process: Callable[[ShardJob, Path, dict[str, Any]], ShardResult], raw: Path,
+               options: dict[str, Any], job: ShardJob) -> dict[str, Any]:
+    res = process(job, raw, options)
+    return _result_lists(res)  # only the verdicts travel back, not the converted arrays
 
-    An earlier run with another layout (e.g. another ``shard_size``) leaves such files behind; only
-    files of the preparer's own naming pattern are touched, nothing else in ``out``.
-    """
-    keep = {j.output for j in jobs}
-    gone = []
-    for p in Path(out).glob(pattern):
-        rel = p.relative_to(out).as_posix()
-        if rel not in keep:
-            p.unlink()
-            gone.append(rel)
-    DoneLog(out).prune(j.key for j in jobs)
-    return gone
+
+def check_shard_jobs(process: Callable[[ShardJob, Path, dict[str, Any]], ShardResult], raw: Path,
+                     options: dict[str, Any], jobs: Sequence[ShardJob], workers: int = 1, desc: str = "",
+                     progress: bool | None = None) -> list[str]:
+    """Run ``process`` on every job without writing anything (``--check``); one line per sample that
+    preparation would fail (samples skipped under ``allow_missing=true`` are not problems)."""
+    import functools  # noqa: PLC0415
+
+    problems: list[str] = []
+    fn = functools.partial(_check_job, process, raw, options)
+    for job, res in parallel_map(fn, list(jobs), workers=workers, desc=f"checking {desc}".strip(), progress=progress):
+        if isinstance(res, BaseException):  # the whole unit (e.g. one h5 file) is unusable
+            problems.append(str(res) if isinstance(res, PrepError) else f"{job.key}: {res}")
+            continue
+        problems += [str(msg) for _, msg in res["failed"]]
+    return problems

@@ -16,34 +16,48 @@ Three raw sources are recognised (``source=auto`` picks the first found in raw= 
 
 Output: ``out/<split>/shard_<k>.h5`` with per sample ``coord`` float32 [n,3], ``normal`` float32 [n,3]
 (when normals=true) and ``label`` int64 (index into the manifest's ``classes``), plus manifest.json.
-A listed file that is absent is an error (others are still written; exit status 1) unless
-allow_missing=true, which prepares what is present and lists the rest in the report.
+A listed file that is absent or unreadable (permission denied, broken symbolic link, a folder named like
+the file) fails its own object only (others are still written; exit status 1) unless allow_missing=true,
+which prepares what is there and lists the rest in the report. Refused: labels that are not whole numbers,
+split lists that repeat an id or share ids between train and test, and objects with a stray point or
+vertex so far out (e.g. at 1e30) that scaling into the unit sphere would squash the rest into the centre.
+
+Point reduction (``sampling``): ``fps`` (farthest point sampling, as Pointcept's ModelNet recipes),
+``random`` (uniform subset) or ``first`` (the first ``points`` rows of the source, as the official
+PointNet++ loader does with ``modelnet40_normal_resampled``: ``np.loadtxt(fn, delimiter=',')[0:npoints]``
+in charlesq34/pointnet2 ``modelnet_dataset.py``). The choice is recorded in the manifest's ``options``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .common import (
+    InputUnreadable,
     Option,
+    OutputFolder,
     PrepError,
-    PrepLock,
     Report,
     ShardJob,
     ShardResult,
-    clean_stale_temps,
+    check_shard_jobs,
+    input_key,
+    input_problem,
     prep_command,
-    remove_stale_shards,
+    read_input,
+    read_text_input,
+    require_folder,
     run_shard_jobs,
     sha256_file,
-    write_manifest,
 )
 
 PREPARER_VERSION = "1.0"
@@ -63,18 +77,24 @@ OPTIONS: dict[str, Option] = {
                      ("auto", "off", "normal_resampled", "ply_hdf5_2048")),
     "points": Option(1024, "points kept per object; 0 keeps every point of the source "
                      "(surface_points for meshes, 10000 for normal_resampled, 2048 for ply_hdf5_2048)", int),
-    "sampling": Option("fps", "how points are reduced to `points`: farthest point sampling or uniform random", str,
-                       ("fps", "random")),
+    "sampling": Option("fps", "how points are reduced to `points`: fps = farthest point sampling (Pointcept), "
+                       "random = uniform random subset, first = the first `points` rows of the source (the official "
+                       "PointNet++ loader of modelnet40_normal_resampled)", str, ("fps", "random", "first")),
     "surface_points": Option(10000, "points drawn on each mesh surface (off source) before reduction", int),
     "normals": Option(True, "store unit normals (from the mesh faces or the source files)", bool),
     "normalize": Option(True, "centre each object at its centroid and scale it into the unit sphere", bool),
     "seed": Option(0, "seed of surface sampling and subsampling (per object: derived from seed and the name)", int),
-    "allow_missing": Option(False, "prepare only the listed files that are present and report the rest, "
-                            "instead of failing on them", bool),
+    "allow_missing": Option(False, "prepare only the listed files that are present and readable and report the "
+                            "rest (absent, unreadable, broken links), instead of failing on them", bool),
     "shard_size": Option(1024, "objects per output shard (one unit of work, skipped when already done)", int),
 }
 
 _OFF_HEAD = re.compile(r"^OFF\s*(\d+)\s+(\d+)(?:\s+(\d+))?\s*$")
+
+#: A point (or mesh vertex) farther from the object's median than this many median distances is a stray
+#: value (e.g. a vertex at 1e30): scaling into the unit sphere would squash the rest into the centre.
+#: Real objects stay far below it (the real samples in ../shared/data: at most ~3).
+SPREAD_LIMIT = 1e4
 
 
 # ----------------------------------------------------------------------------------------- readers
@@ -86,7 +106,7 @@ def read_off(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="ascii", errors="strict")
+        text = read_input(path).decode("ascii", errors="strict")
     except UnicodeDecodeError as err:
         raise PrepError(f"non-ASCII byte at offset {err.start}", path, "header", "OFF meshes are ASCII text") from None
     lines = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
@@ -180,7 +200,7 @@ def sample_surface(verts: np.ndarray, faces: np.ndarray, n: int, rng: np.random.
 def read_normal_txt(path: str | Path) -> np.ndarray:
     """[n,6] float64 rows ``x,y,z,nx,ny,nz`` of a modelnet40_normal_resampled file."""
     path = Path(path)
-    rows = path.read_text(encoding="ascii", errors="replace").split()
+    rows = read_input(path).decode("ascii", errors="replace").split()
     if not rows:
         raise PrepError("file is empty", path, "rows", "re-download it")
     for i, r in enumerate(rows):
@@ -201,6 +221,24 @@ def _sample_rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
+def check_spread(points: np.ndarray, path: Path, what: str, field: str, index: np.ndarray | None = None) -> None:
+    """PrepError when one of ``points`` [n,3] lies more than :data:`SPREAD_LIMIT` median distances from
+    the median point (``index`` maps rows to the ids named in the message, e.g. mesh vertex numbers)."""
+    if points.shape[0] < 2:
+        return
+    with np.errstate(over="ignore", invalid="ignore"):
+        dist = np.linalg.norm(points - np.median(points, axis=0), axis=1)
+    med = float(np.median(dist))
+    far = int(np.argmax(np.where(np.isnan(dist), np.inf, dist)))
+    if not dist[far] <= SPREAD_LIMIT * med:
+        ratio = "infinitely many" if med == 0 else f"{dist[far] / med:.3g}"
+        where = ", ".join(f"{v:.6g}" for v in points[far])
+        raise PrepError(f"{what} {int(index[far]) if index is not None else far} at ({where}) lies {ratio} median "
+                        f"distances from the object's median point (limit {SPREAD_LIMIT:g}); scaling into the unit "
+                        "sphere would squash the rest of the object into its centre", path, field,
+                        f"remove the stray {what} (repair the file) or drop this object")
+
+
 def _finish(name: str, path: Path, coord: np.ndarray, normal: np.ndarray | None, label: int,
             options: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Validate, reduce to ``points`` and normalise one object; PrepError on bad values."""
@@ -209,6 +247,7 @@ def _finish(name: str, path: Path, coord: np.ndarray, normal: np.ndarray | None,
     if not np.isfinite(coord).all():
         bad = int((~np.isfinite(coord)).any(1).sum())
         raise PrepError(f"{bad} points have NaN or inf coordinates", path, "coord", "repair or drop this object")
+    check_spread(coord, path, "point", "coord")
     if normal is not None:
         norm = np.linalg.norm(normal, axis=1)
         bad = ~np.isfinite(norm) | (norm < 1e-6)
@@ -225,6 +264,8 @@ def _finish(name: str, path: Path, coord: np.ndarray, normal: np.ndarray | None,
 
             start = int(rng.integers(coord.shape[0]))
             sel = farthest_point_sample(torch.from_numpy(coord), n=n, start=start).numpy()
+        elif options["sampling"] == "first":
+            sel = np.arange(n)
         else:
             sel = np.sort(rng.choice(coord.shape[0], n, replace=False))
         coord = coord[sel]
@@ -247,13 +288,15 @@ def process_job(job: ShardJob, raw: Path, options: dict[str, Any]) -> ShardResul
     """Convert one chunk of objects (payload: list of (name, relpath, label)) or one ply_hdf5 file."""
     if job.payload["source"] == "ply_hdf5_2048":
         return _process_ply_h5(job, raw, options)
-    samples, names, failed, labels, counts = [], [], [], [], []
+    samples, names, failed, skipped, labels, counts = [], [], [], [], [], []
     for name, rel, label in job.payload["items"]:
         path = raw / rel
         rng = _sample_rng(options["seed"], name)
         try:
             if job.payload["source"] == "off":
                 verts, faces = read_off(path)
+                used = np.unique(faces)  # an unreferenced stray vertex never reaches the surface samples
+                check_spread(verts[used], path, "vertex", "vertices", used)
                 try:
                     coord, normal = sample_surface(verts, faces, options["surface_points"], rng)
                 except ValueError as err:
@@ -262,17 +305,17 @@ def process_job(job: ShardJob, raw: Path, options: dict[str, Any]) -> ShardResul
                 arr = read_normal_txt(path)
                 coord, normal = arr[:, :3], arr[:, 3:]
             sample = _finish(name, path, coord, normal if options["normals"] else None, label, options, rng)
+        except InputUnreadable as err:
+            (skipped if options["allow_missing"] else failed).append((name, str(err)))
+            continue
         except PrepError as err:
             failed.append((name, str(err)))
-            continue
-        except OSError as err:
-            failed.append((name, str(PrepError(f"cannot read ({err.strerror})", path, None, "check the file"))))
             continue
         samples.append(sample)
         names.append(name)
         labels.append(label)
         counts.append(int(sample["coord"].shape[0]))
-    return ShardResult(samples, names, failed, info={"labels": labels, "counts": counts})
+    return ShardResult(samples, names, failed, info={"labels": labels, "counts": counts}, skipped=skipped)
 
 
 def _id2file(h5_path: Path) -> Path | None:
@@ -298,7 +341,10 @@ def _process_ply_h5(job: ShardJob, raw: Path, options: dict[str, Any]) -> ShardR
 
     path = raw / job.inputs[0]
     keep: dict[int, int] = job.payload["label_map"]  # source label -> output label (ModelNet10 subset)
-    samples, names, failed, labels, counts = [], [], [], [], []
+    samples, names, failed, labels, counts, warnings = [], [], [], [], [], []
+    problem = input_problem(path)
+    if problem is not None and problem != "not found":
+        raise InputUnreadable(f"cannot read ({problem})", path, None, "restore the file or its read permission")
     try:
         f = h5py.File(path, "r")
     except OSError as err:
@@ -308,15 +354,20 @@ def _process_ply_h5(job: ShardJob, raw: Path, options: dict[str, Any]) -> ShardR
         data = f["data"][()]
         lab = f["label"][()].reshape(-1)
         nrm = f["normal"][()] if options["normals"] else None
+    if lab.dtype.kind == "f":
+        warnings.append(str(PrepError(f"stored as {lab.dtype}, not an integer type: whole numbers are read as "
+                                      "labels, any other value fails its object", path, "label",
+                                      "use the official files (label uint8)")))
     ids = _ply_names(path, len(data))
     n_classes = len(MODELNET40_CLASSES)
     for i in range(len(data)):
         name = ids[i]
-        li = int(lab[i])
-        if not 0 <= li < n_classes:
-            failed.append((name, str(PrepError(f"row {i}: label {li} outside 0..{n_classes - 1}", path, "label",
-                                               "re-download the file"))))
+        value = lab[i].item()
+        if not float(value).is_integer() or not 0 <= int(value) < n_classes:
+            failed.append((name, str(PrepError(f"row {i}: label {value!r} is not a class index 0..{n_classes - 1}",
+                                               path, "label", "re-download the file"))))
             continue
+        li = int(value)
         if li not in keep:
             continue
         try:
@@ -330,7 +381,7 @@ def _process_ply_h5(job: ShardJob, raw: Path, options: dict[str, Any]) -> ShardR
         names.append(name)
         labels.append(keep[li])
         counts.append(int(sample["coord"].shape[0]))
-    return ShardResult(samples, names, failed, info={"labels": labels, "counts": counts})
+    return ShardResult(samples, names, failed, info={"labels": labels, "counts": counts}, warnings=warnings)
 
 
 def _check_ply_h5(f: Any, path: Path, normals: bool) -> None:
@@ -345,6 +396,8 @@ def _check_ply_h5(f: Any, path: Path, normals: bool) -> None:
     if f["label"].shape[0] != d.shape[0] or f["label"].size != d.shape[0]:
         raise PrepError(f"shape {f['label'].shape}, expected ({d.shape[0]},) or ({d.shape[0]}, 1)", path, "label",
                         "use the official files")
+    if f["label"].dtype.kind not in "iuf":
+        raise PrepError(f"dtype {f['label'].dtype}, expected an integer type", path, "label", "use the official files")
     if normals and f["normal"].shape != d.shape:
         raise PrepError(f"shape {f['normal'].shape}, expected {d.shape} like data", path, "normal",
                         "use the official files or normals=false")
@@ -359,9 +412,10 @@ def _find_source(raw: Path, options: dict[str, Any]) -> tuple[str, Path]:
     """(source kind, folder holding it) for raw=; PrepError listing what was looked for."""
     nc = options["num_classes"]
     want = options["source"]
+    require_folder(raw, "give raw= the folder holding the ModelNet files")
     # the official folder names first, so that e.g. ModelNet10/ is not taken for modelnet40
     preferred = [raw / f"ModelNet{nc}", raw / "modelnet40_normal_resampled", raw / "modelnet40_ply_hdf5_2048"]
-    others = sorted(p for p in raw.iterdir() if p.is_dir() and p not in preferred) if raw.is_dir() else []
+    others = sorted(p for p in raw.iterdir() if p.is_dir() and p not in preferred)
     cands = [raw] + [p for p in preferred if p.is_dir()] + others
 
     def kind(d: Path) -> str | None:
@@ -369,12 +423,10 @@ def _find_source(raw: Path, options: dict[str, Any]) -> tuple[str, Path]:
             return "normal_resampled"
         if any(d.glob("ply_data_*.h5")):
             return "ply_hdf5_2048"
-        if any((d / c / s).is_dir() for c in _classes(options) for s in SPLITS):
+        if any(os.path.isdir(d / c / s) for c in _classes(options) for s in SPLITS):
             return "off"
         return None
 
-    if not raw.is_dir():
-        raise PrepError("folder not found", raw, "raw", "give raw= the folder holding the ModelNet files")
     for d in cands:
         k = kind(d)
         if k is not None and (want in ("auto", k)):
@@ -385,63 +437,96 @@ def _find_source(raw: Path, options: dict[str, Any]) -> tuple[str, Path]:
         "modelnet40_ply_hdf5_2048/ (or their parent folder)")
 
 
-def _read_list(path: Path) -> list[str]:
-    return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+def _read_list(path: Path, what: str = "list") -> list[str]:
+    text = read_text_input(path, what, "restore the official file (UTF-8 text, one entry per line)")
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
 def _check_class_names(path: Path, classes: list[str]) -> list[str]:
     if not path.is_file():
         return []
-    got = _read_list(path)
+    got = _read_list(path, "class name list")
     if got != classes:
         return [str(PrepError(f"class names {got[:5]}... differ from the official ModelNet{len(classes)} list",
                               path, "classes", "use the official shape_names file"))]
     return []
 
 
+def _list_problems(lists: dict[str, tuple[Path, list[str]]]) -> list[str]:
+    """Repeated ids within a split list and ids shared by two lists (train/test leakage)."""
+    problems = []
+    for split, (path, ids) in lists.items():
+        reps = sorted(k for k, c in Counter(ids).items() if c > 1)
+        if reps:
+            problems.append(str(PrepError(f"{len(reps)} id(s) listed more than once, e.g. {', '.join(reps[:5])}",
+                                          path, split, "restore the official list (each id once)")))
+    names = list(lists)  # train before test
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            both = sorted(set(lists[a][1]) & set(lists[b][1]))
+            if both:
+                problems.append(str(PrepError(
+                    f"{len(both)} id(s) are in both the {a} and the {b} list ({a}/{b} leakage), e.g. {', '.join(both[:5])}",
+                    lists[b][0], b, f"restore the official {lists[a][0].name} and {lists[b][0].name}")))
+    return problems
+
+
 def _plan(raw: Path, options: dict[str, Any]) -> tuple[str, Path, dict[str, list[tuple[str, str, int]]],
-                                                       list[str], list[str]]:
-    """Discover the source: (kind, root, {split: [(name, relpath, label)]}, missing inputs, other problems)."""
+                                                       list[tuple[str, str]], list[str]]:
+    """Discover the source: (kind, root, {split: [(name, relpath, label)]}, [(absent or unreadable input,
+    reason)], problems that stop preparation)."""
     kind, root = _find_source(raw, options)
     classes = _classes(options)
     nc = options["num_classes"]
     items: dict[str, list[tuple[str, str, int]]] = {s: [] for s in SPLITS}
-    missing: list[str] = []
+    missing: list[tuple[str, str]] = []
     problems: list[str] = []
     if kind == "normal_resampled":
         problems += _check_class_names(root / f"modelnet{nc}_shape_names.txt", classes)
+        lists = {}
         for split in SPLITS:
             lst = root / f"modelnet{nc}_{split}.txt"
             if not lst.is_file():
                 problems.append(str(PrepError("split list missing", lst, split,
                                               f"copy modelnet{nc}_{split}.txt from the official release into {root}")))
                 continue
-            for shape_id in _read_list(lst):
+            lists[split] = (lst, _read_list(lst, "split list"))
+        problems += _list_problems(lists)
+        for split, (lst, ids) in lists.items():
+            for shape_id in dict.fromkeys(ids):
                 cls = shape_id.rsplit("_", 1)[0]
                 if cls not in classes:
                     problems.append(str(PrepError(f"id {shape_id!r} has unknown class {cls!r}", lst, split,
                                                   "use the official list")))
                     continue
                 rel = f"{cls}/{shape_id}.txt"
-                if (root / rel).is_file():
+                why = input_problem(root / rel)
+                if why is None:
                     items[split].append((shape_id, rel, classes.index(cls)))
-                else:
-                    missing.append(rel)
+                elif why == "not found":
+                    missing.append((rel, why))
+                else:  # present but unreadable: its sample fails (or is skipped) when read, by itself
+                    items[split].append((shape_id, rel, classes.index(cls)))
     elif kind == "off":
         for cls in classes:
             for split in SPLITS:
                 d = root / cls / split
-                if not d.is_dir():
-                    missing.append(f"{cls}/{split}/")
+                if not os.path.isdir(d):
+                    missing.append((f"{cls}/{split}/", "folder not found"))
                     continue
-                for p in sorted(d.glob("*.off")):
-                    items[split].append((p.stem, p.relative_to(root).as_posix(), classes.index(cls)))
+                try:  # pathlib's glob skips an unreadable folder silently; its objects must not vanish
+                    with os.scandir(d) as it:
+                        found = sorted(e.name for e in it if e.name.endswith(".off"))
+                except OSError as err:
+                    missing.append((f"{cls}/{split}/", f"folder unreadable ({(err.strerror or str(err)).lower()})"))
+                    continue
+                items[split] += [(Path(n).stem, f"{cls}/{split}/{n}", classes.index(cls)) for n in found]
     else:
         problems += _check_class_names(root / "shape_names.txt", MODELNET40_CLASSES)
         for split in SPLITS:
             files = sorted(root.glob(f"ply_data_{split}*.h5"), key=lambda p: (len(p.name), p.name))
             if not files:
-                missing.append(f"ply_data_{split}*.h5")
+                missing.append((f"ply_data_{split}*.h5", "not found"))
             items[split] = [(p.stem, p.name, -1) for p in files]
     return kind, root, items, missing, problems
 
@@ -456,72 +541,16 @@ def _metadata_files(root: Path, kind: str, nc: int) -> list[Path]:
     return [root / n for n in names if (root / n).is_file()]
 
 
-def check(raw: Path, options: dict[str, Any]) -> list[str]:
-    """Problems found in raw= without writing: unknown layout, missing lists/files, unreadable headers/keys."""
-    try:
-        kind, root, items, missing, problems = _plan(Path(raw), options)
-    except PrepError as err:
-        return [str(err)]
-    if missing:
-        by_dir: dict[str, list[str]] = {}
-        for m in missing:
-            by_dir.setdefault(m.split("/", 1)[0], []).append(m)
-        for d, ms in sorted(by_dir.items()):
-            problems.append(f"{root / d}: {len(ms)} listed input(s) missing, e.g. {', '.join(ms[:3])} "
-                            "(fix: add them, or prepare with allow_missing=true)")
-    for split, its in items.items():
-        for _, rel, _ in its:
-            path = root / rel
-            try:
-                if kind == "off":
-                    with open(path, encoding="ascii", errors="replace") as f:
-                        head = f.readline().strip()
-                    if not head.startswith("OFF"):
-                        problems.append(str(PrepError(f"first line {head[:40]!r} is not an OFF header", path,
-                                                      "header", "re-download the mesh")))
-                elif kind == "normal_resampled":
-                    with open(path, encoding="ascii", errors="replace") as f:
-                        first = f.readline().strip()
-                    if first.count(",") != 5:
-                        problems.append(str(PrepError(f"first row {first[:60]!r} is not x,y,z,nx,ny,nz", path,
-                                                      "rows", "re-download it")))
-                else:
-                    import h5py  # noqa: PLC0415
-
-                    with h5py.File(path, "r") as f:
-                        _check_ply_h5(f, path, options["normals"])
-            except PrepError as err:
-                problems.append(str(err))
-            except OSError as err:
-                problems.append(f"{path}: unreadable ({err}) (fix: re-download it)")
-        if not its:
-            problems.append(f"{root}: split {split!r} has no readable inputs")
-    return problems
-
-
-# ------------------------------------------------------------------------------------------ prepare
-def prepare(raw: Path, out: Path, options: dict[str, Any], workers: int = 1) -> Report:
-    """Prepare ModelNet{40,10} from raw= into out= (see the module docstring); resumable and atomic."""
-    t0 = time.perf_counter()
-    raw, out = Path(raw), Path(out)
+def _check_options(options: dict[str, Any]) -> None:
     for key in ("points", "surface_points", "shard_size"):
         if options[key] < (0 if key == "points" else 1):
             raise PrepError(f"{key}={options[key]} is out of range", None, key,
                             f"give {key} >= {0 if key == 'points' else 1}")
-    kind, root, items, missing, problems = _plan(raw, options)
-    if problems:
-        raise PrepError("raw folder not usable:\n  " + "\n  ".join(problems), raw, None,
-                        "fix the files listed above (pcbench-prep ... --check lists every problem)")
-    dataset = f"modelnet{options['num_classes']}"
+
+
+def _jobs(kind: str, root: Path, items: dict[str, list[tuple[str, str, int]]], options: dict[str, Any]
+          ) -> list[ShardJob]:
     classes = _classes(options)
-    report = Report(dataset=dataset, out=str(out))
-    if missing:
-        if options["allow_missing"]:
-            report.missing = list(missing)
-        else:
-            report.failed += [(m, str(PrepError("listed input is missing", root / m, None,
-                                                "add it, or prepare with allow_missing=true")))
-                              for m in missing]
     jobs: list[ShardJob] = []
     for split in SPLITS:
         if kind == "ply_hdf5_2048":
@@ -538,29 +567,75 @@ def prepare(raw: Path, out: Path, options: dict[str, Any], workers: int = 1) -> 
             chunk = its[k:k + step]
             jobs.append(ShardJob(f"{split}/{k // step:05d}", split, f"{split}/shard_{k // step:05d}.h5",
                                  [rel for _, rel, _ in chunk], {"source": kind, "items": chunk}))
-    out.mkdir(parents=True, exist_ok=True)
-    with PrepLock(out):
-        clean_stale_temps(out)
-        remove_stale_shards(out, jobs)
+    return jobs
+
+
+def check(raw: Path, options: dict[str, Any], workers: int = 1, progress: bool | None = None) -> list[str]:
+    """Every problem :func:`prepare` would meet, without writing: the layout, the lists, and each object
+    read and converted as in preparation (absent or unreadable inputs count unless allow_missing=true)."""
+    try:
+        _check_options(options)
+        kind, root, items, missing, problems = _plan(Path(raw), options)
+    except PrepError as err:
+        return [str(err)]
+    if problems:  # preparation would refuse to start; converting the objects would add nothing
+        return problems
+    if missing and not options["allow_missing"]:
+        by_dir: dict[str, list[str]] = {}
+        for m, why in missing:
+            by_dir.setdefault(m.split("/", 1)[0], []).append(f"{m} ({why})")
+        for d, ms in sorted(by_dir.items()):
+            problems.append(f"{root / d}: {len(ms)} listed input(s) absent or unreadable, e.g. {', '.join(ms[:3])} "
+                            "(fix: add them, or prepare with allow_missing=true)")
+    for split, its in items.items():
+        if not its:
+            problems.append(f"{root}: split {split!r} has no readable inputs")
+    return problems + check_shard_jobs(process_job, root, options, _jobs(kind, root, items, options), workers,
+                            desc=f"modelnet{options['num_classes']}", progress=progress)
+
+
+# ------------------------------------------------------------------------------------------ prepare
+def prepare(raw: Path, out: Path, options: dict[str, Any], workers: int = 1) -> Report:
+    """Prepare ModelNet{40,10} from raw= into out= (see the module docstring); resumable and atomic."""
+    t0 = time.perf_counter()
+    raw, out = Path(raw), Path(out)
+    _check_options(options)
+    kind, root, items, missing, problems = _plan(raw, options)
+    if problems:
+        raise PrepError("raw folder not usable:\n  " + "\n  ".join(problems), raw, None,
+                        "fix the files listed above (pcbench-prep ... --check lists every problem)")
+    dataset = f"modelnet{options['num_classes']}"
+    classes = _classes(options)
+    report = Report(dataset=dataset, out=str(out))
+    if missing:
+        if options["allow_missing"]:
+            report.missing = [f"{m} ({why})" for m, why in missing]
+        else:
+            report.failed += [(m, str(PrepError(f"listed input {why}", root / m, None,
+                                                "add it, or prepare with allow_missing=true")))
+                              for m, why in missing]
+    jobs = _jobs(kind, root, items, options)
+    command = prep_command(dataset, raw, out, {k: v for k, v in options.items() if k != "num_classes"}, OPTIONS)
+    with OutputFolder(out, dataset, command) as folder:
+        folder.claim(j.output for j in jobs)
         records = run_shard_jobs(process_job, root, out, options, jobs, workers, report, desc=dataset,
-                                 salt=PREPARER_VERSION)
+                                 salt=PREPARER_VERSION, before_write=folder.begin_writes)
         short = [(n, c) for r in records for n, c in zip(r["names"], r["info"]["counts"], strict=True)
                  if options["points"] and c < options["points"]]
         if short:
             report.warnings.append(f"{len(short)} objects have fewer than points={options['points']} points and keep "
                                    f"all they have, e.g. {short[0][0]} ({short[0][1]})")
-        manifest = _manifest(dataset, raw, root, out, kind, options, classes, jobs, records, report)
-        prefix = "" if root == raw else root.relative_to(raw).as_posix() + "/"
+        manifest = _manifest(dataset, raw, root, out, kind, options, classes, jobs, records, command)
         for meta in _metadata_files(root, kind, options["num_classes"]):  # lists and names decide labels too
-            manifest["inputs"][prefix + meta.relative_to(root).as_posix()] = sha256_file(meta)
+            manifest["inputs"][input_key(meta, raw)] = sha256_file(meta)
         report.seconds = time.perf_counter() - t0
         manifest["validation"] = report.to_dict()
-        write_manifest(out, manifest)
+        folder.commit(manifest, report, complete=len(records) == len(jobs), units=[j.key for j in jobs])
     return report
 
 
 def _manifest(dataset: str, raw: Path, root: Path, out: Path, kind: str, options: dict[str, Any],
-              classes: list[str], jobs: list[ShardJob], records: list[dict[str, Any]], report: Report
+              classes: list[str], jobs: list[ShardJob], records: list[dict[str, Any]], command: str
               ) -> dict[str, Any]:
     """Manifest assembled from the unit records (so skipped units count exactly like fresh ones)."""
     by_key = {r["unit"]: r for r in records}
@@ -574,8 +649,7 @@ def _manifest(dataset: str, raw: Path, root: Path, out: Path, kind: str, options
         st = stats.setdefault(job.split, dict.fromkeys(classes, 0))
         if rec is None:
             continue
-        prefix = "" if root == raw else root.relative_to(raw).as_posix() + "/"
-        inputs.update({prefix + k: v for k, v in rec["inputs"].items()})
+        inputs.update({input_key(root / k, raw): v for k, v in rec["inputs"].items() if v is not None})
         outputs.update(rec["outputs"])
         n = len(rec["names"])
         sp["files"].append({"path": job.output, "num_samples": n, "num_points": rec["info"]["counts"]})
@@ -591,10 +665,11 @@ def _manifest(dataset: str, raw: Path, root: Path, out: Path, kind: str, options
         "dataset": dataset,
         "task": "classification",
         "preparer_version": PREPARER_VERSION,
-        "command": prep_command(dataset, raw, out, {k: v for k, v in options.items() if k != "num_classes"},
-                                OPTIONS),
+        "command": command,
+        "raw": str(raw),
         "source": kind,
         "options": options,
+        "sampling": SAMPLING_NOTES[options["sampling"]] if options["points"] else "every point of the source kept",
         "classes": classes,
         "label_map": {c: i for i, c in enumerate(classes)},
         "keys": ["coord", "normal", "label"] if options["normals"] else ["coord", "label"],
@@ -605,3 +680,11 @@ def _manifest(dataset: str, raw: Path, root: Path, out: Path, kind: str, options
         "validation": {},
     }
 
+
+#: What each ``sampling`` choice does, recorded in the manifest beside the options.
+SAMPLING_NOTES = {
+    "fps": "farthest point sampling from a random start per object (seeded), as Pointcept's ModelNet recipes",
+    "random": "uniform random subset without replacement per object (seeded), in source order",
+    "first": "the first `points` rows of the source, as the official PointNet++ loader "
+             "(charlesq34/pointnet2 modelnet_dataset.py: point_set[0:npoints])",
+}

@@ -45,6 +45,7 @@ preparation: shards that the current options do not produce (left by an earlier 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
@@ -63,18 +64,22 @@ import numpy as np
 
 from data_prep.common import (
     DoneLog,
+    InputUnreadable,
     Option,
+    OutputFolder,
     PrepError,
-    PrepLock,
     Report,
     atomic_write,
-    clean_stale_temps,
     hash_files,
+    input_key,
+    input_problem,
     parallel_map,
     parse_options,
     prep_command,
+    read_input,
+    read_text_input,
+    require_folder,
     sha256_file,
-    write_manifest,
     write_ragged_h5,
 )
 
@@ -94,8 +99,8 @@ OPTIONS: dict[str, Option] = {
     "splits": Option("train,val,test", "comma-separated official splits to prepare (train, val, test)"),
     "scenes": Option("all", "'all' = every scene of the chosen split lists; 'present' = only those whose "
                             "folder exists; or a comma-separated list of scene ids"),
-    "allow_missing": Option(False, "with scenes=all, skip listed scenes whose folder is absent instead of "
-                                   "failing them", bool),
+    "allow_missing": Option(False, "with scenes=all, skip (and report) listed scenes whose folder is absent "
+                                   "or whose files cannot be read, instead of failing them", bool),
     "shard_size": Option(16, "scenes per HDF5 shard (unit of resumable work; bounds memory per worker)", int),
     "v1_tsv": Option("", "path of ScanNet v1's scannet-labels.combined.tsv to read v1 labels.ply ids "
                          "(default: looked up in raw/ and raw/v1_extras/)"),
@@ -162,7 +167,7 @@ def read_label_table(path: str | os.PathLike) -> LabelTable:
     if not path.is_file():
         raise PrepError("label map not found", path, None,
                         f"copy {TSV_NAME} from the ScanNet download (tasks/{TSV_NAME}) to the raw folder")
-    text = path.read_text(encoding="utf-8")
+    text = read_text_input(path, "label map", f"restore the official {TSV_NAME} of ScanNet v2")
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t")
     header = reader.fieldnames or []
     if "raw_category" not in header and "category" in header and "nyu40id" in header:
@@ -197,7 +202,7 @@ def read_label_table(path: str | os.PathLike) -> LabelTable:
 def read_v1_label_table(path: str | os.PathLike) -> dict[int, int]:
     """ScanNet v1 ``scannet-labels.combined.tsv``: v1 label id -> nyu40 id (0 where the field is empty)."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text_input(path, "v1 label map", f"give ScanNet v1's {V1_TSV_NAME} as distributed (UTF-8)")
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t")
     if not {"id", "category", "nyu40id"} <= set(reader.fieldnames or []):
         raise PrepError(f"not a ScanNet v1 label map (header {reader.fieldnames})", path, "header",
@@ -225,8 +230,11 @@ class Mesh:
 def _read_ply(path: Path, what: str):
     from plyfile import PlyData, PlyParseError  # noqa: PLC0415
 
-    if not path.is_file():
+    why = input_problem(path)
+    if why == "not found":
         raise PrepError(f"{what} not found", path, None, "re-download the scene (download-scannet.py)")
+    if why is not None:
+        read_input(path)  # raises InputUnreadable with the reason and the fix
     try:
         try:
             return PlyData.read(str(path), known_list_len={"face": {"vertex_indices": 3}})
@@ -240,7 +248,11 @@ def _read_ply(path: Path, what: str):
         fld = ".".join(p for p in (elem, prop) if p) or "header"
         raise PrepError(f"corrupt or truncated PLY ({err})", path, fld,
                         "re-download the file; its size or header does not match the data") from None
-    except (ValueError, OSError, EOFError) as err:
+    except OSError as err:
+        if getattr(err, "errno", None) is not None:  # the file system refused (permission, I/O error)
+            read_input(path)
+        raise PrepError(f"unreadable PLY ({err})", path, None, "re-download the file") from None
+    except (ValueError, EOFError) as err:
         raise PrepError(f"unreadable PLY ({err})", path, None, "re-download the file") from None
 
 
@@ -305,10 +317,10 @@ def read_labels_ply(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
+    if input_problem(path) == "not found":
         raise PrepError(f"{what} not found", path, None, "re-download the scene (download-scannet.py)")
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))  # CRLF (v1 files) is plain JSON whitespace
+        data = json.loads(read_input(path).decode("utf-8"))  # CRLF (v1 files) is plain JSON whitespace
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise PrepError(f"unreadable JSON ({err})", path, None, "re-download the file") from None
     if not isinstance(data, dict):
@@ -322,13 +334,23 @@ def read_segs(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     data = _read_json(path, "over-segmentation")
     if "segIndices" not in data:
         raise PrepError(f"key segIndices missing (keys {sorted(data)})", path, "segIndices", "re-download the file")
+    values = data["segIndices"]
     try:
-        seg = np.asarray(data["segIndices"], dtype=np.int64)
+        seg = np.asarray(values)
     except (TypeError, ValueError, OverflowError):
         raise PrepError("segIndices is not a list of integers", path, "segIndices", "re-download the file") from None
     if seg.ndim != 1:
         raise PrepError(f"segIndices has shape {seg.shape}, expected a flat list", path, "segIndices",
                         "re-download the file")
+    if seg.size and seg.dtype.kind not in "iu":
+        # a float (3.0 or 3.5) would be truncated silently into another segment id
+        bad = next(i for i, v in enumerate(values) if isinstance(v, bool) or not isinstance(v, int))
+        raise PrepError(f"segIndices[{bad}] = {values[bad]!r} is not an integer", path, "segIndices",
+                        "re-download the file")
+    seg = seg.astype(np.int64)
+    if seg.size and seg.min() < 0:
+        bad = int(np.argmax(seg < 0))
+        raise PrepError(f"segIndices[{bad}] = {int(seg[bad])} is negative", path, "segIndices", "re-download the file")
     return seg, {k: v for k, v in data.items() if k != "segIndices"}
 
 
@@ -362,10 +384,10 @@ def read_aggregation(path: str | os.PathLike) -> tuple[list[Group], dict[str, An
 def read_scene_meta(path: str | os.PathLike) -> tuple[dict[str, str], np.ndarray | None]:
     """``(key = value pairs, axisAlignment 4x4 float64 or None)`` of a ``<scene>.txt``."""
     path = Path(path)
-    if not path.is_file():
+    if input_problem(path) == "not found":
         raise PrepError("scene meta file not found", path, None, "re-download the scene's <scene>.txt")
     pairs = {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in read_input(path).decode("utf-8", errors="replace").splitlines():
         if "=" in line:
             k, v = line.split("=", 1)
             pairs[k.strip()] = v.strip()
@@ -380,6 +402,22 @@ def read_scene_meta(path: str | os.PathLike) -> tuple[dict[str, str], np.ndarray
                             "axisAlignment", "re-download the scene's <scene>.txt")
         mat = np.asarray(vals, dtype=np.float64).reshape(4, 4)
     return pairs, mat
+
+
+def alignment_problem(mat: np.ndarray, tol: float = 1e-3) -> str | None:
+    """Why a 4x4 ``axisAlignment`` is not a rigid transform (rotation + translation), or None.
+
+    An all-zero or scaled matrix would collapse or distort the scene (e.g. every coordinate 0).
+    """
+    rot = mat[:3, :3]
+    if not np.allclose(mat[3], [0, 0, 0, 1], atol=tol):
+        return f"last row is {mat[3].tolist()}, expected [0, 0, 0, 1]"
+    err = float(np.abs(rot.T @ rot - np.eye(3)).max())
+    if err > tol:
+        return f"the 3x3 part is not a rotation (|R^T R - I| = {err:.3g})"
+    if np.linalg.det(rot) < 0:
+        return "the 3x3 part is a reflection (determinant -1)"
+    return None
 
 
 # ----------------------------------------------------------------------------------------- geometry
@@ -550,20 +588,30 @@ def process_scene(scene_dir: Path, scene: str, split: str, table: LabelTable, op
     """Read, check and convert one scene: ``(arrays keyed like SCENE_KEYS, scene report)``."""
     files = scene_files(scene_dir, scene)
     for key in required_files(split, options):
-        if not files[key].is_file():
+        why = input_problem(files[key])
+        if why == "not found":
             raise PrepError(f"required {key} file not found", files[key], None,
                             "re-download the scene (download-scannet.py) or drop it from the split list")
+        if why is not None:
+            read_input(files[key])  # InputUnreadable naming the reason
     mesh = read_mesh(files["mesh"])
     n = mesh.coord.shape[0]
     normal = vertex_normals(mesh.coord, mesh.faces)
     report: dict[str, Any] = {"split": split, "num_points": n, "num_faces": int(mesh.faces.shape[0]),
                               "vertices_on_no_face": int((np.abs(normal).sum(1) == 0).sum()), "warnings": []}
     meta = mat = None
-    if files["meta"].is_file():
+    if input_problem(files["meta"]) != "not found":
         meta, mat = read_scene_meta(files["meta"])
+        why = None if mat is None else alignment_problem(mat)
+        if why is not None:
+            if options.get("axis_align"):
+                raise PrepError(f"axisAlignment is not a rigid transform: {why}", files["meta"], "axisAlignment",
+                                "restore the scene's <scene>.txt, or prepare with axis_align=false")
+            report["warnings"].append(f"axisAlignment is not a rigid transform ({why}): stored as absent (NaN)")
+            mat = None
     agg_header = segs_header = None
     labels = None
-    if files["segs"].is_file() or split != "test":
+    if input_problem(files["segs"]) != "not found" or split != "test":
         seg, segs_header = read_segs(files["segs"])
         if seg.shape[0] != n:
             raise PrepError(f"segIndices has {seg.shape[0]} entries but the mesh has {n} vertices", files["segs"],
@@ -584,7 +632,7 @@ def process_scene(scene_dir: Path, scene: str, split: str, table: LabelTable, op
             report["warnings"].append(f"{what} file says sceneId={sid!r}, which is not {scene}: files of two "
                                       "scenes mixed up?")
     if labels is not None and options.get("check_labels_ply", True):
-        if files["labels_ply"].is_file():
+        if input_problem(files["labels_ply"]) != "not found":
             pcoord, plabel = read_labels_ply(files["labels_ply"])
             if plabel.shape[0] != n:
                 raise PrepError(f"labels ply has {plabel.shape[0]} vertices but the mesh has {n}",
@@ -657,24 +705,46 @@ def find_split_list(raw: Path, split: str) -> Path:
 
 
 def read_split_list(path: Path) -> list[str]:
-    """Scene ids of a split list, validated (``sceneXXXX_XX`` per line)."""
+    """Scene ids of a split list, validated (``sceneXXXX_XX`` per line, each id once)."""
     out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    first: dict[str, int] = {}
+    text = read_text_input(path, "split list", "restore the official split list (UTF-8, one scene id per line)")
+    for i, line in enumerate(text.splitlines(), start=1):
         s = line.strip()
         if not s:
             continue
         if not SCENE_RE.match(s):
             raise PrepError(f"line {i}: {s[:40]!r} is not a scene id like scene0000_00", path, f"line {i}",
                             "restore the official split list")
+        if s in first:
+            raise PrepError(f"{s} is listed again (first on line {first[s]})", path, f"line {i}",
+                            "restore the official split list (each scene once)")
+        first[s] = i
         out.append(s)
     return out
+
+
+def check_split_overlap(raw: Path) -> None:
+    """PrepError when a scene is in two of the split lists found in raw= (train/val/test leakage)."""
+    lists = {}
+    for split in SPLITS:
+        with contextlib.suppress(PrepError):
+            path = find_split_list(raw, split)
+            lists[split] = (path, set(read_split_list(path)))
+    for i, a in enumerate(SPLITS):
+        for b in SPLITS[i + 1:]:
+            if a in lists and b in lists and lists[a][1] & lists[b][1]:
+                both = sorted(lists[a][1] & lists[b][1])
+                raise PrepError(f"{len(both)} scene(s) are in both {lists[a][0].name} and {lists[b][0].name} "
+                                f"({a}/{b} leakage), e.g. {', '.join(both[:5])}", lists[b][0], b,
+                                "restore the official split lists")
 
 
 def find_scene_dir(raw: Path, scene: str) -> Path | None:
     """``scans/<scene>`` or ``scans_test/<scene>`` (the official download keeps test scenes apart)."""
     for sub in ("scans", "scans_test"):
         d = raw / sub / scene
-        if d.is_dir():
+        if os.path.isdir(d):  # an unreadable folder still counts: its scene fails (or is skipped) by itself
             return d
     return None
 
@@ -697,6 +767,7 @@ def plan_scenes(raw: Path, opts: Mapping[str, Any]) -> Plan:
                         "use a comma-separated subset of train,val,test")
     split_files = {s: find_split_list(raw, s) for s in wanted}
     lists = {s: read_split_list(p) for s, p in split_files.items()}
+    check_split_overlap(raw)
     sel = str(opts["scenes"]).strip()
     if sel not in ("all", "present"):
         chosen = [s.strip() for s in sel.split(",") if s.strip()]
@@ -750,45 +821,66 @@ def _abs(p: str | os.PathLike) -> Path:
     return Path(os.path.abspath(p))
 
 
-def _raw_key(p: Path, raw: Path) -> str:
-    """Manifest/DoneLog key of an input: the path relative to raw, or ``external:<abs path>``."""
-    p, raw = _abs(p), _abs(raw)
-    return p.relative_to(raw).as_posix() if p.is_relative_to(raw) else f"external:{p}"
 
 
 def _task_inputs(task: ShardTask, log: DoneLog) -> dict[str, dict[str, Any]]:
     raw = _abs(task.raw)
     paths = [_abs(task.tsv)] + ([_abs(task.v1_tsv)] if task.v1_tsv else [])
     for scene, folder in task.scenes:
-        paths += [_abs(p) for p in scene_files(Path(folder), scene).values() if p.is_file()]
+        # present-but-unreadable files are hashed as errors, so fixing them (or their reading) redoes the shard
+        paths += [_abs(p) for p in scene_files(Path(folder), scene).values() if input_problem(p) != "not found"]
     cache = log.input_cache(task.rel)
     inside = [p for p in paths if p.is_relative_to(raw)]
     inputs = hash_files(inside, raw, cache)
     for p in paths:
         if not p.is_relative_to(raw):
-            key = _raw_key(p, raw)
+            key = input_key(p, raw)
             inputs[key] = next(iter(hash_files([p], p.parent, {p.name: cache.get(key, {})}).values()))
     return inputs
 
 
+def _unit_options(task: ShardTask) -> dict[str, Any]:
+    return {**task.options, "scene_list": [s for s, _ in task.scenes], "preparer_version": PREPARER_VERSION}
+
+
+def skipped_shard(task: ShardTask) -> dict[str, Any] | None:
+    """The summary of ``task`` when it is finished with the same inputs and options, else None."""
+    t0 = time.perf_counter()
+    log = DoneLog(task.out)
+    if log.record(task.rel) is None:
+        return None
+    if not log.is_done(task.rel, _task_inputs(task, log), _unit_options(task)):
+        return None
+    rec = log.record(task.rel) or {}
+    return {"rel": task.rel, "split": task.split, "skipped": True, "written": True, "scenes": rec.get("scenes", {}),
+            "order": rec.get("order", []), "failed": [], "missing": [], "inputs": rec.get("inputs", {}),
+            "outputs": rec.get("outputs", {}), "seconds": time.perf_counter() - t0}
+
+
 def run_shard(task: ShardTask) -> dict[str, Any]:
-    """Prepare (or skip, when done with the same inputs and options) one shard; returns its summary."""
+    """Prepare (or skip, when done with the same inputs and options) one shard; returns its summary.
+
+    A scene that fails (or, under allow_missing, has an unreadable file) is left out and named; a shard
+    whose every scene was left out writes nothing, so an earlier shard at its path is never replaced
+    by an empty one.
+    """
     t0 = time.perf_counter()
     out = Path(task.out)
     log = DoneLog(out)
+    done = skipped_shard(task)
+    if done is not None:
+        return done
     inputs = _task_inputs(task, log)
-    unit_options = {**task.options, "scene_list": [s for s, _ in task.scenes], "preparer_version": PREPARER_VERSION}
-    if log.is_done(task.rel, inputs, unit_options):
-        rec = log.record(task.rel) or {}
-        return {"rel": task.rel, "split": task.split, "skipped": True, "scenes": rec.get("scenes", {}),
-                "order": rec.get("order", []), "failed": [], "inputs": rec.get("inputs", {}),
-                "outputs": rec.get("outputs", {}), "seconds": time.perf_counter() - t0}
+    unit_options = _unit_options(task)
     table = _cached_table(task.tsv, os.stat(task.tsv).st_mtime_ns)
     v1_map = _cached_v1(task.v1_tsv, os.stat(task.v1_tsv).st_mtime_ns) if task.v1_tsv else None
-    arrays, names, reports, failed = [], [], {}, []
+    arrays, names, reports, failed, missing = [], [], {}, [], []
     for scene, folder in task.scenes:
         try:
             arr, rep = process_scene(Path(folder), scene, task.split, table, task.options, v1_map)
+        except InputUnreadable as err:
+            (missing if task.options.get("allow_missing") else failed).append((scene, str(err)))
+            continue
         except PrepError as err:
             failed.append((scene, str(err)))
             continue
@@ -806,15 +898,14 @@ def run_shard(task: ShardTask) -> dict[str, Any]:
                                                        "preparer_version": PREPARER_VERSION,
                                                        "options": task.options})
         del arrays
-        if not failed:
+        if not failed:  # a shard with failed scenes gets no record: the next run retries them
             rec = log.mark(task.rel, inputs, unit_options, [task.rel], extra={"scenes": reports, "order": names})
             outputs = rec["outputs"]
         else:
             outputs = {task.rel: sha256_file(target)}
-    elif target.exists():
-        target.unlink()  # every scene failed: a stale shard from an earlier run must not be served
-    return {"rel": task.rel, "split": task.split, "skipped": False, "scenes": reports, "order": names,
-            "failed": failed, "inputs": {k: v["sha256"] for k, v in inputs.items()}, "outputs": outputs,
+    return {"rel": task.rel, "split": task.split, "skipped": False, "written": bool(outputs), "scenes": reports,
+            "order": names, "failed": failed, "missing": missing,
+            "inputs": {k: v["sha256"] for k, v in inputs.items()}, "outputs": outputs,
             "seconds": time.perf_counter() - t0}
 
 
@@ -835,59 +926,65 @@ def _make_tasks(raw: Path, out: Path, opts: Mapping[str, Any], plan: Plan, tsv: 
     return tasks
 
 
+def _prepare_plan(raw: Path, opts: Mapping[str, Any]) -> tuple[Path, LabelTable, Path | None, Plan]:
+    """Everything a run needs before it touches out= (PrepError when raw= cannot be used)."""
+    require_folder(raw, f"give the folder that holds scans/ and {TSV_NAME}")
+    tsv = find_tsv(raw)
+    table = read_label_table(tsv)
+    v1 = find_v1_tsv(raw, str(opts["v1_tsv"]))
+    if v1 is not None:
+        read_v1_label_table(v1)  # fail early, before any worker starts
+    return tsv, table, v1, plan_scenes(raw, opts)
+
+
 def prepare(raw: str | os.PathLike, out: str | os.PathLike, options: Mapping[str, Any] | None = None,
             workers: int = 1, progress: bool | None = None) -> Report:
     """Prepare ScanNet from the official ``raw`` folder into ``out`` (idempotent, resumable, atomic)."""
     t0 = time.perf_counter()
     opts = parse_options(OPTIONS, dict(options or {}), DATASET)
     raw, out = Path(raw).expanduser().absolute(), Path(out).expanduser().absolute()
-    if not raw.is_dir():
-        raise PrepError("raw folder not found", raw, "raw", "give the folder that holds scans/ and the tsv")
     report = Report(DATASET, str(out))
-    with PrepLock(out):
-        clean_stale_temps(out)
-        tsv = find_tsv(raw)
-        table = read_label_table(tsv)
-        v1 = find_v1_tsv(raw, str(opts["v1_tsv"]))
-        if v1 is not None:
-            read_v1_label_table(v1)  # fail early, before any worker starts
-        plan = plan_scenes(raw, opts)
-        for scene, split in plan.absent:
-            if opts["allow_missing"]:
-                report.missing.append(scene)
-            else:
-                report.failed.append((scene, f"{raw / 'scans' / scene}: scene folder not found (listed in "
-                                             f"scannetv2_{split}.txt). Fix: download it, or pass "
-                                             "allow_missing=true / scenes=present"))
-        tasks = _make_tasks(raw, out, opts, plan, tsv, v1)
+    tsv, table, v1, plan = _prepare_plan(raw, opts)
+    for scene, split in plan.absent:
+        if opts["allow_missing"]:
+            report.missing.append(scene)
+        else:
+            report.failed.append((scene, f"{raw / 'scans' / scene}: scene folder not found (listed in "
+                                         f"scannetv2_{split}.txt). Fix: download it, or pass "
+                                         "allow_missing=true / scenes=present"))
+    tasks = _make_tasks(raw, out, opts, plan, tsv, v1)
+    with OutputFolder(out, DATASET, prep_command(DATASET, raw, out, opts, OPTIONS)) as folder:
+        folder.claim(t.rel for t in tasks)
         results = []
-        for task, res in parallel_map(run_shard, tasks, workers=workers, desc="scannet shards", progress=progress):
+        pending = []
+        for task in tasks:  # finished shards are found here, so a fully done re-run starts no worker
+            res = skipped_shard(task)
+            if res is None:
+                pending.append(task)
+            else:
+                results.append(res)
+                report.skipped += 1
+        if pending:
+            folder.begin_writes()
+        for task, res in parallel_map(run_shard, pending, workers=workers, desc="scannet shards", progress=progress):
             if isinstance(res, BaseException):
                 for scene, _ in task.scenes:
                     report.failed.append((scene, f"shard {task.rel} failed: {res}"))
                 continue
+            report.failed += [tuple(f) for f in res["failed"]]
+            report.missing += [f"{a} ({b})" for a, b in res["missing"]]
+            if not res["written"]:
+                continue
             results.append(res)
-            report.failed += res["failed"]
             if res["skipped"]:
                 report.skipped += 1
             else:
                 report.done += 1
-        _remove_stale_shards(out, plan, {t.rel for t in tasks})
         manifest = _build_manifest(raw, out, opts, plan, table, v1, results, report)
         report.seconds = time.perf_counter() - t0
         manifest["validation"].update(report.to_dict())
-        write_manifest(out, manifest)
+        folder.commit(manifest, report, complete=len(results) == len(tasks), units=[t.rel for t in tasks])
     return report
-
-
-def _remove_stale_shards(out: Path, plan: Plan, keep: set[str]) -> None:
-    for split in SPLITS:
-        d = out / split
-        if d.is_dir():
-            for p in d.glob(f"{split}_[0-9][0-9][0-9][0-9].h5"):
-                rel = p.relative_to(out).as_posix()
-                if rel not in keep:
-                    p.unlink()
 
 
 def _build_manifest(raw: Path, out: Path, opts: Mapping[str, Any], plan: Plan, table: LabelTable,
@@ -905,7 +1002,7 @@ def _build_manifest(raw: Path, out: Path, opts: Mapping[str, Any], plan: Plan, t
     unknown: dict[str, dict[str, Any]] = {}
     ply_checks: dict[str, dict[str, Any]] = {}
     for res in results:
-        inputs.update(res["inputs"])
+        inputs.update({k: v for k, v in res["inputs"].items() if v is not None})
         outputs.update(res["outputs"])
         if not res["order"]:
             continue
@@ -941,9 +1038,9 @@ def _build_manifest(raw: Path, out: Path, opts: Mapping[str, Any], plan: Plan, t
     for kind, n in versions.most_common():
         ex = ", ".join(version_scenes[kind][:3])
         report.warnings.insert(0, f"detected {kind}: {n} scene(s) (e.g. {ex})")
-    report.warnings.insert(0, f"label map {_raw_key(Path(table.path), raw)}: ScanNet v2 format (raw_category column, "
+    report.warnings.insert(0, f"label map {input_key(Path(table.path), raw)}: ScanNet v2 format (raw_category column, "
                               f"{len(table.raw_to_id)} raw categories)" + (
-                                  f"; v1 label map {_raw_key(v1, raw)} used to read v1 labels.ply ids" if v1 else ""))
+                                  f"; v1 label map {input_key(v1, raw)} used to read v1 labels.ply ids" if v1 else ""))
     for cat, u in sorted(unknown.items()):
         report.warnings.append(f"raw category {cat!r} is not in {TSV_NAME}: mapped to ignore "
                                f"({u['vertices']} vertices in {len(u['scenes'])} scene(s), e.g. {u['scenes'][0]})")
@@ -953,9 +1050,9 @@ def _build_manifest(raw: Path, out: Path, opts: Mapping[str, Any], plan: Plan, t
                                    f"on {chk['disagreeing_vertices']} vertices")
         if chk.get("invalid_nyu40_values"):
             report.warnings.append(f"{scene}: labels.ply holds invalid nyu40 ids {chk['invalid_nyu40_values']}")
-    inputs[_raw_key(Path(table.path), raw)] = table.sha256
+    inputs[input_key(Path(table.path), raw)] = table.sha256
     for p in plan.split_files.values():
-        inputs[_raw_key(p, raw)] = sha256_file(p)
+        inputs[input_key(p, raw)] = sha256_file(p)
     display_changes = {table.nyu40_names[i]: n for i, n in zip(c20.source_ids, c20.names, strict=True)
                        if table.nyu40_names.get(i, n) != n}
     return {
@@ -990,74 +1087,44 @@ def _build_manifest(raw: Path, out: Path, opts: Mapping[str, Any], plan: Plan, t
     }
 
 
-def _ply_header(path: Path) -> tuple[dict[str, int], int, int]:
-    """``({element: count}, header bytes, file size)`` from a PLY header, without reading the body."""
-    counts: dict[str, int] = {}
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    end = head.find(b"end_header\n")
-    if not head.startswith(b"ply") or end < 0:
-        raise PrepError("not a PLY file (no 'ply' magic or 'end_header' in the first 4 KiB)", path, "header",
-                        "re-download the file")
-    for line in head[:end].decode("ascii", "replace").splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[0] == "element":
-            counts[parts[1]] = int(parts[2])
-    return counts, end + len(b"end_header\n"), path.stat().st_size
+def _check_scene(item: tuple[str, str, str, str, str | None, dict[str, Any]]) -> str | None:
+    """``--check`` of one scene: process it exactly as preparation would; the problem line or None."""
+    folder, scene, split, tsv, v1_tsv, opts = item
+    table = _cached_table(tsv, os.stat(tsv).st_mtime_ns)
+    v1_map = _cached_v1(v1_tsv, os.stat(v1_tsv).st_mtime_ns) if v1_tsv else None
+    try:
+        process_scene(Path(folder), scene, split, table, opts, v1_map)
+    except InputUnreadable as err:
+        return None if opts.get("allow_missing") else str(err)
+    except PrepError as err:
+        return str(err)
+    except Exception as err:  # noqa: BLE001 - report like preparation does, never stop the check
+        return f"{scene}: {type(err).__name__}: {err} (in {folder})"
+    return None
 
 
-def _check_scene(folder: Path, scene: str, split: str, opts: Mapping[str, Any]) -> list[str]:
-    """Problems of one scene folder for :func:`check`: missing files, unreadable files, count mismatches."""
-    files = scene_files(folder, scene)
-    problems = [f"{files[k]}: required {k} file not found" for k in required_files(split, opts) if not files[k].is_file()]
-
-    def attempt(key: str, fn: Callable[[Path], Any]) -> Any:
-        if not files[key].is_file():
-            return None
-        try:
-            return fn(files[key])
-        except PrepError as err:
-            problems.append(str(err))
-        except Exception as err:  # noqa: BLE001 - plyfile and json raise several types for damaged files
-            problems.append(f"{files[key]}: {type(err).__name__}: {err}")
-        return None
-
-    def labels_ply_count(path: Path) -> int | None:
-        _read_ply(path, "labels ply")  # memory-mapped: checks sizes and list lengths without loading
-        return _ply_header(path)[0].get("vertex")
-
-    n = attempt("mesh", lambda p: read_mesh(p).coord.shape[0])  # empty, NaN/inf, bad faces, truncation
-    counts = {"labels_ply": attempt("labels_ply", labels_ply_count),
-              "segs": attempt("segs", lambda p: read_segs(p)[0].shape[0])}
-    attempt("aggregation", read_aggregation)
-    attempt("meta", read_scene_meta)
-    for key, field_name in (("labels_ply", "element vertex"), ("segs", "segIndices")):
-        if n is not None and counts[key] is not None and counts[key] != n:
-            problems.append(f"{files[key]}: {field_name}: {counts[key]} entries but the mesh has {n} vertices")
-    return problems
-
-
-def check(raw: str | os.PathLike, options: Mapping[str, Any] | None = None) -> list[str]:
-    """Problems that would stop or degrade ``prepare`` (missing and malformed inputs), without writing."""
+def check(raw: str | os.PathLike, options: Mapping[str, Any] | None = None, workers: int = 1,
+          progress: bool | None = None) -> list[str]:
+    """Every problem :func:`prepare` would meet (lists, label maps, absent scenes unless allow_missing=true,
+    and each scene read, labelled and cross-checked as in preparation), without writing anything."""
     opts = parse_options(OPTIONS, dict(options or {}), DATASET)
     raw = Path(raw).expanduser().absolute()
-    problems: list[str] = []
-    if not raw.is_dir():
-        return [f"{raw}: raw folder not found. Fix: give the folder that holds scans/ and {TSV_NAME}"]
     try:
-        read_label_table(find_tsv(raw))
-        v1 = find_v1_tsv(raw, str(opts["v1_tsv"]))
-        if v1 is not None:
-            read_v1_label_table(v1)
-        plan = plan_scenes(raw, opts)
+        tsv, _, v1, plan = _prepare_plan(raw, opts)
     except PrepError as err:
         return [str(err)]
+    problems: list[str] = []
     if not opts["allow_missing"]:
         problems += [f"{raw / 'scans' / s}: scene folder not found (listed in scannetv2_{sp}.txt)"
                      for s, sp in plan.absent]
-    for split, scenes in plan.splits.items():
-        for scene, folder in scenes:
-            problems += _check_scene(folder, scene, split, opts)
+    items = [(str(folder), scene, split, str(tsv), None if v1 is None else str(v1), dict(opts))
+             for split, scenes in plan.splits.items() for scene, folder in scenes]
+    for item, res in parallel_map(_check_scene, items, workers=workers, desc="checking scannet scenes",
+                                  progress=progress):
+        if isinstance(res, BaseException):
+            problems.append(f"{item[1]}: {res}")
+        elif res:
+            problems.append(res)
     return problems
 
 

@@ -3,7 +3,7 @@
 :class:`PreparedDataset` is the base every dataset builds on (ModelNet, ScanObjectNN, ScanNet):
 
 * ``__init__`` only reads manifest.json (small) and checks the split; shards are opened lazily per
-  process (:class:`data_prep.common.RaggedH5Reader`), so the object is cheap to build and safe to hand
+  process (:class:`pcbench.data.format.RaggedH5Reader`), so the object is cheap to build and safe to hand
   to DataLoader workers (fork or spawn).
 * ``__getitem__(i)`` = :meth:`read` (stored arrays of sample i) -> :meth:`convert` (subclass hook:
   stored keys to the sample convention of :mod:`pcbench.data.transforms`) -> ``transform(sample, rng)``
@@ -29,8 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data_prep.common import RaggedH5Reader, read_manifest
-
+from .format import RaggedH5Reader, read_manifest
 from .transforms import BuildFeat
 
 __all__ = ["PreparedDataset", "seed_worker"]
@@ -117,15 +116,12 @@ class PreparedDataset(Dataset):
 
         Reads only the small per-sample ``key`` array of each shard.
         """
-        import h5py  # noqa: PLC0415
-
         parts = []
-        for path in self._paths:
-            with h5py.File(path, "r") as f:
-                if key not in f or f"{key}__offset" in f:
-                    raise ValueError(f"{path} has no per-sample {key!r} (keys: {sorted(f.keys())}); "
-                                     "labels() is for classification datasets")
-                parts.append(np.asarray(f[key][()], dtype=np.int64))
+        for shard in range(len(self._paths)):
+            try:
+                parts.append(np.asarray(self._reader(shard).per_sample(key), dtype=np.int64))
+            except ValueError as err:
+                raise ValueError(f"{err}; labels() is for classification datasets") from None
         out = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         return np.tile(out, self.loop)
 
@@ -148,12 +144,16 @@ class PreparedDataset(Dataset):
     def read(self, index: int) -> Sample:
         """Stored arrays of sample ``index`` plus ``name`` (no conversion, no transform)."""
         shard, row = self._locate(index)
-        reader = self._readers[shard]
-        if reader is None:
-            reader = self._readers[shard] = RaggedH5Reader(self._paths[shard])
+        reader = self._reader(shard)
         sample: Sample = dict(reader.get(row))
         sample["name"] = reader.name(row)
         return sample
+
+    def _reader(self, shard: int) -> RaggedH5Reader:
+        reader = self._readers[shard]
+        if reader is None:  # a damaged shard names itself and the command that rewrites it
+            reader = self._readers[shard] = RaggedH5Reader(self._paths[shard], self.manifest.get("command"))
+        return reader
 
     def convert(self, stored: Sample) -> Sample:
         """Subclass hook: stored arrays -> transform sample convention (default: as stored, coord float32)."""

@@ -70,7 +70,8 @@ def test_check_reports_without_writing(raw, tmp_path, capsys):
     assert not out.exists()
     assert cli.main(["scanobjectnn", "--check", f"raw={raw / 'so'}", "variant=PB_T50_RS"]) == 1
     text = capsys.readouterr().out
-    assert "training_objectdataset_augmentedrot_scale75.h5: file missing" in text and "2 problems found" in text
+    assert "variant: none of the PB_T50_RS files of split=main_split is here" in text
+    assert "training_objectdataset_augmentedrot_scale75.h5" in text and "1 problems found" in text
 
 
 def test_prepare_exit_codes_and_verify(raw, tmp_path, capsys):

@@ -376,7 +376,9 @@ def test_injected_interrupt_then_resume(synth, tmp_path, monkeypatch):
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert not any(".pcbench-tmp-" in f for f in files)  # the interrupted shard left no temp file
     assert [f for f in files if f.endswith(".h5")] == ["train/shard_00000.h5", "train/shard_00001.h5"]
-    assert "manifest.json" not in files
+    with pytest.raises(PrepError, match=r"status: a preparation .* did not finish.*finish it with: pcbench-prep "
+                                        r"modelnet40 raw=.* points=32 sampling=random shard_size=3"):
+        read_manifest(out)  # the half-written folder is refused, with the command that finishes it
     rep = M.prepare(synth, out, o, workers=1)
     assert rep.skipped == 2 and rep.done == 4  # 10 train -> 4 shards, 5 test -> 2 shards; 2 were finished
     assert _fingerprint(out) == _fingerprint(ref)
@@ -402,7 +404,8 @@ def test_hard_kill_then_resume(synth, tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / "manifest.json").exists()
+    with pytest.raises(PrepError, match="did not finish.*finish it with: pcbench-prep modelnet40"):
+        read_manifest(out)
     n_done = len(list(done_dir.glob("*.json")))
     assert 3 <= n_done < 15
     for p in out.rglob("*.h5"):  # every shard that exists is complete
@@ -530,3 +533,37 @@ def test_changing_shard_size_removes_stale_shards(synth, tmp_path):
                                                                      "shard_00002.h5"]
     assert len(list((out / ".done").glob("*.json"))) == 5  # 3 train + 2 test units
     assert verify_outputs(out) == [] and read_manifest(out)["splits"]["train"]["num_samples"] == 10
+
+
+# ---------------------------------------------------------- sampling=first (issue 11 item 7, PointNet++)
+def _pointnet2_loader(path: Path, npoints: int) -> np.ndarray:
+    """What charlesq34/pointnet2 modelnet_dataset.py does per file: loadtxt, first npoints rows, pc_normalize."""
+    point_set = np.loadtxt(path, delimiter=",").astype(np.float32)[0:npoints, :]
+    pc = point_set[:, 0:3]
+    pc = pc - np.mean(pc, axis=0)
+    point_set[:, 0:3] = pc / np.max(np.sqrt(np.sum(pc ** 2, axis=1)))
+    return point_set
+
+
+def _check_first(raw: Path, out: Path, names: list[str], npoints: int) -> None:
+    rep = M.prepare(raw, out, opts(allow_missing=True, points=npoints, sampling="first"), workers=1)
+    assert rep.ok and rep.samples == len(names)
+    m = read_manifest(out)
+    assert m["options"]["sampling"] == "first" and "first `points` rows" in m["sampling"]
+    assert "charlesq34/pointnet2" in m["sampling"]
+    rows = dict(read_split(out, "train") + read_split(out, "test"))
+    assert sorted(rows) == sorted(names)
+    for name, s in rows.items():
+        ref = _pointnet2_loader(raw / f"modelnet40_normal_resampled/{name.rsplit('_', 1)[0]}/{name}.txt", npoints)
+        np.testing.assert_allclose(s["coord"], ref[:, :3], atol=2e-6)
+        np.testing.assert_allclose(s["normal"], ref[:, 3:] / np.linalg.norm(ref[:, 3:], axis=1, keepdims=True),
+                                   atol=2e-6)
+
+
+def test_sampling_first_equals_the_official_pointnet2_loader(synth, tmp_path):
+    names = [p.stem for p in (synth / "modelnet40_normal_resampled").rglob("*_0*.txt")]
+    _check_first(synth, tmp_path / "o", names, 1024)
+
+
+def test_real_sampling_first_equals_the_official_pointnet2_loader(shared_data, tmp_path):
+    _check_first(shared_data / "modelnet40", tmp_path / "o", REAL_TRAIN + REAL_TEST, 1024)

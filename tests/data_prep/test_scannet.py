@@ -356,7 +356,8 @@ scannet.prepare({str(syn_raw)!r}, {str(out)!r}, {{"shard_size": 1}}, workers=1, 
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    assert not (out / "manifest.json").exists()
+    with pytest.raises(PrepError, match="did not finish.*finish it with: pcbench-prep scannet raw=.* shard_size=1"):
+        read_manifest(out)
     assert len(list((out / ".done").glob("*.json"))) == 2
     assert list(out.rglob(".pcbench-tmp-*"))  # the half-written temp file is all that is left of shard 3
     resumed = prepare(syn_raw, out, shard_size=1)

@@ -180,3 +180,88 @@ def test_generator_is_deterministic_for_a_seed(tmp_path):
     assert not np.array_equal(da["data"], dc["data"])
     assert set(np.unique(da["mask"])) == {-1, 1}
     assert (a / "shape_names_ext.txt").read_text().splitlines() == P.CLASSES
+
+
+# ------------------------------------------------------------------- normals=estimate (issue 8 item 17)
+def _sphere(n: int, rng: np.random.Generator, centre: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    d = rng.normal(size=(n, 3))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    return centre + radius * d, d
+
+
+def test_estimated_normals_match_an_analytic_sphere_and_point_outwards():
+    rng = np.random.default_rng(0)
+    centre = np.array([1.0, -2.0, 3.0])
+    pts, truth = _sphere(2048, rng, centre, 0.7)
+    n = P.estimate_normals(pts, 30)  # centre defaults to the centroid
+    np.testing.assert_allclose(np.linalg.norm(n, axis=1), 1.0, atol=1e-9)
+    cos = (n * truth).sum(1)
+    assert cos.min() > 0.97 and np.median(cos) > 0.995  # outward everywhere, close to the true normal
+
+
+def test_estimated_normals_match_the_faces_of_a_box():
+    rng = np.random.default_rng(1)
+    size = np.array([2.0, 1.0, 0.5])
+    area = np.array([size[1] * size[2], size[0] * size[2], size[0] * size[1]])
+    pts, truth = [], []
+    for axis in range(3):
+        for side in (0.0, 1.0):
+            k = int(4096 * area[axis] / (2 * area.sum()))
+            p = rng.random((k, 3)) * size
+            p[:, axis] = side * size[axis]
+            nrm = np.zeros((k, 3))
+            nrm[:, axis] = 1.0 if side else -1.0
+            pts.append(p)
+            truth.append(nrm)
+    pts, truth = np.concatenate(pts), np.concatenate(truth)
+    n = P.estimate_normals(pts, 20)
+    # away from edges (farther than 0.15 from every other face) the plane fit is exact
+    inner = np.ones(len(pts), bool)
+    for axis in range(3):
+        on_face = np.isclose(pts[:, axis], 0) | np.isclose(pts[:, axis], size[axis])
+        inner &= on_face | ((pts[:, axis] > 0.15) & (pts[:, axis] < size[axis] - 0.15))
+    assert inner.sum() > 1000
+    assert ((n[inner] * truth[inner]).sum(1) > 0.999).all()
+
+
+def test_normals_estimate_option_is_stored_and_recorded(raw, tmp_path):
+    out = tmp_path / "o"
+    o = opts(variant="OBJ_ONLY", normals="estimate", points=512, sampling="random")
+    assert P.prepare(raw, out, o, workers=1).ok
+    m = read_manifest(out)
+    assert m["options"]["normals"] == "estimate" and m["options"]["normals_k"] == 30
+    assert m["normals"]["neighbourhood"] == {"type": "knn", "k": 30}
+    assert "away from the centroid of the object points" in m["normals"]["orientation"]
+    assert m["keys"] == ["coord", "mask", "normal", "label"]
+    with h5py.File(raw / "h5_files/main_split_nobg/training_objectdataset.h5") as f:
+        data, mask = f["data"][()].astype(np.float64), f["mask"][()]
+    for i, s in enumerate(rows(out, "train")):
+        assert s["normal"].shape == (512, 3) and s["normal"].dtype == np.float32
+        ref = P.estimate_normals(data[i], 30, data[i][mask[i] != -1].mean(0))  # on the 2048 released points
+        # random subsampling keeps raw rows: find each stored row, compare its normal
+        idx = [int(np.flatnonzero((data[i] == r.astype(np.float64)).all(1))[0]) for r in s["coord"]]
+        np.testing.assert_allclose(s["normal"], ref[idx], atol=1e-6)
+    plain = tmp_path / "plain"
+    assert P.prepare(raw, plain, opts(variant="OBJ_ONLY"), workers=1).ok
+    assert "normal" not in rows(plain, "train")[0] and read_manifest(plain)["normals"].startswith("none")
+    with pytest.raises(Exception, match=r"normals_k=2 is too small"):
+        P.prepare(raw, tmp_path / "x", opts(normals="estimate", normals_k=2), workers=1)
+
+
+def test_dataset_feeds_estimated_normals_like_modelnet(raw, tmp_path):
+    from pcbench.data import ScanObjectNNDataset
+
+    out = tmp_path / "o"
+    assert P.prepare(raw, out, opts(variant="PB_T25", normals="estimate"), workers=1).ok
+    ds = ScanObjectNNDataset(out, "train", use_normals=True, drop_background=True)
+    s = ds[0]
+    assert s["feat"].shape == (len(s["coord"]), 6) and (s["mask"] == 1).all()
+    np.testing.assert_array_equal(s["feat"][:, 3:], s["normal"])
+    with pytest.raises(ValueError, match="prepared without normals; re-prepare with normals=estimate"):
+        ScanObjectNNDataset(_plain(raw, tmp_path), "train", use_normals=True)
+
+
+def _plain(raw: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "plain"
+    assert P.prepare(raw, out, opts(variant="PB_T25"), workers=1).ok
+    return out
