@@ -205,6 +205,9 @@ def record_from_metrics(
     extra = m
     if "config_sha256" in extra:  # the trainer's own hash of its config, kept beside ours
         extra["trainer_config_sha256"] = extra.pop("config_sha256")
+    # a paper recipe's name and fidelity: the caller's, else what the trainer recorded (cfg.recipe)
+    recipe = recipe if recipe is not None else rec["recipe"]
+    fidelity = fidelity if fidelity is not None else rec["fidelity"]
     rec.update(
         result_id=result_id or new_result_id(), status=status, suite=suite, cell=cell, model=model,
         dataset=dataset, task=task, variant=variant, recipe=recipe, fidelity=fidelity,

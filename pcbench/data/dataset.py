@@ -44,7 +44,8 @@ class PreparedDataset(Dataset):
         root: folder written by ``pcbench-prep`` (holds manifest.json).
         split: split name from the manifest (e.g. "train", "test", "val").
         transform: ``callable(sample, rng) -> sample`` (e.g. :class:`pcbench.data.transforms.Compose`).
-        feat_keys: per-point keys concatenated into ``feat`` when the transform did not build one.
+        feat_keys: per-point keys concatenated into ``feat`` when the transform did not build one; empty:
+            ``feat`` has 0 channels (models that take xyz only, e.g. PointNet++ without normals).
         seed: base seed of the per-sample generators (None = not reproducible).
         loop: repeat the split this many times per epoch (short scene lists, e.g. ScanNet training).
     """
@@ -174,8 +175,11 @@ class PreparedDataset(Dataset):
         rng = self.rng(index)
         if self.transform is not None:
             sample = self.transform(sample, rng)
-        if "feat" not in sample and self._build_feat is not None:
-            sample = self._build_feat(sample, rng)
+        if "feat" not in sample:
+            if self._build_feat is not None:
+                sample = self._build_feat(sample, rng)
+            else:
+                sample = {**sample, "feat": np.zeros((len(sample["coord"]), 0), np.float32)}
         return sample
 
     def __getstate__(self) -> dict[str, Any]:

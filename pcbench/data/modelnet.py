@@ -19,7 +19,8 @@ class ModelNetDataset(PreparedDataset):
     Args:
         root, split, transform, seed: see :class:`PreparedDataset` (splits "train" and "test").
         use_normals: put the normals into ``feat`` (coord + normal, 6 channels) instead of coord only.
-        feat_keys: overrides the ``feat`` channels chosen by ``use_normals``.
+        feat_keys: overrides the ``feat`` channels chosen by ``use_normals`` (``[]``: xyz only, 0 channels,
+            for models that take the coordinates apart, e.g. the official xyz-only PointNet++).
     """
 
     dataset_names: ClassVar[tuple[str, ...]] = ("modelnet40", "modelnet10")
@@ -27,9 +28,9 @@ class ModelNetDataset(PreparedDataset):
     def __init__(self, root: str | os.PathLike, split: str = "train",
                  transform: Callable[[dict[str, Any], np.random.Generator], dict[str, Any]] | None = None,
                  use_normals: bool = True, feat_keys: Sequence[str] | None = None, seed: int | None = 0) -> None:
-        super().__init__(root, split, transform, feat_keys or (("coord", "normal") if use_normals else ("coord",)),
-                         seed)
-        if use_normals and "normal" not in self.manifest.get("keys", []):
+        keys = feat_keys if feat_keys is not None else (("coord", "normal") if use_normals else ("coord",))
+        super().__init__(root, split, transform, keys, seed)
+        if "normal" in keys and "normal" not in self.manifest.get("keys", []):
             raise ValueError(f"root={str(root)!r} was prepared without normals; use use_normals=False or re-prepare "
                              "with normals=true")
         self.use_normals = use_normals

@@ -23,7 +23,7 @@ class ScanObjectNNDataset(PreparedDataset):
         use_normals: put the estimated normals into ``feat`` (coord + normal, 6 channels, as
             :class:`pcbench.data.ModelNetDataset` with ``use_normals=True``); needs ``normals=estimate``.
         feat_keys: ``feat`` channels (default coord only, as in the ScanObjectNN benchmark); overrides
-            the choice of ``use_normals``.
+            the choice of ``use_normals``; ``[]`` gives 0 channels (xyz only, taken apart by the model).
     """
 
     dataset_names: ClassVar[tuple[str, ...]] = ("scanobjectnn",)
@@ -32,7 +32,7 @@ class ScanObjectNNDataset(PreparedDataset):
                  transform: Callable[[dict[str, Any], np.random.Generator], dict[str, Any]] | None = None,
                  drop_background: bool = False, feat_keys: Sequence[str] | None = None, seed: int | None = 0,
                  use_normals: bool = False) -> None:
-        keys = feat_keys or (("coord", "normal") if use_normals else ("coord",))
+        keys = feat_keys if feat_keys is not None else (("coord", "normal") if use_normals else ("coord",))
         super().__init__(root, split, transform, keys, seed)
         if "normal" in keys and "normal" not in self.manifest.get("keys", []):
             raise ValueError(f"root={str(root)!r} was prepared without normals; re-prepare with normals=estimate "

@@ -6,14 +6,17 @@ come back as numpy). Per-point arrays (first axis = the n points) use the keys i
 [n,3] float32 in [0, 1], ``label`` [n] (segmentation; a 0-d ``label`` is a per-object class and is left
 alone), ``instance`` [n], ``mask`` [n], ``feat`` [n,C], ``grid_coord`` [n,3]. Other keys (``name``, ...)
 are left alone. ``inverse`` [m] (added by :class:`GridSample`) maps every full-resolution point to its
-representative among the current points.
+representative among the current points. ``GridSample(mode="fragments")`` (Pointcept's test-time
+voxelization) instead lays several fragments end to end: ``fragment_offset`` [F] (cumulative ends) splits the
+points into fragments that each hold one point of every voxel, and ``index`` [M] gives the original row of
+every point, so predictions are accumulated per original point over all fragments.
 
 Every transform is called as ``t(sample, rng) -> sample`` with a ``numpy.random.Generator``: the
 Dataset derives ``rng`` from (seed, epoch, index), so results are identical for a seed whatever the
 number or order of DataLoader workers. ``rng`` may be omitted (``t(sample)``): a fresh, unseeded
 generator is used then, so the result is not reproducible. Build pipelines in Hydra with ``_target_`` entries inside a
 :class:`Compose`. Transforms that change the set of points (crop, dropout, fixed-N) refuse to run after
-:class:`GridSample` made an ``inverse`` map (it would no longer reach every full-resolution point).
+:class:`GridSample` made an ``inverse`` map or fragments (they would no longer reach every full-resolution point).
 """
 
 from __future__ import annotations
@@ -31,11 +34,14 @@ __all__ = [
     "ChromaticAutoContrast",
     "ChromaticJitter",
     "Compose",
+    "ChromaticTranslation",
     "ElasticDistortion",
     "FixedPoints",
     "GridSample",
+    "NormalizeColor",
     "NormalizeUnitSphere",
     "RandomDropout",
+    "RandomFlip",
     "RandomJitter",
     "RandomRotate",
     "RandomRotatePerturbation",
@@ -73,8 +79,9 @@ def _num_points(sample: Sample) -> int:
 
 def take_points(sample: Sample, idx: np.ndarray, who: str = "transform") -> Sample:
     """Keep rows ``idx`` of every per-point array (a copy of the dict; other keys untouched)."""
-    if "inverse" in sample:
-        raise ValueError(f"{who} would change the points after GridSample built 'inverse'; "
+    if "inverse" in sample or "fragment_offset" in sample:
+        made = "'inverse'" if "inverse" in sample else "fragments"
+        raise ValueError(f"{who} would change the points after GridSample built {made}; "
                          "apply GridSample last (after cropping, dropout and resampling)")
     out = dict(sample)
     for k in point_keys(sample):
@@ -125,14 +132,19 @@ class RandomRotate(_Repr):
     """Rotate coord (and normal) by a random angle about z (``axis="z"``, also "x"/"y") or uniformly in SO(3).
 
     ``angle`` is the (low, high) range in radians for the axis modes; "so3" draws a uniform random
-    rotation (Shoemake's quaternion method) and ignores ``angle``. Rotation is about the origin.
+    rotation (Shoemake's quaternion method) and ignores ``angle``. Rotation is about the origin
+    (``center="origin"``) or about the centre of the bounding box (``center="bbox"``, Pointcept's
+    ``RandomRotate`` with ``center=None``); the two differ by a translation.
     """
 
-    def __init__(self, axis: str = "z", angle: tuple[float, float] = (-math.pi, math.pi), p: float = 1.0) -> None:
+    def __init__(self, axis: str = "z", angle: tuple[float, float] = (-math.pi, math.pi), p: float = 1.0,
+                 center: str = "origin") -> None:
         if axis not in ("x", "y", "z", "so3"):
             raise ValueError(f"axis must be 'x', 'y', 'z' or 'so3', got {axis!r}")
+        if center not in ("origin", "bbox"):
+            raise ValueError(f"center must be 'origin' or 'bbox' (the bounding-box centre), got {center!r}")
         _check_range("angle", *angle)
-        self.axis, self.angle, self.p = axis, tuple(angle), p
+        self.axis, self.angle, self.p, self.center = axis, tuple(angle), p, center
 
     def matrix(self, rng: np.random.Generator) -> np.ndarray:
         """The rotation this transform would apply for ``rng``."""
@@ -156,7 +168,38 @@ class RandomRotate(_Repr):
         for k in ("coord", "normal"):
             if k in sample:
                 a = np.asarray(sample[k])
-                out[k] = a @ r.T.astype(a.dtype) if a.dtype in (np.float32, np.float64) else (a @ r.T).astype(a.dtype)
+                c = None
+                if k == "coord" and self.center == "bbox" and len(a):
+                    c = ((a.min(0).astype(np.float64) + a.max(0)) / 2).astype(a.dtype)
+                    a = a - c
+                rot = a @ r.T.astype(a.dtype) if a.dtype in (np.float32, np.float64) else (a @ r.T).astype(a.dtype)
+                out[k] = rot if c is None else rot + c
+        return out
+
+
+class RandomFlip(_Repr):
+    """Mirror x and then y, each with probability ``p`` (coord and normal), as Pointcept's ``RandomFlip``.
+
+    ``p=1`` flips both axes: a rotation by pi about z.
+    """
+
+    def __init__(self, p: float = 0.5) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must be a probability in [0, 1], got {p}")
+        self.p = p
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        rng = _rng(rng)
+        sign = np.ones(3)
+        sign[0] = -1.0 if rng.random() < self.p else 1.0
+        sign[1] = -1.0 if rng.random() < self.p else 1.0
+        if (sign == 1).all():
+            return sample
+        out = dict(sample)
+        for k in ("coord", "normal"):
+            if k in sample:
+                a = np.asarray(sample[k])
+                out[k] = (a * sign).astype(a.dtype)
         return out
 
 
@@ -237,20 +280,30 @@ class RandomJitter(_Repr):
 
 
 class CenterShift(_Repr):
-    """Move the bounding-box centre to the origin (``apply_z=False``: put the minimum z at 0 instead)."""
+    """Move the bounding-box centre of x and y to the origin; ``apply_z=True`` also moves the minimum z to 0,
+    ``apply_z=False`` leaves z alone (Pointcept's ``CenterShift``).
 
-    def __init__(self, apply_z: bool = True) -> None:
-        self.apply_z = apply_z
+    ``snap``: round the shift to a multiple of this length (e.g. the grid size after :class:`GridSample`),
+    so voxel boundaries ``floor(coord / snap)`` stay where they were. Models that voxelize their input again
+    (pcbench's voxel backbones, PTv2, PTv3) then see the voxels GridSample made, one point each, as
+    Pointcept's models, which reuse GridSample's ``grid_coord``, do.
+    """
+
+    def __init__(self, apply_z: bool = True, snap: float | None = None) -> None:
+        if snap is not None and not snap > 0:
+            raise ValueError(f"snap must be a positive length (e.g. the grid size) or null, got {snap}")
+        self.apply_z, self.snap = apply_z, snap
 
     def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
         rng = _rng(rng)
         c = np.asarray(sample["coord"])
         if len(c) == 0:
             return sample
-        lo, hi = c.min(0), c.max(0)
+        lo, hi = c.min(0).astype(np.float64), c.max(0).astype(np.float64)
         shift = (lo + hi) / 2
-        if not self.apply_z:
-            shift[2] = lo[2]
+        shift[2] = lo[2] if self.apply_z else 0.0
+        if self.snap is not None:
+            shift = np.round(shift / self.snap) * self.snap
         return {**sample, "coord": (c - shift).astype(c.dtype)}
 
 
@@ -271,17 +324,20 @@ class ElasticDistortion(_Repr):
     """Smooth random warp of coord (as in the MinkowskiEngine / Pointcept scene augmentation).
 
     For every (granularity, magnitude) pair: Gaussian noise on a grid of spacing ``granularity``
-    covering the cloud (node j at min + (j - 1) * granularity) is smoothed by three passes of a 3-wide
-    box blur per axis (zero padding), trilinearly interpolated at each point and added times
-    ``magnitude``. Plain numpy (no scipy needed).
+    covering the cloud (node j at min + (j - 1) * granularity) is smoothed by ``blur_passes`` passes of a
+    3-wide box blur per axis (zero padding; 2 as Pointcept's and MinkowskiEngine's ``elastic_distortion``),
+    trilinearly interpolated at each point and added times ``magnitude``. Plain numpy (no scipy needed).
     """
 
     def __init__(self, distortion_params: Sequence[tuple[float, float]] = ((0.2, 0.4), (0.8, 1.6)),
-                 p: float = 0.95) -> None:
+                 p: float = 0.95, blur_passes: int = 2) -> None:
         for g, _ in distortion_params:
             if g <= 0:
                 raise ValueError(f"granularity must be > 0, got {g} in distortion_params={distortion_params}")
+        if blur_passes < 0:
+            raise ValueError(f"blur_passes must be >= 0, got {blur_passes}")
         self.distortion_params, self.p = [tuple(x) for x in distortion_params], p
+        self.blur_passes = int(blur_passes)
 
     @staticmethod
     def _blur(x: np.ndarray, axis: int) -> np.ndarray:
@@ -299,7 +355,7 @@ class ElasticDistortion(_Repr):
         lo = coord.min(0)
         dims = ((coord - lo).max(0) // granularity).astype(int) + 3
         noise = rng.standard_normal((*dims, 3))
-        for _ in range(3):
+        for _ in range(self.blur_passes):
             for ax in range(3):
                 noise = self._blur(noise, ax)
         # grid node j sits at lo + (j - 1) * granularity, so every point has nodes on both sides
@@ -348,6 +404,41 @@ class ChromaticAutoContrast(_Repr):
         return {**sample, "color": ((1 - b) * col + b * contrast).astype(np.float32)}
 
 
+class ChromaticTranslation(_Repr):
+    """Add one random offset per colour channel, uniform in [-ratio, ratio], and clip to [0, 1] (Pointcept's
+    ``ChromaticTranslation``, whose ``ratio`` is a fraction of the 0-255 range, i.e. the same number here)."""
+
+    def __init__(self, p: float = 0.95, ratio: float = 0.05) -> None:
+        if ratio < 0:
+            raise ValueError(f"ratio must be >= 0 (a fraction of the colour range), got {ratio}")
+        self.p, self.ratio = p, ratio
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        rng = _rng(rng)
+        if "color" not in sample or rng.random() >= self.p:
+            return sample
+        col = np.asarray(sample["color"], dtype=np.float64)
+        tr = (rng.random((1, 3)) - 0.5) * 2 * self.ratio
+        return {**sample, "color": np.clip(col + tr, 0, 1).astype(np.float32)}
+
+
+class NormalizeColor(_Repr):
+    """Map colour from pcbench's stored [0, 1] to [low, high] (last in a pipeline: the chromatic augmentations
+    expect [0, 1]). ``(-1, 1)`` is Pointcept's ``NormalizeColor`` up to v1.5 (``color / 127.5 - 1``);
+    ``(0, 1)`` (identity) is Pointcept's from v1.6.0 (``color / 255``)."""
+
+    def __init__(self, low: float = -1.0, high: float = 1.0) -> None:
+        if not low < high:
+            raise ValueError(f"NormalizeColor needs low < high, got low={low}, high={high}")
+        self.low, self.high = float(low), float(high)
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        if "color" not in sample:
+            return sample
+        col = np.asarray(sample["color"], dtype=np.float32)
+        return {**sample, "color": (col * np.float32(self.high - self.low) + np.float32(self.low)).astype(np.float32)}
+
+
 class ChromaticJitter(_Repr):
     """Add per-point Gaussian noise of standard deviation ``std`` to colour and clip to [0, 1]."""
 
@@ -368,20 +459,27 @@ class RandomDropout(_Repr):
     """Drop a random fraction of points, the fraction uniform in [0, max_ratio] (PointNet++ input dropout).
 
     ``keep_size=True`` keeps the count by overwriting dropped rows with the first point (as PointNet++
-    does for fixed-size batches); otherwise the dropped points are removed.
+    does for fixed-size batches); otherwise the dropped points are removed. ``fixed_ratio=True`` keeps
+    exactly ``int(n * (1 - max_ratio))`` random points instead (Pointcept's ``RandomDropout``, whose
+    ``dropout_application_ratio`` is ``p`` here).
     """
 
-    def __init__(self, max_ratio: float = 0.875, keep_size: bool = False, p: float = 1.0) -> None:
+    def __init__(self, max_ratio: float = 0.875, keep_size: bool = False, p: float = 1.0,
+                 fixed_ratio: bool = False) -> None:
         if not 0 <= max_ratio < 1:
             raise ValueError(f"max_ratio must be in [0, 1), got {max_ratio}")
-        self.max_ratio, self.keep_size, self.p = max_ratio, keep_size, p
+        self.max_ratio, self.keep_size, self.p, self.fixed_ratio = max_ratio, keep_size, p, fixed_ratio
 
     def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
         rng = _rng(rng)
         n = _num_points(sample)
         if n == 0 or rng.random() >= self.p:
             return sample
-        drop = rng.random(n) < rng.uniform(0, self.max_ratio)
+        if self.fixed_ratio:
+            drop = np.ones(n, dtype=bool)
+            drop[rng.choice(n, int(n * (1 - self.max_ratio)), replace=False)] = False
+        else:
+            drop = rng.random(n) < rng.uniform(0, self.max_ratio)
         if self.keep_size:
             idx = np.arange(n)
             idx[drop] = 0
@@ -402,15 +500,17 @@ class FixedPoints(_Repr):
     """Resample an object to exactly ``n`` points: farthest point sampling, random or the first n.
 
     With fewer than ``n`` points every point is kept once and the rest are random repeats.
-    FPS uses ``pcbench.ops.farthest_point_sample`` with a random start point.
+    FPS uses ``pcbench.ops.farthest_point_sample`` with a random start point. ``mode="random"`` keeps the
+    drawn points in stored order (``keep_order=True``) or in the random order they were drawn in
+    (``keep_order=False``: the ScanObjectNN training script's ``idx_pts[:num_points]``).
     """
 
-    def __init__(self, n: int = 1024, mode: str = "fps") -> None:
+    def __init__(self, n: int = 1024, mode: str = "fps", keep_order: bool = True) -> None:
         if n <= 0:
             raise ValueError(f"n must be a positive number of points, got {n}")
         if mode not in ("fps", "random", "first"):
             raise ValueError(f"mode must be 'fps', 'random' or 'first', got {mode!r}")
-        self.n, self.mode = n, mode
+        self.n, self.mode, self.keep_order = n, mode, keep_order
 
     def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
         rng = _rng(rng)
@@ -422,7 +522,9 @@ class FixedPoints(_Repr):
         elif self.mode == "first":
             idx = np.arange(self.n)
         elif self.mode == "random":
-            idx = np.sort(rng.permutation(m)[: self.n])
+            idx = rng.permutation(m)[: self.n]
+            if self.keep_order:
+                idx = np.sort(idx)
         else:
             import torch  # noqa: PLC0415
 
@@ -435,11 +537,12 @@ class FixedPoints(_Repr):
 
 class SphereCrop(_Repr):
     """Keep at most ``max_points`` points nearest to a centre: a random point (``mode="random"``) or the
-    bounding-box centre (``"center"``). Scenes larger than the budget become a ball-shaped crop."""
+    bounding-box centre (``"center"``). Scenes larger than the budget become a ball-shaped crop.
+    ``max_points=None`` keeps every point (no crop)."""
 
-    def __init__(self, max_points: int = 80000, mode: str = "random") -> None:
-        if max_points <= 0:
-            raise ValueError(f"max_points must be positive, got {max_points}")
+    def __init__(self, max_points: int | None = 80000, mode: str = "random") -> None:
+        if max_points is not None and max_points <= 0:
+            raise ValueError(f"max_points must be positive (or null: no crop), got {max_points}")
         if mode not in ("random", "center"):
             raise ValueError(f"mode must be 'random' or 'center', got {mode!r}")
         self.max_points, self.mode = max_points, mode
@@ -447,7 +550,7 @@ class SphereCrop(_Repr):
     def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
         rng = _rng(rng)
         n = _num_points(sample)
-        if n <= self.max_points:
+        if self.max_points is None or n <= self.max_points:
             return sample
         c = np.asarray(sample["coord"], dtype=np.float64)
         centre = c[rng.integers(n)] if self.mode == "random" else (c.min(0) + c.max(0)) / 2
@@ -463,13 +566,20 @@ class GridSample(_Repr):
     kept points are ordered by voxel (lexicographic (i, j, k)), and ``inverse`` [n_full] gives for every
     input point the row of its voxel's kept point, so ``pred_full = pred[inverse]`` maps predictions
     back to full resolution. ``grid_coord`` [n,3] int64 holds the voxel indices of the kept points.
+
+    ``mode="fragments"`` is Pointcept's test-time ``GridSample(mode="test")``: the points of each voxel are
+    put in a random order and fragment ``f`` (``f = 0 .. max points per voxel - 1``) keeps the point at
+    position ``f mod count`` of every voxel, so every fragment holds one point per voxel and together
+    they hold every point. The fragments are laid end to end (each in voxel order): ``fragment_offset``
+    [F] holds their cumulative ends and ``index`` [F * voxels] the original row of every point, so that
+    the evaluation sums each fragment's predictions into ``pred_full[index]`` (``return_inverse`` is unused).
     """
 
     def __init__(self, grid_size: float = 0.02, mode: str = "train", return_inverse: bool = True) -> None:
         if not grid_size > 0:
             raise ValueError(f"grid_size must be > 0 (metres per voxel edge), got {grid_size}")
-        if mode not in ("train", "test"):
-            raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
+        if mode not in ("train", "test", "fragments"):
+            raise ValueError(f"mode must be 'train', 'test' or 'fragments', got {mode!r}")
         self.grid_size, self.mode, self.return_inverse = grid_size, mode, return_inverse
 
     def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
@@ -484,8 +594,10 @@ class GridSample(_Repr):
         inv = inverse.numpy()
         starts = np.concatenate([[0], np.cumsum(counts.numpy())[:-1]]).astype(np.int64)
         # order points by voxel; a random permutation first makes the kept point of each voxel random
-        pre = rng.permutation(n) if self.mode == "train" else np.arange(n)
+        pre = rng.permutation(n) if self.mode != "test" else np.arange(n)
         order = pre[np.argsort(inv[pre], kind="stable")]
+        if self.mode == "fragments":
+            return self._fragments(sample, order, starts, counts.numpy(), voxels[:, 1:].numpy())
         keep = order[starts] if n else np.zeros(0, np.int64)
         prev_inverse = sample.get("inverse")
         out = take_points({k: v for k, v in sample.items() if k != "inverse"}, keep, "GridSample")
@@ -493,6 +605,20 @@ class GridSample(_Repr):
         if self.return_inverse:
             # compose with an earlier map so that inverse always starts from the original points
             out["inverse"] = inv if prev_inverse is None else inv[np.asarray(prev_inverse)]
+        return out
+
+    @staticmethod
+    def _fragments(sample: Sample, order: np.ndarray, starts: np.ndarray, counts: np.ndarray,
+                   grid: np.ndarray) -> Sample:
+        if "inverse" in sample or "fragment_offset" in sample:
+            raise ValueError("GridSample(mode='fragments') needs the full-resolution points, but an earlier "
+                             "GridSample already reduced them; use one GridSample per pipeline")
+        nfrag = int(counts.max()) if len(counts) else 0
+        idx = np.concatenate([order[starts + f % counts] for f in range(nfrag)]) if nfrag else np.zeros(0, np.int64)
+        out = take_points(sample, idx, "GridSample")
+        out["grid_coord"] = np.tile(grid, (nfrag, 1))
+        out["index"] = idx.astype(np.int64)
+        out["fragment_offset"] = (np.arange(1, nfrag + 1) * len(counts)).astype(np.int64)
         return out
 
 

@@ -8,6 +8,7 @@ transforms and never reach the training loader.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ __all__ = [
     "eval_loader",
     "eval_transform",
     "manifest_sha256",
+    "mix_pairs",
     "split_dataset",
     "stratified_holdout",
     "train_loader",
@@ -85,11 +87,16 @@ class StashFull:
         return "StashFull()"
 
 
-def eval_transform(cfg: DictConfig, tta_pass: Any = None) -> Compose:
-    """``data.transforms.pre`` + (one TTA pass) + ``data.transforms.test``, with the full labels stashed first."""
+def eval_transform(cfg: DictConfig, tta_pass: Any = None, role: str = "test") -> Compose:
+    """``data.transforms.pre`` + (one TTA pass) + ``data.transforms.test``, with the full labels stashed first.
+
+    ``role="val"`` uses ``data.transforms.val`` instead when a data config or recipe sets it (e.g. one
+    voxelized pass per epoch for checkpoint selection, fragment voting for the final test).
+    """
     t = cfg.data.transforms
     mid = [tta_pass] if tta_pass is not None else []
-    return Compose([StashFull(), *_instantiate_list(t.pre), *mid, *_instantiate_list(t.test)])
+    last = t.get("val") if role == "val" and t.get("val") is not None else t.test
+    return Compose([StashFull(), *_instantiate_list(t.pre), *mid, *_instantiate_list(last)])
 
 
 @dataclass
@@ -152,14 +159,14 @@ def build_data(cfg: DictConfig, check: bool = True) -> DataBundle:
         held = stratified_holdout(labels, float(d.val_fraction), int(d.val_seed))
         keep = np.setdiff1d(np.arange(len(train_full)), held)
         train = Subset(train_full, keep.tolist())
-        val_base = _dataset(eval_cfg, d.splits.train, eval_transform(cfg), seed)
+        val_base = _dataset(eval_cfg, d.splits.train, eval_transform(cfg, role="val"), seed)
         val = Subset(val_base, held.tolist())
         info["val"] = {"source": f"held out from {d.splits.train}", "fraction": float(d.val_fraction),
                        "seed": int(d.val_seed), "num_samples": len(held), "stratified": True,
                        "indices_sha256": hashlib.sha256(held.astype(np.int64).tobytes()).hexdigest()}
     else:
         train = train_full
-        val = _dataset(eval_cfg, d.splits.val, eval_transform(cfg), seed)
+        val = _dataset(eval_cfg, d.splits.val, eval_transform(cfg, role="val"), seed)
         info["val"] = {"source": str(d.splits.val), "num_samples": len(val)}
     test = _dataset(eval_cfg, d.splits.test, eval_transform(cfg), seed)
     info["train_samples"], info["test_samples"] = len(train), len(test)
@@ -178,14 +185,43 @@ class EvalBatch:
     names: list[str]
     full_labels: list[np.ndarray]  # per sample: scalar class (objects) or per original point (scenes)
     full_points: list[int]
+    # per sample: (fragment_offset [F], index [M]) from GridSample(mode="fragments"), else None
+    fragments: list[tuple[np.ndarray, np.ndarray] | None] = field(default_factory=list)
 
 
 def collate_eval(samples: Sequence[dict[str, Any]]) -> EvalBatch:
     """Collate for evaluation: the PointBatch, sample names and the stashed full-resolution labels."""
     batch = collate(samples)
+    frags = [(np.asarray(s["fragment_offset"], dtype=np.int64), np.asarray(s["index"], dtype=np.int64))
+             if "fragment_offset" in s else None for s in samples]
     return EvalBatch(batch=batch, names=[str(s.get("name", "")) for s in samples],
                      full_labels=[np.asarray(s.get("full_label", s.get("label", -1))) for s in samples],
-                     full_points=[int(s.get("full_points", len(s["coord"]))) for s in samples])
+                     full_points=[int(s.get("full_points", len(s["coord"]))) for s in samples], fragments=frags)
+
+
+def mix_pairs(batch: PointBatch) -> PointBatch:
+    """Mix3D (Nekrasov et al., 3DV 2021) as Pointcept's ``point_collate_fn``: clouds 2i and 2i+1 become one cloud.
+
+    The packed points stay where they are; only ``offset`` changes (every second boundary is dropped, an odd
+    last cloud stays alone). Instance ids of the second cloud of a pair are shifted past the first's.
+    """
+    off = batch.offset
+    if off.numel() < 2:
+        return batch
+    new_off = torch.cat([off[1:-1:2], off[-1:]])
+    instance = batch.instance
+    if instance is not None:
+        instance = instance.clone()
+        starts = [0, *off.tolist()]
+        for i in range(1, off.numel(), 2):
+            first = instance[starts[i - 1]:starts[i]]
+            shift = int(first.max()) if first.numel() else 0
+            seg = instance[starts[i]:starts[i + 1]]
+            instance[starts[i]:starts[i + 1]] = torch.where(seg != -1, seg + shift, seg)
+    inv_off = batch.inverse_offset
+    if inv_off is not None:
+        inv_off = torch.cat([inv_off[1:-1:2], inv_off[-1:]])
+    return dataclasses.replace(batch, offset=new_off, instance=instance, inverse_offset=inv_off)
 
 
 def _strip(samples: Sequence[dict[str, Any]]) -> PointBatch:

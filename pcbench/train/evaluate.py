@@ -6,6 +6,11 @@ copied back to every original vertex through the inverse map before the confusio
 Scenes with more than ``eval.max_points`` voxelized points are covered by overlapping sphere crops of that
 size whose logits are averaged per point. TTA passes (``tta`` group) are averaged per original point
 (scenes) or summed per cloud (objects, PointNet++ voting) and reported separately as ``test_vote``.
+
+Fragment voting (Pointcept's ``SemSegTester``): when the evaluation pipeline ends in
+``GridSample(mode="fragments")``, every fragment (one point per voxel) is a forward pass of its own and its
+scores are summed into the original points it holds (``index``). ``scores="softmax"`` sums class
+probabilities over fragments and TTA passes as Pointcept does; ``"logits"`` (default) sums raw logits.
 """
 
 from __future__ import annotations
@@ -83,14 +88,53 @@ def _scene_logits(model: nn.Module, batch: PointBatch, max_points: int) -> Tenso
     return acc / count[:, None]
 
 
-def _full_logits(model: nn.Module, eb: EvalBatch, task: str, max_points: int) -> list[Tensor]:
-    """Logits per sample: [C] per object, or [n_original, C] per scene (mapped through the inverse map)."""
+def _scores(logits: Tensor, scores: str) -> Tensor:
+    return logits.float().softmax(-1) if scores == "softmax" else logits.float()
+
+
+def _fragment_scores(model: nn.Module, b: PointBatch, rows: slice, fragments: tuple[np.ndarray, np.ndarray],
+                     n_full: int, max_points: int, scores: str) -> Tensor:
+    """Scores [n_full, C] of one scene: each fragment predicted alone, summed into its original points."""
+    ends, index = fragments
+    coord, feat = b.coord[rows], b.feat[rows]
+    if coord.shape[0] != len(index) or (len(ends) and int(ends[-1]) != len(index)):
+        raise ValueError(f"fragment rows disagree: {coord.shape[0]} points, {len(index)} indices, fragment ends "
+                         f"{ends[-3:].tolist()}; GridSample(mode='fragments') must be the last point-changing "
+                         "transform of the evaluation pipeline")
+    idx = torch.as_tensor(index, device=coord.device)
+    acc = None
+    start = 0
+    for end in ends.tolist():
+        sub = PointBatch(coord=coord[start:end], feat=feat[start:end],
+                         offset=torch.tensor([end - start], device=coord.device))
+        out = _scores(_scene_logits(model, sub, max_points), scores)
+        if acc is None:
+            acc = torch.zeros(n_full, out.shape[1], device=out.device)
+        acc.index_add_(0, idx[start:end], out)
+        start = end
+    if acc is None:
+        raise ValueError("a scene gave no fragments (no points); drop empty scenes when preparing")
+    return acc
+
+
+def _full_logits(model: nn.Module, eb: EvalBatch, task: str, max_points: int, scores: str = "logits"
+                 ) -> list[Tensor]:
+    """Scores per sample: [C] per object, or [n_original, C] per scene (mapped through the inverse map or summed
+    over fragments)."""
     b = eb.batch
     if task == "cls":
-        return list(model(b).float())
+        return list(_scores(model(b), scores))
+    frags = eb.fragments or [None] * b.num_clouds
+    if any(f is not None for f in frags):
+        if not all(f is not None for f in frags):
+            raise ValueError("some samples of the batch have fragments and some do not; apply "
+                             "GridSample(mode='fragments') to every sample")
+        starts = [0, *b.offset.tolist()]
+        return [_fragment_scores(model, b, slice(starts[i], starts[i + 1]), frags[i], eb.full_points[i], max_points,
+                                 scores) for i in range(b.num_clouds)]
     if max_points and b.num_clouds > 1:
         raise ValueError("eval.max_points needs eval.batch_size=1 (one scene per forward pass)")
-    logits = _scene_logits(model, b, max_points)
+    logits = _scores(_scene_logits(model, b, max_points), scores)
     out = []
     starts = [0, *b.offset.tolist()]
     inv_starts = [0, *b.inverse_offset.tolist()] if b.inverse is not None else None
@@ -109,13 +153,16 @@ def _full_logits(model: nn.Module, eb: EvalBatch, task: str, max_points: int) ->
 @torch.no_grad()
 def evaluate_loaders(model: nn.Module, loaders: Sequence[DataLoader], task: str, num_classes: int,
                      ignore_index: int, device: torch.device, precision: str | None = None,
-                     max_points: int = 0, keep_predictions: bool = False, progress: Any = None) -> EvalResult:
+                     max_points: int = 0, keep_predictions: bool = False, progress: Any = None,
+                     scores: str = "logits") -> EvalResult:
     """Evaluate ``model`` on one loader, or on several aligned loaders (TTA passes over the same samples).
 
-    With several loaders the logits of the passes are summed per sample before the argmax (equal to the
-    average for the argmax). Metrics count original points (scenes) or clouds (objects), with the confusion
-    matrix summed over ranks under DDP (predictions are kept per rank; see :func:`gather_predictions`).
+    With several loaders the scores of the passes (``scores``: raw "logits" or "softmax" probabilities) are
+    summed per sample before the argmax. Metrics count original points (scenes) or clouds (objects), with the
+    confusion matrix summed over ranks under DDP (predictions are kept per rank; see :func:`gather_predictions`).
     """
+    if scores not in ("logits", "softmax"):
+        raise ValueError(f"eval.scores={scores!r} is unknown; use logits or softmax")
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index)
@@ -130,7 +177,7 @@ def evaluate_loaders(model: nn.Module, loaders: Sequence[DataLoader], task: str,
             for eb in batches:
                 eb.batch = eb.batch.to(device, non_blocking=True)
                 with autocast_context(device, precision):
-                    per = _full_logits(model, eb, task, max_points)
+                    per = _full_logits(model, eb, task, max_points, scores)
                 total = per if total is None else [a + p for a, p in zip(total, per, strict=True)]
             eb = batches[0]
             for i, logits in enumerate(total or []):

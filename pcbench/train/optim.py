@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
-__all__ = ["build_ema", "cosine_with_warmup", "multistep", "one_cycle", "step_decay"]
+__all__ = ["bn_momentum_at", "build_ema", "cosine_with_warmup", "multistep", "one_cycle", "param_groups",
+           "set_bn_momentum", "step_decay"]
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
@@ -37,12 +40,17 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmu
 
 
 def one_cycle(optimizer: torch.optim.Optimizer, total_steps: int, pct_start: float = 0.05,
-              anneal_strategy: str = "cos", div_factor: float = 10.0, final_div_factor: float = 1000.0) -> LRScheduler:
-    """torch's OneCycleLR with ``max_lr`` = each group's configured lr."""
+              anneal_strategy: str = "cos", div_factor: float = 10.0, final_div_factor: float = 1000.0,
+              cycle_momentum: bool = False, base_momentum: float = 0.85, max_momentum: float = 0.95) -> LRScheduler:
+    """torch's OneCycleLR with ``max_lr`` = each group's configured lr.
+
+    ``cycle_momentum=True`` also cycles SGD's momentum (Adam's beta1) between ``max_momentum`` and
+    ``base_momentum`` inversely to the lr, as torch's and Pointcept's OneCycleLR do by default.
+    """
     max_lr = [g["lr"] for g in optimizer.param_groups]
     return OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(total_steps, 2), pct_start=pct_start,
                       anneal_strategy=anneal_strategy, div_factor=div_factor, final_div_factor=final_div_factor,
-                      cycle_momentum=False)
+                      cycle_momentum=cycle_momentum, base_momentum=base_momentum, max_momentum=max_momentum)
 
 
 def multistep(optimizer: torch.optim.Optimizer, total_steps: int, milestones: Sequence[float] = (0.6, 0.8),
@@ -72,3 +80,66 @@ def build_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedM
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn  # noqa: PLC0415
 
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def param_groups(model: nn.Module, groups: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]] | Any:
+    """Optimizer parameter groups: each trainable parameter goes to the first group whose ``pattern`` (a regular
+    expression) it matches by name (``re.search``), otherwise to the default group (the optimizer's own lr and
+    weight decay). Group options (``lr``, ``weight_decay``, ``momentum``, ...) are passed to the optimizer.
+
+    Pointcept's ``param_dicts=[dict(keyword="block", lr=...)]`` is a substring match on its module names; the
+    recipes give the regular expression that selects the same modules in pcbench's models. With no groups the
+    model's parameters are returned as they are. A pattern that matches nothing is an error (a renamed module
+    would otherwise silently drop the setting).
+    """
+    if not groups:
+        return model.parameters()
+    default: dict[str, Any] = {"params": []}
+    out = [default]
+    compiled = []
+    for i, g in enumerate(groups):
+        g = dict(g)
+        if "pattern" not in g:
+            raise ValueError(f"optim_groups[{i}] has no 'pattern' (a regular expression on parameter names), got {g}")
+        try:
+            compiled.append(re.compile(str(g.pop("pattern"))))
+        except re.error as err:
+            raise ValueError(f"optim_groups[{i}].pattern is not a valid regular expression: {err}") from None
+        out.append({**g, "params": []})
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        for i, rx in enumerate(compiled):
+            if rx.search(name):
+                out[i + 1]["params"].append(param)
+                break
+        else:
+            default["params"].append(param)
+    for i, (g, rx) in enumerate(zip(out[1:], compiled, strict=True)):
+        if not g["params"]:
+            raise ValueError(f"optim_groups[{i}].pattern {rx.pattern!r} matches no parameter of "
+                             f"{type(model).__name__}; its parameter names look like "
+                             f"{[n for n, _ in list(model.named_parameters())[:4]]}")
+    return [g for g in out if g["params"]]
+
+
+def bn_momentum_at(step: int, start: float, gamma: float, step_size: int, minimum: float) -> float:
+    """BatchNorm momentum (torch convention: weight of the new batch) at optimizer step ``step``:
+    ``max(minimum, start * gamma ** floor(step / step_size))``.
+
+    PointNet++'s TF scripts decay ``bn_decay = min(0.99, 1 - 0.5 * 0.5 ** floor(step * batch / 200000))``,
+    the weight of the running average, i.e. start 0.5, gamma 0.5, step_size 200000 / batch, minimum 0.01 here.
+    """
+    if step_size < 1:
+        raise ValueError(f"trainer.bn_momentum.step_size must be >= 1 optimizer step, got {step_size}")
+    return max(float(minimum), float(start) * float(gamma) ** (int(step) // int(step_size)))
+
+
+def set_bn_momentum(model: nn.Module, momentum: float) -> int:
+    """Set ``momentum`` on every BatchNorm layer of ``model``; returns how many layers were set."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = momentum
+            n += 1
+    return n

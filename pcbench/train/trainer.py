@@ -40,7 +40,7 @@ from pcbench.models import build_model
 
 from .checkpoint import FORMAT, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from .config import check_run_config, config_sha256
-from .data import DataBundle, build_data, eval_loader, eval_transform, split_dataset, train_loader
+from .data import DataBundle, build_data, eval_loader, eval_transform, mix_pairs, split_dataset, train_loader
 from .distributed import (
     all_reduce_sum,
     broadcast_object,
@@ -53,7 +53,8 @@ from .errors import ConfigError
 from .evaluate import EvalResult, autocast_context, evaluate_loaders, gather_predictions, write_predictions
 from .evaluate import write_submission as _write_submission
 from .io import write_json, write_text
-from .optim import build_ema
+from .losses import lovasz_softmax
+from .optim import bn_momentum_at, build_ema, param_groups, set_bn_momentum
 
 __all__ = ["Run", "build_run", "evaluate", "evaluate_split", "fit", "resolve_device", "resolve_precision"]
 
@@ -243,7 +244,7 @@ def evaluate_split(cfg: DictConfig, run: Run, split: str = "test", precision: st
     loaders = _loaders_for(cfg, run, split, limit, tta)
     return evaluate_loaders(model or run.model, loaders, run.data.task, run.data.num_classes,
                             run.data.ignore_index, run.device, precision or run.precision,
-                            int(cfg.eval.max_points), keep_predictions)
+                            int(cfg.eval.max_points), keep_predictions, scores=str(cfg.eval.get("scores", "logits")))
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -449,7 +450,14 @@ def _fit(cfg: DictConfig, device: torch.device, run_dir: Path, t_start: float) -
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if t.compile:
         fwd_model = torch.compile(fwd_model)
-    optimizer = _instantiate(cfg.optim)(model.parameters())
+    groups = cfg.get("optim_groups")
+    groups = OmegaConf.to_container(groups, resolve=True) if groups else None
+    optimizer = _instantiate(cfg.optim)(param_groups(model, groups))
+    bn_sched = OmegaConf.to_container(t.bn_momentum, resolve=True) if t.get("bn_momentum") else None
+    mix_prob = float(t.get("mix_prob") or 0.0)
+    lovasz_weight = float(t.get("lovasz_weight") or 0.0)
+    if lovasz_weight and bundle.task != "seg":
+        raise ConfigError("trainer.lovasz_weight is a segmentation loss; set it to 0 for classification")
     loader, sampler = train_loader(bundle.train, cfg, info.rank, info.world_size)
     accum = int(t.accumulate_grad_batches)
     steps_per_epoch = sampler.num_batches() // accum
@@ -513,10 +521,17 @@ def _fit(cfg: DictConfig, device: torch.device, run_dir: Path, t_start: float) -
             for batch in loader:
                 micro = prog.batch % accum
                 batch = batch.to(device, non_blocking=True)
+                if mix_prob and np.random.default_rng([int(cfg.seed), epoch, prog.batch, info.rank]).random() < mix_prob:
+                    batch = mix_pairs(batch)  # Mix3D, drawn per batch from (seed, epoch, batch): exact on resume
+                if bn_sched is not None and micro == 0:
+                    set_bn_momentum(model, bn_momentum_at(prog.step, **bn_sched))
                 with maybe_no_sync(fwd_model, micro < accum - 1), autocast_context(device, precision):
                     logits = fwd_model(batch)
                     loss, loss_log = _loss(logits, batch.label, weight, bundle.ignore_index,
                                            float(t.label_smoothing), info.world_size)
+                    if lovasz_weight:  # per rank, averaged over ranks by DDP (as Pointcept)
+                        lv = lovasz_weight * lovasz_softmax(logits, batch.label, bundle.ignore_index)
+                        loss, loss_log = loss + lv, loss_log + lv.detach() / info.world_size
                     finite = all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1)) == 0
                     if bool(finite):
                         scaler.scale(loss / accum).backward()
@@ -665,12 +680,21 @@ def _fit(cfg: DictConfig, device: torch.device, run_dir: Path, t_start: float) -
         "num_classes": bundle.num_classes,
         "in_channels": bundle.in_channels,
         "ignore_index": bundle.ignore_index,
+        **_recipe_fields(cfg),
     })
     if info.is_main:
         write_json(run_dir / "metrics.json", result)
     LOG.info(f"test {key} {_fmt(test.metrics.get(key))} on the checkpoint of epoch {prog.best_epoch} "
              f"(val {key} {_fmt(val_best.metrics.get(key))}); wrote {run_dir / 'metrics.json'}")
     return result
+
+
+def _recipe_fields(cfg: DictConfig) -> dict[str, Any]:
+    """``recipe`` / ``fidelity`` / ``recipe_source`` of a paper recipe (conf/experiment/) for metrics.json."""
+    r = cfg.get("recipe")
+    if not r:
+        return {}
+    return {"recipe": str(r.name), "fidelity": str(r.fidelity), "recipe_source": str(r.source)}
 
 
 def _fmt(v: float | None) -> str:

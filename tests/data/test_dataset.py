@@ -211,3 +211,16 @@ def test_collate_names_the_sample_with_non_finite_features(bad):
     samples[2]["coord"][0, 0] = bad
     with pytest.raises(ValueError, match=r"coord of sample 2 \(obj_2\)"):
         collate(samples)
+
+
+def test_empty_feat_keys_give_zero_channels(prepared):
+    """xyz-only models (official PointNet++ / PCT without normals) take feat with 0 channels; the model uses coord."""
+    for ds in (ModelNetDataset(prepared["mn"], "train", feat_keys=[]), ScanObjectNNDataset(prepared["so"], "train",
+                                                                                           feat_keys=[])):
+        assert ds.in_channels == 0
+        s = ds[0]
+        assert s["feat"].shape == (len(s["coord"]), 0) and s["feat"].dtype == np.float32
+        b = collate([ds[0], ds[1]])
+        assert b.feat.shape == (b.num_points, 0)
+    assert ModelNetDataset(prepared["mn"], "train", feat_keys=["normal"]).in_channels == 3
+    assert ModelNetDataset(prepared["mn"], "train").in_channels == 6  # None: the use_normals default

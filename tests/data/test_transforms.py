@@ -27,6 +27,9 @@ RANDOM_TRANSFORMS = [
     T.RandomJitter(0.02, 0.05), T.RandomDropout(0.5), T.ShufflePoints(), T.FixedPoints(100, "random"),
     T.FixedPoints(64, "fps"), T.SphereCrop(200, "random"), T.GridSample(0.4, "train"),
     T.ElasticDistortion(p=1.0), T.ChromaticAutoContrast(p=1.0), T.ChromaticJitter(p=1.0, std=0.05),
+    T.RandomFlip(0.5), T.ChromaticTranslation(p=1.0), T.RandomDropout(0.2, fixed_ratio=True),
+    T.RandomRotate("x", (-0.5, 0.5), center="bbox"), T.FixedPoints(100, "random", keep_order=False),
+    T.GridSample(0.4, "fragments"),
 ]
 
 
@@ -246,9 +249,36 @@ def test_normalisation_and_center_shift():
     n = T.NormalizeUnitSphere()(s, np.random.default_rng(0))
     np.testing.assert_allclose(n["coord"].mean(0), 0, atol=1e-5)
     assert np.linalg.norm(n["coord"], axis=1).max() == pytest.approx(1.0, abs=1e-6)
+    # Pointcept's CenterShift: x, y centred on the bounding box; apply_z=True puts the lowest point at z = 0,
+    # apply_z=False leaves z alone
+    lo, hi = s["coord"].min(0), s["coord"].max(0)
+    c = T.CenterShift(apply_z=True)(s, np.random.default_rng(0))
+    np.testing.assert_allclose(c["coord"], s["coord"] - [(lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2, lo[2]], atol=1e-5)
     c = T.CenterShift(apply_z=False)(s, np.random.default_rng(0))
-    np.testing.assert_allclose(c["coord"].min(0)[2], 0, atol=1e-5)
-    np.testing.assert_allclose((c["coord"].min(0) + c["coord"].max(0))[:2], 0, atol=1e-5)
+    np.testing.assert_allclose(c["coord"], s["coord"] - [(lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("apply_z", [True, False])
+def test_snapped_center_shift_keeps_the_voxels(apply_z):
+    rng = np.random.default_rng(2)
+    coord = rng.uniform(-3.3, 7.1, size=(4000, 3))
+    g = 0.05
+    out = T.CenterShift(apply_z=apply_z, snap=g)({"coord": coord}, rng)["coord"]
+    shift = coord - out
+    assert np.allclose(shift, shift[0]) and np.allclose(shift[0] / g, np.round(shift[0] / g))  # whole voxels
+    plain = T.CenterShift(apply_z=apply_z)({"coord": coord}, rng)["coord"]
+    assert np.abs(out - plain).max() <= g / 2 + 1e-9  # within half a voxel of the unsnapped shift
+    # the voxel partition is unchanged: floor(x / g) moves by a constant integer vector
+    before = np.floor(coord / g).astype(np.int64)
+    after = np.floor(out / g).astype(np.int64)
+    d = after - before
+    assert (d == d[0]).all()
+    # so GridSample's kept points stay one per voxel of the models' own grid
+    kept = T.GridSample(g, "train", return_inverse=False)({"coord": coord}, rng)
+    moved = T.CenterShift(apply_z=apply_z, snap=g)(kept, rng)["coord"]
+    assert len(np.unique(np.floor(moved / g).astype(np.int64), axis=0)) == len(moved)
+    with pytest.raises(ValueError, match="snap must be a positive length"):
+        T.CenterShift(snap=0.0)
 
 
 def test_build_feat_and_compose_from_hydra_config():
@@ -289,28 +319,151 @@ def test_torch_inputs_and_missing_rng_are_accepted():
     (lambda: T.GridSample(0.1, "eval"), "mode must be"),
     (lambda: T.ElasticDistortion(((0.0, 1.0),)), "granularity must be > 0"),
     (lambda: T.BuildFeat(()), "keys must name"),
+    (lambda: T.GridSample(0.1, "vote"), "mode must be 'train', 'test' or 'fragments'"),
+    (lambda: T.RandomFlip(1.5), r"p must be a probability in \[0, 1\]"),
+    (lambda: T.NormalizeColor(1, -1), "needs low < high"),
+    (lambda: T.ChromaticTranslation(ratio=-0.1), "ratio must be >= 0"),
+    (lambda: T.RandomRotate("z", center="mean"), "center must be 'origin' or 'bbox'"),
+    (lambda: T.SphereCrop(-5), r"max_points must be positive \(or null"),
+    (lambda: T.ElasticDistortion(blur_passes=-1), "blur_passes must be >= 0"),
 ])
 def test_bad_arguments(make, match):
     with pytest.raises(ValueError, match=match):
         make()
 
 
-def test_elastic_distortion_matches_a_scipy_reference():
+@pytest.mark.parametrize("passes", [None, 3])
+def test_elastic_distortion_matches_a_scipy_reference(passes):
     from scipy.interpolate import RegularGridInterpolator
     from scipy.ndimage import convolve
 
     rng = np.random.default_rng(3)
     c = rng.uniform(-1, 2, size=(3000, 3))
     g, mag = 0.4, 0.7
-    out = T.ElasticDistortion(((g, mag),), p=1.0)._warp(c, g, mag, np.random.default_rng(11))
+    t = T.ElasticDistortion(((g, mag),), p=1.0) if passes is None else T.ElasticDistortion(((g, mag),), 1.0, passes)
+    out = t._warp(c, g, mag, np.random.default_rng(11))
     # reference: the same noise draw, blurred with scipy and interpolated with scipy
     lo = c.min(0)
     dims = ((c - lo).max(0) // g).astype(int) + 3
     noise = np.random.default_rng(11).standard_normal((*dims, 3))
     kernels = [np.ones((3, 1, 1, 1)) / 3, np.ones((1, 3, 1, 1)) / 3, np.ones((1, 1, 3, 1)) / 3]
-    for _ in range(3):
+    for _ in range(2 if passes is None else passes):  # Pointcept / MinkowskiEngine: two blur passes
         for k in kernels:
             noise = convolve(noise, k, mode="constant", cval=0)
     axes = [np.linspace(lo[d] - g, lo[d] + g * (dims[d] - 2), dims[d]) for d in range(3)]
     ref = c + RegularGridInterpolator(axes, noise)(c) * mag
     np.testing.assert_allclose(out, ref, atol=1e-10)
+
+
+def test_random_flip_mirrors_x_and_y_independently():
+    s = cloud(50)
+    both = T.RandomFlip(p=1.0)(s, np.random.default_rng(0))
+    np.testing.assert_array_equal(both["coord"], s["coord"] * [-1, -1, 1])
+    np.testing.assert_array_equal(both["normal"], s["normal"] * [-1, -1, 1])
+    assert T.RandomFlip(p=0.0)(s, np.random.default_rng(0)) is s
+    # p = 0.5: each axis on its own coin, so the four sign patterns come up about equally often
+    seen = {}
+    for seed in range(400):
+        out = T.RandomFlip(0.5)(s, np.random.default_rng(seed))
+        key = tuple(np.sign(out["coord"][0, :2] * s["coord"][0, :2]).astype(int))
+        seen[key] = seen.get(key, 0) + 1
+    assert set(seen) == {(1, 1), (1, -1), (-1, 1), (-1, -1)} and min(seen.values()) > 60
+
+
+def test_chromatic_translation_and_normalize_color():
+    rng = np.random.default_rng(0)
+    col = (0.1 + 0.8 * rng.random((300, 3))).astype(np.float32)
+    s = {"coord": np.zeros((300, 3), np.float32), "color": col}
+    out = T.ChromaticTranslation(p=1.0, ratio=0.05)(s, np.random.default_rng(3))["color"]
+    tr = out - col  # no clipping here (colours in [0.1, 0.9]): one offset per channel within the ratio
+    np.testing.assert_allclose(tr, np.broadcast_to(tr[0], tr.shape), atol=1e-6)
+    assert (np.abs(tr[0]) <= 0.05 + 1e-7).all() and not np.allclose(tr[0], 0)
+    # Pointcept draws (rand - 0.5) * 255 * 2 * ratio on 0-255 colours: the same offsets / 255 here
+    g = np.random.default_rng(3)
+    g.random()  # the p draw comes first, then the three offsets
+    want = (g.random((1, 3)) - 0.5) * 255 * 2 * 0.05 / 255
+    np.testing.assert_allclose(tr[0], want[0], atol=1e-6)
+    edge = {"coord": np.zeros((2, 3), np.float32), "color": np.array([[0, 0, 0], [1, 1, 1]], np.float32)}
+    clipped = T.ChromaticTranslation(p=1.0, ratio=0.5)(edge, np.random.default_rng(1))["color"]
+    assert clipped.min() >= 0 and clipped.max() <= 1
+    assert T.ChromaticTranslation(p=0.0)(s, rng) is s
+    # NormalizeColor: [0, 1] -> [-1, 1] is Pointcept's color / 127.5 - 1 on 0-255 colours
+    c255 = np.arange(256, dtype=np.float32)[:, None].repeat(3, 1)
+    n = T.NormalizeColor()({"coord": np.zeros((256, 3)), "color": c255 / 255}, rng)["color"]
+    np.testing.assert_allclose(n, c255 / 127.5 - 1, atol=1e-6)
+    same = T.NormalizeColor(0.0, 1.0)({"coord": np.zeros((256, 3)), "color": c255 / 255}, rng)["color"]
+    np.testing.assert_allclose(same, c255 / 255, atol=1e-7)
+    no_color = {"coord": np.zeros((3, 3))}
+    assert T.NormalizeColor()(no_color, rng) is no_color
+
+
+def test_fixed_ratio_dropout_keeps_exactly_the_pointcept_count():
+    s = cloud(1001)
+    s["label"] = np.arange(1001)
+    for seed in range(20):
+        out = T.RandomDropout(0.2, p=1.0, fixed_ratio=True)(s, np.random.default_rng(seed))
+        assert len(out["coord"]) == int(1001 * (1 - 0.2))  # np.random.choice(n, int(n * (1 - ratio)))
+        np.testing.assert_array_equal(out["coord"], s["coord"][out["label"]])
+    applied = sum(len(T.RandomDropout(0.2, p=0.2, fixed_ratio=True)(s, np.random.default_rng(k))["coord"]) < 1001
+                  for k in range(500))
+    assert 60 < applied < 140  # applied with probability 0.2
+
+
+def test_rotation_about_the_bounding_box_centre():
+    s = cloud(300)
+    s["coord"] = s["coord"] + [5.0, -2.0, 1.0]
+    t = T.RandomRotate("x", (0.3, 0.3), center="bbox")
+    out = t(s, np.random.default_rng(0))
+    c = s["coord"].astype(np.float64)
+    centre = (c.min(0) + c.max(0)) / 2
+    r = T.rotation_matrix((1, 0, 0), 0.3)
+    np.testing.assert_allclose(out["coord"], (c - centre) @ r.T + centre, atol=1e-5)
+    np.testing.assert_allclose(out["normal"], s["normal"] @ r.T, atol=1e-6)  # normals: rotation only
+    origin = T.RandomRotate("x", (0.3, 0.3))(s, np.random.default_rng(0))
+    np.testing.assert_allclose(origin["coord"], c @ r.T, atol=1e-5)
+
+
+def test_random_subset_in_drawn_order():
+    s = cloud(2048)
+    s["label"] = np.arange(2048)
+    out = T.FixedPoints(1024, "random", keep_order=False)(s, np.random.default_rng(7))
+    idx = out["label"]
+    assert len(np.unique(idx)) == 1024 and not (np.diff(idx) > 0).all()  # distinct, not sorted
+    np.testing.assert_array_equal(idx, np.random.default_rng(7).permutation(2048)[:1024])
+    np.testing.assert_array_equal(T.FixedPoints(1024, "random")(s, np.random.default_rng(7))["label"], np.sort(idx))
+
+
+def test_sphere_crop_none_keeps_everything():
+    s = cloud(500)
+    assert T.SphereCrop(None)(s, np.random.default_rng(0)) is s
+
+
+def test_grid_sample_fragments_match_pointcepts_construction():
+    rng = np.random.default_rng(5)
+    coord = rng.uniform(0, 1.5, size=(2500, 3)).astype(np.float32)
+    coord[2000:] = coord[:500] + 1e-4  # dense voxels
+    s = {"coord": coord, "label": np.arange(2500), "color": rng.random((2500, 3)).astype(np.float32)}
+    g = 0.25
+    out = T.GridSample(g, "fragments")(s, np.random.default_rng(9))
+    keys = np.floor(coord.astype(np.float64) / g).astype(np.int64)
+    uniq, inv, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+    inv = inv.reshape(-1)
+    nfrag, nvox = counts.max(), len(uniq)
+    np.testing.assert_array_equal(out["fragment_offset"], nvox * np.arange(1, nfrag + 1))
+    idx = out["index"]
+    np.testing.assert_array_equal(out["label"], idx)  # every per-point array follows index
+    np.testing.assert_array_equal(out["coord"], coord[idx])
+    np.testing.assert_array_equal(out["grid_coord"], keys[idx])
+    frags = idx.reshape(nfrag, nvox)
+    for f in range(nfrag):  # one point of every voxel, in voxel order
+        np.testing.assert_array_equal(inv[frags[f]], np.arange(nvox))
+    for v in range(nvox):  # voxel v: fragment f holds its (f mod count)-th point of one fixed order
+        members = frags[:, v]
+        k = counts[v]
+        assert sorted(members[:k].tolist()) == sorted(np.flatnonzero(inv == v).tolist())
+        np.testing.assert_array_equal(members, members[np.arange(nfrag) % k])
+    assert set(idx.tolist()) == set(range(2500))  # together the fragments hold every point
+    with pytest.raises(ValueError, match="after GridSample built fragments"):
+        T.SphereCrop(10)(out, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="needs the full-resolution points"):
+        T.GridSample(g, "fragments")(T.GridSample(g, "test")(s, np.random.default_rng(0)), np.random.default_rng(0))
