@@ -21,14 +21,12 @@ from pathlib import Path
 
 import torch
 
+from pcbench._malloc import TUNED_MALLOC
+
 __all__ = [
     "TUNED_MALLOC", "Case", "Entry", "environment", "markdown_table", "optional_entry", "reexec_with_tuned_malloc",
     "run_cases", "time_fn",
 ]
-
-
-# Large temporaries otherwise go through mmap/munmap on every call; see DESIGN.md performance notes.
-TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 
 
 def reexec_with_tuned_malloc(module: str, malloc: str) -> None:

@@ -584,10 +584,12 @@ def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int = 
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait  # noqa: PLC0415
         from concurrent.futures.process import BrokenProcessPool  # noqa: PLC0415
 
-        env_keep = {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")}
+        from pcbench._malloc import TUNED_MALLOC  # noqa: PLC0415
+
+        env_keep = {k: os.environ.get(k) for k in (*TUNED_MALLOC, "OMP_NUM_THREADS")}
         # glibc reads these only at process start: set them before spawning so workers inherit them
-        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "4294967296")
-        os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "68719476736")
+        for k, v in TUNED_MALLOC.items():
+            os.environ.setdefault(k, v)
         os.environ["OMP_NUM_THREADS"] = "1"
         try:
             pool = ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=mp.get_context("spawn"),

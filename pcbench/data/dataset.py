@@ -84,6 +84,33 @@ class PreparedDataset(Dataset):
         """Number of classes."""
         return len(self.manifest["classes"])
 
+    @property
+    def ignore_index(self) -> int:
+        """The label of points/objects left out of losses and metrics (manifest ``ignore_index``, default -1)."""
+        return int(self.manifest.get("ignore_index", -1))
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the ``feat`` built from ``feat_keys`` (read from the stored array shapes, no sample loaded).
+
+        A transform that builds its own ``feat`` may change this; the trainer builds feat from ``feat_keys``.
+        """
+        import h5py  # noqa: PLC0415
+
+        shards = [self.root / f["path"] for s in self.manifest["splits"].values() for f in s["files"]]
+        if not shards:
+            raise ValueError(f"{str(self.root)!r} holds no prepared shard; re-run the pcbench-prep command in "
+                             "its manifest.json")
+        with h5py.File(shards[0], "r") as f:
+            width = 0
+            for key in self.feat_keys:
+                if key not in f:
+                    raise ValueError(f"feat key {key!r} is not stored in {str(self.root)!r} (stored: "
+                                     f"{sorted(k for k in f if '__' not in k)}); drop it from feat_keys or "
+                                     "re-prepare the dataset with it")
+                width += int(np.prod(f[key].shape[1:], dtype=np.int64))
+        return width
+
     def labels(self, key: str = "label") -> np.ndarray:
         """Per-sample class labels [len(self)] int64 of a classification split (for samplers and statistics).
 

@@ -60,11 +60,6 @@ class ScanNetDataset(PreparedDataset):
         """20 or 200."""
         return len(self.classes)
 
-    @property
-    def ignore_index(self) -> int:
-        """The label of ignored points (-1)."""
-        return int(self.manifest.get("ignore_index", -1))
-
     def label_counts(self) -> np.ndarray:
         """Points per class in this split [num_classes] int64 (manifest statistics; no shard is read)."""
         stats = self.manifest["label_stats" if self.label_set == "scannet20" else "label_stats_200"][self.split]

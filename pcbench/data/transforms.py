@@ -38,6 +38,7 @@ __all__ = [
     "RandomDropout",
     "RandomJitter",
     "RandomRotate",
+    "RandomRotatePerturbation",
     "RandomScale",
     "RandomTranslate",
     "ShufflePoints",
@@ -156,6 +157,27 @@ class RandomRotate(_Repr):
             if k in sample:
                 a = np.asarray(sample[k])
                 out[k] = a @ r.T.astype(a.dtype) if a.dtype in (np.float32, np.float64) else (a @ r.T).astype(a.dtype)
+        return out
+
+
+class RandomRotatePerturbation(_Repr):
+    """Small rotation about x, y and z: angles ~ N(0, sigma) clipped to [-clip, clip] (radians), applied as
+    R_z R_y R_x to coord and normal (PointNet++ ``provider.rotate_perturbation_point_cloud``)."""
+
+    def __init__(self, sigma: float = 0.06, clip: float = 0.18) -> None:
+        if sigma < 0 or clip <= 0:
+            raise ValueError(f"sigma must be >= 0 and clip > 0, got sigma={sigma}, clip={clip}")
+        self.sigma, self.clip = sigma, clip
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        rng = _rng(rng)
+        ax, ay, az = np.clip(self.sigma * rng.standard_normal(3), -self.clip, self.clip)
+        r = rotation_matrix((0, 0, 1), az) @ rotation_matrix((0, 1, 0), ay) @ rotation_matrix((1, 0, 0), ax)
+        out = dict(sample)
+        for k in ("coord", "normal"):
+            if k in sample:
+                a = np.asarray(sample[k])
+                out[k] = (a @ r.T).astype(a.dtype)
         return out
 
 

@@ -1,0 +1,219 @@
+"""Where ``conf/`` is, composing a run config from Python, and every config check made before the first step.
+
+``conf/`` is found (in order) at ``$PCBENCH_CONF``, next to the ``pcbench`` package (a source checkout or an
+editable install) or inside it (``pcbench/conf``, a packaged install), so ``pcbench-train`` works from
+any working directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError
+
+__all__ = ["ConfigError", "check_data", "check_run_config", "compose", "config_dir", "config_sha256", "group_options"]
+
+_PKG = Path(__file__).resolve().parents[1]  # .../pcbench
+
+
+def config_dir() -> Path:
+    """The ``conf/`` folder holding train.yaml; ConfigError listing the places looked at when absent."""
+    candidates = []
+    if os.environ.get("PCBENCH_CONF"):
+        candidates.append(Path(os.environ["PCBENCH_CONF"]).expanduser())
+    candidates += [_PKG.parent / "conf", _PKG / "conf"]
+    for c in candidates:
+        if (c / "train.yaml").is_file():
+            return c.resolve()
+    raise ConfigError(f"pcbench's conf/ (with train.yaml) was not found in {[str(c) for c in candidates]}; "
+                      "set PCBENCH_CONF=<path of conf/> or reinstall pcbench from its source checkout")
+
+
+def group_options(group: str) -> list[str]:
+    """The option names of a config group (``conf/<group>/*.yaml``)."""
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def compose(overrides: Sequence[str] = (), run_dir: str | os.PathLike | None = None,
+            config_name: str = "train") -> DictConfig:
+    """Compose ``conf/train.yaml`` with Hydra overrides outside ``@hydra.main`` (benchmark runner, tests).
+
+    ``run_dir`` sets ``paths.run_dir`` (required by :func:`pcbench.train.fit` when called this way).
+    Unknown keys or group options raise ConfigError with the valid choices.
+    """
+    from hydra import compose as hydra_compose  # noqa: PLC0415
+    from hydra import initialize_config_dir  # noqa: PLC0415
+    from hydra.core.global_hydra import GlobalHydra  # noqa: PLC0415
+
+    overrides = list(overrides)
+    if run_dir is not None:
+        overrides.append(f"paths.run_dir={Path(run_dir).resolve()}")
+    was = GlobalHydra.instance().is_initialized()
+    if was:  # e.g. called inside a @hydra.main app: compose in a fresh context, then put it back
+        saved = GlobalHydra.instance().hydra
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+            try:
+                return hydra_compose(config_name, overrides=overrides)
+            except Exception as err:  # noqa: BLE001 - Hydra raises several types; all become one clear error
+                raise ConfigError(explain_override_error(err, overrides)) from err
+    finally:
+        if was:
+            GlobalHydra.instance().clear()
+            GlobalHydra.instance().initialize(saved)
+
+
+def explain_override_error(err: Exception, overrides: Sequence[str]) -> str:
+    """Hydra's message plus what to change: valid group options or the keys of the node that was mistyped."""
+    msg = str(err).split("\nConfig search path")[0].strip()
+    extra = ""
+    text = str(err)
+    if "Could not find" in text or "Available options" in text:
+        extra = ""  # Hydra lists the options already
+    elif "not in struct" in text or "Could not override" in text or "Key '" in text:
+        for o in overrides:
+            key = o.lstrip("+~").split("=", 1)[0]
+            if "." not in key:
+                if key in _groups() or key in ("seed", "resume", "task_name"):
+                    continue
+                extra = f"\nTop-level keys and groups: {sorted(set(_groups()) | {'seed', 'resume', 'task_name', 'eval'})}"
+                continue
+            parent, leaf = key.rsplit(".", 1)
+            keys = _node_keys(parent)
+            if keys is not None and leaf not in keys:
+                extra = f"\n{parent!r} has no key {leaf!r}; its keys: {sorted(keys)}"
+                break
+    return f"{msg}{extra}"
+
+
+def _groups() -> list[str]:
+    return sorted(p.name for p in config_dir().iterdir() if p.is_dir())
+
+
+def _node_keys(dotted: str) -> list[str] | None:
+    """Keys of a node of the default composition (None when the node does not exist)."""
+    try:
+        cfg = compose_defaults()
+    except Exception:  # noqa: BLE001
+        return None
+    node = OmegaConf.select(cfg, dotted, default=None)
+    return list(node.keys()) if isinstance(node, DictConfig) else None
+
+
+def compose_defaults() -> DictConfig:
+    """train.yaml with its default choices (for error messages)."""
+    from hydra import compose as hydra_compose  # noqa: PLC0415
+    from hydra import initialize_config_dir  # noqa: PLC0415
+    from hydra.core.global_hydra import GlobalHydra  # noqa: PLC0415
+
+    if GlobalHydra.instance().is_initialized():
+        return compose()
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        return hydra_compose("train")
+
+
+# ----------------------------------------------------------------------------------------- run checks
+def config_sha256(cfg: DictConfig) -> str:
+    """sha256 of the resolved config without where/how it runs (``paths``, ``resume``, ``hydra``)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for k in ("paths", "resume", "hydra"):
+        plain.pop(k, None)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _prep_hint(cfg: DictConfig, root: str) -> str:
+    cmd = str(cfg.data.get("prep", "pcbench-prep <dataset> raw=<official files> out={root}")).replace("{root}", root)
+    return f"prepare it with:\n    {cmd}"
+
+
+def check_data(cfg: DictConfig) -> dict[str, Any]:
+    """Check ``data.root`` against the data config; returns its manifest. ConfigError naming the fix otherwise."""
+    d = cfg.data
+    if OmegaConf.is_missing(d, "root") or d.root in (None, ""):
+        raise ConfigError(f"data.root is not set: give the folder prepared for data={d.name}, e.g. "
+                          f"data.root=/data/pcbench/{d.name}; to make one, "
+                          + _prep_hint(cfg, f"/data/pcbench/{d.name}"))
+    root = Path(str(d.root)).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"data.root={str(root)!r} does not exist; " + _prep_hint(cfg, str(root)))
+    mpath = root / "manifest.json"
+    if not mpath.is_file():
+        raise ConfigError(f"data.root={str(root)!r} is not a prepared dataset (no manifest.json); "
+                          + _prep_hint(cfg, str(root)))
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{mpath} is not valid JSON ({err}); re-run the preparation: "
+                          + _prep_hint(cfg, str(root))) from err
+    for field, want in (d.get("expect") or {}).items():
+        have = manifest
+        for part in str(field).split("."):
+            have = have.get(part) if isinstance(have, dict) else None
+        allowed = list(want) if OmegaConf.is_list(want) else [want]
+        if have not in allowed:
+            raise ConfigError(f"data={d.name} expects a prepared folder with {field}={allowed[0] if len(allowed) == 1 else allowed}, "
+                              f"but data.root={str(root)!r} has {field}={have!r}; choose the data config that matches "
+                              f"the folder or point data.root at one prepared for data={d.name} ("
+                              + _prep_hint(cfg, str(root)) + ")")
+    keys = set(manifest.get("keys", []))
+    feat_keys = d.dataset.get("feat_keys")
+    if feat_keys is None and d.dataset.get("use_normals"):
+        feat_keys = ["coord", "normal"]
+    for k in feat_keys or []:
+        if keys and k not in keys and k not in ("coord",):
+            raise ConfigError(f"data.dataset.feat_keys includes {k!r} but data.root={str(root)!r} was prepared "
+                              f"without it (stored keys: {sorted(keys)}); drop it from the feat keys "
+                              f"(e.g. data.dataset.use_normals=false) or re-prepare with it")
+    for role in ("train", "val", "test"):
+        split = d.splits.get(role)
+        if split is None:
+            continue
+        if split not in manifest.get("splits", {}):
+            raise ConfigError(f"data.splits.{role}={split!r} is not a split of data.root={str(root)!r} (splits: "
+                              f"{sorted(manifest.get('splits', {}))}); prepare it or set data.splits.{role}")
+        if manifest["splits"][split].get("num_samples", 1) == 0:
+            raise ConfigError(f"data.splits.{role}={split!r} of data.root={str(root)!r} holds no samples; prepare "
+                              f"that split or set data.splits.{role} to another split")
+    return manifest
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """Every check that needs no data: model/data task, trainer options; ConfigError naming the fix."""
+    from pcbench.models import model_task  # noqa: PLC0415
+
+    d = cfg.data
+    task = model_task(cfg.model)
+    if task != d.task:
+        kind = {"cls": "classification", "seg": "segmentation"}
+        name = cfg.get("hydra_choices", {}).get("model", "") if isinstance(cfg.get("hydra_choices"), dict) else ""
+        raise ConfigError(f"the model ({cfg.model._target_}{' ' + name if name else ''}) is a {kind[task]} model "
+                          f"but data={d.name} is a {kind[d.task]} dataset; choose a model=..._{d.task} config "
+                          f"(options: {[o for o in group_options('model') if o.endswith('_' + d.task)]})")
+    t = cfg.trainer
+    if str(t.precision) not in ("fp32", "bf16", "fp16", "auto"):
+        raise ConfigError(f"trainer.precision={t.precision!r} is unknown; use fp32, bf16 or fp16")
+    if str(t.accelerator) not in ("cpu", "cuda", "auto"):
+        raise ConfigError(f"trainer.accelerator={t.accelerator!r} is unknown; use cpu, cuda or auto")
+    if str(t.strategy) not in ("single", "ddp"):
+        raise ConfigError(f"trainer.strategy={t.strategy!r} is unknown; use single, or ddp (trainer=ddp under torchrun)")
+    if str(t.malloc) not in ("tuned", "default"):
+        raise ConfigError(f"trainer.malloc={t.malloc!r} is unknown; use tuned or default")
+    for key in ("max_epochs", "batch_size", "accumulate_grad_batches"):
+        if t.get(key) is not None and int(t[key]) < 1:
+            raise ConfigError(f"trainer.{key}={t[key]} must be >= 1")
+    if t.max_steps is not None and int(t.max_steps) < 1:
+        raise ConfigError(f"trainer.max_steps={t.max_steps} must be >= 1 (or null for no step cap)")
+    if int(t.num_workers) < 0:
+        raise ConfigError(f"trainer.num_workers={t.num_workers} must be >= 0")
+    if int(t.checkpoint_every_n_steps) < 0:
+        raise ConfigError(f"trainer.checkpoint_every_n_steps={t.checkpoint_every_n_steps} must be >= 0 (0 = epoch ends)")
+    if cfg.eval.metric not in ("auto", "oa", "macc", "miou"):
+        raise ConfigError(f"eval.metric={cfg.eval.metric!r} is unknown; use auto, oa, macc or miou")

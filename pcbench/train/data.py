@@ -1,0 +1,230 @@
+"""Datasets, splits and loaders from the ``data`` / ``aug`` / ``tta`` config groups.
+
+Split protocol: ``data.splits`` names the prepared split used as train, val and test. ``val: null`` (ModelNet,
+ScanObjectNN: no validation split ships) holds out ``data.val_fraction`` of train, seeded by
+``data.val_seed`` and stratified by class (:func:`stratified_holdout`); those samples get the evaluation
+transforms and never reach the training loader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from pcbench.data import collate, seed_worker
+from pcbench.data.transforms import Compose
+from pcbench.ops import PointBatch
+
+from .distributed import GlobalBatchSampler
+from .errors import ConfigError
+
+__all__ = [
+    "DataBundle",
+    "EvalBatch",
+    "build_data",
+    "eval_loader",
+    "eval_transform",
+    "manifest_sha256",
+    "split_dataset",
+    "stratified_holdout",
+    "train_loader",
+]
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a class-stratified hold-out of ``round(fraction * n)`` samples (at least 1).
+
+    Each class gives its proportional share (largest remainders round the shares so they sum to the total);
+    the samples of a class are drawn by a generator seeded with ``seed``.
+    """
+    n = len(labels)
+    if not 0 < fraction < 1:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {fraction}")
+    total = min(max(1, int(round(fraction * n))), n - 1)
+    classes, counts = np.unique(labels, return_counts=True)
+    share = counts * total / n
+    quota = np.floor(share).astype(int)
+    for i in np.argsort(-(share - quota), kind="stable")[: total - quota.sum()]:
+        quota[i] += 1
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota, strict=True)]
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+
+
+def _instantiate_list(nodes: Any) -> list[Any]:
+    import hydra  # noqa: PLC0415
+
+    return [hydra.utils.instantiate(n) for n in (nodes or [])]
+
+
+def train_transform(cfg: DictConfig) -> Compose:
+    """``data.transforms.pre`` + ``aug.transforms`` + ``data.transforms.train``."""
+    t = cfg.data.transforms
+    return Compose([*_instantiate_list(t.pre), *_instantiate_list(cfg.aug.transforms), *_instantiate_list(t.train)])
+
+
+class StashFull:
+    """Keep the full-resolution labels and point count before any transform changes the points."""
+
+    def __call__(self, sample: dict[str, Any], rng: np.random.Generator | None = None) -> dict[str, Any]:
+        out = dict(sample)
+        if "label" in sample:
+            out["full_label"] = np.array(sample["label"], copy=True)
+        out["full_points"] = int(np.asarray(sample["coord"]).shape[0])
+        return out
+
+    def __repr__(self) -> str:
+        return "StashFull()"
+
+
+def eval_transform(cfg: DictConfig, tta_pass: Any = None) -> Compose:
+    """``data.transforms.pre`` + (one TTA pass) + ``data.transforms.test``, with the full labels stashed first."""
+    t = cfg.data.transforms
+    mid = [tta_pass] if tta_pass is not None else []
+    return Compose([StashFull(), *_instantiate_list(t.pre), *mid, *_instantiate_list(t.test)])
+
+
+@dataclass
+class DataBundle:
+    """The three splits of a run and what the model and loss need from the data."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    task: str
+    num_classes: int
+    in_channels: int
+    ignore_index: int
+    class_names: list[str]
+    manifest_sha256: str
+    info: dict[str, Any] = field(default_factory=dict)  # split protocol, recorded in metrics.json
+
+
+def manifest_sha256(root: str | Path) -> str:
+    """sha256 of the prepared folder's manifest.json bytes (it holds the sha256 of every shard)."""
+    return hashlib.sha256((Path(root) / "manifest.json").read_bytes()).hexdigest()
+
+
+def _dataset(cfg: DictConfig, split: str, transform: Any, seed: int) -> Dataset:
+    import hydra  # noqa: PLC0415
+
+    return hydra.utils.instantiate(cfg.data.dataset, root=str(cfg.data.root), split=split, transform=transform,
+                                   seed=seed)
+
+
+def _without_loop(node: DictConfig) -> DictConfig:
+    """The dataset node with ``loop`` removed (evaluation reads each sample once)."""
+    plain = OmegaConf.to_container(node, resolve=True)
+    plain.pop("loop", None)
+    return OmegaConf.create(plain)
+
+
+def split_dataset(cfg: DictConfig, split: str) -> Dataset:
+    """The prepared split ``split`` (a name in the folder's manifest) with the evaluation transforms."""
+    eval_cfg = OmegaConf.merge(cfg, {"data": {"dataset": _without_loop(cfg.data.dataset)}})
+    return _dataset(eval_cfg, split, eval_transform(cfg), int(cfg.seed))
+
+
+def build_data(cfg: DictConfig, check: bool = True) -> DataBundle:
+    """The train / val / test datasets of ``cfg`` (validated with :func:`pcbench.train.config.check_data` first)."""
+    from .config import check_data  # noqa: PLC0415
+
+    if check:
+        check_data(cfg)
+    d = cfg.data
+    seed = int(cfg.seed)
+    train_full = _dataset(cfg, d.splits.train, train_transform(cfg), seed)
+    eval_cfg = OmegaConf.merge(cfg, {"data": {"dataset": _without_loop(d.dataset)}})
+    info: dict[str, Any] = {"splits": OmegaConf.to_container(d.splits, resolve=True)}
+    if d.splits.val is None:
+        if d.task != "cls":
+            raise ConfigError(f"data.splits.val is null for the segmentation dataset {d.name}; name the validation "
+                              "split, e.g. data.splits.val=val")
+        labels = train_full.labels()
+        held = stratified_holdout(labels, float(d.val_fraction), int(d.val_seed))
+        keep = np.setdiff1d(np.arange(len(train_full)), held)
+        train = Subset(train_full, keep.tolist())
+        val_base = _dataset(eval_cfg, d.splits.train, eval_transform(cfg), seed)
+        val = Subset(val_base, held.tolist())
+        info["val"] = {"source": f"held out from {d.splits.train}", "fraction": float(d.val_fraction),
+                       "seed": int(d.val_seed), "num_samples": len(held), "stratified": True,
+                       "indices_sha256": hashlib.sha256(held.astype(np.int64).tobytes()).hexdigest()}
+    else:
+        train = train_full
+        val = _dataset(eval_cfg, d.splits.val, eval_transform(cfg), seed)
+        info["val"] = {"source": str(d.splits.val), "num_samples": len(val)}
+    test = _dataset(eval_cfg, d.splits.test, eval_transform(cfg), seed)
+    info["train_samples"], info["test_samples"] = len(train), len(test)
+    info["manifest_splits"] = sorted(train_full.manifest["splits"])
+    base = train_full
+    return DataBundle(train=train, val=val, test=test, task=str(d.task), num_classes=base.num_classes,
+                      in_channels=base.in_channels, ignore_index=base.ignore_index, class_names=base.classes,
+                      manifest_sha256=manifest_sha256(d.root), info=info)
+
+
+@dataclass
+class EvalBatch:
+    """A collated evaluation batch plus what full-resolution metrics need."""
+
+    batch: PointBatch
+    names: list[str]
+    full_labels: list[np.ndarray]  # per sample: scalar class (objects) or per original point (scenes)
+    full_points: list[int]
+
+
+def collate_eval(samples: Sequence[dict[str, Any]]) -> EvalBatch:
+    """Collate for evaluation: the PointBatch, sample names and the stashed full-resolution labels."""
+    batch = collate(samples)
+    return EvalBatch(batch=batch, names=[str(s.get("name", "")) for s in samples],
+                     full_labels=[np.asarray(s.get("full_label", s.get("label", -1))) for s in samples],
+                     full_points=[int(s.get("full_points", len(s["coord"]))) for s in samples])
+
+
+def _strip(samples: Sequence[dict[str, Any]]) -> PointBatch:
+    return collate(samples)
+
+
+def train_loader(dataset: Dataset, cfg: DictConfig, rank: int, world_size: int) -> tuple[DataLoader, GlobalBatchSampler]:
+    """The training DataLoader (its batch sampler drives epochs and exact resume)."""
+    t = cfg.trainer
+    n = len(dataset)
+    if n < int(t.batch_size):
+        raise ConfigError(f"trainer.batch_size={t.batch_size} exceeds the {n} training samples of "
+                          f"{cfg.data.root}; lower trainer.batch_size")
+    sampler = GlobalBatchSampler(n, int(t.batch_size), seed=int(cfg.seed), shuffle=True, rank=rank,
+                                 world_size=world_size, drop_last=True, limit_batches=t.limit_train_batches)
+    workers = int(t.num_workers)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_strip,
+                        pin_memory=str(t.accelerator) in ("cuda", "auto") and torch.cuda.is_available(),
+                        worker_init_fn=seed_worker, persistent_workers=False,
+                        generator=torch.Generator().manual_seed(int(cfg.seed)),
+                        prefetch_factor=2 if workers > 0 else None)
+    return loader, sampler
+
+
+def eval_batch_size(cfg: DictConfig) -> int:
+    """``eval.batch_size``, defaulting to the per-rank training batch for objects and 1 for scenes."""
+    if cfg.eval.batch_size:
+        return int(cfg.eval.batch_size)
+    return 1 if cfg.data.task == "seg" else int(cfg.trainer.batch_size)
+
+
+def eval_loader(dataset: Dataset, cfg: DictConfig, rank: int = 0, world_size: int = 1,
+                limit: int | None = None) -> DataLoader:
+    """Evaluation loader over this rank's share (``rank::world_size``) of ``dataset`` in order."""
+    idx = list(range(rank, len(dataset), world_size))
+    bs = eval_batch_size(cfg)
+    if limit:
+        idx = idx[: int(limit) * bs]
+    workers = int(cfg.trainer.num_workers)
+    return DataLoader(Subset(dataset, idx), batch_size=bs, shuffle=False, num_workers=workers,
+                      collate_fn=collate_eval, worker_init_fn=seed_worker,
+                      generator=torch.Generator().manual_seed(int(cfg.seed)))

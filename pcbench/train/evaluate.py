@@ -1,0 +1,195 @@
+"""Evaluation: objects (one label per cloud) and scenes at full resolution, with optional TTA / voting.
+
+Scenes are evaluated on every original vertex: the evaluation pipeline voxelizes them (``GridSample`` in
+``data.transforms.test``, which records ``inverse``), the model predicts per kept point, and the logits are
+copied back to every original vertex through the inverse map before the confusion matrix is counted.
+Scenes with more than ``eval.max_points`` voxelized points are covered by overlapping sphere crops of that
+size whose logits are averaged per point. TTA passes (``tta`` group) are averaged per original point
+(scenes) or summed per cloud (objects, PointNet++ voting) and reported separately as ``test_vote``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from pcbench.ops import PointBatch
+
+from .data import EvalBatch
+from .io import atomic_path, write_text
+from .metrics import ConfusionMatrix
+
+__all__ = ["EvalResult", "autocast_context", "evaluate_loaders", "write_predictions", "write_submission"]
+
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}
+
+
+def autocast_context(device: torch.device, precision: str | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``precision`` in fp32 / bf16 / fp16 (fp32 and None: no autocast)."""
+    dtype = _DTYPES[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one split, the number of samples, seconds, and (optionally) the predictions per sample."""
+
+    metrics: dict[str, Any]
+    samples: int
+    seconds: float
+    names: list[str] = field(default_factory=list)
+    preds: list[np.ndarray] = field(default_factory=list)
+    labels: list[np.ndarray] = field(default_factory=list)
+    loss: float | None = None
+
+
+def _sphere_chunks(coord: Tensor, max_points: int) -> Iterator[Tensor]:
+    """Index sets of at most ``max_points`` nearest points around uncovered seeds until every point is covered."""
+    n = coord.shape[0]
+    covered = torch.zeros(n, dtype=torch.bool, device=coord.device)
+    while not bool(covered.all()):
+        seed = int(torch.nonzero(~covered)[0])
+        d2 = ((coord - coord[seed]) ** 2).sum(1)
+        idx = torch.topk(d2, max_points, largest=False).indices.sort().values
+        covered[idx] = True
+        yield idx
+
+
+def _scene_logits(model: nn.Module, batch: PointBatch, max_points: int) -> Tensor:
+    """Per-point logits [N, C] of a one-scene batch, in sphere crops when it exceeds ``max_points``."""
+    if not max_points or batch.num_points <= max_points:
+        return model(batch).float()
+    acc = None
+    count = torch.zeros(batch.num_points, device=batch.coord.device)
+    for idx in _sphere_chunks(batch.coord, max_points):
+        sub = PointBatch(coord=batch.coord[idx], feat=batch.feat[idx],
+                         offset=torch.tensor([idx.numel()], device=idx.device))
+        out = model(sub).float()
+        if acc is None:
+            acc = torch.zeros(batch.num_points, out.shape[1], device=out.device)
+        acc[idx] += out
+        count[idx] += 1
+    return acc / count[:, None]
+
+
+def _full_logits(model: nn.Module, eb: EvalBatch, task: str, max_points: int) -> list[Tensor]:
+    """Logits per sample: [C] per object, or [n_original, C] per scene (mapped through the inverse map)."""
+    b = eb.batch
+    if task == "cls":
+        return list(model(b).float())
+    if max_points and b.num_clouds > 1:
+        raise ValueError("eval.max_points needs eval.batch_size=1 (one scene per forward pass)")
+    logits = _scene_logits(model, b, max_points)
+    out = []
+    starts = [0, *b.offset.tolist()]
+    inv_starts = [0, *b.inverse_offset.tolist()] if b.inverse is not None else None
+    for i in range(b.num_clouds):
+        if inv_starts is not None:
+            out.append(logits.index_select(0, b.inverse[inv_starts[i]:inv_starts[i + 1]]))
+        else:
+            out.append(logits[starts[i]:starts[i + 1]])
+        if out[-1].shape[0] != eb.full_points[i]:
+            raise ValueError(f"sample {eb.names[i]!r}: {out[-1].shape[0]} predictions for {eb.full_points[i]} "
+                             "original points; the evaluation transforms must keep an inverse map "
+                             "(GridSample(return_inverse=true) last among the point-changing transforms)")
+    return out
+
+
+@torch.no_grad()
+def evaluate_loaders(model: nn.Module, loaders: Sequence[DataLoader], task: str, num_classes: int,
+                     ignore_index: int, device: torch.device, precision: str | None = None,
+                     max_points: int = 0, keep_predictions: bool = False, progress: Any = None) -> EvalResult:
+    """Evaluate ``model`` on one loader, or on several aligned loaders (TTA passes over the same samples).
+
+    With several loaders the logits of the passes are summed per sample before the argmax (equal to the
+    average for the argmax). Metrics count original points (scenes) or clouds (objects), with the confusion
+    matrix summed over ranks under DDP (predictions are kept per rank; see :func:`gather_predictions`).
+    """
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(num_classes, ignore_index)
+    names: list[str] = []
+    preds: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    n = 0
+    t0 = time.perf_counter()
+    try:
+        for batches in zip(*loaders, strict=True):
+            total: list[Tensor] | None = None
+            for eb in batches:
+                eb.batch = eb.batch.to(device, non_blocking=True)
+                with autocast_context(device, precision):
+                    per = _full_logits(model, eb, task, max_points)
+                total = per if total is None else [a + p for a, p in zip(total, per, strict=True)]
+            eb = batches[0]
+            for i, logits in enumerate(total or []):
+                pred = logits.argmax(-1).cpu()
+                label = torch.as_tensor(np.asarray(eb.full_labels[i]), dtype=torch.long).reshape(pred.shape)
+                cm.update(pred, label)
+                if keep_predictions:
+                    names.append(eb.names[i])
+                    preds.append(pred.numpy().astype(np.int64).reshape(-1))
+                    labels.append(label.numpy().astype(np.int64).reshape(-1))
+            n += len(eb.names)
+            if progress is not None:
+                progress(len(eb.names))
+    finally:
+        model.train(was_training)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    cm.all_reduce()
+    return EvalResult(cm.compute(), n, seconds, names, preds, labels)
+
+
+def gather_predictions(result: EvalResult) -> EvalResult:
+    """Rank 0 gets every rank's predictions (ordered by sample name); other ranks keep theirs."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return result
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (result.names, result.preds, result.labels))
+    rows = sorted((n, p, lab) for names, ps, ls in parts for n, p, lab in zip(names, ps, ls, strict=True))
+    return EvalResult(result.metrics, result.samples, result.seconds, [r[0] for r in rows], [r[1] for r in rows],
+                      [r[2] for r in rows])
+
+
+def write_predictions(path: str | Path, result: EvalResult) -> Path:
+    """``predictions_*.npz``: flat ``pred`` / ``label`` (int64), ``names`` and cumulative ``offset`` per sample."""
+    path = Path(path)
+    counts = np.array([len(p) for p in result.preds], dtype=np.int64)
+    arrays = {
+        "pred": np.concatenate(result.preds) if result.preds else np.zeros(0, np.int64),
+        "label": np.concatenate(result.labels) if result.labels else np.zeros(0, np.int64),
+        "names": np.array(result.names, dtype=str),
+        "offset": np.cumsum(counts),
+    }
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+    return path
+
+
+def write_submission(folder: str | Path, names: Sequence[str], preds: Sequence[np.ndarray],
+                     id_map: Sequence[int]) -> list[Path]:
+    """ScanNet benchmark files: ``<scene>.txt`` with one benchmark id (e.g. nyu40) per vertex, one per line."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    table = np.asarray(id_map, dtype=np.int64)
+    out = []
+    for name, pred in zip(names, preds, strict=True):
+        ids = table[np.asarray(pred, dtype=np.int64)]
+        out.append(write_text(folder / f"{name}.txt", "".join(f"{int(v)}\n" for v in ids)))
+    return out
