@@ -1,0 +1,71 @@
+"""``pcbench-results export|import|list``: move results between stores as JSON lines, or list a store."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pcbench.bench.record import STATUSES
+from pcbench.bench.store import DEFAULT_RESULTS, ResultStore, read_jsonl
+from pcbench.cli._kv import UsageError, fail, parse_kv
+
+PROG = "pcbench-results"
+USAGE = f"""usage: {PROG} export [results=<store.sqlite>] out=<file.jsonl> [status=finished]
+       {PROG} import [results=<store.sqlite>] FILE.jsonl [FILE.jsonl ...]
+       {PROG} list   [results=<store.sqlite>] [status=...]
+
+export writes every record of a store (or those with one status) as JSON lines; import merges such files into
+a store (created if absent) by result id, so results from several machines or cluster jobs end in one store:
+importing the same result twice keeps one row, a running row is replaced by its finished version, and a
+different result under the same id is kept as stored and counted as a conflict. Every line is checked before
+anything is written."""
+KEYS = {
+    "results": f"the results store (default {DEFAULT_RESULTS})",
+    "out": "export: the .jsonl file to write (atomically)",
+    "status": f"export/list: only records with this status ({', '.join(STATUSES)})",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``pcbench-results``."""
+    try:
+        args, words = parse_kv(sys.argv[1:] if argv is None else argv, KEYS, USAGE)
+        if not words or words[0] not in ("export", "import", "list"):
+            raise UsageError(f"first word must be export, import or list, got {words[:1] or 'nothing'} (see --help)")
+        cmd, files = words[0], words[1:]
+        status = args.get("status")
+        if status is not None and status not in STATUSES:
+            raise UsageError(f"status={status}; use one of {', '.join(STATUSES)}")
+        results = Path(args.get("results", DEFAULT_RESULTS))
+        if cmd == "import":
+            if not files:
+                raise UsageError("import needs at least one FILE.jsonl written by pcbench-results export")
+            batches = [(f, read_jsonl(f)) for f in files]  # read and check all files before touching the store
+            with ResultStore(results) as store:
+                for f, recs in batches:
+                    s = store.import_records(recs)
+                    print(f"{f}: {len(recs)} records: {s['added']} added, {s['updated']} updated, "
+                          f"{s['unchanged']} already present, {s['conflicts']} conflicts (kept as stored)")
+                print(f"{results}: {len(store)} records")
+            return 0
+        if files:
+            raise UsageError(f"{cmd} takes no file arguments, got {files}" + ("; use out=<file.jsonl>"
+                                                                               if cmd == "export" else ""))
+        with ResultStore(results, create=False) as store:
+            if cmd == "export":
+                if "out" not in args:
+                    raise UsageError("export needs out=<file.jsonl>")
+                n = store.export_jsonl(args["out"], status=status)
+                print(f"written: {args['out']} ({n} records from {results})")
+                return 0
+            for r in store.records(status=status):
+                print(f"{r['status']:<8} {r.get('suite') or '-':<12} {r['cell']:<48} {r['config_sha256'][:12]} "
+                      f"{r.get('finished_at') or r.get('started_at') or '-'}")
+    except ValueError as err:
+        return fail(PROG, str(err))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
