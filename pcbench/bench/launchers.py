@@ -1,0 +1,79 @@
+"""What the runner needs to know about Hydra's launcher: which kind it is, threads per job, the SLURM job script.
+
+The launchers themselves are Hydra's (``hydra/launcher``): ``basic`` (in-process, one cell after another),
+``parallel`` (``conf/hydra/launcher/parallel.yaml``: hydra-joblib-launcher with a bounded number of jobs) and
+``slurm`` (``conf/hydra/launcher/slurm.yaml``: hydra-submitit-launcher, one SLURM array task per cell);
+``submitit_local`` runs the same submitit path as local processes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["auto_threads", "cpu_count", "launcher_kind", "render_slurm_script"]
+
+
+def launcher_kind(launcher: DictConfig) -> str:
+    """"basic", "joblib", "slurm", "submitit_local" or the launcher's class name."""
+    target = str(launcher.get("_target_", ""))
+    cls = target.rsplit(".", 1)[-1]
+    if "hydra_submitit_launcher" in target:
+        return "slurm" if cls == "SlurmLauncher" else "submitit_local"
+    return {"BasicLauncher": "basic", "JoblibLauncher": "joblib"}.get(cls, cls or "unknown")
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (the affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def auto_threads(launcher: DictConfig) -> int | None:
+    """torch threads per cell when ``threads`` is not set: CPUs / parallel jobs for the joblib launcher.
+
+    torch's intra-op threads degrade badly when several processes compete for the same cores, so parallel
+    local jobs share the cores instead of each taking all of them. None: keep torch's default.
+    """
+    if launcher_kind(launcher) != "joblib":
+        return None
+    jobs = int(launcher.get("n_jobs", -1))
+    cpus = cpu_count()
+    jobs = cpus if jobs < 1 else jobs
+    return max(1, cpus // jobs)
+
+
+def render_slurm_script(launcher: DictConfig, num_jobs: int) -> str:
+    """The sbatch script hydra-submitit-launcher would submit for ``num_jobs`` cells (one array), not submitted.
+
+    Parameters are translated exactly as the launcher does (generic names such as ``timeout_min``,
+    ``gpus_per_node`` and ``mem_gb`` to sbatch's) and validated by submitit itself.
+    """
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf  # noqa: PLC0415
+    from submitit.slurm import slurm  # noqa: PLC0415
+
+    class _Renderer(slurm.SlurmExecutor):
+        """The launcher's executor without its check for a local ``srun``: it only writes the script text."""
+
+        @classmethod
+        def affinity(cls) -> int:
+            return 1
+
+    if launcher_kind(launcher) != "slurm":
+        raise ValueError(f"hydra/launcher is {launcher_kind(launcher)}, not the SLURM launcher; choose "
+                         "hydra/launcher=slurm to render a SLURM job script")
+    params: dict[str, Any] = OmegaConf.to_container(launcher, resolve=True)
+    params.pop("_target_", None)
+    folder = Path(str(params.pop("submitit_folder")))
+    executor = _Renderer(folder, max_num_timeout=int(params.pop("max_num_timeout", 0)))
+    generic = set(OmegaConf.structured(BaseQueueConf).keys())
+    specific = {k: v for k, v in params.items() if k not in generic}
+    converted = executor._convert_parameters({k: v for k, v in params.items() if k in generic})
+    executor.update_parameters(**converted, **specific)
+    return slurm._make_sbatch_string(command=executor._submitit_command_str, folder=executor.folder,
+                                     map_count=num_jobs if num_jobs > 1 else None, **executor.parameters)

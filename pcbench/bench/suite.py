@@ -1,0 +1,287 @@
+"""Benchmark suites (``conf/suite/<name>.yaml``): the matrix of cells a suite runs and each cell's trainer config.
+
+A suite names its datasets (a ``conf/data`` option, where the prepared folder is and how ``pcbench-prep``
+makes it), its model entries (a ``conf/model`` option or a ``conf/experiment`` paper recipe, the datasets it
+runs on, extra trainer overrides and swept options) and its seeds. :func:`expand_suite` turns that into
+cells: model entry × dataset × combination of swept values × seed, each one trainer run
+(``pcbench.train.fit``) plus its efficiency probe. :func:`cell_config` composes a cell's trainer config
+exactly as ``pcbench-train`` would from the same overrides; :func:`cell_identity` is what the results store
+hashes (``config_sha256``) to recognise a finished cell when a suite is run again.
+
+Overrides apply in this order, later ones winning: the suite's ``train``, the dataset's ``train``, the model
+entry's ``train``, the swept values, the runner's ``device=`` (as ``trainer=<device>``) and ``overrides=``, then ``seed`` and
+``data.root``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+from pcbench.bench.record import FIDELITY
+
+__all__ = [
+    "PLACEMENT_KEYS", "REFERENCE_KEYS", "Cell", "SuiteError", "cell_config", "cell_identity", "compose_bench",
+    "expand_suite", "format_override",
+]
+
+#: Config keys that say where and with how many threads a cell runs, not what it computes: left out of the
+#: cell's identity, so a suite resumed with another launcher or thread count still skips its finished cells.
+PLACEMENT_KEYS = ("paths", "resume", "hydra", "logger", "fault", "trainer.threads", "trainer.num_workers",
+                  "trainer.checkpoint_every_n_steps")
+#: Overrides that keep a paper recipe the "reference": they only place the run (data folder, seed, device);
+#: a key ending in "." stands for every key under it.
+REFERENCE_KEYS = ("data.root", "seed", "trainer", "trainer.accelerator", "trainer.strategy", "trainer.threads",
+                  "trainer.num_workers", "trainer.checkpoint_every_n_steps", "logger", "logger.",
+                  "eval.save_predictions", "resume", "fault.")
+
+_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
+
+
+class SuiteError(ValueError):
+    """A suite that cannot be run as written; the message names the suite key, its value and the fix."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One trainer run of a suite: a model entry on a dataset with one combination of swept values and one seed."""
+
+    name: str                    # unique in the suite, e.g. "objects-pointnet2_ssg_cls-points512-s0"
+    suite: str
+    entry: str                   # key of the model entry in suite.models
+    dataset: str                 # key of the dataset in suite.datasets
+    dataset_label: str           # what the results store and the report call the dataset
+    seed: int
+    variant: str                 # swept values as "points=512 k=16" ("" without a sweep)
+    recipe: str                  # the conf/experiment recipe, or the suite's description of the setting
+    fidelity: str                # "reference" (a recipe as cited) or "pcbench variant"
+    overrides: tuple[str, ...]   # trainer overrides (Hydra syntax), data.root included
+    data_root: str
+    probe: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+# ------------------------------------------------------------------------------------------ composing
+def _compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with its ``hydra`` node (the runner needs the launcher and choices)."""
+    from hydra import compose as hydra_compose  # noqa: PLC0415
+    from hydra import initialize_config_dir  # noqa: PLC0415
+    from hydra.core.global_hydra import GlobalHydra  # noqa: PLC0415
+
+    from pcbench.train.config import ConfigError, config_dir, explain_override_error  # noqa: PLC0415
+
+    gh = GlobalHydra.instance()
+    saved = gh.hydra if gh.is_initialized() else None
+    if saved is not None:  # inside a @hydra.main job: compose in a fresh context, then put the job's back
+        gh.clear()
+    try:
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+            try:
+                return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=True)
+            except Exception as err:  # noqa: BLE001 - Hydra raises several types; all become one clear error
+                raise ConfigError(explain_override_error(err, list(overrides))) from err
+    finally:
+        if saved is not None:
+            gh.clear()
+            gh.initialize(saved)
+
+
+def compose_bench(overrides: Sequence[str] = ()) -> DictConfig:
+    """``conf/bench.yaml`` with ``overrides`` (``suite=<name>`` and the runner's keys), hydra node included."""
+    return _compose("bench", overrides)
+
+
+def cell_config(cell: Cell, run_dir: str | Path) -> tuple[DictConfig, dict[str, Any]]:
+    """The cell's trainer config (as ``pcbench-train`` would compose it) and Hydra's group choices.
+
+    ``paths.run_dir`` is set to ``run_dir``; ConfigError (from the trainer) names a bad override.
+    """
+    cfg = _compose("train", [*cell.overrides, f"paths.run_dir={Path(run_dir).resolve()}"])
+    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, choices
+
+
+def _drop(plain: dict[str, Any], dotted: str) -> None:
+    node = plain
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node.get(p)
+        if not isinstance(node, dict):
+            return
+    node.pop(leaf, None)
+
+
+def cell_identity(train_cfg: DictConfig, probe: Mapping[str, Any]) -> dict[str, Any]:
+    """What identifies a cell's result: the resolved trainer config without :data:`PLACEMENT_KEYS`, and the
+    probe settings. Its ``config_sha256`` is what the store looks up to skip finished cells."""
+    plain = OmegaConf.to_container(train_cfg, resolve=True)
+    for key in PLACEMENT_KEYS:
+        _drop(plain, key)
+    return {"train": plain, "probe": dict(probe)}
+
+
+# ------------------------------------------------------------------------------------------ expanding
+def format_override(key: str, value: Any) -> str:
+    """``key=value`` in Hydra's override syntax (lists as ``[a,b]``, None as ``null``, bools lowercase)."""
+    return f"{key}={_value(value)}"
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, (list, tuple, ListConfig)):
+        return "[" + ",".join(_value(x) for x in v) + "]"
+    if isinstance(v, str) and (v == "" or re.search(r"[\s,\[\]{}()=\"']", v)):
+        return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return str(v)
+
+
+def _slug(v: Any) -> str:
+    text = _value(v).strip("'[]").replace(",", "_")
+    return re.sub(r"[^A-Za-z0-9_.]", "_", text)
+
+
+def _strings(node: Any, where: str) -> list[str]:
+    if node is None:
+        return []
+    if not OmegaConf.is_list(node) and not isinstance(node, (list, tuple)):
+        raise SuiteError(f"{where} must be a list of trainer overrides like [trainer.max_epochs=10], got {node!r}")
+    out = [str(x) for x in node]
+    bad = [x for x in out if "=" not in x]
+    if bad:
+        raise SuiteError(f"{where} holds {bad}, which are not key=value overrides; write them as in pcbench-train, "
+                         "e.g. trainer.max_epochs=10 or model=ptv3_seg")
+    return out
+
+
+def _sweeps(node: Any, where: str) -> list[tuple[str, str, list[Any]]]:
+    """[(name, key, values)] of a ``sweep`` mapping ``name: {key: <override key>, values: [...]}``."""
+    out = []
+    for name, spec in (node or {}).items():
+        if not _NAME.match(str(name)):
+            raise SuiteError(f"{where}.{name}: sweep names may use letters, digits, '_' and '.' only")
+        if not isinstance(spec, (dict, DictConfig)) or "key" not in spec or "values" not in spec:
+            raise SuiteError(f"{where}.{name} must be {{key: <trainer override key>, values: [...]}}, got {spec!r}")
+        values = list(OmegaConf.to_container(spec["values"]) if OmegaConf.is_config(spec["values"])
+                      else spec["values"])
+        if not values:
+            raise SuiteError(f"{where}.{name}.values is empty; give at least one value")
+        out.append((str(name), str(spec["key"]), values))
+    return out
+
+
+def _override_keys(overrides: Sequence[str]) -> list[str]:
+    return [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+
+
+def _fidelity(entry: Mapping[str, Any], extra: Sequence[str], where: str) -> str:
+    """"reference" when a paper recipe runs with placement overrides only; otherwise "pcbench variant"."""
+    declared = entry.get("fidelity")
+    if declared is not None:
+        if declared not in FIDELITY:
+            raise SuiteError(f"{where}.fidelity={declared!r}; use one of {FIDELITY} or leave it out")
+        return str(declared)
+    if not entry.get("experiment"):
+        return "pcbench variant"
+    changed = [k for k in _override_keys(extra)
+               if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in REFERENCE_KEYS)]
+    return "pcbench variant" if changed else "reference"
+
+
+def expand_suite(bench: DictConfig, only: Sequence[str] | None = None) -> list[Cell]:
+    """The cells of ``bench.suite`` in a stable order (those matching a glob of ``only``, when given).
+
+    SuiteError names the suite key when the suite is malformed; a model entry none of whose cells is selected
+    is not checked further (so ``only=`` can run part of a suite whose other recipes are missing here).
+    """
+    from pcbench.train.config import group_options  # noqa: PLC0415
+
+    s = bench.suite
+    sname = str(s.get("name") or "")
+    if not _NAME.match(sname):
+        raise SuiteError(f"suite.name={sname!r}: give the suite a name of letters, digits, '_' or '.'")
+    seeds = list(s.get("seeds") or [])
+    if not seeds or not all(isinstance(x, int) for x in seeds):
+        raise SuiteError(f"suite {sname}: seeds={seeds!r}; give a list of integers, e.g. seeds: [0, 1, 2]")
+    datasets = s.get("datasets") or {}
+    models = s.get("models") or {}
+    if not models:
+        raise SuiteError(f"suite {sname} has no models; add entries under suite.models")
+    experiments = set(group_options("experiment"))
+    model_options = set(group_options("model"))
+    data_options = set(group_options("data"))
+    for key, d in datasets.items():
+        if not _NAME.match(str(key)):
+            raise SuiteError(f"suite {sname}: dataset key {key!r} may use letters, digits, '_' and '.' only")
+        if d.get("data") not in data_options:
+            raise SuiteError(f"suite.datasets.{key}.data={d.get('data')!r} is not a conf/data option; "
+                             f"options: {sorted(data_options)}")
+        if OmegaConf.is_missing(d, "root") or not d.get("root"):
+            raise SuiteError(f"suite.datasets.{key}.root is not set: give the prepared folder, e.g. "
+                             f"suite.datasets.{key}.root=/data/pcbench/{d.data}")
+    common = _strings(s.get("train"), f"suite {sname}: train")
+    global_sweeps = _sweeps(s.get("sweep"), "suite.sweep")
+    runner_extra = ([f"trainer={bench.device}"] if bench.get("device") else []) + _strings(
+        bench.get("overrides"), "overrides")
+    cells: list[Cell] = []
+    for ename, e in models.items():
+        where = f"suite.models.{ename}"
+        if not _NAME.match(str(ename)):
+            raise SuiteError(f"{where}: model entry names may use letters, digits, '_' and '.' only")
+        exp, model = e.get("experiment"), e.get("model") or (None if e.get("experiment") else ename)
+        names = list(e.get("datasets") or [])
+        if not names:
+            raise SuiteError(f"{where}.datasets is empty; list the suite dataset keys it runs on ({sorted(datasets)})")
+        entry_train = _strings(e.get("train"), f"{where}.train")
+        sweeps = global_sweeps + _sweeps(e.get("sweep"), f"{where}.sweep")
+        recipe = str(e.get("recipe") or exp or f"{sname}: {model}")
+        mine: list[Cell] = []
+        for dkey in names:
+            if dkey not in datasets:
+                raise SuiteError(f"{where}.datasets names {dkey!r}, which is not a key of suite.datasets "
+                                 f"({sorted(datasets)})")
+            d = datasets[dkey]
+            root = str(Path(str(d.root)).expanduser())
+            base = [f"experiment={exp}"] if exp else [f"model={model}", f"data={d.data}"]
+            fixed = [*common, *_strings(d.get("train"), f"suite.datasets.{dkey}.train"), *entry_train]
+            for combo in itertools.product(*[[(n, k, v) for v in vals] for n, k, vals in sweeps]):
+                extra = [*fixed, *(format_override(k, v) for _, k, v in combo), *runner_extra]
+                tag = "-".join(f"{n}{_slug(v)}" for n, _, v in combo)
+                for seed in seeds:
+                    mine.append(Cell(
+                        name="-".join(x for x in (str(dkey), str(ename), tag, f"s{seed}") if x), suite=sname,
+                        entry=str(ename), dataset=str(dkey), dataset_label=str(d.get("label") or d.data),
+                        seed=int(seed), variant=" ".join(f"{n}={_value(v)}" for n, _, v in combo), recipe=recipe,
+                        fidelity=_fidelity(e, extra, where), overrides=(*base, *extra, f"seed={seed}", f"data.root={root}"),
+                        data_root=root, probe=OmegaConf.to_container(s.get("probe") or {}, resolve=True)))
+        if only:
+            mine = [c for c in mine if any(fnmatch.fnmatchcase(c.name, p) for p in only)]
+        if not mine:
+            continue
+        if exp is not None and exp not in experiments:
+            raise SuiteError(f"{where}.experiment={exp!r} is not in conf/experiment/ (recipes: {sorted(experiments)}); "
+                             "add the recipe or correct the name")
+        if exp is None and model not in model_options:
+            raise SuiteError(f"{where}: model={model!r} is not a conf/model option; options: {sorted(model_options)}")
+        cells += mine
+    if only and not cells:
+        raise SuiteError(f"only={list(only)} matches none of the cells of suite {sname}; list its cells with "
+                         f"pcbench-bench suite={sname} dry_run=true (without only=)")
+    seen: dict[str, int] = {}
+    for c in cells:
+        seen[c.name] = seen.get(c.name, 0) + 1
+    dup = sorted(n for n, k in seen.items() if k > 1)
+    if dup:
+        raise SuiteError(f"suite {sname} makes the cells {dup} more than once; give the model entries distinct names "
+                         "or list each dataset once")
+    return cells
