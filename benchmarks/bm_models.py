@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from benchmarks.harness import TUNED_MALLOC
+from pcbench.io import write_text
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf" / "model"
@@ -205,9 +206,7 @@ def _write(ns: argparse.Namespace, rows: list[dict[str, object]], final: bool = 
     record = {"title": "models", "environment": env, "repeats": ns.repeats, "warmup": ns.warmup,
               "complete": final, "rows": rows}
     for name, text in (("models.json", json.dumps(record, indent=2)), ("models.md", markdown(rows, env))):
-        tmp = ns.out / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, ns.out / name)
+        write_text(ns.out / name, text)
     if final:
         print()
         print(markdown(rows, env))

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from benchmarks.harness import Case, Entry, markdown_table, reexec_with_tuned_malloc, run_cases
+from pcbench.io import write_text
 from pcbench.models import build_model
 from pcbench.models.sparse import CoordinateCache, SparseConv3d, SparseTensor, sparse_conv
 from pcbench.ops import PointBatch, voxelize
@@ -406,9 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.harness import environment  # noqa: PLC0415
 
     record = {"title": "sparse", "environment": environment(), "threads": threads, "rows": rows}
-    (args.out / "sparse.json").write_text(json.dumps(record, indent=2))
+    write_text(args.out / "sparse.json", json.dumps(record, indent=2))
     table = markdown_table(rows, f"sparse convolution ({threads} thread(s))")
-    (args.out / "sparse.md").write_text(table)
+    write_text(args.out / "sparse.md", table)
     print()
     print(table)
     print(f"written: {args.out / 'sparse.json'} and {args.out / 'sparse.md'}")

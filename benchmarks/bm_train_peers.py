@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.harness import TUNED_MALLOC
+from pcbench.io import write_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -271,9 +272,7 @@ def _write(ns: argparse.Namespace, rows: list[dict[str, object]], final: bool = 
               "repeats": ns.repeats, "warmup": ns.warmup, "rounds": ns.rounds, "complete": final, "rows": rows,
               "summary": summarise(rows)}
     for name, body in (("train_peers.json", json.dumps(record, indent=2)), ("train_peers.md", text)):
-        tmp = ns.out / (name + ".tmp")
-        tmp.write_text(body)
-        os.replace(tmp, ns.out / name)
+        write_text(ns.out / name, body)
     return text
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from pcbench._malloc import TUNED_MALLOC
+from pcbench.io import write_text
 
 __all__ = [
     "TUNED_MALLOC", "Case", "Entry", "environment", "markdown_table", "optional_entry", "reexec_with_tuned_malloc",
@@ -162,15 +163,9 @@ def run_cases(
         out.mkdir(parents=True, exist_ok=True)
         record = {"title": title, "environment": environment(), "repeats": repeats, "warmup": warmup,
                   "rows": rows}
-        _atomic_text(out / f"{title}.json", json.dumps(record, indent=2))
-        _atomic_text(out / f"{title}.md", markdown_table(rows, title))
+        write_text(out / f"{title}.json", json.dumps(record, indent=2))
+        write_text(out / f"{title}.md", markdown_table(rows, title))
     return rows
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def markdown_table(rows: list[dict[str, object]], title: str = "benchmark") -> str:

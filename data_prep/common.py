@@ -46,7 +46,6 @@ import json
 import os
 import stat
 import sys
-import tempfile
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -68,6 +67,7 @@ from pcbench.data.format import (
     write_ragged_h5,
 )
 from pcbench.data.format import json_default as _json_default
+from pcbench.io import TEMP_PREFIX, atomic_path, write_text
 
 __all__ = [
     "FORMAT_VERSION",
@@ -109,7 +109,6 @@ __all__ = [
     "write_ragged_h5",
 ]
 
-TEMP_PREFIX = ".pcbench-tmp-"
 DONE_DIR = ".done"
 
 
@@ -259,43 +258,9 @@ def hash_files(paths: Iterable[Path], root: Path, cache: Mapping[str, Mapping[st
 
 
 # ------------------------------------------------------------------------------------------ atomic io
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success fsync it and ``os.replace`` it onto ``path``.
-
-    On an exception the temporary file is removed and ``path`` is untouched; after a hard kill only a
-    hidden ``.pcbench-tmp-*`` file can remain, never a half-written ``path`` (see
-    :func:`clean_stale_temps`). Works for any writer that takes a file name (h5py, numpy, open()).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; the result should look like a normal file
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-        with contextlib.suppress(OSError):  # make the rename itself durable; not supported everywhere
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    with atomic_write(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+# atomic_write / atomic_write_text: the names the preparers use for pcbench.io's one implementation
+atomic_write = atomic_path
+atomic_write_text = write_text
 
 
 def clean_stale_temps(out_dir: str | os.PathLike) -> list[Path]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pcbench.bench.published import PROTOCOLS, PUBLISHED, Published, published_for
+from pcbench.io import write_text
 
 __all__ = ["HEADLINE", "LeaderRow", "Leaderboard", "build_leaderboard", "load_ops", "write_report"]
 
@@ -369,18 +370,6 @@ def ops_markdown(ops: Mapping[str, Any]) -> list[str]:
     return [*out, ""]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_report(records: Iterable[Mapping[str, Any]], out: str | os.PathLike[str], *,
                  ops: str | os.PathLike[str] | None = None, title: str = "pcbench leaderboard",
                  source: str = "") -> dict[str, Path]:
@@ -393,7 +382,7 @@ def write_report(records: Iterable[Mapping[str, Any]], out: str | os.PathLike[st
     board = build_leaderboard(records, load_ops(ops) if ops is not None else None)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "leaderboard.md", "csv": out / "leaderboard.csv", "html": out / "leaderboard.html"}
-    _atomic_write(paths["md"], render_markdown(board, title))
-    _atomic_write(paths["csv"], render_csv(board))
-    _atomic_write(paths["html"], render_html(board, title, source))
+    write_text(paths["md"], render_markdown(board, title))
+    write_text(paths["csv"], render_csv(board))
+    write_text(paths["html"], render_html(board, title, source))
     return paths

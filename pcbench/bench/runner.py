@@ -131,7 +131,7 @@ def prepare_datasets(bench: DictConfig, cells: Sequence[Cell], workers: int = 1)
             raise SuiteError(f"preparing suite dataset {key} failed (pcbench-prep exit {rc}){hint}; its output is "
                              f"in {log}:\n{tail}")
         status, sha = _manifest_state(root)
-        from pcbench.train.io import write_json  # noqa: PLC0415
+        from pcbench.io import write_json  # noqa: PLC0415
 
         write_json(marker, {"args": prep, "manifest_sha256": sha, "at": now_iso()})
         actions[key] = f"prepared in {time.perf_counter() - t0:.1f} s"
@@ -151,7 +151,7 @@ class Plan:
 
     def write(self, sweep_dir: Path, started_at: float, store_per_job: bool, results: str) -> Path:
         """``plan.json`` in the sweep folder: what every job counts its progress against."""
-        from pcbench.train.io import write_json  # noqa: PLC0415
+        from pcbench.io import write_json  # noqa: PLC0415
 
         return write_json(sweep_dir / PLAN_FILE, {
             "suite": self.suite, "started_at": started_at,

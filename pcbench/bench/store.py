@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pcbench.bench.record import JSON_FIELDS, RECORD_FIELDS, normalize_record, now_iso
+from pcbench.io import atomic_path
 
 __all__ = ["DEFAULT_RESULTS", "MIGRATIONS", "SCHEMA_VERSION", "ImportSummary", "ResultStore", "schema_columns"]
 
@@ -286,16 +287,9 @@ class ResultStore:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         recs = self.records(status=status)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                for rec in recs:
-                    f.write(json.dumps(rec, sort_keys=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for rec in recs:
+                f.write(json.dumps(rec, sort_keys=True) + "\n")
         return len(recs)
 
     def import_records(self, records: Iterable[Mapping[str, Any]]) -> ImportSummary:

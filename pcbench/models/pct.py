@@ -145,7 +145,9 @@ class NeighborEmbedding(nn.Module):
         # index_select of the flat indices is several times faster on CPU than advanced indexing with [M, k];
         # _unsafe_view keeps the in-place add off autograd's view tracking (see PointBatchNorm.forward).
         h = torch.ops.aten._unsafe_view(F.linear(feat, w1).index_select(0, idx.view(-1)), (m, k, w1.shape[0]))
-        h = h.add_(F.linear(feat[sel], w2 - w1).unsqueeze(1))
+        # two products rather than one with (w2 - w1): weight arithmetic breaks torchao's int8 weight tensors
+        centre = feat[sel]
+        h = h.add_((F.linear(centre, w2) - F.linear(centre, w1)).unsqueeze(1))
         h = F.relu(self.bn1(h), inplace=True)
         return centres, self.bn2(self.linear2(h)), new_offset
 

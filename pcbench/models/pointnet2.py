@@ -78,7 +78,8 @@ class _GroupBranch(nn.Module):
         groups = CompactGroups.from_ball_query(idx)
         first = self.linears[0]
         per_point = first(torch.cat([xyz, feat], 1))  # [N, C1]
-        per_centre = F.linear(centres, -first.weight[:, :3])  # [M, C1]
+        # negate the product, not the weight: weight arithmetic breaks torchao's int8 weight tensors
+        per_centre = F.linear(centres, first.weight[:, :3]).neg_()  # [M, C1]
         h = groups.gather(per_point, per_centre)  # [V, C1] == first([xyz_j - c, f_j]) for each distinct pair
         for linear, norm in zip(self.linears[1:], self.norms[:-1], strict=True):
             h = linear(norm.forward_relu(h, groups.repeats))

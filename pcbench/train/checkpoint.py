@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .io import atomic_path
+from pcbench.io import atomic_path
 
 __all__ = ["FORMAT", "load_checkpoint", "restore_rng_state", "rng_state", "save_checkpoint"]
 

@@ -27,10 +27,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from pcbench.io import atomic_path, write_text
 from pcbench.ops import PointBatch
 
 from .data import EvalBatch
-from .io import atomic_path, write_text
 from .metrics import ConfusionMatrix
 
 __all__ = ["EvalResult", "autocast_context", "evaluate_loaders", "write_predictions", "write_submission"]

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 import pcbench
 from pcbench import _malloc
+from pcbench.io import write_json, write_text
 from pcbench.models import build_model
 
 from .checkpoint import FORMAT, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
@@ -52,7 +53,6 @@ from .distributed import (
 from .errors import ConfigError
 from .evaluate import EvalResult, autocast_context, evaluate_loaders, gather_predictions, write_predictions
 from .evaluate import write_submission as _write_submission
-from .io import write_json, write_text
 from .losses import lovasz_softmax
 from .optim import bn_momentum_at, build_ema, param_groups, set_bn_momentum
 

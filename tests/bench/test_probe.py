@@ -181,10 +181,11 @@ def _check_real(out: dict, name: str) -> None:
     assert out["params"] == params
     assert out["flops_per_sample"] > 0 and out["train_samples_per_s"] > 0 and out["latency_b1_ms"] > 0
     assert out["bf16_status"] == "ok"
-    assert out["int8_status"] == "ok" or out["int8_status"].startswith("unsupported: "), out["int8_status"]
+    # every model quantizes on CPU (a model that does arithmetic on Linear weights breaks torchao's int8 tensors)
+    assert out["int8_status"] in ("ok", "unsupported: the model has no nn.Linear layers"), out["int8_status"]
 
 
-@pytest.mark.parametrize("name", ["pointnet2_ssg_cls", "minkunet14a_seg"])
+@pytest.mark.parametrize("name", ["pointnet2_ssg_cls", "pct_cls", "minkunet14a_seg"])
 def test_probe_real_models(name: str) -> None:
     _check_real(_probe_config(name), name)
 
@@ -211,4 +212,5 @@ def test_probe_on_cuda() -> None:
     assert out["device"] == "cuda" and out["device_name"] == torch.cuda.get_device_name(0)
     assert out["memory_method"].startswith("CUDA") and out["train_peak_mib"] > 0
     assert out["bf16_status"] == "ok"
-    assert out["int8_status"] == "ok" or out["int8_status"].startswith("unsupported: "), out["int8_status"]
+    # every model quantizes on CPU (a model that does arithmetic on Linear weights breaks torchao's int8 tensors)
+    assert out["int8_status"] in ("ok", "unsupported: the model has no nn.Linear layers"), out["int8_status"]

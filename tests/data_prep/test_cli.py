@@ -112,7 +112,7 @@ def test_console_entry_point_runs_as_a_module(raw, tmp_path):
     assert "modelnet10: 10 samples written" in r.stdout
 
 
-@pytest.mark.parametrize("dataset,n", [("modelnet40", 50), ("scanobjectnn", 50), ("scannet", 7)])
+@pytest.mark.parametrize("dataset,n", [("modelnet40", 160), ("scanobjectnn", 50), ("scannet", 7)])
 def test_raw_synthetic_quickstart(dataset, n, tmp_path, capsys):
     from data_prep.common import read_manifest, verify_outputs
 
