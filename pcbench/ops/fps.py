@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ._fps_cells import fps_cells, fps_cells_speculative
+from ._grid import unit_scale
 from ._reference import sample_counts
 from .batch import check_coords, lengths2offset, offset2lengths, offset2start, resolve_offset
 
@@ -116,7 +117,7 @@ def _farthest_point_sample(
         )
     if not nonempty.numel():
         return torch.zeros(0, dtype=torch.long, device=xyz.device)
-    p = xyz.detach()
+    p = _at_unit_scale(xyz.detach(), off)
     starts = offset2start(off)
     if p.device.type != "cpu" or int(lengths.max()) <= DENSE_MAX_POINTS:
         sel = _fps_dense(p, starts, lengths, counts, start)
@@ -126,6 +127,23 @@ def _farthest_point_sample(
         sel = fps_cells_speculative(p, starts, lengths, counts, start)
     return _pack(sel, counts)
 
+
+
+def _at_unit_scale(p: Tensor, off: Tensor) -> Tensor:
+    """``p`` with each cloud at an extreme scale multiplied by an exact power of two (``_grid.unit_scale``).
+
+    FPS compares squared distances in the input dtype: a float32 cloud at 1e20 would see every distance as
+    inf (and one at 1e-20 as 0), so every choice would become a tie won by the lowest index. Scaling a cloud
+    by 2^-e multiplies all its squared distances by the same 4^-e without rounding, so the samples are those
+    of the original cloud.
+    """
+    if not p.shape[0]:
+        return p
+    cloud = torch.repeat_interleave(torch.arange(off.numel(), device=p.device), offset2lengths(off))
+    m = p.new_zeros(off.numel(), 3, dtype=torch.float64).scatter_reduce_(
+        0, cloud[:, None].expand(-1, 3), p.abs().to(torch.float64), "amax")
+    scale = unit_scale(m, m)
+    return p if scale is None else (p.to(torch.float64) * scale[cloud, None]).to(p.dtype)
 
 
 def _pack(sel: Tensor, counts: Tensor) -> Tensor:

@@ -63,10 +63,17 @@ def interpolate(
     # weights in at least float32 so half-precision features still get well-normalised weights
     wdt = torch.promote_types(features.dtype, torch.float32)
     found = idx >= 0
-    w = torch.where(found, 1.0 / (d2.to(wdt).sqrt() + EPS), torch.zeros((), dtype=wdt, device=d2.device))
+    src = idx.clamp_min(0)
+    d = d2.to(wdt).sqrt()
+    if not bool(torch.isfinite(d[found]).all()):
+        # dist2 saturates to inf in the input dtype (float32 beyond ~1.8e19 apart): take the distances in
+        # float64 from the coordinates, so clouds at any finite scale get their true weights, not zeros
+        wdt = torch.float64
+        diff = query.detach().to(wdt)[:, None, :] - support.detach().to(wdt)[src]
+        d = torch.linalg.vector_norm(diff, dim=-1)
+    w = torch.where(found, 1.0 / (d + EPS), torch.zeros((), dtype=wdt, device=d2.device))
     w = w / w.sum(1, keepdim=True).clamp_min(torch.finfo(wdt).tiny)
     w = w.to(features.dtype)
-    src = idx.clamp_min(0)
     for j in range(idx.shape[1]):  # k gathers of [M, C]: no [M, k, C] temporary
         out = out.addcmul(features.index_select(0, src[:, j]), w[:, j : j + 1])
     return out

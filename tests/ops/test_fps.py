@@ -241,3 +241,16 @@ def test_speculation_takes_several_samples_per_iteration_and_prunes_leaves():
     assert stats["iterations"] < 3000 / 4
     leaves = 30000 / 128
     assert stats["leaf_updates"] / stats["iterations"] < leaves / 4
+
+
+@pytest.mark.parametrize("engine", ENGINES, indirect=True)
+@pytest.mark.parametrize("exponent", [70, 100, -70, -100])
+def test_extreme_scales_sample_as_the_unscaled_cloud(engine, exponent):
+    # float32 squares overflow beyond ~1.8e19 (every distance inf) and flush to zero below ~1e-19, which made
+    # every choice a tie won by the lowest index. A power-of-two scale is exact, so the samples of the scaled
+    # clouds must be those of the unscaled ones (the float32 reference at scale 1).
+    base = scan_like_scene(1500, seed=3, dtype=torch.float64).float()
+    off = torch.tensor([500, 500, 1500])  # one empty cloud
+    coord = base * 2.0**exponent
+    assert torch.isfinite(coord).all() and bool((coord != 0).any())
+    assert torch.equal(farthest_point_sample(coord, off, n=64), fps_reference(base, off, n=64))

@@ -110,3 +110,16 @@ def test_bad_arguments_are_named():
     bad[0, 0] = float("inf")
     with pytest.raises(ValueError, match=r"query contains NaN or inf in 1 rows"):
         interpolate(bad, s, f)
+
+
+@pytest.mark.parametrize("exponent", [70, 100, 120])
+def test_extreme_coordinate_scales_keep_the_weights(exponent):
+    # float32 dist2 saturates to inf beyond ~1.8e19: the weights then came out 0 and every row 0. IDW weights
+    # are scale-free (up to the 1e-8 term), so the scaled clouds must give the unscaled result.
+    support = scan_like_scene(800, seed=4, dtype=torch.float64).float()
+    query = scan_like_scene(300, seed=5, dtype=torch.float64).float()
+    feat = torch.randn(800, 5, generator=torch.Generator().manual_seed(1))
+    ref = interpolate(query, support, feat, 3)
+    got = interpolate(query * 2.0**exponent, support * 2.0**exponent, feat, 3)
+    assert bool(ref.abs().sum(1).gt(0).all())
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
