@@ -107,7 +107,7 @@ def test_predictions_reproduce_metrics_and_vote_is_separate(prepared: dict[str, 
     again = _recompute(run_dir / "predictions_test.npz", m["num_classes"], m["ignore_index"])
     for k in ("oa", "macc", "miou", "iou_per_class", "acc_per_class"):
         assert again[k] == m["test"][k]
-    assert again["count"] == m["val_split"]["num_samples"] * 0 + 10  # every synthetic test object, once
+    assert again["count"] == 40  # every synthetic test object (5 classes x 8), once
     assert m["test_vote"]["passes"] == 12 and "oa" in m["test_vote"]
     assert "optimistic" in m["test_selected"]["note"]
     assert m["val_split"]["stratified"] and m["val_split"]["fraction"] == 0.3

@@ -40,7 +40,7 @@ def test_build_data_holds_out_val_from_train(prepared: dict[str, Path], tmp_path
     cfg = compose([f"data.root={prepared['mn40_syn']}", "data.val_fraction=0.2"], run_dir=tmp_path)
     d = build_data(cfg)
     train_idx, val_idx = set(d.train.indices), set(d.val.indices)
-    assert not train_idx & val_idx and len(train_idx | val_idx) == 40 and len(val_idx) == 8
+    assert not train_idx & val_idx and len(train_idx | val_idx) == 120 and len(val_idx) == 24
     assert d.info["val"]["stratified"] and d.info["val"]["seed"] == 0
     assert d.in_channels == 6 and d.num_classes == 40 and d.ignore_index == -1
 
