@@ -170,7 +170,7 @@ def test_cls_overfits_real_modelnet(shared_data: Path) -> None:
     batch = modelnet_batch(shared_data, 512)
     torch.manual_seed(0)
     model = PointTransformerCls(3, 40, dropout=0.0)
-    losses = overfit(model, batch, batch.label, steps=30)
+    losses = overfit(model, batch, batch.label, steps=45)  # Cls50 depths [0, 1, 2, 4, 1] (Pointcept) learn a little slower than [1, 2, 3, 5, 2]
     assert losses[-1] < 0.1 * losses[0], losses
 
 
