@@ -25,6 +25,7 @@ PROTOCOLS = {
     "test_vote": "test split, checkpoint selected on val, voting over augmented passes",
     "test_selected": "test split, best test score over epochs (test-selected, optimistic)",
     "val": "val split, checkpoint selected on val",
+    "val_vote": "val split, checkpoint selected on val, voting over augmented passes",
     "test_unstated": "test split, checkpoint selection not stated by the source",
     "benchmark": "hidden-label online benchmark, trained on train+val",
 }

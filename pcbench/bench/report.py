@@ -32,7 +32,7 @@ __all__ = ["HEADLINE", "LeaderRow", "Leaderboard", "build_leaderboard", "load_op
 
 HEADLINE = {"cls": "oa", "seg": "miou"}
 METRIC_NAMES = {"oa": "OA", "macc": "mAcc", "miou": "mIoU"}
-PROTOCOL_ORDER = ("test", "test_vote", "test_selected", "val")
+PROTOCOL_ORDER = ("test", "test_vote", "test_selected", "val", "val_vote")
 #: Probe fields summarized per row (median over runs on the row's hardware), with their column titles.
 EFFICIENCY = {
     "params": "params", "flops_per_sample": "FLOPs/sample", "train_samples_per_s": "train samples/s",
@@ -162,6 +162,25 @@ def _pick_published(model: str, dataset: str, metric: str, protocol: str) -> Pub
     return (same or rows or [None])[0]
 
 
+def _protocol_views(rec: Mapping[str, Any]) -> list[tuple[str, dict]]:
+    """(protocol, metrics) of a record, named by the split they were computed on.
+
+    Where test labels are hidden (ScanNet) the trainer evaluates its "test" role on val (metrics.json
+    ``splits.test == "val"``): those figures are val figures ("val", "val_vote"), the record's own "val" entry
+    repeats them, and a best-over-epochs "test_selected" would be the selection score itself.
+    """
+    on_val = ((rec.get("extra") or {}).get("splits") or {}).get("test") == "val"
+    views = []
+    for protocol in PROTOCOL_ORDER:
+        split = rec.get(protocol) or {}
+        if on_val:
+            if protocol in ("val", "test_selected"):
+                continue
+            protocol = {"test": "val", "test_vote": "val_vote"}.get(protocol, protocol)
+        views.append((protocol, split))
+    return views
+
+
 def build_leaderboard(records: Iterable[Mapping[str, Any]], ops: dict[str, Any] | None = None) -> Leaderboard:
     """Group, aggregate and rank records (dicts as the store returns them)."""
     records = list(records)
@@ -175,17 +194,17 @@ def build_leaderboard(records: Iterable[Mapping[str, Any]], ops: dict[str, Any] 
         notes.append(f"{dup} finished run(s) repeat a resolved config already counted; the latest of each counts")
 
     groups: dict[tuple, list[tuple[Mapping[str, Any], dict]]] = defaultdict(list)
-    with_test = {r.get("dataset") for r in finished if any((r.get(p) or {}) for p in PROTOCOL_ORDER[:3])}
+    with_test = {r.get("dataset") for r in finished if any(split for p, split in _protocol_views(r)
+                                                           if p in PROTOCOL_ORDER[:3])}
     for rec in finished:
         task = _task(rec)
         if task is None:
             notes.append(f"result {rec['result_id']} ({rec['cell']}) has no task; not ranked")
             continue
         metric = HEADLINE[task]
-        for protocol in PROTOCOL_ORDER:
+        for protocol, split in _protocol_views(rec):
             if protocol == "val" and rec.get("dataset") in with_test:
                 continue  # with test labels the validation score selected the checkpoint: not a result
-            split = rec.get(protocol) or {}
             if split.get(metric) is None:
                 continue
             key = (rec.get("dataset") or "?", protocol, task, rec.get("model") or "?", rec.get("variant") or "",

@@ -203,3 +203,29 @@ def test_store_and_report_start_without_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2], timeout=120)
     assert out.stdout.strip() == "[]"  # many writer processes and the CLIs start in milliseconds, not seconds
+
+
+def test_hidden_test_labels_rank_the_final_evaluation_as_val() -> None:
+    # ScanNet: the trainer's "test" role runs on val (metrics.json splits.test == "val"). Its figures must be
+    # ranked as val (and voting as val_vote), never under a "test split" heading, and counted once.
+    recs = []
+    for r in synthetic_records():
+        if r.get("dataset") == "scannet20" and r["status"] == "finished":
+            final = {k: (v - 0.01 if isinstance(v, float) else v) for k, v in r["val"].items()}
+            vote = {k: (v + 0.02 if isinstance(v, float) else v) for k, v in r["val"].items()}
+            r = {**r, "test": final, "test_vote": vote, "test_selected": dict(r["val"]),
+                 "extra": {**(r.get("extra") or {}), "splits": {"train": "train", "val": "val", "test": "val"}}}
+        recs.append(r)
+    board = build_leaderboard(recs)
+    sections = [(d, p) for d, p, _ in board.sections()]
+    assert ("scannet20", "val") in sections and ("scannet20", "val_vote") in sections
+    assert not any(d == "scannet20" and p.startswith("test") for d, p in sections)
+    for _, protocol, rows in board.sections():
+        for row in rows:
+            if row.dataset != "scannet20":
+                continue
+            mine = [x for x in recs if x["status"] == "finished" and x["model"] == row.model
+                    and x["dataset"] == "scannet20"]
+            key = {"val": "test", "val_vote": "test_vote"}[protocol]
+            assert row.n == 3 and row.scores == [x[key]["miou"] for x in mine]
+    assert "val split, checkpoint selected on val, voting" in render_markdown(board, "t")
