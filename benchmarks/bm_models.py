@@ -20,12 +20,11 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import TUNED_MALLOC
+from benchmarks.harness import TUNED_MALLOC, run_json_worker
 from pcbench.io import write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,17 +157,11 @@ def _run_worker(config: str, case: str, mode: str, malloc: str, ns: argparse.Nam
         cmd.append("--compile")
     row: dict[str, object] = {"config": config, "case": case, "mode": mode, "malloc": malloc,
                               "compiled": compile_}
-    try:
-        out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=ns.timeout)
-    except subprocess.TimeoutExpired:
-        row["error"] = f"timeout after {ns.timeout} s"
+    result, error = run_json_worker(cmd, env, ns.timeout)
+    if error is not None:
+        row["error"] = error
         return row
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    if out.returncode != 0 or not lines:
-        err = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        row["error"] = f"exit {out.returncode}: {err[:200]}"
-        return row
-    row.update(json.loads(lines[-1]))
+    row.update(result)
     row["malloc"] = malloc
     return row
 

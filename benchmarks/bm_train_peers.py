@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import types
@@ -35,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.harness import TUNED_MALLOC
+from benchmarks.harness import TUNED_MALLOC, run_json_worker
 from pcbench.io import write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,18 +188,12 @@ def _run_worker(pair: Pair, impl: str, malloc: str, threads: int, ns: argparse.N
            "--repeats", str(ns.repeats), "--warmup", str(ns.warmup)]
     if ns.community_dir is not None:
         cmd += ["--community-dir", str(Path(ns.community_dir).resolve())]
-    try:
-        out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=ns.timeout)
-    except subprocess.TimeoutExpired:
-        row["error"] = f"failed: timeout after {ns.timeout} s"
+    result, error = run_json_worker(cmd, env, ns.timeout)
+    if error is not None:
+        # a community model that cannot run here is a missing peer, ours failing is a failure
+        row["error"] = f"unavailable: {error}" if impl == "community" and "timeout" not in error else f"failed: {error}"
         return row
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    if out.returncode != 0 or not lines:
-        err = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        row["error"] = (f"unavailable: {err[:200]}" if impl == "community" else f"failed: exit {out.returncode}: "
-                        f"{err[:200]}")
-        return row
-    row.update(json.loads(lines[-1]))
+    row.update(result)
     return row
 
 

@@ -26,7 +26,7 @@ from pcbench.io import write_text
 
 __all__ = [
     "TUNED_MALLOC", "Case", "Entry", "environment", "markdown_table", "optional_entry", "reexec_with_tuned_malloc",
-    "run_cases", "time_fn",
+    "run_cases", "run_json_worker", "time_fn",
 ]
 
 
@@ -99,6 +99,22 @@ def time_fn(fn: Callable[[], object], repeats: int = 5, warmup: int = 2) -> list
         _sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def run_json_worker(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[dict | None, str | None]:
+    """Run one benchmark worker process from the repository root: ``(result, None)`` with the JSON object of
+    its last stdout line that starts with ``{``, or ``(None, reason)`` on a time-out, a non-zero exit or no
+    such line (the reason ends with the last line of its stderr)."""
+    try:
+        out = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
+                             text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"timeout after {timeout} s"
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        err = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, f"exit {out.returncode}: {err[:200]}"
+    return json.loads(lines[-1]), None
 
 
 def _git_commit() -> str:

@@ -1,5 +1,7 @@
 import builtins
 import json
+import os
+import sys
 
 import pytest
 import torch
@@ -105,3 +107,17 @@ def test_time_fn_counts_warmup_and_repeats():
     calls = []
     assert len(time_fn(lambda: calls.append(1), repeats=4, warmup=2)) == 4
     assert len(calls) == 6
+
+
+def test_run_json_worker_result_failure_and_timeout() -> None:
+    from benchmarks.harness import run_json_worker
+
+    env = dict(os.environ)
+    ok = [sys.executable, "-c", "print('log line'); print('{\"a\": 1}'); print('{\"a\": 2}')"]
+    assert run_json_worker(ok, env, 60) == ({"a": 2}, None)
+    bad = [sys.executable, "-c", "import sys; print('{\"a\": 1}'); sys.exit('no peer here')"]
+    assert run_json_worker(bad, env, 60) == (None, "exit 1: no peer here")
+    silent = [sys.executable, "-c", "pass"]
+    assert run_json_worker(silent, env, 60) == (None, "exit 0: no output")
+    slow = [sys.executable, "-c", "import time; time.sleep(30)"]
+    assert run_json_worker(slow, env, 0.5) == (None, "timeout after 0.5 s")
