@@ -115,6 +115,13 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
+
+def _point_label(x: float, y: float, label: str, right_half: bool) -> str:
+    """A dot's label on the side facing the plot's centre, so labels near the right edge are not cut off."""
+    if right_half:
+        return f'<text x="{x - 7:.1f}" y="{y - 6:.1f}" font-size="10" fill="#333" text-anchor="end">{_e(label)}</text>'
+    return f'<text x="{x + 7:.1f}" y="{y - 6:.1f}" font-size="10" fill="#333">{_e(label)}</text>'
+
 def scatter_svg(points: Sequence[dict[str, Any]], *, xlabel: str, ylabel: str, title: str, logx: bool = True,
                 width: int = 470, height: int = 310) -> str:
     """Scatter plot: each point a dict with label, x, y, yerr (or None), color, tip; log x axis by default."""
@@ -166,7 +173,7 @@ def scatter_svg(points: Sequence[dict[str, Any]], *, xlabel: str, ylabel: str, t
                        f'y2="{sy(p["y"] + p["yerr"]):.1f}" stroke="{p["color"]}" stroke-width="1.5"/>')
         out.append(f'<circle class="pt" cx="{x:.1f}" cy="{y:.1f}" r="5" fill="{p["color"]}" fill-opacity=".85">'
                    f'<title>{_e(p["tip"])}</title></circle>'
-                   f'<text x="{x + 7:.1f}" y="{y - 6:.1f}" font-size="10" fill="#333">{_e(p["label"])}</text>')
+                   + _point_label(x, y, p["label"], right_half=x > ml + pw / 2))
     out.append("</svg>")
     return "".join(out)
 
