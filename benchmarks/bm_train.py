@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pcbench._malloc import TUNED_MALLOC
+from pcbench.io import write_text
 
 # model config -> (data kind, size overrides that keep a CPU step around a second)
 CASES: dict[str, tuple[str, list[str]]] = {
@@ -199,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(ns.data) if ns.data else Path(tempfile.mkdtemp(prefix="bm_train_"))
     roots = _prepare(base)
     load = os.getloadavg()[0]
-    rows = []
+    rows: list[dict[str, Any]] = []
+    text = "no rows"
     for model in models:
         kind, extra = CASES[model]
         common = ["--model", model, "--kind", kind, "--root", str(roots[kind]), "--steps", str(steps),
@@ -224,13 +226,19 @@ def main(argv: list[str] | None = None) -> int:
                         "sps_mallopt": m.get("samples_per_s"), "sps_env": row["fit"]})
         rows.append(row)
         print(json.dumps(row), flush=True)
+        text = _write(Path(ns.out), rows, ns, steps, load)  # after every row: a stopped run keeps what it measured
+    print(text)
+    return 0
+
+
+def _write(out: Path, rows: list[dict[str, Any]], ns: argparse.Namespace, steps: int, load: float) -> str:
+    """Write bm_train.json and bm_train.md (atomically) for the rows so far; returns the Markdown."""
     import torch  # noqa: PLC0415
 
-    out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"threads": ns.threads, "torch": torch.__version__, "load_avg_start": load, "load_avg_end": os.getloadavg()[0],
-            "cpus": os.cpu_count(), "num_workers": "trainer default (2)"}
-    (out / "bm_train.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+            "cpus": os.cpu_count(), "num_workers": "trainer default (2)", "complete": len(rows)}
+    write_text(out / "bm_train.json", json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"Trainer overhead: fit's marginal CPU s/step (two fresh processes, 2 and {steps} steps, so start-up and "
              f"evaluation cancel) vs the bare loop's CPU s/step on the same batches; {ns.threads} torch thread(s), "
              f"tuned allocator (env), trainer.num_workers default; wall samples/s beside it. Load average "
@@ -248,9 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             d, m, e = r.get("cpu_default"), r.get("cpu_mallopt"), r.get("cpu_env")
             lines.append(f"| {r['model']} | {_f(d, 3)} | {_f(m, 3)} | {_f(e, 3)} | {_ratio(d, m)} | {_ratio(d, e)} |")
-    (out / "bm_train.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    text = "\n".join(lines) + "\n"
+    write_text(out / "bm_train.md", text)
+    return text
 
 
 def _f(v: float | None, digits: int = 2) -> str:
