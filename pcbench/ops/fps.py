@@ -25,7 +25,7 @@ from torch import Tensor
 from ._fps_cells import fps_cells, fps_cells_speculative
 from ._grid import unit_scale
 from ._reference import sample_counts
-from .batch import check_coords, lengths2offset, offset2lengths, offset2start, resolve_offset
+from .batch import check_coords, lengths2offset, offset2batch, offset2lengths, offset2start, resolve_offset
 
 __all__ = ["farthest_point_sample", "sample_offset"]
 
@@ -139,7 +139,7 @@ def _at_unit_scale(p: Tensor, off: Tensor) -> Tensor:
     """
     if not p.shape[0]:
         return p
-    cloud = torch.repeat_interleave(torch.arange(off.numel(), device=p.device), offset2lengths(off))
+    cloud = offset2batch(off)
     m = p.new_zeros(off.numel(), 3, dtype=torch.float64).scatter_reduce_(
         0, cloud[:, None].expand(-1, 3), p.abs().to(torch.float64), "amax")
     scale = unit_scale(m, m)
