@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
 
-__all__ = ["ConfigError", "check_data", "check_run_config", "compose", "config_dir", "config_sha256", "group_options"]
+__all__ = ["PLACEMENT_KEYS", "ConfigError", "check_data", "check_run_config", "compose", "config_changes", "config_dir",
+           "config_identity_sha256", "config_sha256", "group_options", "run_content"]
 
 _PKG = Path(__file__).resolve().parents[1]  # .../pcbench
 
@@ -120,13 +121,78 @@ def compose_defaults() -> DictConfig:
         return hydra_compose("train")
 
 
-# ----------------------------------------------------------------------------------------- run checks
+# ----------------------------------------------------------------------------------------- run identity
+#: Keys that say where and how a run executes, never what it computes: a resumed run may change them, and the
+#: leaderboard's configuration identity ignores them. Dotted paths; a prefix covers its whole node.
+PLACEMENT_KEYS: tuple[str, ...] = (
+    "paths", "resume", "hydra", "fault", "logger", "task_name",
+    "trainer.num_workers", "trainer.threads", "trainer.accelerator", "trainer.malloc", "trainer.tensorboard",
+    "trainer.log_every_n_steps", "trainer.progress_bar", "trainer.checkpoint_every_n_steps",
+    "eval.submission_dir", "eval.save_predictions",
+)
+
+
+def _plain(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return json.loads(json.dumps(cfg, default=str))
+
+
+def _drop(plain: dict[str, Any], dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node: Any = plain
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            return
+    if isinstance(node, dict):
+        node.pop(leaf, None)
+
+
+def _sha(plain: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def config_sha256(cfg: DictConfig) -> str:
     """sha256 of the resolved config without where/how it runs (``paths``, ``resume``, ``hydra``)."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain = _plain(cfg)
     for k in ("paths", "resume", "hydra"):
         plain.pop(k, None)
-    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()
+    return _sha(plain)
+
+
+def run_content(cfg: DictConfig | dict[str, Any], *, drop_seed: bool = False) -> dict[str, Any]:
+    """The resolved config without :data:`PLACEMENT_KEYS` (and without ``seed`` when ``drop_seed``)."""
+    plain = _plain(cfg)
+    for k in PLACEMENT_KEYS:
+        _drop(plain, k)
+    if drop_seed:
+        plain.pop("seed", None)
+    return plain
+
+
+def config_identity_sha256(cfg: DictConfig | dict[str, Any]) -> str:
+    """sha256 of what a run computes, seed excluded: one leaderboard row per identity, its seeds are its runs."""
+    return _sha(run_content(cfg, drop_seed=True))
+
+
+def config_changes(old: DictConfig | dict[str, Any], new: DictConfig | dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every difference outside :data:`PLACEMENT_KEYS`, sorted."""
+    missing = object()
+    out: list[tuple[str, Any, Any]] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=str):
+                walk(a.get(k, missing), b.get(k, missing), f"{prefix}.{k}" if prefix else str(k))
+        elif a != b:
+            out.append((prefix, None if a is missing else a, None if b is missing else b))
+
+    walk(run_content(old), run_content(new), "")
+    return out
+
+
+# ----------------------------------------------------------------------------------------- run checks
 
 
 def _prep_hint(cfg: DictConfig, root: str) -> str:
