@@ -21,20 +21,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pcbench.bench import report_columns as spec
 from pcbench.bench.leaderboard import HEADLINE, Leaderboard, LeaderRow, build_leaderboard
 from pcbench.bench.published import PROTOCOLS
-from pcbench.bench.report_columns import (
-    CSV,
-    FAILED_COLUMNS,
-    LEADER_COLUMNS,
-    MD,
-    OPS_COLUMNS,
-    PUBLISHED_COLUMNS,
-    Column,
-    counts_text,
-    csv_columns,
-    ops_environment_text,
-)
+from pcbench.bench.report_columns import CSV, MD, Column, counts_text, csv_columns, ops_environment_text
 from pcbench.bench.report_html import render_html
 from pcbench.io import write_text
 
@@ -74,7 +64,7 @@ def _csv_cell(col: Column, row: LeaderRow) -> Any:
 
 def render_csv(board: Leaderboard) -> str:
     """One line per leaderboard row; metrics as fractions, efficiency in raw units; text cells quoted."""
-    cols = [c for c in LEADER_COLUMNS if CSV in c.where]
+    cols = [c for c in spec.LEADER_COLUMNS if CSV in c.where]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
     w.writerow([c.name for c in cols])
@@ -107,10 +97,10 @@ def render_markdown(board: Leaderboard, title: str = "pcbench leaderboard") -> s
     out += [f"- {md_text(n)}" for n in board.notes] + ([""] if board.notes else [])
     for dataset, protocol, rows in board.sections():
         out += [f"## {md_text(dataset)} — {md_text(protocol)}: {md_text(PROTOCOLS[protocol])}", ""]
-        out += [*_md_table(LEADER_COLUMNS, rows, rows[0].metric), ""]
+        out += [*_md_table(spec.LEADER_COLUMNS, rows, rows[0].metric), ""]
     if board.failed:
-        out += ["## Failed cells", "", *_md_table(FAILED_COLUMNS, board.failed), ""]
-    out += ["## Published figures", "", *_md_table(PUBLISHED_COLUMNS, board.published), ""]
+        out += ["## Failed cells", "", *_md_table(spec.FAILED_COLUMNS, board.failed), ""]
+    out += ["## Published figures", "", *_md_table(spec.PUBLISHED_COLUMNS, board.published), ""]
     if board.ops:
         out += ops_markdown(board.ops)
     return "\n".join(out) + "\n"
@@ -119,7 +109,7 @@ def render_markdown(board: Leaderboard, title: str = "pcbench leaderboard") -> s
 def ops_markdown(ops: Mapping[str, Any]) -> list[str]:
     """The ops micro-benchmark rows as Markdown lines."""
     return [f"## Ops micro-benchmark ({md_text(ops.get('title', 'ops'))})", "", md_text(ops_environment_text(ops)),
-            "", *_md_table(OPS_COLUMNS, ops.get("rows", [])), ""]
+            "", *_md_table(spec.OPS_COLUMNS, ops.get("rows", [])), ""]
 
 
 def write_report(records: Iterable[Mapping[str, Any]], out: str | os.PathLike[str], *,

@@ -12,21 +12,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from pcbench.bench import report_columns as spec
 from pcbench.bench.leaderboard import METRIC_NAMES, Leaderboard, LeaderRow
 from pcbench.bench.published import PROTOCOLS
-from pcbench.bench.report_columns import (
-    FAILED_COLUMNS,
-    HTML,
-    LEADER_COLUMNS,
-    OPS_COLUMNS,
-    PUBLISHED_COLUMNS,
-    Column,
-    counts_text,
-    num,
-    ops_environment_text,
-    pct,
-    score_text,
-)
+from pcbench.bench.report_columns import HTML, Column, counts_text, num, ops_environment_text, pct, score_text
 
 __all__ = ["heatmap_svg", "render_html", "scatter_svg"]
 
@@ -270,7 +259,7 @@ def _leader_cell(col: Column, r: LeaderRow) -> str:
 
 
 def _leader_table(rows: Sequence[LeaderRow], sid: str) -> str:
-    cols = [c for c in LEADER_COLUMNS if HTML in c.where]
+    cols = [c for c in spec.LEADER_COLUMNS if HTML in c.where]
     th = "".join(_th(c, rows[0].metric) for c in cols)
     body = [f"<tr class='main' title=\"{_e(_row_tip(r))}\">{''.join(_leader_cell(c, r) for c in cols)}</tr>"
             f"<tr class='prov-row' hidden><td class='l' colspan='{len(cols)}'>{_provenance(r)}</td></tr>"
@@ -332,15 +321,15 @@ def render_html(board: Leaderboard, title: str = "pcbench leaderboard", source: 
             parts.append(heatmap_svg(rows, f"{dataset} {protocol}: per-class IoU (%)"))
         parts.append("</section>")
     parts.append("<section id='failed'><h2>Failed cells</h2>")
-    parts.append(_simple_table(FAILED_COLUMNS, board.failed, "failed") if board.failed else "<p>None.</p>")
+    parts.append(_simple_table(spec.FAILED_COLUMNS, board.failed, "failed") if board.failed else "<p>None.</p>")
     parts.append("</section><section id='published'><h2>Published figures</h2><p class='proto'>"
                  + "; ".join(f"<b>{_e(k)}</b>: {_e(v)}" for k, v in PROTOCOLS.items()) + "</p>")
-    parts.append(_simple_table(PUBLISHED_COLUMNS, board.published, "published"))
+    parts.append(_simple_table(spec.PUBLISHED_COLUMNS, board.published, "published"))
     parts.append("</section>")
     if board.ops:
         parts.append(f"<section id='ops'><h2>Ops micro-benchmark ({_e(board.ops.get('title', 'ops'))})</h2>"
                      f"<p class='proto'>{_e(ops_environment_text(board.ops))}</p>")
-        parts.append(_simple_table(OPS_COLUMNS, board.ops.get("rows", []), "ops"))
+        parts.append(_simple_table(spec.OPS_COLUMNS, board.ops.get("rows", []), "ops"))
         parts.append("</section>")
     parts.append(f"<script>{_JS}</script></body></html>")
     return "\n".join(parts)
