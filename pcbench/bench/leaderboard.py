@@ -15,8 +15,9 @@ runs on its most used hardware, which is named. Published figures (``pcbench.ben
 ours with the difference, labelled with their own protocol.
 
 Records carrying ``identity_sha256`` and typed split roles (``splits.final_role``, see
-``pcbench/train/result.py``) are read without importing torch; older records get both computed with the
-trainer's own functions, which imports ``pcbench.train`` (and torch) once.
+``pcbench/train/result.py``) are read without importing torch. Older records get both computed, and rows of one
+model that differ in config get their differing keys listed, with the trainer's own functions
+(``pcbench.train.config``), which imports ``pcbench.train`` and with it torch, once.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class LeaderRow:
     identity: str = ""  #: configuration identity (sha256 of the config without seed and placement keys)
     repeats: dict[Any, int] = field(default_factory=dict)  #: seed -> finished records of it (only those > 1)
     differs: str = ""  #: the config keys that set this row apart from rows of the same label ("k=v, ...")
-    config: dict[str, Any] | None = None  #: the latest run's stored config
+    config: dict[str, Any] | None = None  #: the latest run's trainer config
 
     @property
     def n(self) -> int:
@@ -142,19 +143,35 @@ def _identity(rec: Mapping[str, Any]) -> str:
     ident = rec.get("identity_sha256")
     if ident:
         return str(ident)
-    if isinstance(rec.get("config"), Mapping):
+    train = _trainer_config(rec)
+    if train is not None:
         # The trainer's own hash, so both sides agree on what "one configuration" is; imported here because
         # pcbench.train pulls in torch, which records that carry the field never need.
         from pcbench.train.config import config_identity_sha256  # noqa: PLC0415
 
-        return config_identity_sha256(dict(rec["config"]))
+        return config_identity_sha256(train)
     return f"config:{rec['config_sha256']}"
+
+
+def _trainer_config(rec: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The trainer config inside a record's stored config (None without one).
+
+    The runner stores ``{"train": <trainer config>, "probe": <probe settings>}`` (``cell_identity`` in
+    pcbench/bench/suite.py); a record made by hand may store the trainer config itself. Probe settings say how
+    efficiency was measured, not what was trained, so they are not part of the identity.
+    """
+    config = rec.get("config")
+    if not isinstance(config, Mapping):
+        return None
+    if isinstance(config.get("train"), Mapping) and set(config) <= {"train", "probe"}:
+        return dict(config["train"])
+    return dict(config)
 
 
 def _seed(rec: Mapping[str, Any]) -> Any:
     if rec.get("seed") is not None:
         return rec["seed"]
-    return (rec.get("config") or {}).get("seed") if isinstance(rec.get("config"), Mapping) else None
+    return (_trainer_config(rec) or {}).get("seed")
 
 
 def _seed_order(seed: Any) -> tuple[bool, int, str]:
@@ -335,7 +352,7 @@ def build_leaderboard(records: Iterable[Mapping[str, Any]], ops: dict[str, Any] 
                    "memory_method": (r.get("probe") or {}).get("memory_method")} for r in runs],
             published=_pick_published(model, dataset, metric, protocol), other_hardware_runs=other,
             identity=ident, repeats={_seed(r): times[(ident, _seed(r))] for r in runs if times[(ident, _seed(r))] > 1},
-            config=dict(newest["config"]) if isinstance(newest.get("config"), Mapping) else None,
+            config=_trainer_config(newest),
         ))
     _mark_differences(rows)
     by_section: dict[tuple[str, str], list[LeaderRow]] = defaultdict(list)

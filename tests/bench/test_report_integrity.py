@@ -81,6 +81,20 @@ def test_a_repeated_seed_counts_once_by_its_latest_run_and_the_row_says_so() -> 
     assert any("1 finished run(s) repeat a seed" in n for n in board.notes)
 
 
+def test_runner_records_are_grouped_by_their_trainer_config() -> None:
+    # pcbench-bench stores {"train": <trainer config>, "probe": <probe settings>} (suite.cell_identity)
+    def cell(oa: float, seed: int, steps: int, repeats: int = 1) -> dict[str, Any]:
+        rec = _run(oa, seed=seed)
+        train = {"model": {"name": "pct_cls"}, "seed": seed, "trainer": {"max_steps": steps}}
+        rec["config"] = {"train": train, "probe": {"repeats": repeats}}
+        return rec
+
+    rows = _rows(build_leaderboard([cell(0.80, 0, 30), cell(0.82, 1, 30, repeats=3), cell(0.90, 0, 31)]))
+    assert [(r.n, r.seeds, r.differs) for r in rows] == [(2, [0, 1], "trainer.max_steps=30"),
+                                                         (1, [0], "trainer.max_steps=31")]
+    assert rows[1].identity == config_identity_sha256({"model": {"name": "pct_cls"}, "trainer": {"max_steps": 31}})
+
+
 def test_the_identity_field_is_preferred_over_the_stored_config() -> None:
     a = _run(0.80, seed=0, identity_sha256="a" * 64)
     b = _run(0.90, seed=1, trainer={"max_steps": 31}, identity_sha256="a" * 64)  # the field says: one config
@@ -244,6 +258,10 @@ def test_one_column_spec_feeds_the_markdown_csv_and_html_writers(tmp_path: Path,
     for metric, table in zip(("OA", "OA", "OA", "mIoU"), heads.tables, strict=True):
         assert table == [c.title(metric) for c in report_columns.LEADER_COLUMNS if "html" in c.where]
         assert table[-1] == "epochs run"
+    for table in re.findall(r"<table class='sortable leaderboard'.*?</tbody></table>", page):
+        body = re.sub(r"<table class='prov'>.*?</table>", "", table)
+        cells = [row.count("<td") for row in re.findall(r"<tr class='main'.*?</tr>", body)]
+        assert cells and set(cells) == {len(heads.tables[0])}  # every row has one cell per header
     md_heads = [line for line in md.splitlines() if line.startswith("| # |")]
     assert len(md_heads) == 4 and all(h.endswith("| epochs run |") for h in md_heads)
     rows = list(csv.DictReader(io.StringIO(text)))
