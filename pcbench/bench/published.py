@@ -10,8 +10,11 @@ labelled with how it was obtained and never ranked with ours:
 - ``test_unstated``: test split, the selection rule is not stated by the source.
 - ``benchmark``: a hidden-label online benchmark (e.g. ScanNet test), trained on train + val.
 
-``checked`` records how the figure was verified: "source" (read in the named file/commit while curating),
-or "paper" (taken from the paper's table, as also quoted in ../shared/PUBLISHED.md; not re-read here).
+Every figure carries its provenance here, inline, so a clone of the repository alone can check it: ``source``
+names the repository, file and commit it was read in (``owner/name path @ commit, table``) or, for a paper
+figure, the authors, year, venue and table. ``checked`` records how the figure was verified: "source" (read in
+the named file at the named commit while curating) or "paper" (taken from the paper's table; no repository file
+states it).
 """
 
 from __future__ import annotations
@@ -73,9 +76,10 @@ PUBLISHED: tuple[Published, ...] = (
     Published("minkunet34c_seg", "scannet20", "miou", 0.736, "benchmark", _MINK, "source",
               "Mink16UNet34C, 2 cm, trained on train+val, ScanNet test server, no sliding window"),
     Published("pct_cls", "modelnet40", "oa", 0.932, "test_selected",
-              "Strawberry-Eat-Mango/PCT_Pytorch README.md (\"93.2% on the ModelNet40 validation dataset\"); "
-              "Guo et al. 2021, PCT, Table 1", "source",
-              "the 'validation' set of that code is the test split and main.py keeps the best test epoch"),
+              "Strawberry-Eat-Mango/PCT_Pytorch README.md @ 15fb741 (\"93.2% on the ModelNet40 validation "
+              "dataset\"); Guo et al. 2021, PCT (CVM), Table 1", "source",
+              "the 'validation' set of that code is the test split: main.py @ 15fb741 saves the model whenever "
+              "test accuracy reaches a new best"),
     Published("ptv1_cls", "modelnet40", "oa", 0.937, "test_unstated",
               "Zhao et al. 2021, Point Transformer (ICCV), ModelNet40 table", "paper"),
     Published("ptv1_cls", "modelnet40", "macc", 0.906, "test_unstated",
@@ -83,7 +87,7 @@ PUBLISHED: tuple[Published, ...] = (
     Published("pointnet2_ssg_cls", "modelnet40", "oa", 0.907, "test_unstated",
               "Qi et al. 2017, PointNet++ (NeurIPS), Table 2 (xyz input)", "paper"),
     Published("pointnet2_ssg_cls", "scanobjectnn_pb_t50_rs", "oa", 0.779, "test_unstated",
-              "Uy et al. 2019, Revisiting Point Cloud Classification (ScanObjectNN, ICCV), PB_T50_RS table",
+              "Uy et al. 2019, Revisiting Point Cloud Classification: ScanObjectNN (ICCV), PB_T50_RS table",
               "paper"),
 )
 

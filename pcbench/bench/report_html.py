@@ -12,17 +12,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from pcbench.bench import report_columns as spec
+from pcbench.bench.leaderboard import METRIC_NAMES, Leaderboard, LeaderRow
 from pcbench.bench.published import PROTOCOLS
-from pcbench.bench.report import (
-    EFFICIENCY,
-    METRIC_NAMES,
-    Leaderboard,
-    LeaderRow,
-    num,
-    pct,
-    published_text,
-    score_text,
-)
+from pcbench.bench.report_columns import HTML, Column, counts_text, num, ops_environment_text, pct, score_text
 
 __all__ = ["heatmap_svg", "render_html", "scatter_svg"]
 
@@ -223,10 +216,15 @@ def heatmap_svg(rows: Sequence[LeaderRow], title: str) -> str:
     return "".join(out)
 
 
-def _td(text: Any, value: float | None = None, cls: str = "") -> str:
-    v = "" if value is None else f' data-v="{value:.10g}"'
+def _td(text: Any, value: Any = None, cls: str = "", extra: str = "") -> str:
+    v = f' data-v="{value:.10g}"' if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
     c = f' class="{cls}"' if cls else ""
-    return f"<td{c}{v}>{_e(text)}</td>"
+    return f"<td{c}{v}{extra}>{_e(text)}</td>"
+
+
+def _th(col: Column, metric: str = "") -> str:
+    tip = f' title="{_e(col.tip)}"' if col.tip else ""
+    return f"<th class='{'' if col.numeric else 'l'}'{tip}>{_e(col.title(metric))}</th>"
 
 
 def _provenance(r: LeaderRow) -> str:
@@ -239,54 +237,35 @@ def _provenance(r: LeaderRow) -> str:
 
 def _row_tip(r: LeaderRow) -> str:
     first = r.runs[0]
-    seeds = ", ".join(str(x["seed"]) for x in r.runs)
-    return (f"{r.label}: {r.n} run(s), seeds {seeds}; commit {first.get('git_commit')}, pcbench "
+    seeds = ", ".join(str(s) for s in r.seeds)
+    repeats = f" ({r.repeats_text})" if r.repeats else ""
+    return (f"{r.label}: {r.n} seed(s), seeds {seeds}{repeats}; commit {first.get('git_commit')}, pcbench "
             f"{first.get('pcbench_version')}, torch {first.get('torch_version')}, {r.hardware}, allocator "
             f"{first.get('allocator')}, host {first.get('hostname')}")
 
 
+def _leader_cell(col: Column, r: LeaderRow) -> str:
+    """One cell of a leaderboard table: the spec's text and sort value, with the page's interactive bits."""
+    if col.name == "model":
+        return (f"<td class='l'><button class='prov-toggle' aria-expanded='false' title='show the runs and their "
+                f"provenance'>{_e(col.show(r))}</button></td>")
+    if col.name == "fidelity" and r.fidelity:
+        return (f"<td class='l'><span class='badge{' variant' if r.fidelity == 'pcbench variant' else ''}'>"
+                f"{_e(r.fidelity)}</span></td>")
+    extra = ""
+    if col.name == "published" and r.published is not None:
+        extra = f' title="{_e(r.published.source + (" — " + r.published.note if r.published.note else ""))}"'
+    return _td(col.show(r), col.value(r) if col.numeric else None, "" if col.numeric else "l", extra)
+
+
 def _leader_table(rows: Sequence[LeaderRow], sid: str) -> str:
-    metric = METRIC_NAMES[rows[0].metric]
-    eff_keys = ("params", "flops_per_sample", "train_samples_per_s", "infer_samples_per_s", "latency_b1_ms",
-                "train_peak_mib", "infer_peak_mib")
-    heads = ["#", "model", "recipe", "fidelity", f"{metric} % (mean ± std)", "n", "OA %", "mAcc %", "mIoU %", "published %", "Δ pts",
-             *(EFFICIENCY[k] for k in eff_keys), "bf16", "int8", "hardware"]
-    left = {"model", "recipe", "fidelity", "bf16", "int8", "hardware", "published %"}
-    th = "".join(f"<th class='{'l' if h in left else ''}'>{_e(h)}</th>" for h in heads)
-    body = []
-    for r in rows:
-        pub, delta = published_text(r)
-        e = r.efficiency
-        fid = (f"<span class='badge{' variant' if r.fidelity == 'pcbench variant' else ''}'>{_e(r.fidelity)}</span>"
-               if r.fidelity else "-")
-        pub_title = f' title="{_e(r.published.source + (" — " + r.published.note if r.published.note else ""))}"' \
-            if r.published else ""
-        other = (f"<div class='small'>+{r.other_hardware_runs} run(s) on other hardware</div>"
-                 if r.other_hardware_runs else "")
-        cells = [
-            _td(r.rank, r.rank),
-            f"<td class='l'><button class='prov-toggle' aria-expanded='false' title='show the runs and their "
-            f"provenance'>{_e(r.label)}</button></td>",
-            _td(r.recipe or "-", cls="l"), f"<td class='l'>{fid}</td>",
-            _td(score_text(r), r.mean), _td(r.n, r.n),
-            *(_td(pct(r.metrics[k]), r.metrics[k]) for k in METRIC_NAMES),
-            f"<td class='l'{pub_title} data-v='{r.published.value if r.published else ''}'>{_e(pub)}</td>",
-            _td(delta, None if r.delta is None else 100 * r.delta),
-            *(_td(num(e[k], k), e[k]) for k in eff_keys),
-            _td(_status(r.bf16_status, e["bf16_speedup"], e["bf16_score_delta"]), e["bf16_speedup"], "l"),
-            _td(_status(r.int8_status, e["int8_speedup"], e["int8_score_delta"]), e["int8_speedup"], "l"),
-            f"<td class='l'>{_e(r.hardware)}{other}</td>",
-        ]
-        body.append(f"<tr class='main' title=\"{_e(_row_tip(r))}\">{''.join(cells)}</tr>"
-                    f"<tr class='prov-row' hidden><td class='l' colspan='{len(heads)}'>{_provenance(r)}</td></tr>")
+    cols = [c for c in spec.LEADER_COLUMNS if HTML in c.where]
+    th = "".join(_th(c, rows[0].metric) for c in cols)
+    body = [f"<tr class='main' title=\"{_e(_row_tip(r))}\">{''.join(_leader_cell(c, r) for c in cols)}</tr>"
+            f"<tr class='prov-row' hidden><td class='l' colspan='{len(cols)}'>{_provenance(r)}</td></tr>"
+            for r in rows]
     return (f"<div class='scroll'><table class='sortable leaderboard' id='{sid}'><thead><tr>{th}</tr></thead>"
             f"<tbody>{''.join(body)}</tbody></table></div>")
-
-
-def _status(status: str, speedup: float | None, delta: float | None) -> str:
-    if status != "ok":
-        return status
-    return num(speedup, "speedup") + (f", Δ {num(delta, 'score_delta')}" if delta is not None else "")
 
 
 def _plots(rows: Sequence[LeaderRow], dataset: str, protocol: str) -> str:
@@ -296,8 +275,8 @@ def _plots(rows: Sequence[LeaderRow], dataset: str, protocol: str) -> str:
 
     def pts(key: str, unit: str) -> list[dict[str, Any]]:
         return [{"label": r.label, "x": r.efficiency[key], "y": r.mean, "yerr": r.std, "color": color[r.model],
-                 "tip": f"{r.label}: {metric} {score_text(r)} % (n={r.n}), {num(r.efficiency[key], key)} {unit}, "
-                        f"{r.hardware}"} for r in rows]
+                 "tip": f"{r.label}{f' ({r.differs})' if r.differs else ''}: {metric} {score_text(r)} % "
+                        f"(n={r.n}), {num(r.efficiency[key], key)} {unit}, {r.hardware}"} for r in rows]
 
     a = scatter_svg(pts("train_samples_per_s", "train samples/s"), xlabel="training samples/s (log)",
                     ylabel=f"{metric} %", title=f"{dataset} {protocol}: {metric} vs training throughput")
@@ -306,25 +285,25 @@ def _plots(rows: Sequence[LeaderRow], dataset: str, protocol: str) -> str:
     return f"<div class='plots'>{a}{b}</div>"
 
 
-def _simple_table(heads: Sequence[str], rows: Sequence[Sequence[tuple[Any, float | None]]], cls: str) -> str:
-    th = "".join(f"<th class='l'>{_e(h)}</th>" for h in heads)
-    body = "".join("<tr>" + "".join(_td(t, v, "" if v is not None else "l wrap") for t, v in row) + "</tr>"
-                   for row in rows)
+def _simple_table(cols: Sequence[Column], items: Sequence[Any], cls: str) -> str:
+    cols = [c for c in cols if HTML in c.where]
+    th = "".join(_th(c) for c in cols)
+    body = "".join("<tr>" + "".join(_td(c.show(x), c.value(x) if c.numeric else None, "" if c.numeric else "l wrap")
+                                    for c in cols) + "</tr>" for x in items)
     return f"<table class='sortable {cls}'><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def render_html(board: Leaderboard, title: str = "pcbench leaderboard", source: str = "") -> str:
     """The whole page as one string (inline CSS, inline JS, inline SVG)."""
-    c = board.counts
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
              f"<meta name='viewport' content='width=device-width, initial-scale=1'><style>{_CSS}</style></head><body>",
              f"<h1>{_e(title)}</h1><p class='meta'>Generated {now}"
              + (f" from {_e(source)}" if source else "")
-             + f". {c.get('finished', 0)} finished, {c.get('failed', 0)} failed, {c.get('running', 0)} running. "
-             "Scores in %, mean ± sample std over runs (seeds); Δ = ours − published, in points; a published figure "
-             "from another protocol is shown with that protocol in brackets and never ranked. Click a header to sort, "
-             "a model to expand its runs' provenance; hover a row or a point for details.</p>"]
+             + f". {_e(counts_text(board))} Scores in %, mean ± sample std over the distinct seeds of one "
+             "configuration; Δ = ours − published, in points; a published figure from another protocol is shown "
+             "with that protocol in brackets and never ranked. Click a header to sort, a model to expand its runs' "
+             "provenance; hover a header, a row or a point for details.</p>"]
     parts += [f"<p class='warn'>{_e(n)}</p>" for n in board.notes]
     sections = board.sections()
     toc = "".join(f"<li><a href='#s{i}'>{_e(d)} — {_e(p)}</a></li>" for i, (d, p, _) in enumerate(sections))
@@ -342,33 +321,15 @@ def render_html(board: Leaderboard, title: str = "pcbench leaderboard", source: 
             parts.append(heatmap_svg(rows, f"{dataset} {protocol}: per-class IoU (%)"))
         parts.append("</section>")
     parts.append("<section id='failed'><h2>Failed cells</h2>")
-    if board.failed:
-        parts.append(_simple_table(("suite", "cell", "model", "dataset", "seed", "error", "log"), [
-            [(f.get("suite") or "-", None), (f["cell"], None), (f.get("model") or "-", None),
-             (f.get("dataset") or "-", None), ("-" if f.get("seed") is None else f["seed"], f.get("seed")), ((f.get("error") or "")[:300], None),
-             (f.get("log_path") or "-", None)] for f in board.failed], "failed"))
-    else:
-        parts.append("<p>None.</p>")
+    parts.append(_simple_table(spec.FAILED_COLUMNS, board.failed, "failed") if board.failed else "<p>None.</p>")
     parts.append("</section><section id='published'><h2>Published figures</h2><p class='proto'>"
                  + "; ".join(f"<b>{_e(k)}</b>: {_e(v)}" for k, v in PROTOCOLS.items()) + "</p>")
-    parts.append(_simple_table(("model", "dataset", "metric", "value %", "protocol", "source", "checked", "note"), [
-        [(p.model, None), (p.dataset, None), (METRIC_NAMES[p.metric], None), (pct(p.value), p.value),
-         (p.protocol, None), (p.source, None), (p.checked, None), (p.note or "-", None)] for p in board.published],
-        "published"))
+    parts.append(_simple_table(spec.PUBLISHED_COLUMNS, board.published, "published"))
     parts.append("</section>")
     if board.ops:
-        env = board.ops.get("environment") or {}
         parts.append(f"<section id='ops'><h2>Ops micro-benchmark ({_e(board.ops.get('title', 'ops'))})</h2>"
-                     f"<p class='proto'>torch {_e(env.get('torch'))}, {_e(env.get('threads'))} threads, "
-                     f"{_e(env.get('cpu'))}, cuda={_e(env.get('cuda'))}, commit {_e(env.get('git_commit'))}, "
-                     f"{_e(env.get('time'))}, malloc mmap threshold {_e(env.get('malloc_mmap_threshold'))}</p>")
-        parts.append(_simple_table(("op", "case", "impl", "median ms", "ratio to fastest peer", "note"), [
-            [(r.get("op"), None), (r.get("case"), None), (r.get("impl"), None),
-             (f"{r['median_ms']:.3f}" if r.get("median_ms") is not None else f"failed ({r.get('error')})",
-              r.get("median_ms")),
-             (f"{r['ratio_to_fastest_peer']:.2f}x" if r.get("ratio_to_fastest_peer") is not None else "-",
-              r.get("ratio_to_fastest_peer")), (r.get("note") or "", None)] for r in board.ops.get("rows", [])],
-            "ops"))
+                     f"<p class='proto'>{_e(ops_environment_text(board.ops))}</p>")
+        parts.append(_simple_table(spec.OPS_COLUMNS, board.ops.get("rows", []), "ops"))
         parts.append("</section>")
     parts.append(f"<script>{_JS}</script></body></html>")
     return "\n".join(parts)

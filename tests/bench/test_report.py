@@ -78,7 +78,8 @@ def test_repeated_config_counts_once_and_a_rerun_clears_its_failure() -> None:
     board = build_leaderboard([*recs, again, fixed])
     row = next(r for r in board.rows if r.model == "pct_cls" and r.protocol == "test")
     assert row.n == 3 and 0.5 in row.scores and first["test"]["oa"] not in row.scores
-    assert board.failed == [] and any("repeat a resolved config" in n for n in board.notes)
+    assert board.failed == [] and any("repeat a seed of a configuration" in n for n in board.notes)
+    assert row.repeats == {0: 2} and row.repeats_text == "seed 0 run 2x, latest kept"
 
 
 def test_markdown_and_csv_carry_the_rows() -> None:

@@ -1,0 +1,231 @@
+"""The one column spec of every exported table: the Markdown, CSV and HTML writers all read these lists.
+
+A :class:`Column` says what a cell holds (``value``: a number, or text), how it reads (``text``), its header
+and the unit/meaning behind it (``tip``), and which outputs show it (``where``: "md", "csv", "html"). A column
+added here appears in every output that lists it, with the same header and the same formatting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pcbench.bench.leaderboard import METRIC_NAMES, Leaderboard, LeaderRow
+
+__all__ = ["FAILED_COLUMNS", "LEADER_COLUMNS", "OPS_COLUMNS", "PUBLISHED_COLUMNS", "Column", "counts_text",
+           "csv_columns", "num", "ops_environment_text", "pct", "published_text", "score_text", "status_text"]
+
+MD, CSV, HTML = "md", "csv", "html"
+_ALL = frozenset((MD, CSV, HTML))
+_CSV_ONLY = frozenset((CSV,))
+_SHOWN = frozenset((MD, HTML))
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column: its key, header, unit/meaning, raw value, display text and the outputs that show it."""
+
+    name: str  #: key, and the CSV header
+    header: str  #: display header; "{metric}" stands for the section's headline metric (OA, mIoU)
+    tip: str  #: unit and meaning, shown as the header's tooltip in HTML
+    value: Callable[[Any], Any]  #: raw cell: int/float for a number (CSV keeps it numeric, HTML sorts by it)
+    text: Callable[[Any], str] | None = None  #: display text for Markdown/HTML (default: the value as text)
+    where: frozenset[str] = _ALL
+    numeric: bool = False  #: a number (right-aligned, sortable by value); otherwise text
+
+    def title(self, metric: str = "") -> str:
+        """The display header for a section ranked by ``metric`` (a METRIC_NAMES key or its display name)."""
+        return self.header.replace("{metric}", METRIC_NAMES.get(metric, metric))
+
+    def show(self, item: Any) -> str:
+        """The cell as displayed ("-" for a missing value)."""
+        if self.text is not None:
+            return self.text(item)
+        v = self.value(item)
+        return "-" if v is None or v == "" else str(v)
+
+
+# -- formatters ---------------------------------------------------------------------------------------------
+def pct(v: float | None, digits: int = 2) -> str:
+    """A fraction as a percentage string ('-' for None)."""
+    return "-" if v is None else f"{100 * v:.{digits}f}"
+
+
+def num(v: float | None, key: str = "") -> str:
+    """A probe figure formatted for a table cell."""
+    if v is None:
+        return "-"
+    if key == "params":
+        return f"{v / 1e6:.2f}M"
+    if key == "flops_per_sample":
+        return f"{v / 1e9:.2f}G"
+    if key.endswith("score_delta"):
+        return f"{100 * v:+.2f}"
+    if key.endswith("speedup"):
+        return f"{v:.2f}x"
+    return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+
+
+def score_text(r: LeaderRow) -> str:
+    """'mean ± std' in percent."""
+    return pct(r.mean) + (f" ± {pct(r.std)}" if r.std is not None else "")
+
+
+def published_text(r: LeaderRow) -> tuple[str, str]:
+    """(published figure with its protocol when it differs from the row's, difference in points)."""
+    p = r.published
+    if p is None:
+        return "-", "-"
+    tag = "" if p.protocol == r.protocol else f" ({p.protocol})"
+    return f"{pct(p.value)}{tag}", f"{100 * r.delta:+.2f}"
+
+
+def status_text(status: str, speedup: float | None, delta: float | None) -> str:
+    """A bf16/int8 variant cell: 'speed-up, Δ score' when it ran, else why it did not."""
+    if status != "ok":
+        return status
+    return num(speedup, "speedup") + (f", Δ {num(delta, 'score_delta')}" if delta is not None else "")
+
+
+def counts_text(board: Leaderboard) -> str:
+    """'N finished, N failed, N running.'"""
+    c = board.counts
+    return f"{c.get('finished', 0)} finished, {c.get('failed', 0)} failed, {c.get('running', 0)} running."
+
+
+def ops_environment_text(ops: Mapping[str, Any]) -> str:
+    """The ops micro-benchmark's environment line."""
+    env = ops.get("environment") or {}
+    return (f"torch {env.get('torch')}, {env.get('threads')} threads, {env.get('cpu')}, cuda={env.get('cuda')}, "
+            f"commit {env.get('git_commit')}, {env.get('time')}, malloc mmap threshold "
+            f"{env.get('malloc_mmap_threshold')}")
+
+
+def _seeds_text(r: LeaderRow) -> str:
+    seeds = ", ".join(str(s) for s in r.seeds)
+    return f"{seeds} ({r.repeats_text})" if r.repeats else seeds
+
+
+def _hardware_text(r: LeaderRow) -> str:
+    return r.hardware + (f"; +{r.other_hardware_runs} run(s) on other hardware" if r.other_hardware_runs else "")
+
+
+def _eff(key: str, header: str, tip: str, where: frozenset[str] = _ALL) -> Column:
+    return Column(key, header, tip, lambda r: r.efficiency[key], lambda r: num(r.efficiency[key], key), where,
+                  numeric=True)
+
+
+def _metric(key: str) -> Column:
+    return Column(key, f"{METRIC_NAMES[key]} %", f"{METRIC_NAMES[key]}, mean over the seeds (CSV: a fraction)",
+                  lambda r: r.metrics[key], lambda r: pct(r.metrics[key]), numeric=True)
+
+
+def _variant(name: str) -> Column:
+    return Column(name, name, f"{name} inference: speed-up over fp32 and score change in points, or why it did "
+                  "not run", lambda r: r.efficiency[f"{name}_speedup"],
+                  lambda r: status_text(getattr(r, f"{name}_status"), r.efficiency[f"{name}_speedup"],
+                                        r.efficiency[f"{name}_score_delta"]), _SHOWN, numeric=True)
+
+
+#: The leaderboard tables (one per dataset and protocol) and leaderboard.csv (every row, one line each).
+LEADER_COLUMNS: tuple[Column, ...] = (
+    Column("dataset", "dataset", "pcbench data config", lambda r: r.dataset, where=_CSV_ONLY),
+    Column("protocol", "protocol", "split and checkpoint selection (see the published figures section)",
+           lambda r: r.protocol, where=_CSV_ONLY),
+    Column("rank", "#", "rank by the headline metric within the dataset and protocol", lambda r: r.rank,
+           numeric=True),
+    Column("model", "model", "pcbench model config [sweep variant]", lambda r: r.model, lambda r: r.label),
+    Column("variant", "variant", "sweep variant", lambda r: r.variant, where=_CSV_ONLY),
+    Column("recipe", "recipe", "paper recipe the run follows", lambda r: r.recipe),
+    Column("fidelity", "fidelity", "reference: runs what its source ran; pcbench variant: a documented deviation",
+           lambda r: r.fidelity),
+    Column("task", "task", "cls or seg", lambda r: r.task, where=_CSV_ONLY),
+    Column("metric", "metric", "headline metric the rows are ranked by", lambda r: r.metric, where=_CSV_ONLY),
+    Column("mean", "{metric} % (mean ± std)", "headline metric: mean ± sample std over the seeds (CSV: the mean "
+           "as a fraction)", lambda r: r.mean, score_text, numeric=True),
+    Column("std", "std", "sample std of the headline metric over the seeds (a fraction)", lambda r: r.std,
+           where=_CSV_ONLY, numeric=True),
+    Column("n", "n", "distinct seeds counted", lambda r: r.n, numeric=True),
+    Column("seeds", "seeds", "the seeds counted; a seed recorded more than once counts by its latest run",
+           lambda r: " ".join(str(s) for s in r.seeds), _seeds_text),
+    Column("config", "config", "what sets this row apart from rows of the same model: its differing config keys",
+           lambda r: r.differs),
+    *(_metric(k) for k in METRIC_NAMES),
+    Column("published", "published %", "the published figure (its protocol in brackets when it differs)",
+           lambda r: r.published.value if r.published else None, lambda r: published_text(r)[0], numeric=True),
+    Column("published_protocol", "published protocol", "protocol of the published figure",
+           lambda r: r.published.protocol if r.published else "", where=_CSV_ONLY),
+    Column("published_source", "published source", "where the published figure was read",
+           lambda r: r.published.source if r.published else "", where=_CSV_ONLY),
+    Column("delta", "Δ pts", "ours minus published, in points (CSV: a fraction)", lambda r: r.delta,
+           lambda r: published_text(r)[1], numeric=True),
+    _eff("params", "params", "trainable parameters"),
+    _eff("flops_per_sample", "FLOPs/sample", "forward FLOPs per sample"),
+    _eff("train_samples_per_s", "train samples/s", "training throughput (median over the row's runs)"),
+    _eff("infer_samples_per_s", "infer samples/s", "inference throughput (median over the row's runs)"),
+    _eff("latency_b1_ms", "batch-1 latency ms", "latency of one sample, milliseconds"),
+    _eff("train_peak_mib", "train peak MiB", "peak memory while training"),
+    _eff("infer_peak_mib", "infer peak MiB", "peak memory at inference", frozenset((CSV, HTML))),
+    _eff("bf16_speedup", "bf16 speed-up", "bf16 inference speed over fp32", _CSV_ONLY),
+    _eff("bf16_score_delta", "bf16 Δscore (points)", "bf16 minus fp32 score (CSV: a fraction)", _CSV_ONLY),
+    _eff("int8_speedup", "int8 speed-up", "int8 inference speed over fp32", _CSV_ONLY),
+    _eff("int8_score_delta", "int8 Δscore (points)", "int8 minus fp32 score (CSV: a fraction)", _CSV_ONLY),
+    _variant("bf16"),
+    _variant("int8"),
+    Column("int8_status", "int8 status", "ok, or why int8 did not run", lambda r: r.int8_status, where=_CSV_ONLY),
+    Column("bf16_status", "bf16 status", "ok, or why bf16 did not run", lambda r: r.bf16_status, where=_CSV_ONLY),
+    Column("hardware", "hardware", "the hardware most of the row's runs used (efficiency figures are from it)",
+           lambda r: r.hardware, _hardware_text),
+    Column("seed_repeats", "seed repeats", "seeds recorded more than once (the latest counts)",
+           lambda r: r.repeats_text, where=_CSV_ONLY),
+    Column("config_sha256s", "config sha256s", "each counted run's resolved-config hash",
+           lambda r: " ".join(str(x["config_sha256"]) for x in r.runs), where=_CSV_ONLY),
+    Column("identity_sha256", "identity sha256", "the row's configuration identity (config hash without seed and "
+           "placement keys)", lambda r: r.identity, where=_CSV_ONLY),
+)
+
+
+def csv_columns() -> tuple[str, ...]:
+    """leaderboard.csv's header, in order."""
+    return tuple(c.name for c in LEADER_COLUMNS if CSV in c.where)
+
+
+#: Failed cells (Markdown and HTML), one record each.
+FAILED_COLUMNS: tuple[Column, ...] = (
+    Column("suite", "suite", "benchmark suite", lambda f: f.get("suite")),
+    Column("cell", "cell", "suite cell", lambda f: f["cell"]),
+    Column("model", "model", "pcbench model config", lambda f: f.get("model")),
+    Column("dataset", "dataset", "pcbench data config", lambda f: f.get("dataset")),
+    Column("seed", "seed", "seed", lambda f: f.get("seed"), numeric=True),
+    Column("error", "error", "the exception, first 300 characters", lambda f: (f.get("error") or "")[:300]),
+    Column("log", "log", "the run's log file", lambda f: f.get("log_path")),
+)
+
+#: Published figures (Markdown and HTML), one ``Published`` each.
+PUBLISHED_COLUMNS: tuple[Column, ...] = (
+    Column("model", "model", "pcbench model config", lambda p: p.model),
+    Column("dataset", "dataset", "pcbench data config", lambda p: p.dataset),
+    Column("metric", "metric", "metric", lambda p: METRIC_NAMES[p.metric]),
+    Column("value", "value %", "the published figure", lambda p: p.value, lambda p: pct(p.value), numeric=True),
+    Column("protocol", "protocol", "split and checkpoint selection", lambda p: p.protocol),
+    Column("source", "source", "repository file @ commit, or paper and table", lambda p: p.source),
+    Column("checked", "checked", "source: read at the named commit; paper: from the paper's table",
+           lambda p: p.checked),
+    Column("note", "note", "protocol details", lambda p: p.note),
+)
+
+#: The ops micro-benchmark (Markdown and HTML), one row of ops.json each.
+OPS_COLUMNS: tuple[Column, ...] = (
+    Column("op", "op", "operation", lambda o: o.get("op")),
+    Column("case", "case", "input size", lambda o: o.get("case")),
+    Column("impl", "impl", "implementation", lambda o: o.get("impl")),
+    Column("median_ms", "median ms", "median time, milliseconds", lambda o: o.get("median_ms"),
+           lambda o: f"{o['median_ms']:.3f}" if o.get("median_ms") is not None else f"failed ({o.get('error')})",
+           numeric=True),
+    Column("ratio_to_fastest_peer", "ratio to fastest peer", "time over the fastest other implementation",
+           lambda o: o.get("ratio_to_fastest_peer"),
+           lambda o: f"{o['ratio_to_fastest_peer']:.2f}x" if o.get("ratio_to_fastest_peer") is not None else "-",
+           numeric=True),
+    Column("note", "note", "", lambda o: o.get("note") or "", lambda o: o.get("note") or ""),
+)
