@@ -2,8 +2,8 @@
 Corruptions", ICML 2022, arXiv:2202.03377) and the mean corruption error relative to DGCNN.
 
 pcbench regenerates the corruptions from the prepared test split; it does not read the released ModelNet-C h5
-files (whose seed the official generator does not reproduce either: build_modelnetc/README.md of
-github:jiawei-ren/ModelNet-C warns that its script "uses a different random seed from the official ModelNet-C").
+files (whose seed the official generator does not reproduce either: the readme of build_modelnetc in
+github:jiawei-ren/ModelNet-C warns that its script uses a different random seed from the released data).
 The definitions and parameters follow that repository's build_modelnetc/corrupt_utils.py (commit 0c82ce0c);
 severities 1-5 here are its levels 0-4. Each kind, for a cloud ``points`` [N, 3]:
 
@@ -66,7 +66,8 @@ DGCNN_MODELNET_C_CLEAN_OA = 0.926
 #: DGCNN's error rate (1 - OA) per corruption: the denominators of CE.
 DGCNN_MODELNET_C_ERROR: dict[str, float] = {k: 1.0 - v for k, v in DGCNN_MODELNET_C_OA.items()}
 
-_DROP_GLOBAL_RATE = (0.25, 0.375, 0.5, 0.625, 0.75)  # corrupt_utils.py; the project page's 0.675 is a typo there
+# As corrupt_utils.py, which made the released data; the PointCloud-C details page prints 0.675 for level 4.
+_DROP_GLOBAL_RATE = (0.25, 0.375, 0.5, 0.625, 0.75)
 _SCALE_MAX = (1.6, 1.7, 1.8, 1.9, 2.0)
 _MAX_CLUSTERS = 7  # np.random.randint(1, 8) in corrupt_utils.py
 _SIGMA_LOCAL = (0.075, 0.125)
