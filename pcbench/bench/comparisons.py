@@ -19,18 +19,12 @@ import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pcbench.bench.leaderboard import Leaderboard, LeaderRow
-from pcbench.bench.stats import (
-    DEFAULT_RESAMPLES,
-    ResamplePayload,
-    bootstrap_ci,
-    load_payload,
-    paired_bootstrap,
-    rank_labels,
-    shared_ranks,
-)
+
+if TYPE_CHECKING:  # the statistics need numpy: imported when a row has payloads, so the CLIs start fast
+    from pcbench.bench.stats import ResamplePayload
 
 __all__ = ["CI_CONFIDENCE", "CI_SEED", "PAYLOAD_PROTOCOLS", "attach_statistics", "method_text", "row_payloads"]
 
@@ -42,8 +36,11 @@ PAYLOAD_PROTOCOLS = ("test", "val")
 _MATCH_TOL = 5e-4
 
 
-def method_text(n_resamples: int = DEFAULT_RESAMPLES) -> str:
-    """The sentence a report prints about how intervals and significance were computed."""
+def method_text(n_resamples: int) -> str:
+    """The sentence a report prints about how intervals and significance were computed (0: none were)."""
+    if not n_resamples:
+        return ("No run recorded a resampling payload (extra.resample), so the rows have no confidence interval "
+                "or significance test: ranks follow the mean alone.")
     return (f"95 % CI: percentile bootstrap over test items (samples or scenes), {n_resamples} resamples, seed "
             f"{CI_SEED}, the row's seeds pooled (each resample applied to every seed, metric averaged over them). "
             "Significance: paired bootstrap of adjacent rows on the same resamples; rows whose difference's 95 % "
@@ -53,6 +50,8 @@ def method_text(n_resamples: int = DEFAULT_RESAMPLES) -> str:
 
 @functools.lru_cache(maxsize=512)
 def _load_cached(path: str, sha256: str | None, mtime_ns: int, size: int) -> ResamplePayload:
+    from pcbench.bench.stats import load_payload  # noqa: PLC0415
+
     return load_payload(path, sha256)  # mtime and size in the key: a rewritten file is read again
 
 
@@ -105,6 +104,8 @@ def row_payloads(row: LeaderRow, records: Mapping[str, Mapping[str, Any]]) -> tu
 
 def _compare(rows: list[LeaderRow], payloads: list[list[ResamplePayload]], n_resamples: int) -> list[Any]:
     """Comparisons of each row with the next within a chain of rows that all have payloads (None if not comparable)."""
+    from pcbench.bench.stats import paired_bootstrap, rank_labels  # noqa: PLC0415
+
     metric = rows[0].metric
     try:
         _, comps = rank_labels(payloads, metric, n_resamples=n_resamples, seed=CI_SEED)
@@ -120,8 +121,14 @@ def _compare(rows: list[LeaderRow], payloads: list[list[ResamplePayload]], n_res
 
 
 def attach_statistics(board: Leaderboard, records: Mapping[str, Mapping[str, Any]], *,
-                      n_resamples: int = DEFAULT_RESAMPLES) -> None:
-    """Fill ``ci``, ``ci_note``, ``vs_above`` and ``rank_label`` of every row (records: result_id -> record)."""
+                      n_resamples: int | None = None) -> int:
+    """Fill ``ci``, ``ci_note``, ``vs_above`` and ``rank_label`` of every row (records: result_id -> record).
+
+    Returns the resample count used (None: ``stats.DEFAULT_RESAMPLES``).
+    """
+    from pcbench.bench.stats import DEFAULT_RESAMPLES, bootstrap_ci, shared_ranks  # noqa: PLC0415
+
+    n_resamples = DEFAULT_RESAMPLES if n_resamples is None else int(n_resamples)
     for _, _, rows in board.sections():
         found = []
         for r in rows:
@@ -148,3 +155,4 @@ def attach_statistics(board: Leaderboard, records: Mapping[str, Mapping[str, Any
             start = end + 1
         for r, label in zip(rows, shared_ranks(significant), strict=True):
             r.rank_label = label
+    return n_resamples

@@ -28,10 +28,12 @@ import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pcbench.bench.published import PROTOCOLS, PUBLISHED, Published, published_for
-from pcbench.bench.stats import DEFAULT_RESAMPLES, BootstrapCI, PairedComparison
+
+if TYPE_CHECKING:  # numpy-backed statistics are imported only when a record has a payload to resample
+    from pcbench.bench.stats import BootstrapCI, PairedComparison
 
 __all__ = ["HEADLINE", "METRIC_NAMES", "PROTOCOL_ORDER", "LeaderRow", "Leaderboard", "build_leaderboard",
            "split_text", "sweep_text"]
@@ -138,7 +140,7 @@ class Leaderboard:
     published: tuple[Published, ...] = PUBLISHED
     ops: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
-    resamples: int = DEFAULT_RESAMPLES  #: bootstrap resamples behind the rows' intervals (0: none computed)
+    resamples: int = 0  #: bootstrap resamples behind the rows' intervals (0: none computed)
 
     def sections(self) -> list[tuple[str, str, list[LeaderRow]]]:
         """(dataset, protocol, ranked rows) in display order."""
@@ -391,11 +393,11 @@ def _mark_differences(rows: list[LeaderRow]) -> None:
 
 
 def build_leaderboard(records: Iterable[Mapping[str, Any]], ops: dict[str, Any] | None = None, *,
-                      resamples: int = DEFAULT_RESAMPLES) -> Leaderboard:
+                      resamples: int | None = None) -> Leaderboard:
     """Group records (dicts as the store returns them) per configuration identity, aggregate seeds and rank.
 
-    With ``resamples`` > 0, rows whose runs recorded a resampling payload get a bootstrap interval and adjacent
-    rows a paired comparison (``pcbench.bench.comparisons``); 0 skips the statistics.
+    Rows whose runs recorded a resampling payload get a bootstrap interval and adjacent rows a paired comparison
+    (``pcbench.bench.comparisons``) from ``resamples`` resamples (None: ``stats.DEFAULT_RESAMPLES``; 0: none).
     """
     records = list(records)
     counts = Counter(r["status"] for r in records)
@@ -472,10 +474,13 @@ def build_leaderboard(records: Iterable[Mapping[str, Any]], ops: dict[str, Any] 
         for i, r in enumerate(sorted(section, key=lambda r: -r.mean), 1):
             r.rank = i
             r.rank_label = str(i)
-    board = Leaderboard(rows=rows, failed=failed, counts=dict(counts), ops=ops, notes=notes, resamples=resamples)
-    if resamples:
-        # Imported here: comparisons.py reads the rows defined in this module.
+    board = Leaderboard(rows=rows, failed=failed, counts=dict(counts), ops=ops, notes=notes)
+    if resamples != 0 and any(_extra(r).get("resample") for r in finished):
+        # Imported here: comparisons.py reads the rows of this module, and numpy is only needed with payloads.
         from pcbench.bench.comparisons import attach_statistics  # noqa: PLC0415
 
-        attach_statistics(board, {r["result_id"]: r for r in finished}, n_resamples=resamples)
+        board.resamples = attach_statistics(board, {r["result_id"]: r for r in finished}, n_resamples=resamples)
+    else:
+        for r in rows:
+            r.ci_note = "no resampling payload recorded" if resamples != 0 else "statistics not computed"
     return board

@@ -166,8 +166,8 @@ def render_markdown(board: Leaderboard, title: str = "pcbench leaderboard") -> s
     primary = {(d, p) for d, p, _ in primary_sections(board)}
     for dataset, protocol, rows in board.sections():
         metric = rows[0].metric
-        out += [f"## {md_text(dataset)} — {md_text(protocol)}", "",
-                f"{md_text(split_text(rows, protocol))}; ranked by {METRIC_NAMES[metric]}.", ""]
+        out += [f"## {md_text(dataset)} — {md_text(protocol)}: {md_text(split_text(rows, protocol))}", "",
+                f"Ranked by {METRIC_NAMES[metric]}.", ""]
         acc, eff = spec.table_columns(MD, spec.ACC), spec.table_columns(MD, spec.EFF)
         out += ["### Accuracy", "", *_md_table(acc, rows, metric), "", *_legend(acc, metric)]
         out += ["### Efficiency", "", *_md_table(eff, rows, metric), "", *_legend(eff, metric)]
