@@ -52,7 +52,8 @@ table{border-collapse:collapse;font-size:.85em;margin:8px 0}
 th,td{border:1px solid #ddd;padding:3px 6px;text-align:right;vertical-align:top;white-space:nowrap}
 td.wrap{white-space:normal;max-width:260px;min-width:120px}.scroll{overflow-x:auto;max-width:100%}
 h3{font-size:1em;margin:14px 0 2px}td.sig{color:#060}td.ns{color:#a60}td.loaded{background:#fff3e0}
-tr.group td{background:#f7f7f7}
+tr.group td{background:#f7f7f7}table.efficiency th{white-space:normal;max-width:90px}
+table.efficiency td.hw{white-space:normal;min-width:110px;max-width:180px;text-align:left}
 td.l,th.l{text-align:left}th{background:#f3f3f3;cursor:pointer;user-select:none;white-space:nowrap}
 th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
 tr:hover td{background:#fafaf0}
@@ -156,14 +157,15 @@ def _overlap(a: Box, b: Box) -> float:
 
 
 def place_labels(anchors: Sequence[tuple[float, float]], labels: Sequence[str], bounds: Box, *,
-                 size: float = _LABEL_SIZE, radius: float = 5.0) -> list[tuple[float, float, str]]:
+                 size: float = _LABEL_SIZE, radius: float = 5.0,
+                 obstacles: Sequence[Box] = ()) -> list[tuple[float, float, str]]:
     """Positions (x, y, text-anchor) for the labels of dots at ``anchors``, avoiding each other and the dots.
 
     Greedy: dots are taken top to bottom; each label takes the first candidate spot around its dot (right,
-    left, above, below, then the same farther out) that stays inside ``bounds`` and overlaps no dot and no label
-    placed so far; if none is free, the spot with the least overlap.
+    left, above, below, then the same farther out) that stays inside ``bounds`` and overlaps no dot, no other
+    ``obstacles`` (error bars) and no label placed so far; if none is free, the spot with the least overlap.
     """
-    dots = [(x - radius, y - radius, x + radius, y + radius) for x, y in anchors]
+    dots = [(x - radius, y - radius, x + radius, y + radius) for x, y in anchors] + list(obstacles)
     placed: list[Box] = []
     out: list[tuple[float, float, str]] = [(0.0, 0.0, "start")] * len(anchors)
     order = sorted(range(len(anchors)), key=lambda i: (anchors[i][1], anchors[i][0]))
@@ -240,7 +242,10 @@ def scatter_svg(points: Sequence[dict[str, Any]], *, xlabel: str, ylabel: str, t
                f'<text x="14" y="{mt + ph / 2}" text-anchor="middle" font-size="11" '
                f'transform="rotate(-90 14 {mt + ph / 2})">{_e(ylabel)}</text>')
     anchors = [(sx(p["x"]), sy(p["y"])) for p in pts]
-    spots = place_labels(anchors, [p["label"] for p in pts], (ml + 1, mt + 1, ml + pw - 1, mt + ph - 1))
+    bars = [(x - 2, sy(p["y"] + p["yerr"]), x + 2, sy(p["y"] - p["yerr"]))
+            for p, (x, _) in zip(pts, anchors, strict=True) if p.get("yerr")]
+    spots = place_labels(anchors, [p["label"] for p in pts], (ml + 1, mt + 1, ml + pw - 1, mt + ph - 1),
+                         obstacles=bars)
     for p, (x, y), (lx, ly, anchor) in zip(pts, anchors, spots, strict=True):
         if p.get("yerr"):
             out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{sy(p["y"] - p["yerr"]):.1f}" '
@@ -461,6 +466,8 @@ def _leader_cell(col: Column, r: LeaderRow, table: str) -> str:
         extra, cls = f' title="{_e(loaded_text(r))}"', "loaded"
     elif col.name == "config":
         cls = "l wrap"
+    elif col.name == "hardware":
+        cls = "hw"
     return _td(col.show(r), col.value(r) if col.numeric else None, cls, extra)
 
 
@@ -479,7 +486,7 @@ def _leader_table(rows: Sequence[LeaderRow], sid: str, table: str) -> str:
             f"<tbody>{''.join(body)}</tbody></table>")
 
 
-def _sweep_html(dataset: str, rows: list[LeaderRow], color: dict[str, str]) -> str:
+def _sweep_html(dataset: str, rows: list[LeaderRow]) -> str:
     """Per swept key: metric vs value and throughput vs value (one line per model), and the swept rows."""
     metric = METRIC_NAMES[rows[0].metric]
     parts = []
@@ -489,7 +496,7 @@ def _sweep_html(dataset: str, rows: list[LeaderRow], color: dict[str, str]) -> s
 
         acc, speed = [], []
         for i, m in enumerate(models):
-            c = color.get(m.model) or PALETTE[i % len(PALETTE)]
+            c = PALETTE[i % len(PALETTE)]  # one colour per line: rows of one model are told apart
             pa, ps = [], []
             for v, r in m.points:
                 lo, hi = (r.ci.low, r.ci.high) if r.ci else (
@@ -531,7 +538,7 @@ def _sweep_html(dataset: str, rows: list[LeaderRow], color: dict[str, str]) -> s
     return "".join(parts)
 
 
-def _robustness_html(dataset: str, rows: list[LeaderRow], color: dict[str, str]) -> str:
+def _robustness_html(dataset: str, rows: list[LeaderRow]) -> str:
     """The ModelNet-C table (OA per corruption averaged over severities, mCE, relative mCE) and OA vs severity."""
     found = robustness_rows(rows)
     if not found:
@@ -555,7 +562,7 @@ def _robustness_html(dataset: str, rows: list[LeaderRow], color: dict[str, str])
     series = []
     for i, r in enumerate(found):
         curve = severity_curve(r, kinds)
-        series.append({"name": r.label, "color": color.get(r.model) or PALETTE[i % len(PALETTE)],
+        series.append({"name": r.label, "color": PALETTE[i % len(PALETTE)],
                        "points": [{"x": k, "y": v, "lo": None, "hi": None,
                                    "tip": f"{r.label}, {SEVERITY_LABELS[k]}: OA {pct(v)} % (mean over the kinds)"}
                                   for k, v in enumerate(curve) if v is not None]})
@@ -629,8 +636,8 @@ def render_html(board: Leaderboard, title: str = "pcbench leaderboard", source: 
         if rows[0].task == "seg":
             parts.append(heatmap_svg(rows, f"{dataset} {protocol}: per-class IoU (%)"))
         if (dataset, protocol) in primary:
-            parts.append(_sweep_html(dataset, rows, _colors(rows)))
-            parts.append(_robustness_html(dataset, rows, _colors(rows)))
+            parts.append(_sweep_html(dataset, rows))
+            parts.append(_robustness_html(dataset, rows))
         parts.append("</section>")
     parts.append("<section id='failed'><h2>Failed cells</h2>")
     parts.append(_simple_table(spec.FAILED_COLUMNS, board.failed, "failed") if board.failed else "<p>None.</p>")
