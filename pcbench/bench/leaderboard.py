@@ -316,6 +316,18 @@ def _loaded(runs: list[Mapping[str, Any]], hardware: str) -> list[tuple[float, i
     return out
 
 
+def _sweep(rec: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
+    """The record's swept config values (``extra["sweep"]``: {dotted key: value}); {} and a note if malformed."""
+    sweep = _extra(rec).get("sweep")
+    if sweep in (None, {}):
+        return {}
+    if not isinstance(sweep, Mapping) or not all(isinstance(k, str) and k for k in sweep):
+        notes.append(f"result {rec.get('result_id')} ({rec.get('cell')}): extra.sweep is {sweep!r}, not "
+                     "{'<dotted config key>': value}; the row is not drawn on a sweep curve")
+        return {}
+    return dict(sweep)
+
+
 def _corruptions(runs: list[Mapping[str, Any]], notes: list[str]) -> dict[str, Any] | None:
     """ModelNet-C figures of a row: each kind's OA per severity, clean OA, mCE and relative mCE, averaged over
     the runs that recorded them (``extra["corruptions"]``, see pcbench/data/corruptions.py); ``runs`` = count."""
@@ -324,8 +336,9 @@ def _corruptions(runs: list[Mapping[str, Any]], notes: list[str]) -> dict[str, A
         c = _extra(r).get("corruptions")
         if not c:
             continue
-        kinds = {k: v for k, v in c.items() if k not in ("clean_oa", "mce", "relative_mce")}
-        ok = isinstance(c, Mapping) and kinds and all(
+        kinds = {k: v for k, v in c.items() if k not in ("clean_oa", "mce", "relative_mce")} \
+            if isinstance(c, Mapping) else {}
+        ok = kinds and all(
             isinstance(v, (list, tuple)) and len(v) == 5 and all(_number(x) is not None for x in v)
             for v in kinds.values())
         if not ok:
@@ -463,7 +476,7 @@ def build_leaderboard(records: Iterable[Mapping[str, Any]], ops: dict[str, Any] 
                    "load_avg": _extra(r).get("load_avg"), "cpu_count": _extra(r).get("cpu_count")} for r in runs],
             published=_pick_published(model, dataset, metric, protocol), other_hardware_runs=other,
             identity=ident, repeats={_seed(r): times[(ident, _seed(r))] for r in runs if times[(ident, _seed(r))] > 1},
-            config=_trainer_config(newest), sweep=dict(_extra(newest).get("sweep") or {}),
+            config=_trainer_config(newest), sweep=[_sweep(r, notes) for r in runs][runs.index(newest)],
             corruptions=_corruptions(runs, notes), loaded=_loaded(runs, hardware),
         ))
     _mark_differences(rows)
@@ -474,7 +487,8 @@ def build_leaderboard(records: Iterable[Mapping[str, Any]], ops: dict[str, Any] 
         for i, r in enumerate(sorted(section, key=lambda r: -r.mean), 1):
             r.rank = i
             r.rank_label = str(i)
-    board = Leaderboard(rows=rows, failed=failed, counts=dict(counts), ops=ops, notes=notes)
+    # A record's note is met once per protocol it has: keep one of each.
+    board = Leaderboard(rows=rows, failed=failed, counts=dict(counts), ops=ops, notes=list(dict.fromkeys(notes)))
     if resamples != 0 and any(_extra(r).get("resample") for r in finished):
         # Imported here: comparisons.py reads the rows of this module, and numpy is only needed with payloads.
         from pcbench.bench.comparisons import attach_statistics  # noqa: PLC0415

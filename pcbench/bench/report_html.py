@@ -430,9 +430,10 @@ def _row_tip(r: LeaderRow) -> str:
     first = r.runs[0]
     seeds = ", ".join(str(s) for s in r.seeds)
     repeats = f" ({r.repeats_text})" if r.repeats else ""
+    ci = f"; no confidence interval: {r.ci_note}" if r.ci is None and r.ci_note else ""
     return (f"{r.label}: {r.n} seed(s), seeds {seeds}{repeats}; commit {first.get('git_commit')}, pcbench "
             f"{first.get('pcbench_version')}, torch {first.get('torch_version')}, {r.hardware}, allocator "
-            f"{first.get('allocator')}, host {first.get('hostname')}")
+            f"{first.get('allocator')}, host {first.get('hostname')}{ci}")
 
 
 def _leader_cell(col: Column, r: LeaderRow, table: str) -> str:

@@ -154,6 +154,23 @@ def test_records_without_payloads_report_no_interval_and_say_so() -> None:
     assert "no confidence interval" in md and "| - | 3 | - |" in md
 
 
+def test_malformed_extras_are_named_and_the_report_still_renders(tmp_path: Path) -> None:
+    recs = rich_records(tmp_path)
+    odd = [r for r in recs if r.get("model") == "pointnet2_ssg_cls"]
+    odd[0]["extra"] = {**odd[0]["extra"], "resample": "resample_test.npz", "sweep": [1, 2],
+                       "corruptions": "bad", "load_avg": "high"}
+    odd[1]["extra"] = {**odd[1]["extra"], "resample": {"path": "<b>x</b>.npz", "sha256": "0" * 64}}
+    board = build_leaderboard(recs)
+    row = next(r for r in board.rows if r.model == "pointnet2_ssg_cls" and r.protocol == "test")
+    assert row.ci is None and "not {'path': ..., 'sha256': ...}" in row.ci_note
+    assert row.sweep == {} and row.loaded == [] and row.corruptions["runs"] == 2
+    assert any("extra.sweep is [1, 2]" in n for n in board.notes)
+    assert sum("extra.corruptions" in n and odd[0]["result_id"] in n for n in board.notes) == 1  # not per protocol
+    odd[0]["extra"]["resample"] = odd[1]["extra"]["resample"]
+    page = render_html(build_leaderboard(recs))
+    assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;.npz is missing" in page
+
+
 # -- 2. sweeps -------------------------------------------------------------------------------------------
 def test_sweep_rows_are_listed_under_their_model_and_drawn_as_curves(rich: list[dict]) -> None:
     board = build_leaderboard(rich)
