@@ -166,8 +166,10 @@ def render_markdown(board: Leaderboard, title: str = "pcbench leaderboard") -> s
     primary = {(d, p) for d, p, _ in primary_sections(board)}
     for dataset, protocol, rows in board.sections():
         metric = rows[0].metric
+        none = "" if any(r.ci for r in rows) or not board.resamples else \
+            f" No confidence intervals in this section: {md_text(rows[0].ci_note)}."
         out += [f"## {md_text(dataset)} — {md_text(protocol)}: {md_text(split_text(rows, protocol))}", "",
-                f"Ranked by {METRIC_NAMES[metric]}.", ""]
+                f"Ranked by {METRIC_NAMES[metric]}.{none}", ""]
         acc, eff = spec.table_columns(MD, spec.ACC), spec.table_columns(MD, spec.EFF)
         out += ["### Accuracy", "", *_md_table(acc, rows, metric), "", *_legend(acc, metric)]
         out += ["### Efficiency", "", *_md_table(eff, rows, metric), "", *_legend(eff, metric)]

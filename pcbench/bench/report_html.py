@@ -371,7 +371,7 @@ def heatmap_svg(rows: Sequence[LeaderRow], title: str) -> str:
     names = next((r.class_names for r in rows if r.class_names and len(r.class_names) == ncls), None) \
         or [f"class {i}" for i in range(ncls)]
     cw, chh, left, top = 26, 20, 190, 110
-    width, height = left + cw * ncls + 70, max(top + chh * len(rows) + 20, top + 110)
+    width, height = left + cw * ncls + 70, max(top + chh * len(rows) + 20, top + 124)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" class="heatmap" '
            f'aria-label="{_e(title)}"><text x="4" y="16" font-size="13" font-weight="bold">{_e(title)}</text>']
     for j, name in enumerate(names):
@@ -394,7 +394,8 @@ def heatmap_svg(rows: Sequence[LeaderRow], title: str) -> str:
                        f'fill="{ink}" pointer-events="none">{round(100 * v)}</text>')
     # Colour bar: 100 steps from 0 % (bottom) to 100 % (top), a tick every 25 %, titled with its unit.
     lx, bar = left + cw * ncls + 12, 100
-    out.append(f'<text x="{lx - 2}" y="{top - 8}" font-size="10">IoU %</text>')
+    # titled below the bar: above it the rotated class names of the last columns run into the same space
+    out.append(f'<text x="{lx - 4}" y="{top + bar + 16}" font-size="10">IoU %</text>')
     for k in range(50):
         out.append(f'<rect x="{lx}" y="{top + bar - (k + 1) * bar / 50:.1f}" width="12" height="{bar / 50 + .3:.1f}" '
                    f'fill="{_viridis((k + .5) / 50)}"/>')
@@ -574,6 +575,13 @@ def _robustness_html(dataset: str, rows: list[LeaderRow]) -> str:
             f"<div class='plots'>{plot}</div>")
 
 
+def _stats_text(board: Leaderboard, rows: Sequence[LeaderRow]) -> str:
+    """How the section's intervals were made, or why it has none."""
+    if any(r.ci for r in rows) or not board.resamples:
+        return method_text(board.resamples)
+    return f"No confidence intervals in this section: {rows[0].ci_note}."
+
+
 def _colors(rows: Sequence[LeaderRow]) -> dict[str, str]:
     models = sorted({r.model for r in rows})
     return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(models)}
@@ -625,8 +633,7 @@ def render_html(board: Leaderboard, title: str = "pcbench leaderboard", source: 
     primary = {(d, p) for d, p, _ in primary_sections(board)}
     for i, (dataset, protocol, rows) in enumerate(sections):
         parts.append(f"<section id='s{i}'><h2>{_e(dataset)} — {_e(protocol)}: {_e(split_text(rows, protocol))}</h2>"
-                     f"<p class='proto'>Ranked by {METRIC_NAMES[rows[0].metric]}. {_e(method_text(board.resamples))}"
-                     "</p>")
+                     f"<p class='proto'>Ranked by {METRIC_NAMES[rows[0].metric]}. {_e(_stats_text(board, rows))}</p>")
         parts.append("<h3>Accuracy</h3>" + _leader_table(rows, f"t{i}", spec.ACC))
         parts.append("<h3>Efficiency</h3>" + _leader_table(rows, f"e{i}", spec.EFF))
         loaded = [r for r in rows if r.loaded]
