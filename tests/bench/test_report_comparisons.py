@@ -147,6 +147,27 @@ def test_missing_changed_or_foreign_payloads_give_no_interval_and_say_why(tmp_pa
     assert re.search(r'title="no interval: seed 0: payload [^"]*resample_test.npz is missing"', page)
 
 
+def test_rows_evaluated_on_another_split_are_not_compared_with_their_neighbours(tmp_path: Path) -> None:
+    from pcbench.bench.stats import save_payload  # noqa: PLC0415
+    from tests.bench._rich_records import cls_payload  # noqa: PLC0415
+
+    recs = rich_records(tmp_path)
+    rng = np.random.default_rng(5)
+    target = rng.integers(0, 40, 300)  # pointnet2 evaluated 300 samples, the others 400
+    for r in recs:
+        if r.get("model") == "pointnet2_ssg_cls" and r["status"] == "finished":
+            payload = cls_payload(rng, 0.8, target, 40)
+            path = Path(r["run_dir"]) / "resample_test.npz"
+            path.unlink()
+            r["extra"]["resample"] = {"path": str(path), "sha256": save_payload(path, payload)}
+            r["test"] = {**r["test"], **payload.metrics()}
+    rows = _section(build_leaderboard(recs), "modelnet40", "test")
+    assert [r.label for r in rows][3] == "pointnet2_ssg_cls" and rows[3].ci is not None
+    assert rows[1].vs_above is not None and rows[2].vs_above is not None
+    assert rows[3].vs_above is None and rows[4].vs_above is None
+    assert [r.rank_label for r in rows] == ["1-2", "1-2", "3", "4", "5"]
+
+
 def test_records_without_payloads_report_no_interval_and_say_so() -> None:
     board = build_leaderboard(synthetic_records())
     assert board.resamples == 0 and all(r.ci is None and r.rank_label == str(r.rank) for r in board.rows)
