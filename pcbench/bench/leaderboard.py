@@ -28,11 +28,15 @@ import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pcbench.bench.published import PUBLISHED, Published, published_for
+from pcbench.bench.published import PROTOCOLS, PUBLISHED, Published, published_for
 
-__all__ = ["HEADLINE", "METRIC_NAMES", "PROTOCOL_ORDER", "LeaderRow", "Leaderboard", "build_leaderboard"]
+if TYPE_CHECKING:  # numpy-backed statistics are imported only when a record has a payload to resample
+    from pcbench.bench.stats import BootstrapCI, PairedComparison
+
+__all__ = ["HEADLINE", "METRIC_NAMES", "PROTOCOL_ORDER", "LeaderRow", "Leaderboard", "build_leaderboard",
+           "split_text", "sweep_text"]
 
 HEADLINE = {"cls": "oa", "seg": "miou"}
 METRIC_NAMES = {"oa": "OA", "macc": "mAcc", "miou": "mIoU"}
@@ -45,6 +49,11 @@ _PROVENANCE = ("result_id", "suite", "cell", "seed", "config_sha256", "identity_
                "pcbench_version", "torch_version", "cuda_version", "device", "device_name", "cpu_model",
                "num_threads", "allocator", "hostname", "python_version", "started_at", "finished_at", "wall_s",
                "selected_on", "best_epoch", "last_epoch", "dataset_manifest_sha256", "run_dir", "log_path")
+
+
+def sweep_text(sweep: Mapping[str, Any]) -> str:
+    """Swept values as 'model.k=16 data.points=512' ('' without a sweep)."""
+    return " ".join(f"{k}={_value_text(v)}" for k, v in sweep.items())
 
 
 @dataclass
@@ -75,6 +84,13 @@ class LeaderRow:
     repeats: dict[Any, int] = field(default_factory=dict)  #: seed -> finished records of it (only those > 1)
     differs: str = ""  #: the config keys that set this row apart from rows of the same label ("k=v, ...")
     config: dict[str, Any] | None = None  #: the latest run's trainer config
+    sweep: dict[str, Any] = field(default_factory=dict)  #: swept config key -> value (record extra "sweep")
+    ci: BootstrapCI | None = None  #: bootstrap interval of the headline metric (seeds pooled), see comparisons.py
+    ci_note: str = ""  #: why the row has no interval ("" when it has one)
+    rank_label: str = ""  #: shared rank ("2-3") where adjacent differences are not significant
+    vs_above: PairedComparison | None = None  #: the row ranked just above against this one (paired bootstrap)
+    corruptions: dict[str, Any] | None = None  #: ModelNet-C figures averaged over the runs that have them
+    loaded: list[tuple[float, int]] = field(default_factory=list)  #: (load average, cores) of runs probed busy
 
     @property
     def n(self) -> int:
@@ -98,8 +114,9 @@ class LeaderRow:
 
     @property
     def label(self) -> str:
-        """Model name with its sweep variant."""
-        return f"{self.model} [{self.variant}]" if self.variant else self.model
+        """Model name with its sweep variant (or its swept values)."""
+        tag = self.variant or sweep_text(self.sweep)
+        return f"{self.model} [{tag}]" if tag else self.model
 
     @property
     def seeds(self) -> list[Any]:
@@ -123,6 +140,7 @@ class Leaderboard:
     published: tuple[Published, ...] = PUBLISHED
     ops: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    resamples: int = 0  #: bootstrap resamples behind the rows' intervals (0: none computed)
 
     def sections(self) -> list[tuple[str, str, list[LeaderRow]]]:
         """(dataset, protocol, ranked rows) in display order."""
@@ -178,6 +196,17 @@ def _seed_order(seed: Any) -> tuple[bool, int, str]:
     return seed is None, seed if isinstance(seed, int) else 0, str(seed)
 
 
+def _extra(rec: Mapping[str, Any]) -> Mapping[str, Any]:
+    extra = rec.get("extra")
+    return extra if isinstance(extra, Mapping) else {}
+
+
+def _splits(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """The record's split roles: train / val / test (the final evaluation's split) / final_role, as recorded."""
+    splits = rec.get("splits") or _extra(rec).get("splits") or {}
+    return dict(splits) if isinstance(splits, Mapping) else {}
+
+
 def _final_role(rec: Mapping[str, Any]) -> str:
     """What the record's final evaluation split is: "val" (hidden test labels, as ScanNet) or "test".
 
@@ -185,7 +214,7 @@ def _final_role(rec: Mapping[str, Any]) -> str:
     store keeps it as a field or, for records made before it had one, among the trainer's extras. Records older
     than the typed field only name the split (``splits.test``): its role is derived by the trainer's rule.
     """
-    splits = rec.get("splits") or (rec.get("extra") or {}).get("splits") or {}
+    splits = _splits(rec)
     role = splits.get("final_role")
     if role in ("val", "test"):
         return role
@@ -227,6 +256,33 @@ def _newer(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return (a.get("finished_at") or "") >= (b.get("finished_at") or "")
 
 
+def split_text(rows: Iterable[LeaderRow], protocol: str) -> str:
+    """What a section's figures were computed on, read from its runs' own split roles (``splits`` in the record).
+
+    The protocol's generic wording (``PROTOCOLS``) is only a fallback for runs that recorded no splits: a suite
+    whose final split is its training split is headed so, not "honest".
+    """
+    seen = {(s.get("train"), s.get("val"), s.get("test")) for r in rows for s in (run.get("splits") or {}
+                                                                                   for run in r.runs) if s}
+    if not seen:
+        return PROTOCOLS[protocol] + " (as the protocol defines it; the runs recorded no split names)"
+    parts = []
+    for train, val, final in sorted(seen, key=str):
+        vote = ", voting over augmented passes" if protocol.endswith("_vote") else ""
+        if final is not None and final == train:
+            parts.append(f"evaluated on '{final}', the training split itself: not held out, not a generalisation "
+                         f"score{vote}")
+        elif protocol == "test_selected":
+            parts.append(f"split '{final}', best '{final}' score over epochs (selected on the evaluated split "
+                         f"itself: optimistic)")
+        elif final is not None and final == val:
+            parts.append(f"split '{final}', checkpoint selected on '{val}', the same split (optimistic for a "
+                         f"test score; the convention where test labels are hidden){vote}")
+        else:
+            parts.append(f"split '{final}', checkpoint selected on '{val}', trained on '{train}' (held out){vote}")
+    return "; ".join(parts) if len(parts) == 1 else "runs differ: " + "; ".join(parts)
+
+
 # -- aggregation --------------------------------------------------------------------------------------------
 def _median(values: Iterable[Any]) -> float | None:
     vals = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
@@ -238,13 +294,71 @@ def _mean_or_none(values: Iterable[Any]) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
+def _hardware(r: Mapping[str, Any]) -> str:
+    name = (r.get("probe") or {}).get("device_name") or r.get("device_name") or r.get("device") or "unknown"
+    threads = (r.get("probe") or {}).get("num_threads") or r.get("num_threads")
+    return f"{name} ({threads} threads)" if threads and (r.get("device") or "cpu") == "cpu" else str(name)
+
+
+def _number(v: Any) -> float | None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return float(v) if ok else None
+
+
+def _loaded(runs: list[Mapping[str, Any]], hardware: str) -> list[tuple[float, int]]:
+    """(1-minute load average, cores) of the runs on the row's hardware whose probe ran with more runnable
+    threads than cores: their speed figures measured the contention as much as the model."""
+    out = []
+    for r in runs:
+        load, cores = _number(_extra(r).get("load_avg")), _number(_extra(r).get("cpu_count"))
+        if _hardware(r) == hardware and load is not None and cores and load > cores:
+            out.append((load, int(cores)))
+    return out
+
+
+def _sweep(rec: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
+    """The record's swept config values (``extra["sweep"]``: {dotted key: value}); {} and a note if malformed."""
+    sweep = _extra(rec).get("sweep")
+    if sweep in (None, {}):
+        return {}
+    if not isinstance(sweep, Mapping) or not all(isinstance(k, str) and k for k in sweep):
+        notes.append(f"result {rec.get('result_id')} ({rec.get('cell')}): extra.sweep is {sweep!r}, not "
+                     "{'<dotted config key>': value}; the row is not drawn on a sweep curve")
+        return {}
+    return dict(sweep)
+
+
+def _corruptions(runs: list[Mapping[str, Any]], notes: list[str]) -> dict[str, Any] | None:
+    """ModelNet-C figures of a row: each kind's OA per severity, clean OA, mCE and relative mCE, averaged over
+    the runs that recorded them (``extra["corruptions"]``, see pcbench/data/corruptions.py); ``runs`` = count."""
+    found = []
+    for r in runs:
+        c = _extra(r).get("corruptions")
+        if not c:
+            continue
+        kinds = {k: v for k, v in c.items() if k not in ("clean_oa", "mce", "relative_mce")} \
+            if isinstance(c, Mapping) else {}
+        ok = kinds and all(
+            isinstance(v, (list, tuple)) and len(v) == 5 and all(_number(x) is not None for x in v)
+            for v in kinds.values())
+        if not ok:
+            notes.append(f"result {r.get('result_id')} ({r.get('cell')}): extra.corruptions is not "
+                         "{kind: [OA at severity 1..5], clean_oa, mce, relative_mce}; its robustness is not shown")
+            continue
+        found.append(c)
+    if not found:
+        return None
+    kinds = [k for k in found[0] if k not in ("clean_oa", "mce", "relative_mce") and all(k in c for c in found)]
+    out: dict[str, Any] = {k: [statistics.fmean(float(c[k][s]) for c in found) for s in range(5)] for k in kinds}
+    for key in ("clean_oa", "mce", "relative_mce"):
+        out[key] = _mean_or_none(_number(c.get(key)) for c in found if _number(c.get(key)) is not None)
+    out["runs"] = len(found)
+    return out
+
+
 def _efficiency(runs: list[Mapping[str, Any]]) -> tuple[str, dict[str, float | None], str, str, int]:
     """(hardware, medians, int8 status, bf16 status, runs on other hardware) for a group of runs."""
-    def hw(r: Mapping[str, Any]) -> str:
-        name = (r.get("probe") or {}).get("device_name") or r.get("device_name") or r.get("device") or "unknown"
-        threads = (r.get("probe") or {}).get("num_threads") or r.get("num_threads")
-        return f"{name} ({threads} threads)" if threads and (r.get("device") or "cpu") == "cpu" else str(name)
-
+    hw = _hardware
     counts = Counter(hw(r) for r in runs)
     primary = counts.most_common(1)[0][0]
     mine = [r for r in runs if hw(r) == primary]
@@ -272,6 +386,10 @@ def _mark_differences(rows: list[LeaderRow]) -> None:
     for group in same.values():
         if len(group) < 2:
             continue
+        if all(r.sweep for r in group) and len({sweep_text(r.sweep) for r in group}) == len(group):
+            for r in group:  # rows of a sweep differ in their swept keys, which the record names
+                r.differs = sweep_text(r.sweep)
+            continue
         if any(r.config is None for r in group):
             for r in group:
                 r.differs = f"identity {r.identity[:12]}"
@@ -287,8 +405,13 @@ def _mark_differences(rows: list[LeaderRow]) -> None:
                 f"identity {r.identity[:12]}"
 
 
-def build_leaderboard(records: Iterable[Mapping[str, Any]], ops: dict[str, Any] | None = None) -> Leaderboard:
-    """Group records (dicts as the store returns them) per configuration identity, aggregate seeds and rank."""
+def build_leaderboard(records: Iterable[Mapping[str, Any]], ops: dict[str, Any] | None = None, *,
+                      resamples: int | None = None) -> Leaderboard:
+    """Group records (dicts as the store returns them) per configuration identity, aggregate seeds and rank.
+
+    Rows whose runs recorded a resampling payload get a bootstrap interval and adjacent rows a paired comparison
+    (``pcbench.bench.comparisons``) from ``resamples`` resamples (None: ``stats.DEFAULT_RESAMPLES``; 0: none).
+    """
     records = list(records)
     counts = Counter(r["status"] for r in records)
     latest: dict[tuple[str, Any], Mapping[str, Any]] = {}
@@ -349,10 +472,12 @@ def build_leaderboard(records: Iterable[Mapping[str, Any]], ops: dict[str, Any] 
             iou_per_class=iou, class_names=next((r.get("class_names") for r in runs if r.get("class_names")), None),
             hardware=hardware, efficiency=eff, int8_status=int8, bf16_status=bf16,
             runs=[{**{k: r.get(k) for k in _PROVENANCE}, "seed": _seed(r), "identity_sha256": ident,
-                   "memory_method": (r.get("probe") or {}).get("memory_method")} for r in runs],
+                   "memory_method": (r.get("probe") or {}).get("memory_method"), "splits": _splits(r),
+                   "load_avg": _extra(r).get("load_avg"), "cpu_count": _extra(r).get("cpu_count")} for r in runs],
             published=_pick_published(model, dataset, metric, protocol), other_hardware_runs=other,
             identity=ident, repeats={_seed(r): times[(ident, _seed(r))] for r in runs if times[(ident, _seed(r))] > 1},
-            config=_trainer_config(newest),
+            config=_trainer_config(newest), sweep=[_sweep(r, notes) for r in runs][runs.index(newest)],
+            corruptions=_corruptions(runs, notes), loaded=_loaded(runs, hardware),
         ))
     _mark_differences(rows)
     by_section: dict[tuple[str, str], list[LeaderRow]] = defaultdict(list)
@@ -361,4 +486,15 @@ def build_leaderboard(records: Iterable[Mapping[str, Any]], ops: dict[str, Any] 
     for section in by_section.values():
         for i, r in enumerate(sorted(section, key=lambda r: -r.mean), 1):
             r.rank = i
-    return Leaderboard(rows=rows, failed=failed, counts=dict(counts), ops=ops, notes=notes)
+            r.rank_label = str(i)
+    # A record's note is met once per protocol it has: keep one of each.
+    board = Leaderboard(rows=rows, failed=failed, counts=dict(counts), ops=ops, notes=list(dict.fromkeys(notes)))
+    if resamples != 0 and any(_extra(r).get("resample") for r in finished):
+        # Imported here: comparisons.py reads the rows of this module, and numpy is only needed with payloads.
+        from pcbench.bench.comparisons import attach_statistics  # noqa: PLC0415
+
+        board.resamples = attach_statistics(board, {r["result_id"]: r for r in finished}, n_resamples=resamples)
+    else:
+        for r in rows:
+            r.ci_note = "no resampling payload recorded" if resamples != 0 else "statistics not computed"
+    return board

@@ -22,10 +22,36 @@ from pathlib import Path
 from typing import Any
 
 from pcbench.bench import report_columns as spec
-from pcbench.bench.leaderboard import HEADLINE, Leaderboard, LeaderRow, build_leaderboard
-from pcbench.bench.published import PROTOCOLS
-from pcbench.bench.report_columns import CSV, MD, Column, counts_text, csv_columns, ops_environment_text
+from pcbench.bench.comparisons import method_text
+from pcbench.bench.leaderboard import (
+    HEADLINE,
+    METRIC_NAMES,
+    Leaderboard,
+    LeaderRow,
+    build_leaderboard,
+    split_text,
+)
+from pcbench.bench.report_columns import (
+    CSV,
+    MD,
+    Column,
+    ci_text,
+    counts_text,
+    csv_columns,
+    loaded_text,
+    ops_environment_text,
+    pct,
+    score_text,
+)
 from pcbench.bench.report_html import render_html
+from pcbench.bench.report_sections import (
+    ROBUSTNESS_TEXT,
+    corruption_kinds,
+    primary_sections,
+    robustness_rows,
+    sweep_groups,
+    sweep_value_text,
+)
 from pcbench.io import write_text
 
 __all__ = ["CSV_COLUMNS", "HEADLINE", "LeaderRow", "Leaderboard", "build_leaderboard", "csv_text", "load_ops",
@@ -89,15 +115,69 @@ def _md_table(cols: Sequence[Column], items: Iterable[Any], metric: str = "") ->
     return out
 
 
+def _legend(cols: Sequence[Column], metric: str) -> list[str]:
+    return [f"<sub>{md_text(spec.legend_text([c for c in cols if MD in c.where], METRIC_NAMES[metric]))}</sub>", ""]
+
+
+def _sweep_markdown(dataset: str, rows: list[LeaderRow]) -> list[str]:
+    out: list[str] = []
+    for key, models in sweep_groups(rows).items():
+        metric = METRIC_NAMES[rows[0].metric]
+        out += [f"### {md_text(dataset)}: sweep of `{md_text(key)}`", "",
+                f"| model | {md_text(key)} | {metric} % (mean ± std) | 95 % CI | n | train samples/s |",
+                "|---|---|---|---|---|---|"]
+        for m in models:
+            out.append(f"| **{md_text(m.name)}** | | | | | |")
+            for value, r in m.points:
+                out.append(f"| | {md_text(sweep_value_text(value))} | {score_text(r)} | {ci_text(r)} | {r.n} | "
+                           f"{md_text(spec.num(r.efficiency['train_samples_per_s']))} |")
+        out += ["", f"<sub>The rows of each model along `{md_text(key)}` (its other config as the row's; each "
+                "value is its own configuration identity); train samples/s as in the efficiency table.</sub>", ""]
+    return out
+
+
+def _robustness_markdown(dataset: str, rows: list[LeaderRow]) -> list[str]:
+    found = robustness_rows(rows)
+    if not found:
+        return []
+    kinds = corruption_kinds(found)
+    out = [f"### {md_text(dataset)}: corruption robustness (ModelNet-C)", "",
+           "| model | clean OA % | " + " | ".join(md_text(k) for k in kinds) + " | mCE | relative mCE | runs |",
+           "|" + "---|" * (len(kinds) + 5)]
+    for r in found:
+        c = r.corruptions
+        cells = [pct(sum(c[k]) / len(c[k])) for k in kinds]
+        out.append(f"| {md_text(r.label)} | {pct(c.get('clean_oa'))} | " + " | ".join(cells)
+                   + f" | {_fixed(c.get('mce'))} | {_fixed(c.get('relative_mce'))} | {c['runs']} |")
+    return [*out, "", f"<sub>{md_text(ROBUSTNESS_TEXT)}</sub>", ""]
+
+
+def _fixed(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
 def render_markdown(board: Leaderboard, title: str = "pcbench leaderboard") -> str:
-    """Markdown: one ranked table per dataset and protocol, failed cells, published figures, ops table."""
+    """Markdown: per dataset and protocol an accuracy and an efficiency table with legends, sweeps, robustness,
+    failed cells, published figures, ops table."""
     out = [f"# {md_text(title)}", "", f"{counts_text(board)} Scores in %, mean ± sample std over distinct seeds "
            "of one configuration; Δ = ours − published (points); published protocol in brackets when it differs "
-           "from the table's.", ""]
+           "from the table's.", "", md_text(method_text(board.resamples)), ""]
     out += [f"- {md_text(n)}" for n in board.notes] + ([""] if board.notes else [])
+    primary = {(d, p) for d, p, _ in primary_sections(board)}
     for dataset, protocol, rows in board.sections():
-        out += [f"## {md_text(dataset)} — {md_text(protocol)}: {md_text(PROTOCOLS[protocol])}", ""]
-        out += [*_md_table(spec.LEADER_COLUMNS, rows, rows[0].metric), ""]
+        metric = rows[0].metric
+        none = "" if any(r.ci for r in rows) or not board.resamples else \
+            f" No confidence intervals in this section: {md_text(rows[0].ci_note)}."
+        out += [f"## {md_text(dataset)} — {md_text(protocol)}: {md_text(split_text(rows, protocol))}", "",
+                f"Ranked by {METRIC_NAMES[metric]}.{none}", ""]
+        acc, eff = spec.table_columns(MD, spec.ACC), spec.table_columns(MD, spec.EFF)
+        out += ["### Accuracy", "", *_md_table(acc, rows, metric), "", *_legend(acc, metric)]
+        out += ["### Efficiency", "", *_md_table(eff, rows, metric), "", *_legend(eff, metric)]
+        loaded = [f"- {md_text(r.label)}: {md_text(loaded_text(r))}" for r in rows if r.loaded]
+        if loaded:
+            out += [f"{spec.LOADED_MARK} Speed figures taken on a busy machine:", "", *loaded, ""]
+        if (dataset, protocol) in primary:
+            out += _sweep_markdown(dataset, rows) + _robustness_markdown(dataset, rows)
     if board.failed:
         out += ["## Failed cells", "", *_md_table(spec.FAILED_COLUMNS, board.failed), ""]
     out += ["## Published figures", "", *_md_table(spec.PUBLISHED_COLUMNS, board.published), ""]

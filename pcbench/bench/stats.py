@@ -60,6 +60,7 @@ METHOD = "percentile bootstrap"
 # Resamples are processed in chunks of about this many drawn indices, so memory stays bounded for large splits
 # (the draws, and so the result, do not depend on the chunking: numpy's generator yields the same sequence).
 _CHUNK_DRAWS = 2_000_000
+_TIE = 1e-12  # metrics are fractions in [0, 1]; float error of their means is ~1e-16
 
 
 def _as_int_array(value: Any, field: str, ndim: int) -> np.ndarray:
@@ -412,8 +413,11 @@ def _paired(metric: str, est: np.ndarray, dist: np.ndarray, i: int, j: int, conf
     delta = dist[i] - dist[j]
     lo, hi = _percentiles(delta, confidence)
     ok = np.isfinite(delta)
-    p = float(((delta[ok] > 0).sum() + 0.5 * (delta[ok] == 0).sum()) / max(int(ok.sum()), 1))
-    significant = bool(lo > 0 or hi < 0)
+    # Exact ties (2 seeds of 0.5 against 3 seeds averaging 0.5) come out of the float means a few ulps apart:
+    # a difference this small is a tie, counted half, and never makes a difference significant.
+    d = np.where(np.abs(delta[ok]) <= _TIE, 0.0, delta[ok])
+    p = float(((d > 0).sum() + 0.5 * (d == 0).sum()) / max(int(ok.sum()), 1))
+    significant = bool(lo > _TIE or hi < -_TIE)
     return PairedComparison(metric, float(est[i]), float(est[j]), float(est[i] - est[j]), lo, hi, p, significant,
                             float(confidence), n_resamples, n_items, seed, method)
 

@@ -229,4 +229,6 @@ def test_hidden_test_labels_rank_the_final_evaluation_as_val() -> None:
                     and x["dataset"] == "scannet20"]
             key = {"val": "test", "val_vote": "test_vote"}[protocol]
             assert row.n == 3 and row.scores == [x[key]["miou"] for x in mine]
-    assert "val split, checkpoint selected on val, voting" in render_markdown(board, "t")
+    md = render_markdown(board, "t")  # headed by what the runs recorded: the final split is val, selected on val
+    assert "## scannet20 — val_vote: split 'val', checkpoint selected on 'val', the same split" in md
+    assert "voting over augmented passes" in md and "(honest)" not in md.split("## scannet20")[1]

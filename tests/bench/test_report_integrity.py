@@ -225,7 +225,7 @@ class _Heads(HTMLParser):
         self._in_head = False
 
     def handle_starttag(self, tag: str, attrs: list) -> None:
-        if tag == "table" and "leaderboard" in (dict(attrs).get("class") or ""):
+        if tag == "table" and {"leaderboard", "efficiency"} & set((dict(attrs).get("class") or "").split()):
             self.tables.append([])
             self._in_head = False
         self._in_head = self._in_head or (tag == "thead" and bool(self.tables) and not self.tables[-1])
@@ -254,15 +254,20 @@ def test_one_column_spec_feeds_the_markdown_csv_and_html_writers(tmp_path: Path,
     md, text, page = (paths[k].read_text() for k in ("md", "csv", "html"))
     heads = _Heads()
     heads.feed(page)
-    for metric, table in zip(("OA", "OA", "OA", "mIoU"), heads.tables, strict=True):
-        assert table == [c.title(metric) for c in report_columns.LEADER_COLUMNS if "html" in c.where]
-        assert table[-1] == "epochs run"
-    for table in re.findall(r"<table class='sortable leaderboard'.*?</tbody></table>", page):
-        body = re.sub(r"<table class='prov'>.*?</table>", "", table)
-        cells = [row.count("<td") for row in re.findall(r"<tr class='main'.*?</tr>", body)]
-        assert cells and set(cells) == {len(heads.tables[0])}  # every row has one cell per header
+    acc, eff = (report_columns.table_columns("html", t) for t in (report_columns.ACC, report_columns.EFF))
+    leader = heads.tables[:8]  # per section an accuracy then an efficiency table
+    for k, (metric, table) in enumerate(zip(("OA", "OA", "OA", "mIoU"), leader[::2], strict=True)):
+        assert table == [c.title(metric) for c in acc] and table[-1] == "epochs run"
+        assert leader[2 * k + 1] == [c.title(metric) for c in eff] and "epochs run" not in leader[2 * k + 1]
+    for kind, width in (("leaderboard", len(acc)), ("efficiency", len(eff))):
+        tables = re.findall(rf"<table class='sortable {kind}'.*?</tbody></table>", page)
+        assert len(tables) == 4
+        for table in tables:
+            body = re.sub(r"<table class='prov'>.*?</table>", "", table)
+            cells = [row.count("<td") for row in re.findall(r"<tr class='main'.*?</tr>", body)]
+            assert cells and set(cells) == {width}  # every row has one cell per header
     md_heads = [line for line in md.splitlines() if line.startswith("| # |")]
-    assert len(md_heads) == 4 and all(h.endswith("| epochs run |") for h in md_heads)
+    assert len(md_heads) == 8 and sum(h.endswith("| epochs run |") for h in md_heads) == 4
     rows = list(csv.DictReader(io.StringIO(text)))
     assert all(r["epochs_run"] == "10" for r in rows) and len(rows) == 8
 
