@@ -8,6 +8,7 @@ transforms and never reach the training loader.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from pcbench.data import collate, seed_worker
@@ -31,6 +32,7 @@ __all__ = [
     "DataBundle",
     "EvalBatch",
     "build_data",
+    "eval_config",
     "eval_loader",
     "eval_transform",
     "manifest_sha256",
@@ -127,17 +129,21 @@ def _dataset(cfg: DictConfig, split: str, transform: Any, seed: int) -> Dataset:
                                    seed=seed)
 
 
-def _without_loop(node: DictConfig) -> DictConfig:
-    """The dataset node with ``loop`` removed (evaluation reads each sample once)."""
-    plain = OmegaConf.to_container(node, resolve=True)
-    plain.pop("loop", None)
-    return OmegaConf.create(plain)
+def eval_config(cfg: DictConfig) -> DictConfig:
+    """A copy of ``cfg`` whose ``data.dataset`` has no ``loop``: evaluation datasets read each sample once.
+
+    The key is deleted from a copy: ``OmegaConf.merge`` can only add or overwrite keys, so merging a node
+    without ``loop`` over ``cfg`` would keep the training repeat count.
+    """
+    out = copy.deepcopy(cfg)  # DictConfig.copy shares nested nodes with cfg
+    with open_dict(out):
+        out.data.dataset.pop("loop", None)
+    return out
 
 
 def split_dataset(cfg: DictConfig, split: str) -> Dataset:
     """The prepared split ``split`` (a name in the folder's manifest) with the evaluation transforms."""
-    eval_cfg = OmegaConf.merge(cfg, {"data": {"dataset": _without_loop(cfg.data.dataset)}})
-    return _dataset(eval_cfg, split, eval_transform(cfg), int(cfg.seed))
+    return _dataset(eval_config(cfg), split, eval_transform(cfg), int(cfg.seed))
 
 
 def build_data(cfg: DictConfig, check: bool = True) -> DataBundle:
@@ -149,7 +155,7 @@ def build_data(cfg: DictConfig, check: bool = True) -> DataBundle:
     d = cfg.data
     seed = int(cfg.seed)
     train_full = _dataset(cfg, d.splits.train, train_transform(cfg), seed)
-    eval_cfg = OmegaConf.merge(cfg, {"data": {"dataset": _without_loop(d.dataset)}})
+    eval_cfg = eval_config(cfg)
     info: dict[str, Any] = {"splits": OmegaConf.to_container(d.splits, resolve=True)}
     if d.splits.val is None:
         if d.task != "cls":
