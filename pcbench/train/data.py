@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ __all__ = [
     "eval_transform",
     "manifest_sha256",
     "mix_pairs",
+    "pass_loader",
     "split_dataset",
     "stratified_holdout",
     "train_loader",
@@ -270,3 +271,67 @@ def eval_loader(dataset: Dataset, cfg: DictConfig, rank: int = 0, world_size: in
     return DataLoader(Subset(dataset, idx), batch_size=bs, shuffle=False, num_workers=workers,
                       collate_fn=collate_eval, worker_init_fn=seed_worker,
                       generator=torch.Generator().manual_seed(int(cfg.seed)))
+
+
+class _PassDataset(Dataset):
+    """Item ``(p, i)`` is item ``i`` of pass ``p``'s dataset (the same samples under another TTA transform)."""
+
+    def __init__(self, datasets: Sequence[Dataset]) -> None:
+        self.datasets = list(datasets)
+
+    def __len__(self) -> int:
+        return len(self.datasets[0]) * len(self.datasets)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        p, i = key
+        return self.datasets[p][i]
+
+
+class _PassBatchSampler:
+    """For each run of ``batch_size`` sample positions, one batch per pass: ``[(p, i) for i in run]``.
+
+    The batches of one sample group arrive consecutively, so the consumer can finish a group (sum its passes)
+    before the next one is read: memory holds one group, whatever the number of passes.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, passes: int) -> None:
+        self.num_samples, self.batch_size, self.passes = num_samples, batch_size, passes
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for start in range(0, self.num_samples, self.batch_size):
+            run = range(start, min(start + self.batch_size, self.num_samples))
+            for p in range(self.passes):
+                yield [(p, i) for i in run]
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size) * self.passes
+
+
+def pass_loader(loaders: Sequence[DataLoader]) -> DataLoader:
+    """One loader over several aligned evaluation loaders (TTA passes): it yields pass 0..P-1 of the first
+    batch, then of the second, ... with the worker count of ``loaders[0]``, not one worker pool per pass.
+
+    Each input must be a plain in-order loader (as :func:`eval_loader` builds) over the same number of samples
+    with the same batch size; only their datasets (transforms) differ. Building a DataLoader starts no
+    process, so the per-pass loaders handed in cost nothing until iterated, and they never are.
+    """
+    from torch.utils.data import BatchSampler, SequentialSampler  # noqa: PLC0415
+
+    if not loaders:
+        raise ValueError("pass_loader needs at least one loader")
+    first = loaders[0]
+    n = len(first.dataset)
+    for k, loader in enumerate(loaders):
+        bs = loader.batch_sampler
+        if not (isinstance(bs, BatchSampler) and isinstance(bs.sampler, SequentialSampler) and not bs.drop_last):
+            raise ValueError(f"TTA pass {k}: pass_loader merges in-order evaluation loaders only (eval_loader); "
+                             f"got batch sampler {type(bs).__name__}")
+        if len(loader.dataset) != n or loader.batch_size != first.batch_size:
+            raise ValueError(f"TTA pass {k} has {len(loader.dataset)} samples in batches of {loader.batch_size}, "
+                             f"pass 0 has {n} in batches of {first.batch_size}; TTA passes must be aligned")
+    workers = first.num_workers
+    return DataLoader(_PassDataset([loader.dataset for loader in loaders]),
+                      batch_sampler=_PassBatchSampler(n, int(first.batch_size), len(loaders)),
+                      num_workers=workers, collate_fn=first.collate_fn, worker_init_fn=first.worker_init_fn,
+                      generator=first.generator, pin_memory=first.pin_memory,
+                      prefetch_factor=first.prefetch_factor if workers > 0 else None)

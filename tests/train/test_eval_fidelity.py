@@ -1,0 +1,170 @@
+"""Evaluation fidelity: TTA passes through one loader (bounded workers), progress on the log, workers that die
+with their parent."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from pcbench.data import seed_worker
+from pcbench.ops import PointBatch
+from pcbench.train.data import collate_eval, pass_loader
+from pcbench.train.evaluate import EvalProgress, evaluate_loaders
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class _Clouds(Dataset):
+    """Deterministic object clouds; pass ``shift`` plays a TTA transform; every read appends its pid to a file."""
+
+    def __init__(self, n: int, shift: float, pid_file: Path | None = None) -> None:
+        self.n, self.shift, self.pid_file = n, shift, pid_file
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if self.pid_file is not None:
+            with open(self.pid_file, "a") as f:  # O_APPEND: lines of concurrent workers do not interleave
+                f.write(f"{os.getpid()}\n")
+        rng = np.random.default_rng(i)
+        coord = rng.normal(size=(16, 3)).astype(np.float32) + self.shift
+        return {"coord": coord, "feat": coord.copy(), "label": i % 3, "name": f"obj{i:03d}"}
+
+
+class _MeanLinear(nn.Module):
+    """Logits = linear(mean feature of each cloud): position-sensitive, so each shifted pass scores differently."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, b: PointBatch) -> torch.Tensor:
+        ends = b.offset.tolist()
+        means = [b.feat[s:e].mean(0) for s, e in zip([0, *ends[:-1]], ends, strict=True)]
+        return self.fc(torch.stack(means))
+
+
+def _loader(ds: Dataset, bs: int, workers: int) -> DataLoader:
+    return DataLoader(ds, batch_size=bs, shuffle=False, num_workers=workers, collate_fn=collate_eval,
+                      worker_init_fn=seed_worker)
+
+
+SHIFTS = [0.0, 0.5, -0.7, 1.3, 2.0]
+
+
+def test_tta_passes_share_one_worker_pool(tmp_path: Path) -> None:
+    # regression: zip(*loaders) started num_workers processes per TTA pass (5 passes x 2 = 10 here)
+    pids = tmp_path / "pids.txt"
+    loaders = [_loader(_Clouds(7, s, pids), 3, 2) for s in SHIFTS]
+    res = evaluate_loaders(_MeanLinear(), loaders, "cls", 3, -1, torch.device("cpu"), keep_predictions=True,
+                           progress=False)
+    readers = {int(x) for x in pids.read_text().split()}
+    assert os.getpid() not in readers and len(readers) <= 2, readers
+    assert len(pids.read_text().split()) == 7 * len(SHIFTS)  # every sample of every pass read exactly once
+    # the same votes as summing each pass's logits by hand
+    model = _MeanLinear().eval()
+    with torch.no_grad():
+        want = sum(model(collate_eval([_Clouds(7, s)[i] for i in range(7)]).batch) for s in SHIFTS)
+    assert res.names == [f"obj{i:03d}" for i in range(7)] and res.samples == 7
+    np.testing.assert_array_equal(np.concatenate(res.preds), want.argmax(-1).numpy())
+
+
+def test_pass_loader_order_and_alignment() -> None:
+    loaders = [_loader(_Clouds(5, s), 2, 0) for s in SHIFTS[:3]]
+    got = list(pass_loader(loaders))
+    # batch 0 of passes 0, 1, 2, then batch 1 of each, ... (a last short batch too)
+    assert [eb.names for eb in got] == [["obj000", "obj001"]] * 3 + [["obj002", "obj003"]] * 3 + [["obj004"]] * 3
+    for k, eb in enumerate(got):
+        first = int(eb.names[0][3:])
+        want = _Clouds(5, SHIFTS[k % 3])[first]["coord"]
+        np.testing.assert_array_equal(eb.batch.coord[:16].numpy(), want)
+    assert len(pass_loader(loaders)) == 9
+    with pytest.raises(ValueError, match="TTA pass 1 has 4 samples"):
+        pass_loader([loaders[0], _loader(_Clouds(4, 0.0), 2, 0)])
+    with pytest.raises(ValueError, match="in-order evaluation loaders only"):
+        pass_loader([DataLoader(_Clouds(5, 0.0), batch_size=2, shuffle=True, collate_fn=collate_eval)])
+
+
+def test_evaluation_logs_progress_with_passes_and_eta(caplog: pytest.LogCaptureFixture) -> None:
+    # regression: evaluate_loaders printed nothing until the end (no caller passed `progress`)
+    loaders = [_loader(_Clouds(5, s), 2, 0) for s in SHIFTS[:2]]
+    with caplog.at_level(logging.INFO, logger="pcbench.train"):
+        evaluate_loaders(_MeanLinear(), loaders, "cls", 3, -1, torch.device("cpu"), desc="test vote")
+    lines = [r.getMessage() for r in caplog.records if r.name == "pcbench.train"]
+    assert lines[0].startswith("test vote 2/5 samples (1/3 batches, 2 passes)") and "eta" in lines[0]
+    assert lines[-1].startswith("test vote 5/5 samples (3/3 batches, 2 passes)") and lines[-1].endswith("eta 0s")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pcbench.train"):
+        evaluate_loaders(_MeanLinear(), loaders[:1], "cls", 3, -1, torch.device("cpu"), progress=False)
+    assert not caplog.records
+    prog = EvalProgress("val", every_s=0)
+    with caplog.at_level(logging.INFO, logger="pcbench.train"):
+        evaluate_loaders(_MeanLinear(), loaders[:1], "cls", 3, -1, torch.device("cpu"), progress=prog)
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["val 2/5 samples", "val 4/5 samples",
+                                                                       "val 5/5 samples"]
+
+
+_HANG = """
+import os, sys, time
+import torch
+from torch.utils.data import DataLoader, Dataset
+from pcbench.data import seed_worker
+
+class Slow(Dataset):
+    def __len__(self):
+        return 1000
+    def __getitem__(self, i):
+        with open(sys.argv[1], "a") as f:
+            f.write(f"{os.getpid()}\\n")
+        time.sleep(60)
+        return i
+
+for _ in DataLoader(Slow(), batch_size=1, num_workers=2, worker_init_fn=seed_worker):
+    pass
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][0] != "Z"  # a zombie has died
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_loader_workers_die_with_a_killed_parent(tmp_path: Path) -> None:
+    # regression: a trainer killed mid-evaluation (OOM killer) left its forked workers holding their memory
+    pids = tmp_path / "pids.txt"
+    script = tmp_path / "hang.py"
+    script.write_text(textwrap.dedent(_HANG))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    parent = subprocess.Popen([sys.executable, str(script), str(pids)], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (pids.is_file() and len(set(pids.read_text().split())) >= 2):
+            time.sleep(0.1)
+        workers = {int(x) for x in pids.read_text().split()}
+        assert len(workers) == 2 and all(_alive(w) for w in workers)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.05)
+    assert not any(_alive(w) for w in workers)
