@@ -34,8 +34,8 @@ from pcbench.ops import PointBatch
 from .data import EvalBatch, pass_loader
 from .metrics import ConfusionMatrix
 
-__all__ = ["EvalProgress", "EvalResult", "autocast_context", "evaluate_loaders", "write_predictions",
-           "write_submission"]
+__all__ = ["EvalProgress", "EvalResult", "autocast_context", "eval_precision", "evaluate_loaders",
+           "write_predictions", "write_submission"]
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}
 
@@ -46,6 +46,27 @@ def autocast_context(device: torch.device, precision: str | None) -> contextlib.
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def eval_precision(cfg: Any, train_precision: str) -> str:
+    """The evaluation precision of a run: ``eval.autocast`` (fp32 / bf16 / fp16), ``train`` for the training
+    precision, and fp32 when unset.
+
+    Pointcept's tester (pointcept/engines/test.py @ d74c646) runs without autocast whatever the training
+    precision, so published figures are fp32 evaluations; a recipe that evaluates otherwise says so here.
+    """
+    from .errors import ConfigError  # noqa: PLC0415
+
+    value = cfg.eval.get("autocast") if "eval" in cfg else None
+    if value is None:
+        return "fp32"
+    value = str(value)
+    if value == "train":
+        return str(train_precision)
+    if value not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"eval.autocast={value!r} is unknown; use fp32, bf16, fp16 or train (the training "
+                          "precision)")
+    return value
 
 
 @dataclass

@@ -22,7 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 from pcbench.data import seed_worker
 from pcbench.ops import PointBatch
 from pcbench.train.data import collate_eval, pass_loader
-from pcbench.train.evaluate import EvalProgress, evaluate_loaders
+from pcbench.train import compose
+from pcbench.train.errors import ConfigError
+from pcbench.train.evaluate import EvalProgress, eval_precision, evaluate_loaders
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -168,3 +170,15 @@ def test_loader_workers_die_with_a_killed_parent(tmp_path: Path) -> None:
     while time.monotonic() < deadline and any(_alive(w) for w in workers):
         time.sleep(0.05)
     assert not any(_alive(w) for w in workers)
+
+
+@pytest.mark.parametrize("experiment", ["ptv3_scannet20", "ptv3_scannet200", "minkunet34c_scannet20", None])
+def test_evaluation_runs_in_fp32_unless_told(experiment: str | None, tmp_path: Path) -> None:
+    # regression: evaluation ran under the training precision (fp16 for PTv3) where Pointcept's tester is fp32
+    extra = [f"experiment={experiment}"] if experiment else []
+    cfg = compose([*extra, "trainer=gpu"], run_dir=tmp_path)
+    assert eval_precision(cfg, "fp16") == "fp32"
+    assert eval_precision(compose([*extra, "eval.autocast=train"], run_dir=tmp_path), "bf16") == "bf16"
+    assert eval_precision(compose([*extra, "eval.autocast=bf16"], run_dir=tmp_path), "fp32") == "bf16"
+    with pytest.raises(ConfigError, match="eval.autocast='half' is unknown"):
+        eval_precision(compose([*extra, "eval.autocast=half"], run_dir=tmp_path), "fp32")
