@@ -19,6 +19,7 @@ Subclasses set ``dataset_names`` (accepted manifest ``dataset`` values) and over
 from __future__ import annotations
 
 import bisect
+import copy
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -73,6 +74,7 @@ class PreparedDataset(Dataset):
         self._ends = np.cumsum([f["num_samples"] for f in files]).tolist()
         self._readers: list[RaggedH5Reader | None] = [None] * len(files)
         self.epoch = 0
+        self.stream: int | None = None  # a TTA pass's own random stream (see with_stream)
 
     # ------------------------------------------------------------------------------ manifest helpers
     @property
@@ -166,7 +168,21 @@ class PreparedDataset(Dataset):
         """The generator handed to the transform for sample ``index`` in the current epoch."""
         if self.seed is None:
             return np.random.default_rng()
-        return np.random.default_rng([self.seed, self.epoch, index])
+        if self.stream is None:
+            return np.random.default_rng([self.seed, self.epoch, index])
+        return np.random.default_rng([self.seed, self.epoch, index, self.stream])
+
+    def with_stream(self, stream: int) -> PreparedDataset:
+        """A shallow copy whose sample generators are ``default_rng([seed, epoch, index, stream])``.
+
+        TTA pass ``p`` reads through ``with_stream(p)``: without it every pass of a sample would draw the same
+        numbers, so random passes (random scales, point shuffles) would repeat one draw instead of voting.
+        """
+        if stream < 0:
+            raise ValueError(f"stream must be >= 0, got {stream}")
+        out = copy.copy(self)
+        out.stream = int(stream)
+        return out
 
     def __getitem__(self, index: int) -> Sample:
         if -len(self) <= index < 0:

@@ -307,13 +307,22 @@ class _PassBatchSampler:
         return -(-self.num_samples // self.batch_size) * self.passes
 
 
+def _pass_stream(ds: Dataset, p: int) -> Dataset:
+    """``ds`` (or the Subset of one) reading with TTA pass ``p``'s random stream where it has one."""
+    if isinstance(ds, Subset):
+        return Subset(_pass_stream(ds.dataset, p), ds.indices)
+    return ds.with_stream(p) if hasattr(ds, "with_stream") else ds
+
+
 def pass_loader(loaders: Sequence[DataLoader]) -> DataLoader:
     """One loader over several aligned evaluation loaders (TTA passes): it yields pass 0..P-1 of the first
     batch, then of the second, ... with the worker count of ``loaders[0]``, not one worker pool per pass.
 
     Each input must be a plain in-order loader (as :func:`eval_loader` builds) over the same number of samples
     with the same batch size; only their datasets (transforms) differ. Building a DataLoader starts no
-    process, so the per-pass loaders handed in cost nothing until iterated, and they never are.
+    process, so the per-pass loaders handed in cost nothing until iterated, and they never are. Pass ``p``
+    draws its random transforms from its own stream (:meth:`pcbench.data.PreparedDataset.with_stream`), so
+    random passes differ from each other, reproducibly for a seed.
     """
     from torch.utils.data import BatchSampler, SequentialSampler  # noqa: PLC0415
 
@@ -330,7 +339,7 @@ def pass_loader(loaders: Sequence[DataLoader]) -> DataLoader:
             raise ValueError(f"TTA pass {k} has {len(loader.dataset)} samples in batches of {loader.batch_size}, "
                              f"pass 0 has {n} in batches of {first.batch_size}; TTA passes must be aligned")
     workers = first.num_workers
-    return DataLoader(_PassDataset([loader.dataset for loader in loaders]),
+    return DataLoader(_PassDataset([_pass_stream(loader.dataset, p) for p, loader in enumerate(loaders)]),
                       batch_sampler=_PassBatchSampler(n, int(first.batch_size), len(loaders)),
                       num_workers=workers, collate_fn=first.collate_fn, worker_init_fn=first.worker_init_fn,
                       generator=first.generator, pin_memory=first.pin_memory,

@@ -3,6 +3,7 @@ with their parent."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import signal
@@ -19,9 +20,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pcbench.data import seed_worker
+from pcbench.data import ModelNetDataset, seed_worker
+from pcbench.data.transforms import rotation_matrix
 from pcbench.ops import PointBatch
-from pcbench.train.data import collate_eval, pass_loader
+from pcbench.train.data import collate_eval, eval_loader, eval_transform, pass_loader
 from pcbench.train import compose
 from pcbench.train.errors import ConfigError
 from pcbench.train.evaluate import EvalProgress, eval_precision, evaluate_loaders
@@ -125,7 +127,8 @@ _HANG = """
 import os, sys, time
 import torch
 from torch.utils.data import DataLoader, Dataset
-from pcbench.data import seed_worker
+from pcbench.data import ModelNetDataset, seed_worker
+from pcbench.data.transforms import rotation_matrix
 
 class Slow(Dataset):
     def __len__(self):
@@ -182,3 +185,54 @@ def test_evaluation_runs_in_fp32_unless_told(experiment: str | None, tmp_path: P
     assert eval_precision(compose([*extra, "eval.autocast=bf16"], run_dir=tmp_path), "fp32") == "bf16"
     with pytest.raises(ConfigError, match="eval.autocast='half' is unknown"):
         eval_precision(compose([*extra, "eval.autocast=half"], run_dir=tmp_path), "fp32")
+
+
+def _tta_loaders(cfg: Any, ds: Dataset) -> list[DataLoader]:
+    import hydra
+
+    out = []
+    for node in cfg.tta.passes:
+        passed = copy.copy(ds)
+        passed.transform = eval_transform(cfg, hydra.utils.instantiate(node))
+        out.append(eval_loader(passed, cfg))
+    return out
+
+
+def test_pointnet2_votes_shuffle_points_per_vote_seeded(prepared: dict[str, Path], tmp_path: Path) -> None:
+    # regression: the votes only rotated, in one point order, so FPS (which starts at the first point) picked
+    # the same centres in all 12 votes; charlesq34/pointnet2 evaluate.py shuffles the order at every vote
+    cfg = compose(["experiment=pointnet2_ssg_modelnet40", f"data.root={prepared['mn40_syn']}",
+                   "trainer.num_workers=0", "trainer.batch_size=4"], run_dir=tmp_path)
+    plain = ModelNetDataset(prepared["mn40_syn"], "test", transform=eval_transform(cfg), use_normals=False,
+                            feat_keys=())
+    loaders = _tta_loaders(cfg, plain)
+    assert len(loaders) == 12
+    batches = list(pass_loader(loaders))
+    first = [eb.batch.coord[:1024].numpy() for eb in batches[:12]]  # object 0 in each of the 12 votes
+    ref = plain[0]["coord"]
+    assert ref.shape == (1024, 3)
+    orders = []
+    for k, pts in enumerate(first):
+        back = pts @ rotation_matrix((0, 1, 0), k / 12 * 2 * np.pi).astype(np.float32)  # undo the rotation
+        # the same 1024 points (the first of the stored cloud), in another order
+        dist = ((back[:, None, :] - ref[None, :, :]) ** 2).sum(-1)
+        match = dist.argmin(1)
+        assert np.allclose(dist.min(1), 0, atol=1e-8) and len(np.unique(match)) == 1024
+        orders.append(match)
+    assert len({o[:16].tobytes() for o in orders}) == 12  # 12 different orders, so 12 different FPS starts
+    again = list(pass_loader(_tta_loaders(cfg, plain)))
+    for a, b in zip(batches, again, strict=True):  # seeded: the same votes on every evaluation
+        torch.testing.assert_close(a.batch.coord, b.batch.coord, rtol=0, atol=0)
+
+
+def test_random_tta_passes_draw_different_numbers(prepared: dict[str, Path], tmp_path: Path) -> None:
+    # regression: every pass of a sample drew from the same generator, so scale_vote10's nine random scales
+    # were one scale counted nine times
+    cfg = compose([f"data.root={prepared['mn40_syn']}", "tta=scale_vote10", "trainer.num_workers=0",
+                   "trainer.batch_size=2"], run_dir=tmp_path)
+    plain = ModelNetDataset(prepared["mn40_syn"], "test", transform=eval_transform(cfg))
+    batches = list(pass_loader(_tta_loaders(cfg, plain)))[:10]
+    ref = plain[0]["coord"]
+    scales = [tuple(np.round(np.ptp(eb.batch.coord[:1024].numpy(), 0) / np.ptp(ref, 0), 6)) for eb in batches]
+    assert scales[0] == (1.0, 1.0, 1.0) and len(set(scales[1:])) == 9
+    assert all(0.8 - 1e-6 <= s <= 1.2 + 1e-6 for sc in scales for s in sc)
