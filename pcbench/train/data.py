@@ -171,6 +171,8 @@ def build_data(cfg: DictConfig, check: bool = True) -> DataBundle:
         info["val"] = {"source": f"held out from {d.splits.train}", "fraction": float(d.val_fraction),
                        "seed": int(d.val_seed), "num_samples": len(held), "stratified": True,
                        "indices_sha256": hashlib.sha256(held.astype(np.int64).tobytes()).hexdigest()}
+        if d.get("val_caveat"):
+            info["val"]["caveat"] = str(d.val_caveat)
     else:
         train = train_full
         val = _dataset(eval_cfg, d.splits.val, eval_transform(cfg, role="val"), seed)
