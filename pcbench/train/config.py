@@ -283,3 +283,37 @@ def check_run_config(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.checkpoint_every_n_steps={t.checkpoint_every_n_steps} must be >= 0 (0 = epoch ends)")
     if cfg.eval.metric not in ("auto", "oa", "macc", "miou"):
         raise ConfigError(f"eval.metric={cfg.eval.metric!r} is unknown; use auto, oa, macc or miou")
+
+
+# ----------------------------------------------------------------------------------- paper recipe data
+def _manifest_field(manifest: dict[str, Any], field: str) -> Any:
+    have: Any = manifest
+    for part in field.split("."):
+        have = have.get(part) if isinstance(have, dict) else None
+    return have
+
+
+def check_recipe_data(cfg: DictConfig, manifest: dict[str, Any]) -> list[str]:
+    """Mismatches between the prepared data a paper recipe needs (``recipe.data``) and ``manifest``.
+
+    ``recipe.data`` maps a manifest field (dotted, e.g. ``options.sampling``) to the value, or list of values,
+    the recipe's source used. Each mismatch is one sentence naming the field, both values and the fix; an
+    empty list means the data is the recipe's (or the run is not a recipe). A run with mismatches is a
+    "pcbench variant", not a "reference" run: the trainer records these sentences as the reason.
+    """
+    recipe = cfg.get("recipe")
+    if not recipe or not recipe.get("data"):
+        return []
+    root = cfg.data.get("root") if not OmegaConf.is_missing(cfg.data, "root") else None
+    out = []
+    for field, want in recipe.data.items():
+        allowed = list(OmegaConf.to_container(want)) if OmegaConf.is_list(want) else [want]
+        have = _manifest_field(manifest, str(field))
+        if have not in allowed:
+            shown = allowed[0] if len(allowed) == 1 else allowed
+            key = str(field).removeprefix("options.")
+            fix = (f"re-prepare with `{key}={str(shown).lower() if isinstance(shown, bool) else shown}`"
+                   if str(field).startswith("options.") else f"prepare from the raw files that give {field}={shown}")
+            out.append(f"recipe {recipe.name} needs data prepared with {field}={shown!r}, but data.root={root} has "
+                       f"{field}={have!r}; {fix} (see the Prepare line of conf/experiment/{recipe.name}.yaml)")
+    return out

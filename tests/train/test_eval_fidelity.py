@@ -4,6 +4,7 @@ with their parent."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ from pcbench.data.transforms import rotation_matrix
 from pcbench.ops import PointBatch
 from pcbench.train.data import collate_eval, eval_loader, eval_transform, pass_loader
 from pcbench.train import compose
+from pcbench.train.config import check_recipe_data
 from pcbench.train.errors import ConfigError
 from pcbench.train.evaluate import EvalProgress, eval_precision, evaluate_loaders
 
@@ -236,3 +238,37 @@ def test_random_tta_passes_draw_different_numbers(prepared: dict[str, Path], tmp
     scales = [tuple(np.round(np.ptp(eb.batch.coord[:1024].numpy(), 0) / np.ptp(ref, 0), 6)) for eb in batches]
     assert scales[0] == (1.0, 1.0, 1.0) and len(set(scales[1:])) == 9
     assert all(0.8 - 1e-6 <= s <= 1.2 + 1e-6 for sc in scales for s in sc)
+
+
+def _manifest(root: Path) -> dict[str, Any]:
+    return json.loads((root / "manifest.json").read_text())
+
+
+def test_recipe_data_mismatch_is_reported_with_the_fix(prepared: dict[str, Path], tmp_path: Path) -> None:
+    # regression: a PointNet++ run on normal_resampled with FPS sampling was recorded `fidelity: reference`
+    root = prepared["mn40_syn"]  # normal_resampled, sampling=fps, normals=true
+    cfg = compose(["experiment=pointnet2_ssg_modelnet40", f"data.root={root}"], run_dir=tmp_path)
+    problems = check_recipe_data(cfg, _manifest(root))
+    assert len(problems) == 3, problems
+    assert any("source='ply_hdf5_2048'" in p and "has source='normal_resampled'" in p for p in problems)
+    assert any("options.sampling='first'" in p and "re-prepare with `sampling=first`" in p for p in problems)
+    assert any("options.normals=False" in p and "re-prepare with `normals=false`" in p for p in problems)
+    good = {**_manifest(root), "source": "ply_hdf5_2048",
+            "options": {**_manifest(root)["options"], "sampling": "first", "normals": False}}
+    assert check_recipe_data(cfg, good) == []
+    assert check_recipe_data(compose([f"data.root={root}"], run_dir=tmp_path), _manifest(root)) == []  # no recipe
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+def test_every_recipe_declares_real_manifest_fields(experiment: str, prepared: dict[str, Path],
+                                                   tmp_path: Path) -> None:
+    cfg = compose([f"experiment={experiment}"], run_dir=tmp_path)
+    kind = {"modelnet40": "mn40_syn", "scannet": "scannet_syn", "scanobjectnn": "sonn_syn"}
+    root = prepared[next(v for k, v in kind.items() if str(cfg.data.name).startswith(k))]
+    manifest = _manifest(root)
+    assert cfg.recipe.data, f"{experiment}: declare recipe.data (the prepared-data options of its source)"
+    for field in cfg.recipe.data:
+        have: Any = manifest
+        for part in str(field).split("."):
+            have = have.get(part) if isinstance(have, dict) else None
+        assert have is not None, f"{experiment}: recipe.data.{field} is not a manifest field of {root.name}"
