@@ -26,7 +26,7 @@ from pcbench.data.transforms import rotation_matrix
 from pcbench.ops import PointBatch
 from pcbench.train.data import collate_eval, eval_loader, eval_transform, pass_loader
 from pcbench.train import compose
-from pcbench.train.config import check_recipe_data
+from pcbench.train.config import check_recipe_data, preflight
 from pcbench.train.errors import ConfigError
 from pcbench.train.evaluate import EvalProgress, eval_precision, evaluate_loaders
 
@@ -272,3 +272,39 @@ def test_every_recipe_declares_real_manifest_fields(experiment: str, prepared: d
         for part in str(field).split("."):
             have = have.get(part) if isinstance(have, dict) else None
         assert have is not None, f"{experiment}: recipe.data.{field} is not a manifest field of {root.name}"
+
+
+def _overrides(problems: list[str]) -> list[str]:
+    return [o for p in problems for o in p.split(" -> ")[1].split(" ")[:1]]
+
+
+def test_preflight_lists_every_problem_with_its_override(tmp_path: Path) -> None:
+    # regression: a recipe on a few samples / a CPU stopped on one problem per run (five rounds)
+    manifest = {"splits": {"train": {"num_samples": 1}, "val": {"num_samples": 0}}}
+    cfg = compose(["experiment=ptv3_scannet20", "data.root=/data/few"], run_dir=tmp_path)
+    problems = preflight(cfg, manifest, cuda_available=False)
+    assert len(problems) == 4, problems
+    assert problems[0].startswith("data.splits.val=val holds no samples in data.root=/data/few")
+    assert problems[1].startswith("data.splits.test=val holds no samples")
+    assert "trainer.batch_size=12 exceeds the 8 training samples" in problems[2]  # 1 scene x loop 8
+    assert "trainer.precision=fp16 needs a CUDA device" in problems[3]
+    fixed = _overrides(problems)
+    assert fixed == ["data.splits.val=train", "data.splits.test=train", "trainer.batch_size=8",
+                     "trainer.precision=bf16"]
+    assert preflight(compose(["experiment=ptv3_scannet20", "data.root=/data/few", *fixed], run_dir=tmp_path),
+                     manifest, cuda_available=False) == []
+    on_gpu = compose(["experiment=ptv3_scannet20", "data.root=/data/few", "trainer=gpu"], run_dir=tmp_path)
+    assert preflight(on_gpu, manifest, cuda_available=True) == problems[:3]  # fp16 is fine on a CUDA device
+
+
+def test_preflight_objects_empty_holdout_missing_test_and_cuda(tmp_path: Path) -> None:
+    manifest = {"splits": {"train": {"files": [{"num_samples": 1}, {"num_samples": 0}]}}}
+    cfg = compose(["experiment=pointnet2_ssg_modelnet40", "data.root=/data/one", "trainer=gpu"], run_dir=tmp_path)
+    problems = preflight(cfg, manifest, cuda_available=False)
+    assert [p.split(" -> ")[1] for p in problems] == ["data.splits.test=train",
+                                                      "data.splits.val=train (validate on the training samples)",
+                                                      "trainer.batch_size=1", "trainer=cpu"]
+    assert "is not a split of data.root=/data/one" in problems[0]
+    fixed = _overrides(problems)
+    assert preflight(compose(["experiment=pointnet2_ssg_modelnet40", "data.root=/data/one", "trainer=gpu", *fixed],
+                             run_dir=tmp_path), manifest, cuda_available=False) == []
