@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader, Dataset
 from pcbench.data import ModelNetDataset, seed_worker
 from pcbench.data.transforms import rotation_matrix
 from pcbench.ops import PointBatch
-from pcbench.train.data import collate_eval, eval_loader, eval_transform, pass_loader
 from pcbench.train import compose
 from pcbench.train.config import check_recipe_data, preflight
+from pcbench.train.data import collate_eval, eval_loader, eval_transform, pass_loader
 from pcbench.train.errors import ConfigError
 from pcbench.train.evaluate import EvalProgress, eval_precision, evaluate_loaders
 
