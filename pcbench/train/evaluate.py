@@ -42,6 +42,9 @@ _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, None: No
 
 def autocast_context(device: torch.device, precision: str | None) -> contextlib.AbstractContextManager:
     """``torch.autocast`` for ``precision`` in fp32 / bf16 / fp16 (fp32 and None: no autocast)."""
+    if precision not in _DTYPES:
+        raise ValueError(f"precision={precision!r} is unknown; use fp32, bf16 or fp16 (resolve eval.autocast, which "
+                         "may say `train`, with eval_precision first)")
     dtype = _DTYPES[precision]
     if dtype is None:
         return contextlib.nullcontext()

@@ -28,7 +28,7 @@ from pcbench.train import compose
 from pcbench.train.config import check_recipe_data, preflight
 from pcbench.train.data import collate_eval, eval_loader, eval_transform, pass_loader
 from pcbench.train.errors import ConfigError
-from pcbench.train.evaluate import EvalProgress, eval_precision, evaluate_loaders
+from pcbench.train.evaluate import EvalProgress, autocast_context, eval_precision, evaluate_loaders
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -187,6 +187,8 @@ def test_evaluation_runs_in_fp32_unless_told(experiment: str | None, tmp_path: P
     assert eval_precision(compose([*extra, "eval.autocast=bf16"], run_dir=tmp_path), "fp32") == "bf16"
     with pytest.raises(ConfigError, match="eval.autocast='half' is unknown"):
         eval_precision(compose([*extra, "eval.autocast=half"], run_dir=tmp_path), "fp32")
+    with pytest.raises(ValueError, match="resolve eval.autocast, which may say `train`, with eval_precision"):
+        autocast_context(torch.device("cpu"), "train")
 
 
 def _tta_loaders(cfg: Any, ds: Dataset) -> list[DataLoader]:
