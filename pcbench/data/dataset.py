@@ -19,6 +19,7 @@ Subclasses set ``dataset_names`` (accepted manifest ``dataset`` values) and over
 from __future__ import annotations
 
 import bisect
+import copy
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -32,7 +33,7 @@ from torch.utils.data import Dataset
 from .format import RaggedH5Reader, read_manifest
 from .transforms import BuildFeat
 
-__all__ = ["PreparedDataset", "seed_worker"]
+__all__ = ["PreparedDataset", "die_with_parent", "seed_worker"]
 
 Sample = dict[str, Any]
 
@@ -73,6 +74,7 @@ class PreparedDataset(Dataset):
         self._ends = np.cumsum([f["num_samples"] for f in files]).tolist()
         self._readers: list[RaggedH5Reader | None] = [None] * len(files)
         self.epoch = 0
+        self.stream: int | None = None  # a TTA pass's own random stream (see with_stream)
 
     # ------------------------------------------------------------------------------ manifest helpers
     @property
@@ -166,7 +168,21 @@ class PreparedDataset(Dataset):
         """The generator handed to the transform for sample ``index`` in the current epoch."""
         if self.seed is None:
             return np.random.default_rng()
-        return np.random.default_rng([self.seed, self.epoch, index])
+        if self.stream is None:
+            return np.random.default_rng([self.seed, self.epoch, index])
+        return np.random.default_rng([self.seed, self.epoch, index, self.stream])
+
+    def with_stream(self, stream: int) -> PreparedDataset:
+        """A shallow copy whose sample generators are ``default_rng([seed, epoch, index, stream])``.
+
+        TTA pass ``p`` reads through ``with_stream(p)``: without it every pass of a sample would draw the same
+        numbers, so random passes (random scales, point shuffles) would repeat one draw instead of voting.
+        """
+        if stream < 0:
+            raise ValueError(f"stream must be >= 0, got {stream}")
+        out = copy.copy(self)
+        out.stream = int(stream)
+        return out
 
     def __getitem__(self, index: int) -> Sample:
         if -len(self) <= index < 0:
@@ -188,11 +204,36 @@ class PreparedDataset(Dataset):
         return state
 
 
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``; no-op elsewhere).
+
+    DataLoader workers only notice a dead parent when their index queue times out, and a worker blocked
+    elsewhere (or a trainer killed by the OOM killer mid-evaluation) can leave them holding gigabytes.
+    """
+    import ctypes  # noqa: PLC0415
+    import multiprocessing  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: seed Python's and numpy's global RNGs from torch's per-worker seed.
+    """DataLoader ``worker_init_fn``: seed Python's and numpy's global RNGs from torch's per-worker seed, and
+    make the worker die with its parent (:func:`die_with_parent`).
 
     The datasets here do not use global RNGs, but transforms from elsewhere might.
     """
+    die_with_parent()
     s = torch.initial_seed() % 2**32
     np.random.seed(s)  # noqa: NPY002 - seeding the legacy global RNG is the point here
     random.seed(s)

@@ -283,3 +283,96 @@ def check_run_config(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.checkpoint_every_n_steps={t.checkpoint_every_n_steps} must be >= 0 (0 = epoch ends)")
     if cfg.eval.metric not in ("auto", "oa", "macc", "miou"):
         raise ConfigError(f"eval.metric={cfg.eval.metric!r} is unknown; use auto, oa, macc or miou")
+
+
+# ----------------------------------------------------------------------------------- paper recipe data
+def _manifest_field(manifest: dict[str, Any], field: str) -> Any:
+    have: Any = manifest
+    for part in field.split("."):
+        have = have.get(part) if isinstance(have, dict) else None
+    return have
+
+
+def check_recipe_data(cfg: DictConfig, manifest: dict[str, Any]) -> list[str]:
+    """Mismatches between the prepared data a paper recipe needs (``recipe.data``) and ``manifest``.
+
+    ``recipe.data`` maps a manifest field (dotted, e.g. ``options.sampling``) to the value, or list of values,
+    the recipe's source used. Each mismatch is one sentence naming the field, both values and the fix; an
+    empty list means the data is the recipe's (or the run is not a recipe). A run with mismatches is a
+    "pcbench variant", not a "reference" run: the trainer records these sentences as the reason.
+    """
+    recipe = cfg.get("recipe")
+    if not recipe or not recipe.get("data"):
+        return []
+    root = cfg.data.get("root") if not OmegaConf.is_missing(cfg.data, "root") else None
+    out = []
+    for field, want in recipe.data.items():
+        allowed = list(OmegaConf.to_container(want)) if OmegaConf.is_list(want) else [want]
+        have = _manifest_field(manifest, str(field))
+        if have not in allowed:
+            shown = allowed[0] if len(allowed) == 1 else allowed
+            key = str(field).removeprefix("options.")
+            fix = (f"re-prepare with `{key}={str(shown).lower() if isinstance(shown, bool) else shown}`"
+                   if str(field).startswith("options.") else f"prepare from the raw files that give {field}={shown}")
+            out.append(f"recipe {recipe.name} needs data prepared with {field}={shown!r}, but data.root={root} has "
+                       f"{field}={have!r}; {fix} (see the Prepare line of conf/experiment/{recipe.name}.yaml)")
+    return out
+
+
+# ----------------------------------------------------------------------------------------- preflight
+def _split_samples(manifest: dict[str, Any], split: str | None) -> int | None:
+    """Samples of a prepared split (None when the manifest has no such split)."""
+    info = manifest.get("splits", {}).get(str(split)) if split is not None else None
+    if info is None:
+        return None
+    if info.get("num_samples") is not None:
+        return int(info["num_samples"])
+    return sum(int(f.get("num_samples", 0)) for f in info.get("files", []))
+
+
+def preflight(cfg: DictConfig, manifest: dict[str, Any], cuda_available: bool | None = None) -> list[str]:
+    """Every reason the run of ``cfg`` on the prepared data of ``manifest`` would stop, each with the override
+    that avoids it (``-> key=value ...``), so a recipe tried on a few samples or on a CPU fails once, listing
+    them all, instead of once per problem. Checks: train / val / test splits missing or empty (including an
+    empty val hold-out), fp16 or CUDA asked for without a CUDA device, a batch larger than the training data.
+    ``cuda_available`` defaults to ``torch.cuda.is_available()``.
+    """
+    import torch  # noqa: PLC0415
+
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    d, t = cfg.data, cfg.trainer
+    problems: list[str] = []
+    sizes = {name: _split_samples(manifest, name) for name in manifest.get("splits", {})}
+    nonempty = sorted(name for name, n in sizes.items() if n)
+    other = nonempty[0] if nonempty else "train"
+    root = d.get("root") if not OmegaConf.is_missing(d, "root") else None
+    for role in ("train", "val", "test"):
+        split = d.splits.get(role)
+        if split is None:
+            continue
+        n = sizes.get(str(split))
+        if not n:
+            what = "is not a split of" if n is None else "holds no samples in"
+            problems.append(f"data.splits.{role}={split} {what} data.root={root} (splits with samples: {nonempty}) "
+                            f"-> data.splits.{role}={other if role != 'train' else '<one of them>'}")
+    n_train = sizes.get(str(d.splits.train)) or 0
+    if d.splits.get("val") is None and n_train:
+        fraction = float(d.get("val_fraction") or 0)
+        held = min(max(1, round(fraction * n_train)), n_train - 1) if 0 < fraction < 1 else 0
+        if held < 1:
+            problems.append(f"the validation hold-out (data.val_fraction={fraction} of {n_train} training samples) "
+                            f"is empty -> data.splits.val={d.splits.train} (validate on the training samples)")
+        n_train -= held
+    n_train *= int(d.get("dataset", {}).get("loop", 1) or 1)
+    if n_train and int(t.batch_size) > n_train:
+        problems.append(f"trainer.batch_size={t.batch_size} exceeds the {n_train} training samples of data.root={root} "
+                        f"-> trainer.batch_size={n_train}")
+    acc = str(t.accelerator)
+    if acc == "cuda" and not cuda_available:
+        problems.append("trainer.accelerator=cuda but torch sees no CUDA device -> trainer=cpu")
+    on_cpu = acc == "cpu" or not cuda_available
+    if str(t.precision) == "fp16" and on_cpu:
+        problems.append("trainer.precision=fp16 needs a CUDA device (it relies on a grad scaler) -> "
+                        "trainer.precision=bf16 (or fp32)")
+    return problems

@@ -8,16 +8,17 @@ transforms and never reach the training loader.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from pcbench.data import collate, seed_worker
@@ -31,10 +32,12 @@ __all__ = [
     "DataBundle",
     "EvalBatch",
     "build_data",
+    "eval_config",
     "eval_loader",
     "eval_transform",
     "manifest_sha256",
     "mix_pairs",
+    "pass_loader",
     "split_dataset",
     "stratified_holdout",
     "train_loader",
@@ -127,17 +130,21 @@ def _dataset(cfg: DictConfig, split: str, transform: Any, seed: int) -> Dataset:
                                    seed=seed)
 
 
-def _without_loop(node: DictConfig) -> DictConfig:
-    """The dataset node with ``loop`` removed (evaluation reads each sample once)."""
-    plain = OmegaConf.to_container(node, resolve=True)
-    plain.pop("loop", None)
-    return OmegaConf.create(plain)
+def eval_config(cfg: DictConfig) -> DictConfig:
+    """A copy of ``cfg`` whose ``data.dataset`` has no ``loop``: evaluation datasets read each sample once.
+
+    The key is deleted from a copy: ``OmegaConf.merge`` can only add or overwrite keys, so merging a node
+    without ``loop`` over ``cfg`` would keep the training repeat count.
+    """
+    out = copy.deepcopy(cfg)  # DictConfig.copy shares nested nodes with cfg
+    with open_dict(out):
+        out.data.dataset.pop("loop", None)
+    return out
 
 
 def split_dataset(cfg: DictConfig, split: str) -> Dataset:
     """The prepared split ``split`` (a name in the folder's manifest) with the evaluation transforms."""
-    eval_cfg = OmegaConf.merge(cfg, {"data": {"dataset": _without_loop(cfg.data.dataset)}})
-    return _dataset(eval_cfg, split, eval_transform(cfg), int(cfg.seed))
+    return _dataset(eval_config(cfg), split, eval_transform(cfg), int(cfg.seed))
 
 
 def build_data(cfg: DictConfig, check: bool = True) -> DataBundle:
@@ -149,7 +156,7 @@ def build_data(cfg: DictConfig, check: bool = True) -> DataBundle:
     d = cfg.data
     seed = int(cfg.seed)
     train_full = _dataset(cfg, d.splits.train, train_transform(cfg), seed)
-    eval_cfg = OmegaConf.merge(cfg, {"data": {"dataset": _without_loop(d.dataset)}})
+    eval_cfg = eval_config(cfg)
     info: dict[str, Any] = {"splits": OmegaConf.to_container(d.splits, resolve=True)}
     if d.splits.val is None:
         if d.task != "cls":
@@ -164,6 +171,8 @@ def build_data(cfg: DictConfig, check: bool = True) -> DataBundle:
         info["val"] = {"source": f"held out from {d.splits.train}", "fraction": float(d.val_fraction),
                        "seed": int(d.val_seed), "num_samples": len(held), "stratified": True,
                        "indices_sha256": hashlib.sha256(held.astype(np.int64).tobytes()).hexdigest()}
+        if d.get("val_caveat"):
+            info["val"]["caveat"] = str(d.val_caveat)
     else:
         train = train_full
         val = _dataset(eval_cfg, d.splits.val, eval_transform(cfg, role="val"), seed)
@@ -264,3 +273,76 @@ def eval_loader(dataset: Dataset, cfg: DictConfig, rank: int = 0, world_size: in
     return DataLoader(Subset(dataset, idx), batch_size=bs, shuffle=False, num_workers=workers,
                       collate_fn=collate_eval, worker_init_fn=seed_worker,
                       generator=torch.Generator().manual_seed(int(cfg.seed)))
+
+
+class _PassDataset(Dataset):
+    """Item ``(p, i)`` is item ``i`` of pass ``p``'s dataset (the same samples under another TTA transform)."""
+
+    def __init__(self, datasets: Sequence[Dataset]) -> None:
+        self.datasets = list(datasets)
+
+    def __len__(self) -> int:
+        return len(self.datasets[0]) * len(self.datasets)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        p, i = key
+        return self.datasets[p][i]
+
+
+class _PassBatchSampler:
+    """For each run of ``batch_size`` sample positions, one batch per pass: ``[(p, i) for i in run]``.
+
+    The batches of one sample group arrive consecutively, so the consumer can finish a group (sum its passes)
+    before the next one is read: memory holds one group, whatever the number of passes.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, passes: int) -> None:
+        self.num_samples, self.batch_size, self.passes = num_samples, batch_size, passes
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for start in range(0, self.num_samples, self.batch_size):
+            run = range(start, min(start + self.batch_size, self.num_samples))
+            for p in range(self.passes):
+                yield [(p, i) for i in run]
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size) * self.passes
+
+
+def _pass_stream(ds: Dataset, p: int) -> Dataset:
+    """``ds`` (or the Subset of one) reading with TTA pass ``p``'s random stream where it has one."""
+    if isinstance(ds, Subset):
+        return Subset(_pass_stream(ds.dataset, p), ds.indices)
+    return ds.with_stream(p) if hasattr(ds, "with_stream") else ds
+
+
+def pass_loader(loaders: Sequence[DataLoader]) -> DataLoader:
+    """One loader over several aligned evaluation loaders (TTA passes): it yields pass 0..P-1 of the first
+    batch, then of the second, ... with the worker count of ``loaders[0]``, not one worker pool per pass.
+
+    Each input must be a plain in-order loader (as :func:`eval_loader` builds) over the same number of samples
+    with the same batch size; only their datasets (transforms) differ. Building a DataLoader starts no
+    process, so the per-pass loaders handed in cost nothing until iterated, and they never are. Pass ``p``
+    draws its random transforms from its own stream (:meth:`pcbench.data.PreparedDataset.with_stream`), so
+    random passes differ from each other, reproducibly for a seed.
+    """
+    from torch.utils.data import BatchSampler, SequentialSampler  # noqa: PLC0415
+
+    if not loaders:
+        raise ValueError("pass_loader needs at least one loader")
+    first = loaders[0]
+    n = len(first.dataset)
+    for k, loader in enumerate(loaders):
+        bs = loader.batch_sampler
+        if not (isinstance(bs, BatchSampler) and isinstance(bs.sampler, SequentialSampler) and not bs.drop_last):
+            raise ValueError(f"TTA pass {k}: pass_loader merges in-order evaluation loaders only (eval_loader); "
+                             f"got batch sampler {type(bs).__name__}")
+        if len(loader.dataset) != n or loader.batch_size != first.batch_size:
+            raise ValueError(f"TTA pass {k} has {len(loader.dataset)} samples in batches of {loader.batch_size}, "
+                             f"pass 0 has {n} in batches of {first.batch_size}; TTA passes must be aligned")
+    workers = first.num_workers
+    return DataLoader(_PassDataset([_pass_stream(loader.dataset, p) for p, loader in enumerate(loaders)]),
+                      batch_sampler=_PassBatchSampler(n, int(first.batch_size), len(loaders)),
+                      num_workers=workers, collate_fn=first.collate_fn, worker_init_fn=first.worker_init_fn,
+                      generator=first.generator, pin_memory=first.pin_memory,
+                      prefetch_factor=first.prefetch_factor if workers > 0 else None)

@@ -16,6 +16,7 @@ probabilities over fragments and TTA passes as Pointcept does; ``"logits"`` (def
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,20 +31,45 @@ from torch.utils.data import DataLoader
 from pcbench.io import atomic_path, write_text
 from pcbench.ops import PointBatch
 
-from .data import EvalBatch
+from .data import EvalBatch, pass_loader
 from .metrics import ConfusionMatrix
 
-__all__ = ["EvalResult", "autocast_context", "evaluate_loaders", "write_predictions", "write_submission"]
+__all__ = ["EvalProgress", "EvalResult", "autocast_context", "eval_precision", "evaluate_loaders",
+           "write_predictions", "write_submission"]
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}
 
 
 def autocast_context(device: torch.device, precision: str | None) -> contextlib.AbstractContextManager:
     """``torch.autocast`` for ``precision`` in fp32 / bf16 / fp16 (fp32 and None: no autocast)."""
+    if precision not in _DTYPES:
+        raise ValueError(f"precision={precision!r} is unknown; use fp32, bf16 or fp16 (resolve eval.autocast, which "
+                         "may say `train`, with eval_precision first)")
     dtype = _DTYPES[precision]
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def eval_precision(cfg: Any, train_precision: str) -> str:
+    """The evaluation precision of a run: ``eval.autocast`` (fp32 / bf16 / fp16), ``train`` for the training
+    precision, and fp32 when unset.
+
+    Pointcept's tester (pointcept/engines/test.py @ d74c646) runs without autocast whatever the training
+    precision, so published figures are fp32 evaluations; a recipe that evaluates otherwise says so here.
+    """
+    from .errors import ConfigError  # noqa: PLC0415
+
+    value = cfg.eval.get("autocast") if "eval" in cfg else None
+    if value is None:
+        return "fp32"
+    value = str(value)
+    if value == "train":
+        return str(train_precision)
+    if value not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"eval.autocast={value!r} is unknown; use fp32, bf16, fp16 or train (the training "
+                          "precision)")
+    return value
 
 
 @dataclass
@@ -150,19 +176,64 @@ def _full_logits(model: nn.Module, eb: EvalBatch, task: str, max_points: int, sc
     return out
 
 
+class EvalProgress:
+    """Progress of one evaluation on the ``pcbench.train`` logger (console and train.log, like training).
+
+    One line at the first batch (its ETA tells early whether the run will finish), then at most every
+    ``every_s`` seconds, and one at the end: ``<desc> <done>/<total> samples (<batches>/<total> batches,
+    <passes> passes) <elapsed>s eta <eta>s``. Samples are scenes for segmentation, clouds for objects.
+    """
+
+    def __init__(self, desc: str = "evaluation", every_s: float = 30.0,
+                 logger: logging.Logger | None = None) -> None:
+        self.desc, self.every_s = desc, float(every_s)
+        self.log = logger or logging.getLogger("pcbench.train")
+        self.total = self.total_batches = self.passes = 0
+        self.done = self.batches = 0
+        self.t0 = self.last = 0.0
+
+    def start(self, total: int, total_batches: int, passes: int) -> None:
+        """Reset the counts for ``total`` samples in ``total_batches`` batches of ``passes`` passes each."""
+        self.total, self.total_batches, self.passes = int(total), int(total_batches), int(passes)
+        self.done = self.batches = 0
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, n: int) -> None:
+        """Count ``n`` more samples (one batch, all its passes) done."""
+        self.done += n
+        self.batches += 1
+        now = time.perf_counter()
+        if self.batches == 1 or self.done >= self.total or now - self.last >= self.every_s:
+            self.last = now
+            elapsed = now - self.t0
+            eta = elapsed / max(self.done, 1) * max(self.total - self.done, 0)
+            self.log.info(f"{self.desc} {self.done}/{self.total} samples ({self.batches}/{self.total_batches} "
+                          f"batches, {self.passes} pass{'es' if self.passes != 1 else ''}) {elapsed:.0f}s "
+                          f"eta {eta:.0f}s")
+
+
 @torch.no_grad()
 def evaluate_loaders(model: nn.Module, loaders: Sequence[DataLoader], task: str, num_classes: int,
                      ignore_index: int, device: torch.device, precision: str | None = None,
                      max_points: int = 0, keep_predictions: bool = False, progress: Any = None,
-                     scores: str = "logits") -> EvalResult:
+                     scores: str = "logits", desc: str = "evaluation") -> EvalResult:
     """Evaluate ``model`` on one loader, or on several aligned loaders (TTA passes over the same samples).
 
     With several loaders the scores of the passes (``scores``: raw "logits" or "softmax" probabilities) are
-    summed per sample before the argmax. Metrics count original points (scenes) or clouds (objects), with the
-    confusion matrix summed over ranks under DDP (predictions are kept per rank; see :func:`gather_predictions`).
+    summed per sample before the argmax; the passes are read through one loader (:func:`pass_loader`), so
+    worker processes and memory do not grow with the number of passes. Metrics count original points
+    (scenes) or clouds (objects), with the confusion matrix summed over ranks under DDP (predictions are kept
+    per rank; see :func:`gather_predictions`). ``progress``: None logs an :class:`EvalProgress` named
+    ``desc``, False is silent, any other callable is called with the samples done per batch.
     """
     if scores not in ("logits", "softmax"):
         raise ValueError(f"eval.scores={scores!r} is unknown; use logits or softmax")
+    passes = len(loaders)
+    loader = loaders[0] if passes == 1 else pass_loader(loaders)
+    if progress is None:
+        progress = EvalProgress(desc)
+    if isinstance(progress, EvalProgress):
+        progress.start(len(loaders[0].dataset), len(loaders[0]), passes)
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index)
@@ -171,26 +242,29 @@ def evaluate_loaders(model: nn.Module, loaders: Sequence[DataLoader], task: str,
     labels: list[np.ndarray] = []
     n = 0
     t0 = time.perf_counter()
+    total: list[Tensor] | None = None
     try:
-        for batches in zip(*loaders, strict=True):
-            total: list[Tensor] | None = None
-            for eb in batches:
-                eb.batch = eb.batch.to(device, non_blocking=True)
-                with autocast_context(device, precision):
-                    per = _full_logits(model, eb, task, max_points, scores)
-                total = per if total is None else [a + p for a, p in zip(total, per, strict=True)]
-            eb = batches[0]
-            for i, logits in enumerate(total or []):
+        for k, eb in enumerate(loader):
+            if k % passes == 0:
+                first, total = eb, None
+            eb.batch = eb.batch.to(device, non_blocking=True)
+            with autocast_context(device, precision):
+                per = _full_logits(model, eb, task, max_points, scores)
+            total = per if total is None else [a + p for a, p in zip(total, per, strict=True)]
+            if k % passes != passes - 1:
+                continue
+            for i, logits in enumerate(total):
                 pred = logits.argmax(-1).cpu()
-                label = torch.as_tensor(np.asarray(eb.full_labels[i]), dtype=torch.long).reshape(pred.shape)
+                label = torch.as_tensor(np.asarray(first.full_labels[i]), dtype=torch.long).reshape(pred.shape)
                 cm.update(pred, label)
                 if keep_predictions:
-                    names.append(eb.names[i])
+                    names.append(first.names[i])
                     preds.append(pred.numpy().astype(np.int64).reshape(-1))
                     labels.append(label.numpy().astype(np.int64).reshape(-1))
-            n += len(eb.names)
-            if progress is not None:
-                progress(len(eb.names))
+            n += len(first.names)
+            total = None
+            if progress:
+                progress(len(first.names))
     finally:
         model.train(was_training)
     if device.type == "cuda":

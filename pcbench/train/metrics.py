@@ -5,12 +5,26 @@ as ``p``; targets equal to ``ignore_index`` are left out. Definitions (fractions
 
 * ``oa``: trace / total.
 * ``acc_per_class[c]``: cm[c, c] / (row sum of c) -- recall of c; undefined (None) when c never occurs
-  as a target. ``macc``: mean over the defined entries (scikit-learn's ``balanced_accuracy_score``).
+  as a target.
 * ``iou_per_class[c]``: cm[c, c] / (row sum + column sum - cm[c, c]); undefined when c is neither a target
-  nor predicted. ``miou``: mean over the defined entries (ScanNet benchmark convention).
-* With nothing counted (every target ignored) every figure is undefined (None).
+  nor predicted.
 
-Undefined values are ``None`` in the returned dicts (JSON ``null``), never a silent 0.
+Two conventions for the class means, both recorded:
+
+* ``miou`` / ``macc``: mean over **all** classes of the label set, a class absent from the ground truth
+  counting 0. This is the convention of the published figures the leaderboard compares with: Pointcept's
+  ``SemSegTester`` (pointcept/engines/test.py @ d74c646) reports ``mean(intersection / (union + 1e-10))`` and
+  ``mean(intersection / (target + 1e-10))`` over every class, so ScanNet200's val split, which lacks 11
+  train-only classes, averages over 200. The denominator is fixed, so the figure cannot move with the
+  model's false positives on absent classes (it can only lose by them, through the present classes' IoU).
+* ``miou_present`` / ``macc_present``: mean over the classes present in the split's ground truth (row sum
+  > 0), as ScanNet's ``scannet200_splits.py`` puts it for the 11 train-only classes ("we don't evaluate on
+  unseen validation categories"); ``macc_present`` is scikit-learn's ``balanced_accuracy_score``.
+  ``classes_present`` counts them.
+
+Both are ranking-equivalent for a fixed split (the absent classes add 0 to a fixed denominator), so
+checkpoint selection on ``miou`` does not depend on which is chosen. With every target ignored every
+figure is undefined (None); undefined values are ``None`` in the returned dicts (JSON ``null``).
 """
 
 from __future__ import annotations
@@ -52,7 +66,8 @@ def _none_if_nan(x: float) -> float | None:
 
 
 def metrics_from_confusion(cm: Tensor) -> dict[str, Any]:
-    """``oa``, ``macc``, ``miou``, ``iou_per_class``, ``acc_per_class`` and ``count`` from a confusion matrix."""
+    """``oa``, ``macc`` / ``miou`` (all classes), ``macc_present`` / ``miou_present`` (classes in the ground
+    truth), ``classes_present``, ``iou_per_class``, ``acc_per_class`` and ``count`` from a confusion matrix."""
     cm = cm.double()
     tp = cm.diagonal()
     rows, cols, total = cm.sum(1), cm.sum(0), cm.sum()
@@ -61,12 +76,21 @@ def metrics_from_confusion(cm: Tensor) -> dict[str, Any]:
     union = rows + cols - tp
     iou = torch.where(union > 0, tp / union.clamp_min(1), nan)
     oa = float(tp.sum() / total) if total > 0 else float("nan")
-    macc = float(acc[~acc.isnan()].mean()) if bool((~acc.isnan()).any()) else float("nan")
-    miou = float(iou[~iou.isnan()].mean()) if bool((~iou.isnan()).any()) else float("nan")
+    present = rows > 0
+    if total > 0:
+        c = cm.shape[0]
+        # all classes of the label set: an undefined class (absent from targets and predictions) counts 0
+        macc, miou = float(acc.nan_to_num(0.0).sum() / c), float(iou.nan_to_num(0.0).sum() / c)
+        macc_present, miou_present = float(acc[present].mean()), float(iou[present].mean())
+    else:
+        macc = miou = macc_present = miou_present = float("nan")
     return {
         "oa": _none_if_nan(oa),
         "macc": _none_if_nan(macc),
         "miou": _none_if_nan(miou),
+        "macc_present": _none_if_nan(macc_present),
+        "miou_present": _none_if_nan(miou_present),
+        "classes_present": int(present.sum()),
         "iou_per_class": [_none_if_nan(v) for v in iou.tolist()],
         "acc_per_class": [_none_if_nan(v) for v in acc.tolist()],
         "count": int(total),

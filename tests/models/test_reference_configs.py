@@ -176,3 +176,55 @@ def test_configs_load_as_plain_containers() -> None:
     for p in sorted(Path(CONF_MODEL).glob("*.yaml")):
         cfg = OmegaConf.load(p)
         assert cfg._convert_ == "all", p.name
+
+
+CONF_EXPERIMENT = Path(__file__).resolve().parents[2] / "conf" / "experiment"
+
+
+def _differences(name: str) -> str:
+    recipe = OmegaConf.load(CONF_EXPERIMENT / f"{name}.yaml").recipe
+    return " ".join(" ".join(recipe.differences).split())
+
+
+@pytest.mark.parametrize("name", ["ptv1_scannet20", "ptv2_scannet20"])
+def test_ptv1_ptv2_recipes_say_the_network_gets_raw_coordinates(name: str) -> None:
+    # Pointcept's semseg-pt-v1-0-base.py / semseg-pt-v2m2-0-base.py @ d74c646: GridSample(return_min_coord=True),
+    # Collect(keys=("coord", "segment")): no grid_coord; the recipes said the models "reuse GridSample's grid_coord"
+    text = _differences(name)
+    assert "grid_coord" not in text.replace("no grid_coord", "")
+    assert "return_min_coord=True" in text and "raw (centre-shifted) coordinates" in text
+
+
+@pytest.mark.parametrize("name", ["ptv3_scannet20", "ptv3_scannet200", "spunet_scannet20", "minkunet34c_scannet20"])
+def test_voxel_recipes_keep_the_grid_coord_difference(name: str) -> None:
+    assert "reuse GridSample's grid_coord" in _differences(name)  # their configs do set return_grid_coord=True
+
+
+def test_minkunet34c_recipe_lists_the_bn_momentum_difference() -> None:
+    text = _differences("minkunet34c_scannet20")
+    assert OmegaConf.load(CONF_MODEL / "minkunet34c_seg.yaml").bn_momentum == 0.02
+    assert "BatchNorm momentum 0.02" in text and "mink_unet.py uses 0.1" in text
+
+
+@pytest.mark.parametrize(("name", "official_train", "official_decays", "ours_decays"), [
+    ("pointnet2_ssg_modelnet40", 9840, 12, 11),            # modelnet40_ply_hdf5_2048 train files
+    ("pointnet2_ssg_scanobjectnn_pb_t50_rs", 11416, 14, 12),  # training_objectdataset_augmentedrot_scale75.h5
+])
+def test_pointnet2_recipes_state_their_decay_counts(name: str, official_train: int, official_decays: int,
+                                                    ours_decays: int) -> None:
+    cfg = OmegaConf.load(CONF_EXPERIMENT / f"{name}.yaml")
+    bs, epochs, step = cfg.trainer.batch_size, cfg.trainer.max_epochs, cfg.sched.step_size
+    assert cfg.trainer.bn_momentum.step_size == step and step * bs == 200_000  # one decay per 200,000 samples
+    # official: floor(n / 16) full batches per epoch, staircase decay on the samples seen
+    assert official_train // bs * bs * epochs // 200_000 == official_decays
+    held = round(0.1 * official_train)  # data.val_fraction 0.1 of train, drop_last batches
+    assert (official_train - held) // bs * epochs // step == ours_decays
+    text = _differences(name)
+    assert f"{ours_decays} here over {epochs} epochs" in text and f"the official run makes {official_decays}" in text
+    assert "pads" not in text  # the official ModelNet train files divide by 16: no zero-padded batch
+
+
+def test_pointnet2_modelnet40_recipe_has_no_padding_claim() -> None:
+    assert 9840 % 16 == 0
+    text = _differences("pointnet2_ssg_modelnet40")
+    assert "all-zero clouds" not in text and "9,840 training objects" in text and "no partial batch" in text
