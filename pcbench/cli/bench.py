@@ -184,6 +184,11 @@ def _run(argv: list[str]) -> int:
 
             bar = runner._BAR = tqdm(total=len(plan.todo), desc=f"suite {plan.suite}", unit="cell", file=sys.stdout,
                                      dynamic_ncols=True)
+        import os  # noqa: PLC0415
+
+        from pcbench.bench.launchers import RUNNER_PID_ENV  # noqa: PLC0415
+
+        os.environ[RUNNER_PID_ENV] = str(os.getpid())  # joblib workers inherit it and die with this process
         try:
             if kind in ("basic", "joblib"):  # their jobs print their progress lines on this console
                 _launch([*job_argv, *extra])

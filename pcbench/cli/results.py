@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pcbench.bench.record import STATUSES
-from pcbench.bench.store import DEFAULT_RESULTS, ResultStore, read_jsonl
+from pcbench.bench.store import DEFAULT_RESULTS, ResultStore, read_jsonl_numbered
 from pcbench.cli._kv import UsageError, fail, parse_kv
 
 PROG = "pcbench-results"
@@ -17,9 +17,10 @@ USAGE = f"""usage: {PROG} export [results=<store.sqlite>] out=<file.jsonl> [stat
 
 export writes every record of a store (or those with one status) as JSON lines; import merges such files into
 a store (created if absent) by result id, so results from several machines or cluster jobs end in one store:
-importing the same result twice keeps one row, a running row is replaced by its finished version, and a
-different result under the same id is kept as stored and counted as a conflict. Every line is checked before
-anything is written."""
+importing the same result twice keeps one row, a running row is replaced by its finished version (an older
+running copy of a stored result is ignored), and a different result under the same id is kept as stored and
+reported as a conflict (file:line and the fields that differ; exit status 1). Every line is checked before
+anything is written. export and list open the store read-only."""
 KEYS = {
     "results": f"the results store (default {DEFAULT_RESULTS})",
     "out": "export: the .jsonl file to write (atomically)",
@@ -41,18 +42,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cmd == "import":
             if not files:
                 raise UsageError("import needs at least one FILE.jsonl written by pcbench-results export")
-            batches = [(f, read_jsonl(f)) for f in files]  # read and check all files before touching the store
+            batches = [(f, read_jsonl_numbered(f)) for f in files]  # read and check all files before writing
+            conflicts = 0
             with ResultStore(results) as store:
-                for f, recs in batches:
-                    s = store.import_records(recs)
-                    print(f"{f}: {len(recs)} records: {s['added']} added, {s['updated']} updated, "
-                          f"{s['unchanged']} already present, {s['conflicts']} conflicts (kept as stored)")
+                for f, numbered in batches:
+                    s = store.import_records([rec for _, rec in numbered])
+                    print(f"{f}: {len(numbered)} records: {s['added']} added, {s['updated']} updated, "
+                          f"{s['unchanged']} already present, {s['stale']} older copies ignored, {s['conflicts']} "
+                          "conflicts (kept as stored)")
+                    line_of = {rec["result_id"]: n for n, rec in numbered}
+                    for rid, fields in s.conflicting:
+                        print(f"{PROG}: conflict: {f}:{line_of[rid]}: result {rid} differs from the stored record in "
+                              f"{', '.join(fields)}; the stored one was kept", file=sys.stderr)
+                    conflicts += s["conflicts"]
                 print(f"{results}: {len(store)} records")
+            if conflicts:
+                print(f"{PROG}: {conflicts} conflicting record(s) not imported (same result id, different content); "
+                      "compare them with pcbench-results export", file=sys.stderr)
+                return 1
             return 0
         if files:
             raise UsageError(f"{cmd} takes no file arguments, got {files}" + ("; use out=<file.jsonl>"
                                                                                if cmd == "export" else ""))
-        with ResultStore(results, create=False) as store:
+        with ResultStore.open_readonly(results) as store:
             if cmd == "export":
                 if "out" not in args:
                     raise UsageError("export needs out=<file.jsonl>")

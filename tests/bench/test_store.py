@@ -169,9 +169,10 @@ def test_export_import_round_trip_and_idempotent_merge(tmp_path: Path) -> None:
         assert b.export_jsonl(tmp_path / "b.jsonl") == len(recs) - half + 2
     assert read_jsonl(tmp_path / "a.jsonl") == recs[:half]
     with ResultStore(tmp_path / "merged.sqlite") as m:
-        assert m.import_jsonl(tmp_path / "a.jsonl") == {"added": half, "updated": 0, "unchanged": 0, "conflicts": 0}
+        assert m.import_jsonl(tmp_path / "a.jsonl") == {"added": half, "updated": 0, "unchanged": 0, "stale": 0,
+                                                          "conflicts": 0}
         s = m.import_jsonl(tmp_path / "b.jsonl")
-        assert s == {"added": len(recs) - half, "updated": 0, "unchanged": 2, "conflicts": 0}
+        assert s == {"added": len(recs) - half, "updated": 0, "unchanged": 2, "stale": 0, "conflicts": 0}
         assert m.import_jsonl(tmp_path / "a.jsonl")["unchanged"] == half
         assert len(m) == len(recs)
         assert sorted(m.records(), key=lambda r: r["result_id"]) == sorted(recs, key=lambda r: r["result_id"])
@@ -182,10 +183,12 @@ def test_import_replaces_running_by_finished_and_keeps_conflicts(tmp_path: Path)
     done = {**rec, "status": "finished", "test": {"oa": 0.7}}
     with ResultStore(tmp_path / "r.sqlite") as store:
         store.add(rec)
-        assert store.import_records([done]) == {"added": 0, "updated": 1, "unchanged": 0, "conflicts": 0}
+        assert store.import_records([done]) == {"added": 0, "updated": 1, "unchanged": 0, "stale": 0, "conflicts": 0}
         assert store.get(rec["result_id"])["test"] == {"oa": 0.7}
-        assert store.import_records([rec])["conflicts"] == 1  # an older running copy never overwrites
-        assert store.import_records([{**done, "test": {"oa": 0.1}}])["conflicts"] == 1
+        older = store.import_records([rec])  # an older running copy never overwrites, and is no conflict
+        assert older["stale"] == 1 and older["conflicts"] == 0 and older.conflicting == []
+        clash = store.import_records([{**done, "test": {"oa": 0.1}}])
+        assert clash["conflicts"] == 1 and clash.conflicting == [(rec["result_id"], ["test"])]
         assert store.get(rec["result_id"])["test"] == {"oa": 0.7}
         assert len(store) == 1
 
