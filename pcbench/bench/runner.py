@@ -35,13 +35,12 @@ from typing import Any, TextIO
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pcbench.train.result import FitResult
-
 from pcbench.bench.launchers import die_with_runner
 from pcbench.bench.record import config_sha256, host_info, now_iso, record_from_metrics, record_from_result
 from pcbench.bench.report import HEADLINE, METRIC_NAMES
 from pcbench.bench.store import ResultStore, process_alive, process_start
 from pcbench.bench.suite import Cell, SuiteError, cell_config, cell_identity, expand_suite
+from pcbench.train.result import FitResult
 
 __all__ = ["Plan", "Progress", "cell_job", "make_plan", "prepare_datasets", "run_cell"]
 

@@ -37,7 +37,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from pcbench.bench.record import JSON_FIELDS, RECORD_FIELDS, identity_sha256, normalize_record, now_iso, split_roles
+from pcbench.bench.record import (
+    JSON_FIELDS,
+    RECORD_FIELDS,
+    identity_sha256,
+    normalize_record,
+    now_iso,
+    split_roles,
+)
 from pcbench.io import atomic_path
 
 __all__ = ["DEFAULT_RESULTS", "MIGRATIONS", "SCHEMA_VERSION", "ImportSummary", "ResultStore", "process_alive",
@@ -413,7 +420,7 @@ class ResultStore:
                 state = "claimed" if mine else "taken_over"
             conn.execute(f"INSERT OR REPLACE INTO claims ({', '.join(_CLAIM_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?)",
                          (config_sha256, result_id, host, pid, start, now_iso()))
-        return state, holder
+        return state, (holder if state == "taken_over" else None)
 
     def release(self, config_sha256: str, *, hostname: str | None = None, pid: int | None = None) -> bool:
         """Drop this process's claim of a cell (True if it held one); another process's claim stays."""
