@@ -4,13 +4,20 @@ Execution is Hydra's: :func:`cell_job` is the task function of a multirun over `
 configured launcher (``hydra/launcher``: basic in-process, ``parallel`` = joblib with a bounded number of jobs,
 ``slurm`` = submitit on a cluster) decides where and how many cells run at once. Each job:
 
-1. composes its cell's trainer config (:func:`pcbench.bench.suite.cell_config`) and hashes its identity; a
-   cell whose hash already has a finished record in the store is skipped (a killed suite resumes);
-2. records a ``running`` row, runs ``pcbench.train.fit`` in ``<out>/bench/<suite>/<cell>/<hash12>/``
-   (``resume=true`` when a killed attempt left ``checkpoints/last.pt`` there), then the efficiency probe on
-   the selected checkpoint, whose ``score`` is the trainer's test evaluation under autocast / on the int8 model;
-3. updates the row to ``finished`` with every metric, the probe and provenance, or to ``failed`` with the
-   error and the path of ``cell.log`` (the cell's whole output and traceback), and returns: the suite goes on.
+1. takes its cell's trainer config as the plan composed it (``plan.json``; composed here only for a job
+   started without a plan) and hashes its identity;
+2. claims the cell in the store (:meth:`ResultStore.claim`, one transaction): a cell with a finished record is
+   skipped (a killed suite resumes), one claimed by a live process (another runner) is skipped and named, the
+   claim of a process that is gone is taken over; the claim is released when the cell ends. A job in a joblib
+   worker dies with its runner (:func:`pcbench.bench.launchers.die_with_runner`);
+3. records a ``running`` row (rows of earlier attempts whose process is gone are marked failed), runs
+   ``pcbench.train.fit`` in ``<out>/bench/<suite>/<cell>/<hash12>/`` (``resume=true`` when a killed attempt
+   left ``checkpoints/last.pt`` there), then the efficiency probe on the selected checkpoint, whose ``score`` is the trainer's test evaluation under autocast / on the int8 model
+   (the fp32 figure is fit's own final test, not evaluated again);
+4. updates the row to ``finished`` with the trainer's typed result (:class:`pcbench.train.result.FitResult`,
+   recorded by :func:`pcbench.bench.record.record_from_result`), the probe and provenance, or to ``failed``
+   with the error and the path of ``cell.log`` (the cell's whole output and traceback), and returns: the
+   suite goes on.
 
 Progress lines (cell k/N, done/failed/left, elapsed, ETA) are counted from the store(s) against the plan the
 runner wrote in the sweep folder (``plan.json``), so they are right whichever process or node runs a job.
@@ -29,7 +36,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -151,28 +158,33 @@ class Plan:
     hashes: dict[str, str]            # cell name -> config_sha256
     todo: list[Cell]                  # cells to run now
     finished: list[Cell]              # cells skipped: a finished record with the same hash exists
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # cell name -> composed config (see write)
 
     def write(self, sweep_dir: Path, started_at: float, store_per_job: bool, results: str) -> Path:
-        """``plan.json`` in the sweep folder: what every job counts its progress against."""
+        """``plan.json`` in the sweep folder: what every job counts its progress against, and each cell's
+        composed trainer config, so a job uses the config the plan hashed instead of composing it again."""
         from pcbench.io import write_json  # noqa: PLC0415
 
         return write_json(sweep_dir / PLAN_FILE, {
             "suite": self.suite, "started_at": started_at,
             "started_iso": _dt.datetime.fromtimestamp(started_at, _dt.timezone.utc).isoformat(timespec="seconds"),
             "cells": [[c.name, self.hashes[c.name]] for c in self.todo], "skipped": len(self.finished),
-            "store_per_job": store_per_job, "results": results})
+            "store_per_job": store_per_job, "results": results,
+            "configs": {c.name: self.configs[c.name] for c in self.todo if c.name in self.configs}})
 
 
 def make_plan(bench: DictConfig, store: ResultStore | None) -> Plan:
-    """Expand the suite, compose every selected cell's config, and split finished cells from those to run."""
+    """Expand the suite, compose every selected cell's config (once), and split finished cells from those to run."""
     cells = expand_suite(bench, list(bench.get("only") or []))
-    hashes = {}
+    hashes, configs = {}, {}
     for c in cells:
-        cfg, _ = cell_config(c, "/unused")
+        cfg, choices = cell_config(c, "/unused")
         hashes[c.name] = config_sha256(cell_identity(cfg, c.probe))
+        configs[c.name] = {"overrides": list(c.overrides), "choices": choices,
+                           "config": OmegaConf.to_container(cfg, resolve=False)}
     done = store.finished_hashes() if store is not None else set()
     return Plan(str(bench.suite.name), cells, hashes, [c for c in cells if hashes[c.name] not in done],
-                [c for c in cells if hashes[c.name] in done])
+                [c for c in cells if hashes[c.name] in done], configs)
 
 
 # ------------------------------------------------------------------------------------------ progress
@@ -186,6 +198,19 @@ class Progress:
         except (OSError, ValueError):
             self.plan = None  # a job started outside pcbench-bench: no totals to count against
         self.names = [n for n, _ in self.plan["cells"]] if self.plan else []
+
+    def config(self, cell: Cell) -> tuple[DictConfig, dict[str, Any]] | None:
+        """The cell's trainer config and group choices as the plan composed them (None: compose it here).
+
+        Used only when the plan's entry was composed from exactly this cell's overrides, so a plan.json
+        rewritten by another run of the same sweep folder is never taken for this one.
+        """
+        entry = ((self.plan or {}).get("configs") or {}).get(cell.name)
+        if not entry or entry.get("overrides") != list(cell.overrides):
+            return None
+        cfg = OmegaConf.create(entry["config"])
+        OmegaConf.set_struct(cfg, True)  # as Hydra composes it: a mistyped key read by the trainer is an error
+        return cfg, dict(entry["choices"])
 
     def index(self, cell: str) -> str:
         """``k/N`` of a cell in the plan ("?" outside a plan)."""
@@ -381,7 +406,7 @@ def run_cell(bench: DictConfig, cell: Cell, job_dir: Path, store_path: Path, pro
     progress = progress or Progress(job_dir.parent)
     tag = f"[pcbench-bench] cell {progress.index(cell.name)} {cell.name}"
     t0 = time.perf_counter()
-    cfg, choices = cell_config(cell, job_dir / "pending")
+    cfg, choices = progress.config(cell) or cell_config(cell, job_dir / "pending")
     identity = cell_identity(cfg, cell.probe)
     sha = config_sha256(identity)
     run_dir = job_dir / sha[:12]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from omegaconf import OmegaConf
 
 from pcbench.bench.record import config_sha256
 from pcbench.bench.store import ResultStore
@@ -361,3 +362,30 @@ def test_joblib_workers_die_with_a_killed_runner(tmp_path: Path) -> None:
         for pid in workers.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_job_uses_the_config_its_plan_composed(t3: tuple[Any, dict[str, Any]], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import pcbench.train
+    from pcbench.bench import runner
+
+    bench, cells = t3
+    plan = runner.make_plan(bench, None)
+    sweep = tmp_path / "sweep"
+    plan.write(sweep, 0.0, False, str(tmp_path / "r.sqlite"))
+    cell = cells["objects-pct_cls-s0"]
+    progress = runner.Progress(sweep)
+    cfg, choices = progress.config(cell)
+    assert choices["model"] == "pct_cls" and OmegaConf.is_struct(cfg)
+    assert config_sha256(runner.cell_identity(cfg, cell.probe)) == plan.hashes[cell.name]
+    other = runner.Cell(**{**cell.__dict__, "overrides": (*cell.overrides, "optim.lr=0.5")})
+    assert progress.config(other) is None  # a plan of other overrides is not this cell's
+
+    monkeypatch.setattr(runner, "cell_config", lambda *a: pytest.fail("the job composed the config again"))
+    monkeypatch.setattr(pcbench.train, "fit", _fake_result)
+    monkeypatch.setattr(runner, "probe_cell", lambda *a, **k: {"device": "cpu"})
+    res = runner.run_cell(bench, cell, sweep / cell.name, tmp_path / "r.sqlite", progress)
+    with ResultStore.open_readonly(tmp_path / "r.sqlite") as s:
+        rec = s.get(res["result_id"])
+    assert rec["status"] == "finished" and rec["config_sha256"] == plan.hashes[cell.name]
+    assert res["run_dir"] == str(sweep / cell.name / plan.hashes[cell.name][:12])
