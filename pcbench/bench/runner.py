@@ -12,8 +12,9 @@ configured launcher (``hydra/launcher``: basic in-process, ``parallel`` = joblib
    worker dies with its runner (:func:`pcbench.bench.launchers.die_with_runner`);
 3. records a ``running`` row (rows of earlier attempts whose process is gone are marked failed), runs
    ``pcbench.train.fit`` in ``<out>/bench/<suite>/<cell>/<hash12>/`` (``resume=true`` when a killed attempt
-   left ``checkpoints/last.pt`` there), then the efficiency probe on the selected checkpoint, whose ``score`` is the trainer's test evaluation under autocast / on the int8 model
-   (the fp32 figure is fit's own final test, not evaluated again);
+   left ``checkpoints/last.pt`` there), then the efficiency probe on the selected checkpoint, whose ``score``
+   is the trainer's test evaluation under autocast / on the int8 model (the fp32 figure is fit's own final
+   test, not evaluated again);
 4. updates the row to ``finished`` with the trainer's typed result (:class:`pcbench.train.result.FitResult`,
    recorded by :func:`pcbench.bench.record.record_from_result`), the probe and provenance, or to ``failed``
    with the error and the path of ``cell.log`` (the cell's whole output and traceback), and returns: the
