@@ -199,7 +199,7 @@ class ResultStore:
                                  "import records into it (pcbench-results import results=<path> FILE.jsonl)")
             self.path.parent.mkdir(parents=True, exist_ok=True)
         else:  # before this connection may create a table or switch the journal of someone else's file
-            _inspect(self.path, reading=False)
+            _inspect(self.path, reading=False, timeout=timeout)
         self._conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
         try:
             self._conn.execute("PRAGMA foreign_keys=ON")
@@ -221,7 +221,7 @@ class ResultStore:
         if not path.is_file():
             raise ValueError(f"results={path} does not exist; run a suite first (pcbench-bench) or import records "
                              "into it (pcbench-results import results=<path> FILE.jsonl)")
-        version = _inspect(path, reading=True)
+        version = _inspect(path, reading=True, timeout=timeout)
         self = cls.__new__(cls)
         self.path, self.readonly = path, False
         self._conn = sqlite3.connect(_readonly_uri(path), uri=True, timeout=timeout, isolation_level=None)
@@ -517,18 +517,21 @@ def _readonly_uri(path: Path) -> str:
     return "file:" + urllib.parse.quote(str(path.resolve())) + "?mode=ro"
 
 
-def _inspect(path: Path, reading: bool) -> int:
+def _inspect(path: Path, reading: bool, timeout: float = 120.0) -> int:
     """The schema version of an existing file, read without changing it; ValueError if it is not a pcbench
     store (another application's database, or not SQLite at all). An empty database is a new store for a
     writer and refused by a reader."""
-    try:
-        conn = sqlite3.connect(_readonly_uri(path), uri=True, isolation_level=None)
+    try:  # timeout: wait while another process holds a lock (e.g. creating the store right now)
+        conn = sqlite3.connect(_readonly_uri(path), uri=True, isolation_level=None, timeout=timeout)
     except sqlite3.Error as err:
         raise ValueError(f"results={path} cannot be opened ({err}); check the path and its permissions") from err
     try:
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         tables = sorted(r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
         columns = {r[1] for r in conn.execute("PRAGMA table_info(results)")}
+    except sqlite3.OperationalError as err:  # locked too long, unreadable: not a statement about the contents
+        raise ValueError(f"results={path} cannot be read ({err}); check the path, its permissions and whether "
+                         "another process holds it locked") from err
     except sqlite3.DatabaseError as err:
         raise ValueError(f"results={path} is not a pcbench results store ({err}); it was left untouched. Point "
                          "results= at a .sqlite file made by pcbench (or, to write, at a new path)") from err
