@@ -75,13 +75,18 @@ def die_with_parent(parent_pid: int, poll_s: float = 0.5) -> str:
     return how
 
 
+_ARMED: dict[int, str] = {}  # parent pid -> mechanism: a reused worker process arms once
+
+
 def die_with_runner() -> str | None:
     """In a worker process of the runner (its parent's pid is ``$PCBENCH_RUNNER_PID``), arm
     :func:`die_with_parent`; returns the mechanism, or None in the runner itself or outside a runner."""
     runner = os.environ.get(RUNNER_PID_ENV, "")
     if not runner.isdigit() or int(runner) == os.getpid() or os.getppid() != int(runner):
         return None
-    return die_with_parent(int(runner))
+    if int(runner) not in _ARMED:
+        _ARMED[int(runner)] = die_with_parent(int(runner))
+    return _ARMED[int(runner)]
 
 
 def auto_threads(launcher: DictConfig) -> int | None:
