@@ -389,3 +389,45 @@ def test_a_job_uses_the_config_its_plan_composed(t3: tuple[Any, dict[str, Any]],
         rec = s.get(res["result_id"])
     assert rec["status"] == "finished" and rec["config_sha256"] == plan.hashes[cell.name]
     assert res["run_dir"] == str(sweep / cell.name / plan.hashes[cell.name][:12])
+
+
+@pytest.mark.slow
+def test_parallel_suite_killed_leaves_no_worker_training(conf: Path, tmp_path: Path) -> None:
+    """SIGKILL of pcbench-bench with the joblib launcher: its worker (running a long cell) exits too, and the
+    next run takes the dead worker's claim over."""
+    import signal
+    import time
+
+    from pcbench.bench.store import process_alive
+
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(PCBENCH_CONF=str(conf), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "pcbench.bench", f"out={out}", "suite=t3", "hydra/launcher=parallel",
+           "hydra.launcher.n_jobs=2", "threads=1", "only=[objects-pct_cls-s0]",
+           'overrides=["trainer.max_steps=100000","trainer.max_epochs=1000"]']
+    with open(tmp_path / "runner.log", "w") as log:
+        runner = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    worker = None
+    try:
+        deadline = time.monotonic() + 300
+        while worker is None and time.monotonic() < deadline and runner.poll() is None:
+            time.sleep(0.5)
+            if (out / "results.sqlite").is_file():
+                with contextlib.suppress(ValueError), ResultStore.open_readonly(out / "results.sqlite") as s:
+                    running = s.records(status="running")
+                    worker = running[0]["extra"]["pid"] if running else None
+        assert worker is not None and worker != runner.pid, (tmp_path / "runner.log").read_text()
+        runner.send_signal(signal.SIGKILL)
+        runner.wait()
+        deadline = time.monotonic() + 30
+        while process_alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not process_alive(worker), "the joblib worker outlived its killed runner"
+        with ResultStore.open_readonly(out / "results.sqlite") as s:
+            assert [c["pid"] for c in s.claims()] == [worker]  # left behind by the dead worker
+    finally:
+        runner.kill()
+        runner.wait()
+        if worker is not None and process_alive(worker):
+            os.kill(worker, signal.SIGKILL)
