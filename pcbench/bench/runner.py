@@ -30,6 +30,7 @@ import contextlib
 import datetime as _dt
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -420,8 +421,11 @@ def run_cell(bench: DictConfig, cell: Cell, job_dir: Path, store_path: Path, pro
             say(f"{tag}: finished earlier (config {sha[:12]}): skipped")
             return {**out, "status": "skipped", "result_id": other["result_id"]}
         if state == "held":
+            elsewhere = "" if other["hostname"] == socket.gethostname() else (
+                f"; if that runner is gone, free the cell with: pcbench-results release results={store_path} "
+                f"{sha[:12]}")
             say(f"{tag}: claimed by pid {other['pid']} on host {other['hostname']} since {other['claimed_at']} "
-                f"(config {sha[:12]}): skipped; run the suite again once that runner is done")
+                f"(config {sha[:12]}): skipped; run the suite again once that runner is done{elsewhere}")
             return {**out, "status": "claimed", "result_id": other["result_id"]}
         if state == "taken_over":
             say(f"{tag}: took over the claim of pid {other['pid']} on host {other['hostname']} (since "

@@ -431,6 +431,19 @@ class ResultStore:
                                (config_sha256, host, pid))
         return cur.rowcount > 0
 
+    def drop_claims(self, prefix: str) -> list[dict[str, Any]]:
+        """Remove every claim whose config hash starts with ``prefix`` (at least 8 characters), whoever holds it;
+        returns them. For a claim of another host whose runner is known to be gone (its liveness cannot be
+        checked from here)."""
+        if len(prefix) < 8 or any(c not in "0123456789abcdef" for c in prefix):
+            raise ValueError(f"config hash prefix {prefix!r}: give at least 8 lowercase hex characters of the "
+                             "cell's config hash (pcbench-results list shows them)")
+        with self._write() as conn:
+            rows = conn.execute(f"SELECT {', '.join(_CLAIM_COLUMNS)} FROM claims WHERE config_sha256 LIKE ?",
+                                (prefix + "%",)).fetchall()
+            conn.execute("DELETE FROM claims WHERE config_sha256 LIKE ?", (prefix + "%",))
+        return [dict(zip(_CLAIM_COLUMNS, r, strict=True)) for r in rows]
+
     def claims(self) -> list[dict[str, Any]]:
         """Every current claim (config_sha256, result_id, hostname, pid, pid_start, claimed_at), oldest first."""
         self._check_current()

@@ -456,3 +456,21 @@ def test_import_of_a_line_nested_too_deep_is_a_one_line_error(tmp_path: Path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "deep.jsonl:2:" in err and "Traceback" not in err
     assert not (tmp_path / "r.sqlite").exists()
+
+
+def test_release_frees_a_claim_of_another_host(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pcbench.cli import results
+
+    db = tmp_path / "r.sqlite"
+    with ResultStore(db) as store:
+        store.claim("ab" * 32, hostname="node7", pid=4242)
+        store.claim("cd" * 32)
+        with pytest.raises(ValueError, match="at least 8 lowercase hex"):
+            store.drop_claims("abab")
+    assert results.main(["list", f"results={db}"]) == 0
+    assert f"claimed  {'ab' * 6} by pid 4242 on host node7" in capsys.readouterr().out
+    assert results.main(["release", f"results={db}", "abababab"]) == 0
+    assert f"released {'ab' * 6}: claimed by pid 4242 on host node7" in capsys.readouterr().out
+    with ResultStore(db) as store:
+        assert [c["config_sha256"] for c in store.claims()] == ["cd" * 32]
+        assert store.claim("ab" * 32) == ("claimed", None)
