@@ -169,7 +169,8 @@ def _protocol_views(rec: Mapping[str, Any]) -> list[tuple[str, dict]]:
     ``splits.test == "val"``): those figures are val figures ("val", "val_vote"), the record's own "val" entry
     repeats them, and a best-over-epochs "test_selected" would be the selection score itself.
     """
-    on_val = ((rec.get("extra") or {}).get("splits") or {}).get("test") == "val"
+    on_val = ((rec.get("splits") or {}).get("final_role") == "val"  # typed split roles (store v3)
+              or ((rec.get("extra") or {}).get("splits") or {}).get("test") == "val")
     views = []
     for protocol in PROTOCOL_ORDER:
         split = rec.get(protocol) or {}

@@ -474,3 +474,16 @@ def test_release_frees_a_claim_of_another_host(tmp_path: Path, capsys: pytest.Ca
     with ResultStore(db) as store:
         assert [c["config_sha256"] for c in store.claims()] == ["cd" * 32]
         assert store.claim("ab" * 32) == ("claimed", None)
+
+
+def test_split_roles_of_a_metrics_json_reach_the_report_as_typed_field() -> None:
+    from pcbench.bench.report import build_leaderboard
+
+    m = metrics_json(__import__("random").Random(2), seed=0, level=0.6, num_classes=3, vote=False,
+                     test_selected=False)
+    m["splits"] = {"train": "train", "val": "val", "test": "val"}  # ScanNet: the final evaluation is on val
+    rec = record_from_metrics(m, cell="c", config={"m": 1}, model="ptv3_seg", dataset="scannet20", task="seg",
+                              host=HOST)
+    assert rec["splits"]["final_role"] == "val" and "splits" not in (rec["extra"] or {})
+    sections = [(d, p) for d, p, _ in build_leaderboard([rec]).sections()]
+    assert ("scannet20", "val") in sections and not any(p.startswith("test") for _, p in sections)
