@@ -462,6 +462,7 @@ def _run_claimed(bench: DictConfig, cell: Cell, cfg: DictConfig, choices: dict[s
     rid = store.add(record_from_metrics({"seed": cell.seed, **me}, status="running", started_at=started,
                                         host=host, **meta))
     out["result_id"] = rid
+    store.claim(sha, rid)  # our claim now names the row it produces (pcbench-results list shows both)
     say(f"{tag}: running {choices.get('model')} on {cell.dataset_label} seed {cell.seed}"
         f"{' [' + cell.variant + ']' if cell.variant else ''}{' (resuming)' if resumed else ''} | {progress.line()}")
     try:
@@ -470,7 +471,7 @@ def _run_claimed(bench: DictConfig, cell: Cell, cfg: DictConfig, choices: dict[s
             result = as_fit_result(fit(cfg), cfg)
             # fit's final test already scored the selected checkpoint in fp32: the probe reuses that figure
             fp32 = (result.metrics.get("test") or {}).get(HEADLINE.get(result.task, "oa")) \
-                if result.provenance.get("precision", "fp32") == "fp32" else None
+                if result.provenance.get("precision") == "fp32" else None
             t_probe = time.perf_counter()
             probe = probe_cell(cfg, run_dir, cell.probe, fp32_score=fp32)
             probe_s = time.perf_counter() - t_probe
