@@ -302,7 +302,7 @@ def record_from_result(result: Any, *, cell: str, config: Mapping[str, Any], dev
     for key in ("recipe", "fidelity"):  # the caller's (the suite's), else what the trainer recorded
         if kwargs.get(key) is None:
             kwargs[key] = result.recipe.get(key)
-    rec = record_from_metrics({**fields, **extra}, cell=cell, config=config, host=host,
+    rec = record_from_metrics({**extra, **fields}, cell=cell, config=config, host=host,
                               class_names=list(result.class_names) or None, **kwargs)
     rec.update(device=device, splits=split_roles({"train": result.splits.train, "val": result.splits.val,
                                                   "final": result.splits.final,
