@@ -431,3 +431,35 @@ def test_parallel_suite_killed_leaves_no_worker_training(conf: Path, tmp_path: P
         runner.wait()
         if worker is not None and process_alive(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_two_runners_on_one_store_train_each_cell_once(conf: Path, tmp_path: Path) -> None:
+    """The issue's repro: two pcbench-bench on one store, data already prepared. One trains the cell, the other
+    says who has it; one finished row per config hash, nobody's live row marked failed."""
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    prep = bench(conf, out, "suite=t3", "only=[objects-crash-s0]")  # prepares the data (the cell itself fails)
+    assert prep.returncode == 1, prep.stdout + prep.stderr
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(PCBENCH_CONF=str(conf), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "pcbench.bench", f"out={out}", "suite=t3", "hydra/launcher=basic", "threads=1",
+           "only=[objects-pct_cls-s0]", 'overrides=["trainer.max_steps=40","trainer.max_epochs=40"]']
+    runners = []
+    for k in range(2):
+        runners.append(subprocess.Popen(cmd, env=env, stdout=open(tmp_path / f"r{k}.log", "w"),  # noqa: SIM115
+                                        stderr=subprocess.STDOUT, cwd=tmp_path))
+        time.sleep(1.0)
+    codes = [r.wait(timeout=600) for r in runners]
+    logs = [(tmp_path / f"r{k}.log").read_text() for k in range(2)]
+    assert codes == [0, 0], logs
+    recs = [r for r in records(out) if r["cell"] == "objects-pct_cls-s0"]
+    assert [r["status"] for r in recs] == ["finished"], recs
+    trained = [k for k in range(2) if "objects-pct_cls-s0: finished in" in logs[k]]
+    assert len(trained) == 1, logs
+    other = logs[1 - trained[0]]
+    assert re.search(r"objects-pct_cls-s0: (claimed by pid \d+ on host|finished earlier)", other), other
+    if "claimed by pid" in other:
+        assert "0 finished, 0 failed, 1 being run by another runner, 0 not run" in other
