@@ -36,8 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, words = parse_kv(sys.argv[1:] if argv is None else argv, KEYS, USAGE)
         if not words or words[0] not in ("export", "import", "list", "release"):
-            raise UsageError(f"first word must be export, import, list or release, got {words[:1] or 'nothing'} "
-                             "(see --help)")
+            raise UsageError(f"first word must be export, import or list (or release, to free a claimed cell), got "
+                             f"{words[:1] or 'nothing'} (see --help)")
         cmd, files = words[0], words[1:]
         status = args.get("status")
         if status is not None and status not in STATUSES:
