@@ -538,10 +538,12 @@ def _inspect(path: Path, reading: bool, timeout: float = 120.0) -> int:
         conn = sqlite3.connect(_readonly_uri(path), uri=True, isolation_level=None, timeout=timeout)
     except sqlite3.Error as err:
         raise ValueError(f"results={path} cannot be opened ({err}); check the path and its permissions") from err
-    try:
+    try:  # one read transaction: a store being created by another process is seen before or after, never half
+        conn.execute("BEGIN")
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         tables = sorted(r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
         columns = {r[1] for r in conn.execute("PRAGMA table_info(results)")}
+        conn.execute("COMMIT")
     except sqlite3.OperationalError as err:  # locked too long, unreadable: not a statement about the contents
         raise ValueError(f"results={path} cannot be read ({err}); check the path, its permissions and whether "
                          "another process holds it locked") from err

@@ -487,3 +487,40 @@ def test_split_roles_of_a_metrics_json_reach_the_report_as_typed_field() -> None
     assert rec["splits"]["final_role"] == "val" and "splits" not in (rec["extra"] or {})
     sections = [(d, p) for d, p, _ in build_leaderboard([rec]).sections()]
     assert ("scannet20", "val") in sections and not any(p.startswith("test") for _, p in sections)
+
+
+def test_a_store_created_between_two_reads_is_not_taken_for_a_foreign_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Another process commits the new store's schema between the inspector's version read and its table
+    # read: in one read transaction both see the same snapshot (before: version 0 and tables -> "foreign").
+    from pcbench.bench import store as store_mod
+
+    path = tmp_path / "s.sqlite"
+    creator = sqlite3.connect(path, isolation_level=None)
+    creator.execute("PRAGMA journal_mode=wal")
+    creator.execute("BEGIN IMMEDIATE")
+    for version, script, _ in MIGRATIONS:
+        for stmt in script.split(";"):
+            if stmt.strip():
+                creator.execute(stmt)
+        creator.execute(f"PRAGMA user_version={version}")
+    connect = sqlite3.connect
+
+    class CommitsInBetween:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+            cur = self.conn.execute(sql, *args)
+            if sql.startswith("PRAGMA user_version") and creator.in_transaction:
+                creator.execute("COMMIT")
+            return cur
+
+        def close(self) -> None:
+            self.conn.close()
+
+    monkeypatch.setattr(store_mod.sqlite3, "connect", lambda *a, **k: CommitsInBetween(connect(*a, **k)))
+    assert store_mod._inspect(path, reading=False) == 0  # the snapshot before the commit: a new, empty store
+    monkeypatch.undo()
+    creator.close()
+    assert store_mod._inspect(path, reading=True) == SCHEMA_VERSION
