@@ -4,17 +4,30 @@ The launchers themselves are Hydra's (``hydra/launcher``): ``basic`` (in-process
 ``parallel`` (``conf/hydra/launcher/parallel.yaml``: hydra-joblib-launcher with a bounded number of jobs) and
 ``slurm`` (``conf/hydra/launcher/slurm.yaml``: hydra-submitit-launcher, one SLURM array task per cell);
 ``submitit_local`` runs the same submitit path as local processes.
+
+Jobs of the joblib launcher run in loky worker processes of the runner; :func:`die_with_runner` makes such a
+worker end when the runner dies (killed, crashed), so no orphan goes on training and writing into run dirs
+that a re-run resumes.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["auto_threads", "cpu_count", "launcher_kind", "render_slurm_script"]
+__all__ = ["RUNNER_PID_ENV", "auto_threads", "cpu_count", "die_with_parent", "die_with_runner", "launcher_kind",
+           "render_slurm_script"]
+
+#: The runner (pcbench-bench) puts its pid here before launching; its worker processes inherit it.
+RUNNER_PID_ENV = "PCBENCH_RUNNER_PID"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def launcher_kind(launcher: DictConfig) -> str:
@@ -32,6 +45,48 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def die_with_parent(parent_pid: int, poll_s: float = 0.5) -> str:
+    """End this process (SIGTERM) when ``parent_pid``, its parent now, dies; returns the mechanism used.
+
+    Linux: ``prctl(PR_SET_PDEATHSIG)``, delivered by the kernel the moment the parent exits. Elsewhere (or if
+    prctl fails): a daemon thread that polls ``os.getppid()`` every ``poll_s`` seconds (a dead parent's
+    children are re-parented). Either way, a parent already gone when this is called ends the process now.
+    """
+    how = "watchdog"
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0:
+                how = "prctl"
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
+    if how == "watchdog":
+        def watch() -> None:
+            while True:
+                threading.Event().wait(poll_s)
+                if os.getppid() != parent_pid:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watch, name="pcbench-parent-watchdog", daemon=True).start()
+    return how
+
+
+_ARMED: dict[int, str] = {}  # parent pid -> mechanism: a reused worker process arms once
+
+
+def die_with_runner() -> str | None:
+    """In a worker process of the runner (its parent's pid is ``$PCBENCH_RUNNER_PID``), arm
+    :func:`die_with_parent`; returns the mechanism, or None in the runner itself or outside a runner."""
+    runner = os.environ.get(RUNNER_PID_ENV, "")
+    if not runner.isdigit() or int(runner) == os.getpid() or os.getppid() != int(runner):
+        return None
+    if int(runner) not in _ARMED:
+        _ARMED[int(runner)] = die_with_parent(int(runner))
+    return _ARMED[int(runner)]
 
 
 def auto_threads(launcher: DictConfig) -> int | None:

@@ -257,6 +257,7 @@ def probe_efficiency(
     task: str,
     device: torch.device | str,
     score: Callable[[nn.Module, torch.dtype | None], float] | None = None,
+    fp32_score: float | None = None,
     ignore_index: int = -1,
     warmup: int = 2,
     repeats: int = 5,
@@ -264,7 +265,11 @@ def probe_efficiency(
     bf16: bool = True,
     int8: bool = True,
 ) -> dict[str, Any]:
-    """Measure one model's cost on ``device`` (see the module docstring); the model is left as it was."""
+    """Measure one model's cost on ``device`` (see the module docstring); the model is left as it was.
+
+    ``fp32_score``: the model's fp32 score as the caller already measured it (the trainer's final test); then
+    ``score`` is called for the bf16 and int8 variants only.
+    """
     if task not in ("cls", "seg"):
         raise ValueError(f"probe_efficiency: task={task!r}; use 'cls' or 'seg' (the model config's task)")
     if not train_batches or not eval_batches:
@@ -306,8 +311,13 @@ def probe_efficiency(
         out["latency_b1_ms"] = _latency_ms(model, single_cloud(eval_b[0]), warmup + 1, latency_repeats, device)
         biggest_eval = max(eval_b, key=lambda b: b.num_points)
         out["infer_peak_mib"], _ = peak_memory_mib(lambda: infer(model, None)(biggest_eval), device)
-        base_score = float(score(model, None)) if score is not None else None
+        if fp32_score is not None:
+            base_score: float | None = float(fp32_score)
+        else:
+            base_score = float(score(model, None)) if score is not None else None
         out["score_fp32"] = base_score
+        out["score_fp32_source"] = ("given (the caller's fp32 evaluation)" if fp32_score is not None
+                                    else "measured by this probe" if score is not None else None)
 
         out.update(bf16_status="skipped", bf16_samples_per_s=None, bf16_speedup=None, bf16_score_delta=None)
         if bf16:

@@ -21,7 +21,8 @@ from typing import Any
 
 __all__ = [
     "JSON_FIELDS", "RECORD_FIELDS", "STATUSES", "FIDELITY", "config_sha256", "describe_allocator", "host_info",
-    "new_result_id", "normalize_record", "now_iso", "record_from_metrics",
+    "identity_sha256", "new_result_id", "normalize_record", "now_iso", "record_from_metrics", "record_from_result",
+    "split_roles",
 ]
 
 STATUSES = ("running", "finished", "failed")
@@ -35,8 +36,10 @@ RECORD_FIELDS: dict[str, type] = {
     # which cell of which suite
     "suite": str, "cell": str, "model": str, "dataset": str, "task": str, "variant": str, "seed": int,
     "recipe": str, "fidelity": str,
-    # what ran
-    "config": dict, "config_sha256": str,
+    # what ran; identity_sha256 = the config without seed and placement: one leaderboard row, its seeds its runs
+    "config": dict, "config_sha256": str, "identity_sha256": str,
+    # which prepared split served each role: {train, val, final, final_role} (final_role "val" for ScanNet)
+    "splits": dict,
     # metrics (fractions in [0, 1]); test_selected = best test score over epochs (optimistic, labelled so)
     "selected_on": str, "best_epoch": int, "last_epoch": int, "epochs": int, "steps": int,
     "val": dict, "test": dict, "test_vote": dict, "test_selected": dict, "class_names": list,
@@ -70,6 +73,31 @@ def config_sha256(config: Mapping[str, Any]) -> str:
     """sha256 of the resolved config as canonical JSON (sorted keys, no spaces): the cell's identity."""
     text = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def identity_sha256(config: Mapping[str, Any]) -> str:
+    """The configuration identity of a record's config (pcbench.train.config.config_identity_sha256).
+
+    A runner cell's config is ``{"train": <trainer config>, "probe": <probe settings>}``: its identity is that
+    of the trainer config alone, so it equals the ``identity_sha256`` the trainer computes for the same run
+    (the probe settings change how efficiency is measured, not what was trained).
+    """
+    from pcbench.train.config import config_identity_sha256  # noqa: PLC0415 - keeps torch out of store imports
+
+    train = config.get("train") if set(config) == {"train", "probe"} else None
+    return config_identity_sha256(dict(train if isinstance(train, Mapping) else config))
+
+
+def split_roles(splits: Mapping[str, Any] | None) -> dict[str, str] | None:
+    """``{train, val, final, final_role}`` of a metrics.json ``splits`` mapping (older ones lack final/final_role)."""
+    if not splits:
+        return None
+    from pcbench.train.result import final_role  # noqa: PLC0415
+
+    final = splits.get("final", splits.get("test"))
+    out = {"train": splits.get("train"), "val": splits.get("val"), "final": final,
+           "final_role": splits.get("final_role") or (final_role(final) if final is not None else None)}
+    return {k: (None if v is None else str(v)) for k, v in out.items()}
 
 
 def describe_allocator(environ: Mapping[str, str] | None = None) -> str:
@@ -154,6 +182,18 @@ def normalize_record(record: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"result {out['result_id']}: config_sha256 {out['config_sha256'][:12]}... does not match "
                          f"its config ({config_sha256(out['config'])[:12]}...); compute it with "
                          "pcbench.bench.record.config_sha256(config)")
+    if out["config"] is not None:  # records exported before identities existed get theirs from their config
+        ident = identity_sha256(out["config"])
+        if out["identity_sha256"] is not None and out["identity_sha256"] != ident:
+            raise ValueError(f"result {out['result_id']}: identity_sha256 {out['identity_sha256'][:12]}... does not "
+                             f"match its config ({ident[:12]}...); compute it with "
+                             "pcbench.bench.record.identity_sha256(config)")
+        out["identity_sha256"] = ident
+    if out["splits"] is not None:
+        unknown_roles = sorted(set(out["splits"]) - {"train", "val", "final", "final_role"})
+        if unknown_roles or out["splits"].get("final_role") not in ("test", "val"):
+            raise ValueError(f"result {out['result_id']}: splits={out['splits']} must map train, val, final and "
+                             "final_role ('test' or 'val'); build it with pcbench.bench.record.split_roles")
     for split in _METRIC_SPLITS:
         if out[split] is not None:  # NaN (a class absent from the split) -> null: standard JSON, same meaning
             out[split] = {k: _nan_to_none(v) for k, v in out[split].items()}
@@ -198,8 +238,11 @@ def record_from_metrics(
     rec: dict[str, Any] = {k: None for k in RECORD_FIELDS}
     rec.update(host_info() if host is None else dict(host))
     for key in RECORD_FIELDS:
-        if key in m and key not in ("config", "config_sha256", "extra", "probe"):
+        if key in m and key not in ("config", "config_sha256", "identity_sha256", "splits", "extra", "probe"):
             rec[key] = m.pop(key)
+    m.pop("identity_sha256", None)  # recomputed from ``config`` by normalize_record: one identity per config
+    if isinstance(m.get("splits"), Mapping):
+        rec["splits"] = split_roles(m.pop("splits"))
     if rec["last_epoch"] is None:  # the trainer runs to its last epoch; metrics.json counts them
         rec["last_epoch"] = rec["epochs"]
     extra = m
@@ -218,4 +261,52 @@ def record_from_metrics(
     if class_names is not None:
         rec["class_names"] = list(class_names)
     rec["config_sha256"] = config_sha256(rec["config"])
+    return normalize_record(rec)
+
+
+#: FitResult provenance keys that are record fields of the same meaning (the rest stays in ``extra``).
+_PROVENANCE_FIELDS = ("pcbench_version", "git_commit", "torch_version", "dataset_manifest_sha256")
+
+
+def record_from_result(result: Any, *, cell: str, config: Mapping[str, Any], device: str | None = None,
+                       **kwargs: Any) -> dict[str, Any]:
+    """A normalized ``finished`` record from the trainer's typed result (:class:`pcbench.train.result.FitResult`).
+
+    Fields come from the result's typed attributes, never from its ``extra``: split roles from
+    ``result.splits``, the torch threads from its provenance. The suite's names for model and dataset
+    (``model=``, ``dataset=``, passed through ``kwargs`` like every other :func:`record_from_metrics` keyword)
+    are the record's; the trainer's own (its model class, its data config name) are in ``config``.
+    ``device`` is the torch device type the cell ran on ("cpu", "cuda"); ``device_name`` says which one.
+    """
+    prov = dict(result.provenance)
+    fields: dict[str, Any] = {p: m for p, m in result.metrics.items() if p in _METRIC_SPLITS}
+    fields.update({k: prov.pop(k) for k in _PROVENANCE_FIELDS if k in prov})
+    fields.update(seed=result.seed, task=result.task, selected_on="val", best_epoch=result.best_epoch,
+                  epochs=result.epochs, last_epoch=result.epochs, steps=result.steps,
+                  train_samples_per_s=result.train_samples_per_s, eval_samples_per_s=result.eval_samples_per_s,
+                  peak_memory_mib=result.peak_memory_mib, params=result.params, wall_s=result.wall_s)
+    extra: dict[str, Any] = dict(result.extra)
+    if "val_final" in result.metrics:  # val re-measured on the saved checkpoint: beside the selecting val
+        extra["val_final"] = result.metrics["val_final"]
+    extra.update(selection_metric=result.selection_metric, selected_value=result.selected_value,
+                 skipped_steps=result.skipped_steps, scaler_skipped_steps=result.scaler_skipped_steps,
+                 num_classes=result.num_classes, in_channels=result.in_channels, ignore_index=result.ignore_index,
+                 trainer_config_sha256=result.config_sha256)
+    extra.update({k: v for k, v in result.recipe.items() if k not in ("recipe", "fidelity")})
+    threads = prov.pop("threads", None)
+    prov.pop("device", None)  # the trainer's "cpu (<model>)" text: ``device`` + ``device_name`` say the same
+    extra.update(prov)  # precision, world size, allocator setting: what the run used
+    host = dict(kwargs.pop("host", None) or host_info())
+    if threads is not None:
+        host["num_threads"] = int(threads)
+    for key in ("recipe", "fidelity"):  # the caller's (the suite's), else what the trainer recorded
+        if kwargs.get(key) is None:
+            kwargs[key] = result.recipe.get(key)
+    rec = record_from_metrics({**extra, **fields}, cell=cell, config=config, host=host,
+                              class_names=list(result.class_names) or None, **kwargs)
+    rec.update(device=device, splits=split_roles({"train": result.splits.train, "val": result.splits.val,
+                                                  "final": result.splits.final,
+                                                  "final_role": result.splits.final_role}))
+    if result.identity_sha256 and result.identity_sha256 != rec["identity_sha256"]:
+        rec["extra"] = {**(rec["extra"] or {}), "trainer_identity_sha256": result.identity_sha256}
     return normalize_record(rec)

@@ -4,13 +4,21 @@ Execution is Hydra's: :func:`cell_job` is the task function of a multirun over `
 configured launcher (``hydra/launcher``: basic in-process, ``parallel`` = joblib with a bounded number of jobs,
 ``slurm`` = submitit on a cluster) decides where and how many cells run at once. Each job:
 
-1. composes its cell's trainer config (:func:`pcbench.bench.suite.cell_config`) and hashes its identity; a
-   cell whose hash already has a finished record in the store is skipped (a killed suite resumes);
-2. records a ``running`` row, runs ``pcbench.train.fit`` in ``<out>/bench/<suite>/<cell>/<hash12>/``
-   (``resume=true`` when a killed attempt left ``checkpoints/last.pt`` there), then the efficiency probe on
-   the selected checkpoint, whose ``score`` is the trainer's test evaluation under autocast / on the int8 model;
-3. updates the row to ``finished`` with every metric, the probe and provenance, or to ``failed`` with the
-   error and the path of ``cell.log`` (the cell's whole output and traceback), and returns: the suite goes on.
+1. takes its cell's trainer config as the plan composed it (``plan.json``; composed here only for a job
+   started without a plan) and hashes its identity;
+2. claims the cell in the store (:meth:`ResultStore.claim`, one transaction): a cell with a finished record is
+   skipped (a killed suite resumes), one claimed by a live process (another runner) is skipped and named, the
+   claim of a process that is gone is taken over; the claim is released when the cell ends. A job in a joblib
+   worker dies with its runner (:func:`pcbench.bench.launchers.die_with_runner`);
+3. records a ``running`` row (rows of earlier attempts whose process is gone are marked failed), runs
+   ``pcbench.train.fit`` in ``<out>/bench/<suite>/<cell>/<hash12>/`` (``resume=true`` when a killed attempt
+   left ``checkpoints/last.pt`` there), then the efficiency probe on the selected checkpoint, whose ``score``
+   is the trainer's test evaluation under autocast / on the int8 model (the fp32 figure is fit's own final
+   test, not evaluated again);
+4. updates the row to ``finished`` with the trainer's typed result (:class:`pcbench.train.result.FitResult`,
+   recorded by :func:`pcbench.bench.record.record_from_result`), the probe and provenance, or to ``failed``
+   with the error and the path of ``cell.log`` (the cell's whole output and traceback), and returns: the
+   suite goes on.
 
 Progress lines (cell k/N, done/failed/left, elapsed, ETA) are counted from the store(s) against the plan the
 runner wrote in the sweep folder (``plan.json``), so they are right whichever process or node runs a job.
@@ -22,22 +30,26 @@ import contextlib
 import datetime as _dt
 import json
 import os
+import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pcbench.bench.record import config_sha256, host_info, now_iso, record_from_metrics
+from pcbench.bench.launchers import die_with_runner
+from pcbench.bench.record import config_sha256, host_info, now_iso, record_from_metrics, record_from_result
 from pcbench.bench.report import HEADLINE, METRIC_NAMES
-from pcbench.bench.store import ResultStore
+from pcbench.bench.store import ResultStore, process_alive, process_start
 from pcbench.bench.suite import Cell, SuiteError, cell_config, cell_identity, expand_suite
+from pcbench.train.result import FitResult
 
 __all__ = ["Plan", "Progress", "cell_job", "make_plan", "prepare_datasets", "run_cell"]
 
@@ -148,28 +160,33 @@ class Plan:
     hashes: dict[str, str]            # cell name -> config_sha256
     todo: list[Cell]                  # cells to run now
     finished: list[Cell]              # cells skipped: a finished record with the same hash exists
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # cell name -> composed config (see write)
 
     def write(self, sweep_dir: Path, started_at: float, store_per_job: bool, results: str) -> Path:
-        """``plan.json`` in the sweep folder: what every job counts its progress against."""
+        """``plan.json`` in the sweep folder: what every job counts its progress against, and each cell's
+        composed trainer config, so a job uses the config the plan hashed instead of composing it again."""
         from pcbench.io import write_json  # noqa: PLC0415
 
         return write_json(sweep_dir / PLAN_FILE, {
             "suite": self.suite, "started_at": started_at,
             "started_iso": _dt.datetime.fromtimestamp(started_at, _dt.timezone.utc).isoformat(timespec="seconds"),
             "cells": [[c.name, self.hashes[c.name]] for c in self.todo], "skipped": len(self.finished),
-            "store_per_job": store_per_job, "results": results})
+            "store_per_job": store_per_job, "results": results,
+            "configs": {c.name: self.configs[c.name] for c in self.todo if c.name in self.configs}})
 
 
 def make_plan(bench: DictConfig, store: ResultStore | None) -> Plan:
-    """Expand the suite, compose every selected cell's config, and split finished cells from those to run."""
+    """Expand the suite, compose every selected cell's config (once), and split finished cells from those to run."""
     cells = expand_suite(bench, list(bench.get("only") or []))
-    hashes = {}
+    hashes, configs = {}, {}
     for c in cells:
-        cfg, _ = cell_config(c, "/unused")
+        cfg, choices = cell_config(c, "/unused")
         hashes[c.name] = config_sha256(cell_identity(cfg, c.probe))
+        configs[c.name] = {"overrides": list(c.overrides), "choices": choices,
+                           "config": OmegaConf.to_container(cfg, resolve=False)}
     done = store.finished_hashes() if store is not None else set()
     return Plan(str(bench.suite.name), cells, hashes, [c for c in cells if hashes[c.name] not in done],
-                [c for c in cells if hashes[c.name] in done])
+                [c for c in cells if hashes[c.name] in done], configs)
 
 
 # ------------------------------------------------------------------------------------------ progress
@@ -184,6 +201,19 @@ class Progress:
             self.plan = None  # a job started outside pcbench-bench: no totals to count against
         self.names = [n for n, _ in self.plan["cells"]] if self.plan else []
 
+    def config(self, cell: Cell) -> tuple[DictConfig, dict[str, Any]] | None:
+        """The cell's trainer config and group choices as the plan composed them (None: compose it here).
+
+        Used only when the plan's entry was composed from exactly this cell's overrides, so a plan.json
+        rewritten by another run of the same sweep folder is never taken for this one.
+        """
+        entry = ((self.plan or {}).get("configs") or {}).get(cell.name)
+        if not entry or entry.get("overrides") != list(cell.overrides):
+            return None
+        cfg = OmegaConf.create(entry["config"])
+        OmegaConf.set_struct(cfg, True)  # as Hydra composes it: a mistyped key read by the trainer is an error
+        return cfg, dict(entry["choices"])
+
     def index(self, cell: str) -> str:
         """``k/N`` of a cell in the plan ("?" outside a plan)."""
         return f"{self.names.index(cell) + 1}/{len(self.names)}" if cell in self.names else "?"
@@ -194,9 +224,8 @@ class Progress:
             paths += sorted(self.sweep_dir.glob(f"*/{JOB_STORE}"))
         out = []
         for p in paths:
-            if p.is_file():
-                with contextlib.suppress(ValueError, OSError), ResultStore(p, create=False, wal=not self.plan.get(
-                        "store_per_job")) as s:
+            if p.is_file():  # read-only: counting progress must not migrate or re-journal a store being written
+                with contextlib.suppress(ValueError, OSError, sqlite3.Error), ResultStore.open_readonly(p) as s:
                     out += s.records(suite=self.plan["suite"])
         return out
 
@@ -284,11 +313,13 @@ def _threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def probe_cell(cfg: DictConfig, run_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+def probe_cell(cfg: DictConfig, run_dir: Path, settings: dict[str, Any],
+               fp32_score: float | None = None) -> dict[str, Any]:
     """The efficiency probe on the cell's selected checkpoint (``best.pt``), batches from its own loaders.
 
     ``score(model, dtype)`` is the trainer's test evaluation of ``model`` under autocast ``dtype`` (None: fp32),
     returning the task's headline metric (OA or mIoU) as a fraction; the probe reports the bf16 and int8 deltas.
+    ``fp32_score``: that figure as ``fit`` already measured it on the same checkpoint (not evaluated again).
     """
     import torch  # noqa: PLC0415
 
@@ -314,109 +345,161 @@ def probe_cell(cfg: DictConfig, run_dir: Path, settings: dict[str, Any]) -> dict
 
         return probe_efficiency(
             run.model, train_batches, eval_batches, task=run.data.task, device=run.device,
-            score=score if settings.get("score", True) else None, ignore_index=run.data.ignore_index,
+            score=score if settings.get("score", True) else None, fp32_score=fp32_score,
+            ignore_index=run.data.ignore_index,
             warmup=int(settings.get("warmup", 2)), repeats=int(settings.get("repeats", 5)),
             latency_repeats=int(settings.get("latency_repeats", 10)), bf16=bool(settings.get("bf16", True)),
             int8=bool(settings.get("int8", True)))
 
 
 def _supersede(store: ResultStore, sha: str, host: str) -> None:
-    """Mark rows left ``running`` by an earlier attempt of this cell failed: that attempt was killed."""
+    """Mark rows left ``running`` by an earlier attempt of this cell failed when their process is gone.
+
+    Called while this process holds the cell's claim. A row whose process still runs on this host (a runner
+    from before claims existed) is left alone; one of another host is failed: holding the claim means no
+    live runner there has it.
+    """
     for r in store.records(status="running"):
-        if r["config_sha256"] == sha:
-            store.fail(r["result_id"], error=f"interrupted: the attempt started {r.get('started_at')} on "
-                       f"{r.get('hostname')} ended without a result (killed or timed out); a new attempt "
-                       f"started on {host}", log_path=r.get("log_path"))
+        extra = r.get("extra") or {}
+        pid = extra.get("pid")
+        if r["config_sha256"] != sha:
+            continue
+        if r.get("hostname") == host and pid is not None and pid != os.getpid() and process_alive(
+                int(pid), extra.get("pid_start")):
+            continue
+        store.fail(r["result_id"], error=f"interrupted: the attempt started {r.get('started_at')} on "
+                   f"{r.get('hostname')} ended without a result (killed or timed out); a new attempt "
+                   f"started on {host}", log_path=r.get("log_path"))
 
 
-def _headline_text(metrics: dict[str, Any]) -> str:
-    task = metrics.get("task")
-    key = HEADLINE.get(task, "oa")
-    val = (metrics.get("test") or {}).get(key)
-    # ScanNet's test labels are hidden, so the trainer's final evaluation runs on val (metrics.json "splits")
-    split = (metrics.get("splits") or {}).get("test") or "test"
+def _headline_text(result: FitResult) -> str:
+    key = HEADLINE.get(result.task, "oa")
+    val = (result.metrics.get("test") or {}).get(key)
+    # ScanNet's test labels are hidden, so the trainer's final evaluation runs on val: name the split it ran on
+    split = result.splits.final
     return f"{split} {METRIC_NAMES[key]} {100 * val:.1f}%" if val is not None else f"{split} {METRIC_NAMES[key]} n/a"
+
+
+def as_fit_result(res: Any, cfg: DictConfig) -> FitResult:
+    """``fit``'s return value as the typed :class:`FitResult` (a metrics.json dict is read into one).
+
+    A dict from a trainer that predates the typed result lacks its identity fields: they are derived from
+    ``cfg``, the config it ran, and the checkpoint-selecting value is left unknown rather than guessed.
+    """
+    if isinstance(res, FitResult):
+        return res
+    from pcbench.train.config import config_identity_sha256, run_content  # noqa: PLC0415
+
+    d = dict(res)
+    d.setdefault("config", run_content(cfg))
+    d.setdefault("identity_sha256", config_identity_sha256(cfg))
+    d.setdefault("selected_value", None)
+    return FitResult.from_dict(d)
 
 
 def run_cell(bench: DictConfig, cell: Cell, job_dir: Path, store_path: Path, progress: Progress | None = None,
              wal: bool = True) -> dict[str, Any]:
     """Run one cell into the store at ``store_path``; never raises for a failing cell (KeyboardInterrupt aside).
 
-    Returns ``{"cell", "status", "result_id", "run_dir", "log_path"}`` (status "skipped" when a finished
-    record with the same config hash exists).
+    Returns ``{"cell", "status", "result_id", "run_dir", "log_path"}``: status "skipped" when a finished record
+    with the same config hash exists, "claimed" when another live process runs the cell now (its claim in the
+    store names it), else "finished" or "failed".
     """
-    from pcbench.models import model_task  # noqa: PLC0415
-    from pcbench.train import fit  # noqa: PLC0415
-
     progress = progress or Progress(job_dir.parent)
     tag = f"[pcbench-bench] cell {progress.index(cell.name)} {cell.name}"
     t0 = time.perf_counter()
-    cfg, choices = cell_config(cell, job_dir / "pending")
+    cfg, choices = progress.config(cell) or cell_config(cell, job_dir / "pending")
     identity = cell_identity(cfg, cell.probe)
     sha = config_sha256(identity)
     run_dir = job_dir / sha[:12]
     log = run_dir / "cell.log"
+    out = {"cell": cell.name, "status": "", "result_id": None, "run_dir": str(run_dir), "log_path": str(log)}
+    store = ResultStore(store_path, wal=wal)
+    try:
+        state, other = store.claim(sha)
+        if state == "finished":
+            say(f"{tag}: finished earlier (config {sha[:12]}): skipped")
+            return {**out, "status": "skipped", "result_id": other["result_id"]}
+        if state == "held":
+            elsewhere = "" if other["hostname"] == socket.gethostname() else (
+                f"; if that runner is gone, free the cell with: pcbench-results release results={store_path} "
+                f"{sha[:12]}")
+            say(f"{tag}: claimed by pid {other['pid']} on host {other['hostname']} since {other['claimed_at']} "
+                f"(config {sha[:12]}): skipped; run the suite again once that runner is done{elsewhere}")
+            return {**out, "status": "claimed", "result_id": other["result_id"]}
+        if state == "taken_over":
+            say(f"{tag}: took over the claim of pid {other['pid']} on host {other['hostname']} (since "
+                f"{other['claimed_at']}): that process is gone")
+        try:
+            return _run_claimed(bench, cell, cfg, choices, identity, sha, store, progress, tag, t0, out)
+        finally:
+            store.release(sha)
+    finally:
+        store.close()
+
+
+def _run_claimed(bench: DictConfig, cell: Cell, cfg: DictConfig, choices: dict[str, Any], identity: dict[str, Any],
+                 sha: str, store: ResultStore, progress: Progress, tag: str, t0: float,
+                 out: dict[str, Any]) -> dict[str, Any]:
+    """The part of :func:`run_cell` done while this process holds the cell's claim."""
+    from pcbench.models import model_task  # noqa: PLC0415
+    from pcbench.train import fit  # noqa: PLC0415
+
+    run_dir, log = Path(out["run_dir"]), Path(out["log_path"])
     with open_dict(cfg):
         cfg.paths.run_dir = str(run_dir)
         if bench.get("threads"):
             cfg.trainer.threads = int(bench.threads)
         resumed = (run_dir / "checkpoints" / "last.pt").is_file()
         cfg.resume = resumed
-    store = ResultStore(store_path, wal=wal)
+    host = host_info()
+    _supersede(store, sha, host["hostname"])
+    meta = {"cell": cell.name, "config": identity, "suite": cell.suite, "model": choices.get("model"),
+            "dataset": cell.dataset_label, "task": model_task(cfg.model), "variant": cell.variant or None,
+            "recipe": cell.recipe, "fidelity": cell.fidelity, "log_path": str(log), "run_dir": str(run_dir)}
+    started = now_iso()
+    me = {"pid": os.getpid(), "pid_start": process_start(os.getpid())}
+    rid = store.add(record_from_metrics({"seed": cell.seed, **me}, status="running", started_at=started,
+                                        host=host, **meta))
+    out["result_id"] = rid
+    store.claim(sha, rid)  # our claim now names the row it produces (pcbench-results list shows both)
+    say(f"{tag}: running {choices.get('model')} on {cell.dataset_label} seed {cell.seed}"
+        f"{' [' + cell.variant + ']' if cell.variant else ''}{' (resuming)' if resumed else ''} | {progress.line()}")
     try:
-        if store.finished(sha) is not None:
-            say(f"{tag}: finished earlier (config {sha[:12]}): skipped")
-            return {"cell": cell.name, "status": "skipped", "result_id": store.finished(sha)["result_id"],
-                    "run_dir": str(run_dir), "log_path": str(log)}
-        host = host_info()
-        _supersede(store, sha, host["hostname"])
-        meta = {"cell": cell.name, "config": identity, "suite": cell.suite, "model": choices.get("model"),
-                "dataset": cell.dataset_label, "task": model_task(cfg.model), "variant": cell.variant or None,
-                "recipe": cell.recipe, "fidelity": cell.fidelity, "log_path": str(log), "run_dir": str(run_dir)}
-        started = now_iso()
-        rid = store.add(record_from_metrics({"seed": cell.seed, "pid": os.getpid()}, status="running",
-                                            started_at=started, host=host, **meta))
-        say(f"{tag}: running {choices.get('model')} on {cell.dataset_label} seed {cell.seed}"
-            f"{' [' + cell.variant + ']' if cell.variant else ''}{' (resuming)' if resumed else ''} | {progress.line()}")
-        try:
-            with _captured(log) as out:
-                print(f"[{now_iso()}] cell {cell.name} ({cell.suite}), config {sha}, run dir {run_dir}", file=out)
-                metrics = fit(cfg)
-                t_probe = time.perf_counter()
-                probe = probe_cell(cfg, run_dir, cell.probe)
-                probe_s = time.perf_counter() - t_probe
-                print(f"[{now_iso()}] probe done in {probe_s:.1f} s", file=out)
-        except KeyboardInterrupt:
-            store.fail(rid, error="interrupted (Ctrl-C); run the suite again to resume this cell", log_path=str(log))
-            raise
-        except BaseException as err:  # noqa: BLE001 - any failure of a cell is recorded and the suite goes on
-            with open(log, "a", encoding="utf-8") as f:
-                f.write(f"[{now_iso()}] cell failed:\n{traceback.format_exc()}")
-            msg = f"{type(err).__name__}: {err}".strip()
-            store.fail(rid, error=msg, log_path=str(log))
-            if _BAR is not None:
-                _BAR.update(1)
-            say(f"{tag}: FAILED after {_fmt_s(time.perf_counter() - t0)}: {msg.splitlines()[0][:300]} "
-                f"(log: {log}) | {progress.line()}")
-            return {"cell": cell.name, "status": "failed", "result_id": rid, "run_dir": str(run_dir),
-                    "log_path": str(log)}
-        host["num_threads"] = metrics.get("threads", host["num_threads"])
-        wall = time.perf_counter() - t0
-        # the record's device is the torch device type (the report names hardware from device_name); the
-        # trainer's "cpu (<model>)" string stays in extra
-        rec = record_from_metrics({**metrics, "device": probe["device"],
-                                   "trainer_device": metrics.get("device"), "pid": os.getpid(), "resumed": resumed, "cell_wall_s": wall,
-                                   "probe_wall_s": probe_s}, status="finished", result_id=rid, probe=probe,
-                                  started_at=started, host=host, class_names=(metrics.get("test") or {}).get(
-                                      "class_names"), **meta)
-        store.update(rid, **{k: v for k, v in rec.items() if k != "result_id"})
-        say(f"{tag}: finished in {_fmt_s(wall)}: {_headline_text(metrics)} | {progress.line()}")
+        with _captured(log) as f:
+            print(f"[{now_iso()}] cell {cell.name} ({cell.suite}), config {sha}, run dir {run_dir}", file=f)
+            result = as_fit_result(fit(cfg), cfg)
+            # fit's final test already scored the selected checkpoint in fp32: the probe reuses that figure
+            fp32 = (result.metrics.get("test") or {}).get(HEADLINE.get(result.task, "oa")) \
+                if result.provenance.get("precision") == "fp32" else None
+            t_probe = time.perf_counter()
+            probe = probe_cell(cfg, run_dir, cell.probe, fp32_score=fp32)
+            probe_s = time.perf_counter() - t_probe
+            print(f"[{now_iso()}] probe done in {probe_s:.1f} s", file=f)
+    except KeyboardInterrupt:
+        store.fail(rid, error="interrupted (Ctrl-C); run the suite again to resume this cell", log_path=str(log))
+        raise
+    except BaseException as err:  # noqa: BLE001 - any failure of a cell is recorded and the suite goes on
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"[{now_iso()}] cell failed:\n{traceback.format_exc()}")
+        msg = f"{type(err).__name__}: {err}".strip()
+        store.fail(rid, error=msg, log_path=str(log))
         if _BAR is not None:
             _BAR.update(1)
-        return {"cell": cell.name, "status": "finished", "result_id": rid, "run_dir": str(run_dir),
-                "log_path": str(log)}
-    finally:
-        store.close()
+        say(f"{tag}: FAILED after {_fmt_s(time.perf_counter() - t0)}: {msg.splitlines()[0][:300]} "
+            f"(log: {log}) | {progress.line()}")
+        return {**out, "status": "failed"}
+    wall = time.perf_counter() - t0
+    class_names = result.class_names or (result.metrics.get("test") or {}).get("class_names")
+    rec = record_from_result(result, status="finished", result_id=rid, probe=probe, device=probe["device"],
+                             started_at=started, host=host, **{**meta, "task": result.task})
+    rec["class_names"] = list(class_names) if class_names else None
+    rec["extra"] = {**(rec["extra"] or {}), **me, "resumed": resumed, "cell_wall_s": wall, "probe_wall_s": probe_s}
+    store.update(rid, **{k: v for k, v in rec.items() if k != "result_id"})
+    say(f"{tag}: finished in {_fmt_s(wall)}: {_headline_text(result)} | {progress.line()}")
+    if _BAR is not None:
+        _BAR.update(1)
+    return {**out, "status": "finished"}
 
 
 def cell_job(cfg: DictConfig) -> dict[str, Any]:
@@ -428,6 +511,7 @@ def cell_job(cfg: DictConfig) -> dict[str, Any]:
     cells = {c.name: c for c in expand_suite(cfg, list(cfg.get("only") or []))}
     if cfg.cell not in cells:
         raise SuiteError(f"cell={cfg.cell!r} is not a cell of suite {cfg.suite.name}: {sorted(cells)}")
+    die_with_runner()  # a job in a worker process of the runner (joblib) must not outlive it
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     per_job = bool(cfg.get("store_per_job"))
     store_path = job_dir / JOB_STORE if per_job else Path(str(cfg.results))

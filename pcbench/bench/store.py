@@ -15,22 +15,40 @@ The schema is versioned with SQLite's ``PRAGMA user_version`` and upgraded in pl
   split out of that blob by SQL (the rest of it goes to ``extra_json``), plus the sweep ``variant``, the
   paper ``recipe``, its ``fidelity`` (reference / pcbench variant), ``class_names_json``, ``allocator``,
   ``cuda_version``, ``python_version``, and indexes on the config hash and on (dataset, model).
+- v3: ``identity_sha256`` (the config without seed and placement: a leaderboard row's identity; old rows get it
+  computed from their stored config) and ``splits_json`` (split roles; old rows get it from ``extra.splits``),
+  and the ``claims`` table: one row per cell being run, so two runners never run the same cell at once.
+
+Readers (the report, ``pcbench-results export|list``) open a store with :meth:`ResultStore.open_readonly`:
+SQLite's ``mode=ro``, no migration, no journal switch, and a file that is not a pcbench store is refused
+before anything could touch it (an older store is migrated in memory for reading).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
+import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from pcbench.bench.record import JSON_FIELDS, RECORD_FIELDS, normalize_record, now_iso
+from pcbench.bench.record import (
+    JSON_FIELDS,
+    RECORD_FIELDS,
+    identity_sha256,
+    normalize_record,
+    now_iso,
+    split_roles,
+)
 from pcbench.io import atomic_path
 
-__all__ = ["DEFAULT_RESULTS", "MIGRATIONS", "SCHEMA_VERSION", "ImportSummary", "ResultStore", "schema_columns"]
+__all__ = ["DEFAULT_RESULTS", "MIGRATIONS", "SCHEMA_VERSION", "ImportSummary", "ResultStore", "process_alive",
+           "process_start", "read_jsonl", "read_jsonl_numbered", "schema_columns"]
 
 #: Where the store lives unless ``results=<path>`` says otherwise (Hydra's outputs folder of the working dir).
 DEFAULT_RESULTS = Path("outputs") / "results.sqlite"
@@ -78,8 +96,32 @@ CREATE INDEX results_config ON results (config_sha256, status);
 CREATE INDEX results_dataset_model ON results (dataset, model);
 """
 
-#: (version, SQL) in order; a store at version v gets every script after v.
-MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1), (2, _V2))
+_V3 = """
+ALTER TABLE results ADD COLUMN identity_sha256 TEXT;
+ALTER TABLE results ADD COLUMN splits_json TEXT;
+CREATE INDEX results_identity ON results (identity_sha256, status);
+CREATE TABLE claims (
+    config_sha256 TEXT PRIMARY KEY,
+    result_id TEXT, hostname TEXT NOT NULL, pid INTEGER NOT NULL, pid_start TEXT, claimed_at TEXT NOT NULL
+);
+"""
+
+
+def _backfill_v3(conn: sqlite3.Connection) -> None:
+    """Identity and split roles of the rows written before v3, from their stored config and extras."""
+    rows = conn.execute("SELECT result_id, config_json, extra_json FROM results").fetchall()
+    for rid, config_json, extra_json in rows:
+        ident = identity_sha256(json.loads(config_json)) if config_json else None
+        extra = json.loads(extra_json) if extra_json else {}
+        splits = split_roles(extra.pop("splits", None) if isinstance(extra.get("splits"), dict) else None)
+        conn.execute("UPDATE results SET identity_sha256 = ?, splits_json = ?, extra_json = ? WHERE result_id = ?",
+                     (ident, json.dumps(splits, sort_keys=True) if splits else None,
+                      json.dumps(extra, sort_keys=True) if extra else None, rid))
+
+
+#: (version, SQL, Python step or None) in order; a store at version v gets every step after v.
+MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite3.Connection], None] | None], ...] = (
+    (1, _V1, None), (2, _V2, None), (3, _V3, _backfill_v3))
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 _RANK = {"running": 0, "failed": 1, "finished": 1}
@@ -96,7 +138,46 @@ def schema_columns() -> list[str]:
 
 class ImportSummary(dict):
     """Counts of an import: added, updated (a running row replaced by its finished version), unchanged,
-    conflicts (same result_id, different content: the stored row is kept)."""
+    stale (an older running copy of a stored finished/failed result: the stored row is kept), conflicts (same
+    result_id, different content of the same standing: the stored row is kept). ``conflicting`` lists
+    ``(result_id, [fields that differ])`` of each conflict."""
+
+    def __init__(self, **counts: int) -> None:
+        super().__init__(**counts)
+        self.conflicting: list[tuple[str, list[str]]] = []
+
+
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/<pid>/stat), or None where unknown: with the
+    pid it names one process, so a claim of a dead process is not mistaken for one of a later process that got
+    the same pid."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[19] if len(fields) > 19 else None
+
+
+def process_alive(pid: int, start: str | None = None) -> bool:
+    """Whether process ``pid`` of this host runs (a zombie does not), and is the one that started at ``start``."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            state = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): kill(pid, 0) is all we know
+    if state and state[0] in ("Z", "X"):
+        return False
+    return start is None or (len(state) > 19 and state[19] == start)
+
+
+_CLAIM_COLUMNS = ("config_sha256", "result_id", "hostname", "pid", "pid_start", "claimed_at")
 
 
 class ResultStore:
@@ -109,6 +190,7 @@ class ResultStore:
     def __init__(self, path: str | os.PathLike[str] = DEFAULT_RESULTS, *, timeout: float = 120.0,
                  wal: bool = True, create: bool = True) -> None:
         self.path = Path(path)
+        self.readonly = False
         if self.path.is_dir():
             raise ValueError(f"results={self.path} is a folder; give a file path such as {self.path / 'results.sqlite'}")
         if not self.path.exists():
@@ -116,6 +198,8 @@ class ResultStore:
                 raise ValueError(f"results={self.path} does not exist; run a suite first (pcbench-bench) or "
                                  "import records into it (pcbench-results import results=<path> FILE.jsonl)")
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        else:  # before this connection may create a table or switch the journal of someone else's file
+            _inspect(self.path, reading=False, timeout=timeout)
         self._conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
         try:
             self._conn.execute("PRAGMA foreign_keys=ON")
@@ -126,6 +210,29 @@ class ResultStore:
             self._conn.close()
             raise ValueError(f"results={self.path} is not a pcbench results store ({err}); point results= at "
                              "a .sqlite file made by pcbench or at a new path") from err
+
+    @classmethod
+    def open_readonly(cls, path: str | os.PathLike[str] = DEFAULT_RESULTS, *, timeout: float = 120.0) -> ResultStore:
+        """Open a store for reading only (SQLite ``mode=ro``): the file is never changed, a file that is not a
+        pcbench store is refused, and an older schema is migrated in a private in-memory copy."""
+        path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"results={path} is a folder; give the .sqlite file pcbench-bench wrote")
+        if not path.is_file():
+            raise ValueError(f"results={path} does not exist; run a suite first (pcbench-bench) or import records "
+                             "into it (pcbench-results import results=<path> FILE.jsonl)")
+        version = _inspect(path, reading=True, timeout=timeout)
+        self = cls.__new__(cls)
+        self.path, self.readonly = path, False
+        self._conn = sqlite3.connect(_readonly_uri(path), uri=True, timeout=timeout, isolation_level=None)
+        if version < SCHEMA_VERSION:  # upgrade a copy for this reader; the file keeps its version
+            memory = sqlite3.connect(":memory:", isolation_level=None)
+            self._conn.backup(memory)
+            self._conn.close()
+            self._conn = memory
+            self.migrate()
+        self.readonly = True
+        return self
 
     # -- connection and schema -------------------------------------------------------------------------
     def _set_journal(self, wal: bool, timeout: float) -> None:
@@ -157,10 +264,12 @@ class ResultStore:
             if current > SCHEMA_VERSION:
                 raise ValueError(f"results={self.path} has schema version {current}, newer than this pcbench "
                                  f"({SCHEMA_VERSION}); upgrade pcbench to read it")
-            for version, script in MIGRATIONS:
+            for version, script, step in MIGRATIONS:
                 if current < version <= target:
                     for statement in _statements(script):
                         self._conn.execute(statement)
+                    if step is not None:
+                        step(self._conn)
                     self._conn.execute(f"PRAGMA user_version={version}")
                     current = version
         return current
@@ -187,6 +296,9 @@ class ResultStore:
             self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
 
     def _write(self) -> ResultStore._Tx:
+        if self.readonly:
+            raise ValueError(f"results={self.path} was opened read-only (ResultStore.open_readonly); open it with "
+                             "ResultStore(path) to write")
         return ResultStore._Tx(self._conn)
 
     # -- rows <-> records ---------------------------------------------------------------------------------
@@ -278,6 +390,66 @@ class ResultStore:
         cur = self._conn.execute("SELECT DISTINCT config_sha256 FROM results WHERE status = 'finished'")
         return {r[0] for r in cur.fetchall()}
 
+    # -- claims: one live runner per cell --------------------------------------------------------------
+    def claim(self, config_sha256: str, result_id: str | None = None, *, hostname: str | None = None,
+              pid: int | None = None) -> tuple[str, dict[str, Any] | None]:
+        """Claim the cell ``config_sha256`` for this process, atomically (one write transaction).
+
+        Returns ``("finished", record)`` when a finished record exists (nothing to run, nothing claimed),
+        ``("held", claim)`` when a live process holds it (or one on another host, whose liveness cannot be
+        checked from here), ``("taken_over", claim)`` when the holder was a process of this host that is gone
+        (its claim is replaced by ours), or ``("claimed", None)``.
+        """
+        host = hostname or socket.gethostname()
+        pid = os.getpid() if pid is None else int(pid)
+        start = process_start(pid)
+        self._check_current()
+        with self._write() as conn:
+            done = self._select("WHERE config_sha256 = ? AND status = 'finished' ORDER BY finished_at DESC, rowid "
+                                "DESC LIMIT 1", (config_sha256,))
+            if done:
+                return "finished", done[0]
+            row = conn.execute(f"SELECT {', '.join(_CLAIM_COLUMNS)} FROM claims WHERE config_sha256 = ?",
+                               (config_sha256,)).fetchone()
+            holder = dict(zip(_CLAIM_COLUMNS, row, strict=True)) if row else None
+            state = "claimed"
+            if holder is not None:
+                mine = (holder["hostname"], holder["pid"], holder["pid_start"]) == (host, pid, start)
+                if not mine and (holder["hostname"] != host or process_alive(holder["pid"], holder["pid_start"])):
+                    return "held", holder
+                state = "claimed" if mine else "taken_over"
+            conn.execute(f"INSERT OR REPLACE INTO claims ({', '.join(_CLAIM_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?)",
+                         (config_sha256, result_id, host, pid, start, now_iso()))
+        return state, (holder if state == "taken_over" else None)
+
+    def release(self, config_sha256: str, *, hostname: str | None = None, pid: int | None = None) -> bool:
+        """Drop this process's claim of a cell (True if it held one); another process's claim stays."""
+        host = hostname or socket.gethostname()
+        pid = os.getpid() if pid is None else int(pid)
+        with self._write() as conn:
+            cur = conn.execute("DELETE FROM claims WHERE config_sha256 = ? AND hostname = ? AND pid = ?",
+                               (config_sha256, host, pid))
+        return cur.rowcount > 0
+
+    def drop_claims(self, prefix: str) -> list[dict[str, Any]]:
+        """Remove every claim whose config hash starts with ``prefix`` (at least 8 characters), whoever holds it;
+        returns them. For a claim of another host whose runner is known to be gone (its liveness cannot be
+        checked from here)."""
+        if len(prefix) < 8 or any(c not in "0123456789abcdef" for c in prefix):
+            raise ValueError(f"config hash prefix {prefix!r}: give at least 8 lowercase hex characters of the "
+                             "cell's config hash (pcbench-results list shows them)")
+        with self._write() as conn:
+            rows = conn.execute(f"SELECT {', '.join(_CLAIM_COLUMNS)} FROM claims WHERE config_sha256 LIKE ?",
+                                (prefix + "%",)).fetchall()
+            conn.execute("DELETE FROM claims WHERE config_sha256 LIKE ?", (prefix + "%",))
+        return [dict(zip(_CLAIM_COLUMNS, r, strict=True)) for r in rows]
+
+    def claims(self) -> list[dict[str, Any]]:
+        """Every current claim (config_sha256, result_id, hostname, pid, pid_start, claimed_at), oldest first."""
+        self._check_current()
+        cur = self._conn.execute(f"SELECT {', '.join(_CLAIM_COLUMNS)} FROM claims ORDER BY claimed_at, rowid")
+        return [dict(zip(_CLAIM_COLUMNS, r, strict=True)) for r in cur.fetchall()]
+
     def __len__(self) -> int:
         return int(self._conn.execute("SELECT COUNT(*) FROM results").fetchone()[0])
 
@@ -295,7 +467,7 @@ class ResultStore:
     def import_records(self, records: Iterable[Mapping[str, Any]]) -> ImportSummary:
         """Merge records by result_id in one transaction: new ids are added, the same result twice stays
         one row, a stored ``running`` row is replaced by its finished/failed version."""
-        summary = ImportSummary(added=0, updated=0, unchanged=0, conflicts=0)
+        summary = ImportSummary(added=0, updated=0, unchanged=0, stale=0, conflicts=0)
         recs = [normalize_record(r) for r in records]
         self._check_current()
         with self._write() as conn:
@@ -313,8 +485,12 @@ class ResultStore:
                     conn.execute(f"UPDATE results SET {', '.join(f'{c} = ?' for c in row)} WHERE result_id = ?",
                                  (*row.values(), rec["result_id"]))
                     summary["updated"] += 1
+                elif _RANK[have[0]["status"]] > _RANK[rec["status"]]:
+                    summary["stale"] += 1
                 else:
                     summary["conflicts"] += 1
+                    differ = sorted(k for k in RECORD_FIELDS if k != "recorded_at" and have[0][k] != rec[k])
+                    summary.conflicting.append((rec["result_id"], differ or ["recorded_at"]))
         return summary
 
     def import_jsonl(self, path: str | os.PathLike[str]) -> ImportSummary:
@@ -324,6 +500,11 @@ class ResultStore:
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Records of a JSON-lines export; ValueError naming the file and line of a bad one."""
+    return [rec for _, rec in read_jsonl_numbered(path)]
+
+
+def read_jsonl_numbered(path: str | os.PathLike[str]) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` of a JSON-lines export; ValueError naming the file and line of a bad one."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path} is not a file; give a .jsonl written by pcbench-results export")
@@ -336,10 +517,54 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
                 rec = json.loads(line)
                 if not isinstance(rec, dict):
                     raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
-                out.append(normalize_record(rec))
+                out.append((n, normalize_record(rec)))
+            except RecursionError as err:  # the parser recurses per nesting level; no record is that deep
+                raise ValueError(f"{path}:{n}: not a pcbench result record: JSON nested too deep "
+                                 f"(more than Python's recursion limit of {sys.getrecursionlimit()} levels)") from err
             except ValueError as err:  # json.JSONDecodeError is a ValueError
                 raise ValueError(f"{path}:{n}: not a pcbench result record: {err}") from err
     return out
+
+
+def _readonly_uri(path: Path) -> str:
+    return "file:" + urllib.parse.quote(str(path.resolve())) + "?mode=ro"
+
+
+def _inspect(path: Path, reading: bool, timeout: float = 120.0) -> int:
+    """The schema version of an existing file, read without changing it; ValueError if it is not a pcbench
+    store (another application's database, or not SQLite at all). An empty database is a new store for a
+    writer and refused by a reader."""
+    try:  # timeout: wait while another process holds a lock (e.g. creating the store right now)
+        conn = sqlite3.connect(_readonly_uri(path), uri=True, isolation_level=None, timeout=timeout)
+    except sqlite3.Error as err:
+        raise ValueError(f"results={path} cannot be opened ({err}); check the path and its permissions") from err
+    try:  # one read transaction: a store being created by another process is seen before or after, never half
+        conn.execute("BEGIN")
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        tables = sorted(r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(results)")}
+        conn.execute("COMMIT")
+    except sqlite3.OperationalError as err:  # locked too long, unreadable: not a statement about the contents
+        raise ValueError(f"results={path} cannot be read ({err}); check the path, its permissions and whether "
+                         "another process holds it locked") from err
+    except sqlite3.DatabaseError as err:
+        raise ValueError(f"results={path} is not a pcbench results store ({err}); it was left untouched. Point "
+                         "results= at a .sqlite file made by pcbench (or, to write, at a new path)") from err
+    finally:
+        conn.close()
+    if version > SCHEMA_VERSION:
+        raise ValueError(f"results={path} has schema version {version}, newer than this pcbench "
+                         f"({SCHEMA_VERSION}); upgrade pcbench to read it")
+    if not tables and version == 0:
+        if reading:
+            raise ValueError(f"results={path} is an empty database, not a pcbench results store; run a suite "
+                             "into it first (pcbench-bench results=<path>)")
+        return 0
+    if version < 1 or not {"result_id", "config_sha256", "status"} <= columns:
+        raise ValueError(f"results={path} is not a pcbench results store (SQLite schema version {version}, tables "
+                         f"{tables[:8]}); it was left untouched. Point results= at a .sqlite file made by pcbench "
+                         "(or, to write, at a new path)")
+    return version
 
 
 def _statements(script: str) -> Iterator[str]:

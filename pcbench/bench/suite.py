@@ -43,6 +43,12 @@ REFERENCE_KEYS = ("data.root", "seed", "trainer", "trainer.accelerator", "traine
                   "eval.save_predictions", "resume", "fault.")
 
 _NAME = re.compile(r"^[A-Za-z0-9_.]+$")
+#: The keys a suite, its dataset entries, its model entries and its probe settings may have: anything else is
+#: a typo that would otherwise be ignored silently (e.g. ``trian:`` dropping a model's overrides).
+SUITE_KEYS = ("name", "description", "seeds", "train", "sweep", "probe", "datasets", "models")
+DATASET_KEYS = ("data", "label", "root", "prep", "train", "hint")
+MODEL_KEYS = ("model", "experiment", "datasets", "train", "sweep", "recipe", "fidelity")
+PROBE_KEYS = ("batches", "warmup", "repeats", "latency_repeats", "bf16", "int8", "score")
 
 
 class SuiteError(ValueError):
@@ -85,11 +91,50 @@ def _compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
             try:
                 return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=True)
             except Exception as err:  # noqa: BLE001 - Hydra raises several types; all become one clear error
-                raise ConfigError(explain_override_error(err, list(overrides))) from err
+                explain = _explain_bench_error if config_name == "bench" else explain_override_error
+                raise ConfigError(explain(err, list(overrides))) from err
     finally:
         if saved is not None:
             gh.clear()
             gh.initialize(saved)
+
+
+def _bench_node_keys(dotted: str, overrides: Sequence[str]) -> list[str] | None:
+    """Keys of a node of conf/bench.yaml composed with the command's ``suite=`` choice (None: no such node)."""
+    from hydra import compose as hydra_compose  # noqa: PLC0415
+
+    choice = [o for o in overrides if o.split("=", 1)[0] == "suite"]
+    try:
+        cfg = hydra_compose("bench", overrides=choice)
+    except Exception:  # noqa: BLE001 - the suite choice itself is wrong: Hydra's message says so already
+        return None
+    node = OmegaConf.select(cfg, dotted, default=None)
+    return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else None
+
+
+def _explain_bench_error(err: Exception, overrides: Sequence[str]) -> str:
+    """Hydra's message about a pcbench-bench argument plus the runner's keys (or the node's) that were meant."""
+    from pcbench.train.config import config_dir  # noqa: PLC0415
+
+    msg = str(err).split("\nConfig search path")[0].strip()
+    text = str(err)
+    if not ("not in struct" in text or "Could not override" in text or "Key '" in text):
+        return msg
+    runner_keys = sorted(k for k in OmegaConf.load(config_dir() / "bench.yaml") if k not in ("defaults", "hydra"))
+    for o in overrides:
+        key = o.lstrip("+~").split("=", 1)[0]
+        if key.startswith("hydra") or key == "suite":
+            continue
+        if "." not in key:
+            if key not in runner_keys:
+                return (f"{msg}\npcbench-bench has no key {key!r}; its keys: {', '.join(runner_keys)} (conf/bench.yaml). "
+                        "Suite keys go under suite.<key>=..., trainer overrides under 'overrides=[key=value,...]'")
+            continue
+        parent, leaf = key.rsplit(".", 1)
+        keys = _bench_node_keys(parent, overrides)
+        if keys is not None and leaf not in keys:
+            return f"{msg}\n{parent!r} has no key {leaf!r}; its keys: {', '.join(sorted(keys))}"
+    return msg
 
 
 def compose_bench(overrides: Sequence[str] = ()) -> DictConfig:
@@ -198,6 +243,13 @@ def _fidelity(entry: Mapping[str, Any], extra: Sequence[str], where: str) -> str
     return "pcbench variant" if changed else "reference"
 
 
+def _known(node: Any, keys: Sequence[str], where: str) -> None:
+    unknown = sorted(str(k) for k in (node.keys() if isinstance(node, (dict, DictConfig)) else ()) if k not in keys)
+    if unknown:
+        raise SuiteError(f"{where} has unknown key(s) {unknown}; its keys are {', '.join(keys)} (a typo here would "
+                         "be ignored and change what runs)")
+
+
 def expand_suite(bench: DictConfig, only: Sequence[str] | None = None) -> list[Cell]:
     """The cells of ``bench.suite`` in a stable order (those matching a glob of ``only``, when given).
 
@@ -213,8 +265,14 @@ def expand_suite(bench: DictConfig, only: Sequence[str] | None = None) -> list[C
     seeds = list(s.get("seeds") or [])
     if not seeds or not all(isinstance(x, int) for x in seeds):
         raise SuiteError(f"suite {sname}: seeds={seeds!r}; give a list of integers, e.g. seeds: [0, 1, 2]")
+    _known(s, SUITE_KEYS, f"suite {sname}")
+    _known(s.get("probe") or {}, PROBE_KEYS, "suite.probe")
     datasets = s.get("datasets") or {}
     models = s.get("models") or {}
+    for key, d in datasets.items():
+        _known(d, DATASET_KEYS, f"suite.datasets.{key}")
+    for key, e in models.items():
+        _known(e, MODEL_KEYS, f"suite.models.{key}")
     if not models:
         raise SuiteError(f"suite {sname} has no models; add entries under suite.models")
     experiments = set(group_options("experiment"))

@@ -6,7 +6,8 @@ to Hydra as one multirun over ``cell=...`` with ``pcbench.bench.runner.cell_job`
 ``hydra/launcher=...`` decides where they run. Afterwards it merges per-job stores (``store_per_job=true``),
 writes the leaderboard report of the whole store and prints where it is.
 
-Exit status: 0 every cell finished, 1 some cell failed (recorded with its error and log; the others ran),
+Exit status: 0 every cell finished (or is being run by another runner on the same store, which the progress
+lines name), 1 some cell failed (recorded with its error and log; the others ran),
 2 the suite could not start (bad key, missing data), 130 interrupted (finished cells are kept: run the same
 command again to resume).
 """
@@ -184,6 +185,11 @@ def _run(argv: list[str]) -> int:
 
             bar = runner._BAR = tqdm(total=len(plan.todo), desc=f"suite {plan.suite}", unit="cell", file=sys.stdout,
                                      dynamic_ncols=True)
+        import os  # noqa: PLC0415
+
+        from pcbench.bench.launchers import RUNNER_PID_ENV  # noqa: PLC0415
+
+        os.environ[RUNNER_PID_ENV] = str(os.getpid())  # joblib workers inherit it and die with this process
         try:
             if kind in ("basic", "joblib"):  # their jobs print their progress lines on this console
                 _launch([*job_argv, *extra])
@@ -207,9 +213,14 @@ def _run(argv: list[str]) -> int:
             recent = [r for r in store.records(suite=plan.suite) if r["config_sha256"] in mine
                       and (r.get("started_at") or "") >= since]
             done = {r["config_sha256"] for r in recent if r["status"] == "finished"}
-            failed_now = len({r["config_sha256"] for r in recent if r["status"] == "failed"} - done)
+            failed = {r["config_sha256"] for r in recent if r["status"] == "failed"} - done
+            failed_now = len(failed)
+            # our claims are released by now: any left on these cells belong to another runner that has them
+            others = {c["config_sha256"] for c in store.claims()} & (mine - done - failed)
             runner.say(f"[{PROG}] suite {plan.suite}: {len(done)} finished, {failed_now} failed, "
-                       f"{len(mine) - len(done) - failed_now} not run, in {runner._fmt_s(time.time() - started)}")
+                       + (f"{len(others)} being run by another runner, " if others else "")
+                       + f"{len(mine) - len(done) - failed_now - len(others)} not run, in "
+                       f"{runner._fmt_s(time.time() - started)}")
     with ResultStore(results) as store:
         records = store.records()
     try:

@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"unexpected argument(s) {words}; use key=value, e.g. results=outputs/results.sqlite")
         results = Path(args.get("results", DEFAULT_RESULTS))
         out = Path(args.get("out", results.parent / "report"))
-        with ResultStore(results, create=False) as store:
+        with ResultStore.open_readonly(results) as store:  # a report never changes the store it reads
             records = store.records()
         paths = write_report(records, out, ops=args.get("ops"), title=args.get("title", "pcbench leaderboard"),
                              source=str(results))

@@ -5,7 +5,20 @@ Helpers for callers that drive it (benchmark runner): :func:`compose` a config f
 given autocast precision).
 """
 
+from typing import Any
+
 from .config import ConfigError, compose, config_dir
-from .trainer import Run, build_run, evaluate, evaluate_split, fit
 
 __all__ = ["ConfigError", "Run", "build_run", "compose", "config_dir", "evaluate", "evaluate_split", "fit"]
+
+_TRAINER = ("Run", "build_run", "evaluate", "evaluate_split", "fit")
+
+
+def __getattr__(name: str) -> Any:
+    """The trainer (torch, models, data) loads on first use: the results store and report need only
+    ``pcbench.train.config`` (config identity) and ``pcbench.train.result``, not torch."""
+    if name in _TRAINER:
+        from . import trainer  # noqa: PLC0415
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'pcbench.train' has no attribute {name!r}")

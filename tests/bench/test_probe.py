@@ -97,6 +97,24 @@ def test_probe_on_a_small_model_with_scores() -> None:
     assert out["train_peak_mib"] >= 0 and out["infer_peak_mib"] >= 0
 
 
+def test_a_given_fp32_score_is_used_not_measured_again() -> None:
+    torch.manual_seed(0)
+    train = [ragged_objects([30, 20, 25], seed=1)]
+    evalb = [ragged_objects([28, 22], seed=11)]
+    model = PointMLP(3, 16, 16, 5)
+    calls: list[torch.dtype | None] = []
+
+    def score(m: nn.Module, dt: torch.dtype | None) -> float:
+        calls.append(dt)
+        return _accuracy(m, evalb, dt)
+
+    out = probe_efficiency(model, train, evalb, task="cls", device="cpu", warmup=0, repeats=1, latency_repeats=1,
+                           score=score, fp32_score=0.25, int8=False)
+    assert calls == [torch.bfloat16]  # fp32 is the caller's figure (the trainer's final test): no second pass
+    assert out["score_fp32"] == 0.25 and out["score_fp32_source"].startswith("given")
+    assert out["bf16_score_delta"] == pytest.approx(_accuracy(model, evalb, torch.bfloat16) - 0.25)
+
+
 def test_int8_unsupported_is_said_not_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
     b = ragged_objects([20, 30])
     out = probe_efficiency(NoLinear(5), [b], [b], task="cls", device="cpu", warmup=0, repeats=1,

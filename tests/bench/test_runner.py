@@ -5,6 +5,7 @@ they are; its cells are tiny models for two optimizer steps on data that the rea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from omegaconf import OmegaConf
 
 from pcbench.bench.record import config_sha256
 from pcbench.bench.store import ResultStore
-from pcbench.train.config import config_dir
+from pcbench.train.config import config_dir, config_identity_sha256
 
 BIN = Path(sys.executable).parent
 
@@ -99,6 +101,8 @@ def test_suite_runs_end_to_end_into_the_store_and_report(first: tuple[Path, subp
         assert r["dataset"] == "synthetic-modelnet40" and r["task"] == "cls" and r["fidelity"] == "pcbench variant"
         assert r["recipe"] == f"t3: {model}" and r["steps"] == 2 and r["selected_on"] == "val"
         assert r["config_sha256"] == config_sha256(r["config"]) and r["config"]["train"]["seed"] == 0
+        assert r["identity_sha256"] == config_identity_sha256(r["config"]["train"])
+        assert r["splits"] == {"train": "train", "val": r["splits"]["val"], "final": "test", "final_role": "test"}
         assert "threads" not in r["config"]["train"]["trainer"]  # placement is not part of the identity
         assert r["config"]["probe"]["repeats"] == 1
         for key in ("git_commit", "pcbench_version", "torch_version", "dataset_manifest_sha256", "hostname", "cpu_model",
@@ -154,6 +158,10 @@ def test_killed_suite_resumes_its_cell(conf: Path, tmp_path: Path) -> None:
     p = bench(conf, out, "suite=t3", only)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "1 cells, 0 finished earlier (skipped), 1 to run" in p.stdout and "(resuming)" in p.stdout
+    # the killed runner's claim is taken over, saying so (its process is gone)
+    assert re.search(r"objects-pct_cls-s0: took over the claim of pid \d+ on host .*: that process is gone", p.stdout)
+    with ResultStore.open_readonly(out / "results.sqlite") as s:
+        assert s.claims() == []
     recs = {r["result_id"]: r for r in records(out)}
     assert recs[stale["result_id"]]["status"] == "failed" and "interrupted" in recs[stale["result_id"]]["error"]
     (done,) = [r for r in recs.values() if r["status"] == "finished"]
@@ -170,3 +178,288 @@ def test_smoke_without_sample_files_says_what_to_do(tmp_path: Path) -> None:
     assert f"the raw files {tmp_path / 'nowhere'}/modelnet40/modelnet40_normal_resampled do not exist" in p.stderr
     assert "suite=smoke needs the real sample files of ../shared/data" in p.stderr
     assert "without them run suite=quickstart" in p.stderr
+
+
+# ------------------------------------------------------------------ one cell in-process, the trainer replaced
+def _sleeper() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+
+@pytest.fixture
+def t3(conf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, dict[str, Any]]:
+    """The composed runner config of suite t3 and its cells (in this process; nothing prepared or trained)."""
+    from pcbench.bench.suite import compose_bench, expand_suite
+
+    monkeypatch.setenv("PCBENCH_CONF", str(conf))
+    bench = compose_bench(["suite=t3", f"out={tmp_path / 'out'}"])
+    return bench, {c.name: c for c in expand_suite(bench)}
+
+
+def _cell_sha(cell: Any) -> str:
+    from pcbench.bench.suite import cell_config, cell_identity
+
+    return config_sha256(cell_identity(cell_config(cell, "/unused")[0], cell.probe))
+
+
+def _fake_result(cfg: Any) -> Any:
+    from pcbench.train.config import config_identity_sha256, run_content
+    from pcbench.train.config import config_sha256 as train_sha
+    from pcbench.train.result import FitResult, SplitRoles
+
+    oa = {"oa": 0.625, "macc": 0.5, "miou": 0.25, "class_names": ["a", "b"]}
+    return FitResult(
+        task="cls", dataset="modelnet40", model="pcbench.models.pct.PCT", seed=int(cfg.seed),
+        config=run_content(cfg), config_sha256=train_sha(cfg), identity_sha256=config_identity_sha256(cfg),
+        splits=SplitRoles.of("train", "val", "val"), metrics={"val": dict(oa), "test": dict(oa)},
+        selection_metric="oa", selected_value=0.625, best_epoch=1, epochs=2, steps=2, params=123,
+        class_names=["a", "b"], provenance={"threads": 3, "device": "cpu (Fake CPU)", "precision": "fp32",
+                                            "git_commit": "abc", "torch_version": "2.13.0+cpu"},
+        extra={"splits": {"train": "train", "val": "val", "test": "test"}})  # stale extras are not read
+
+
+def test_a_cell_claimed_by_a_live_runner_is_skipped_and_a_dead_ones_claim_taken_over(
+        t3: tuple[Any, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    import pcbench.train
+    from pcbench.bench.runner import run_cell
+
+    bench, cells = t3
+    cell = cells["objects-pct_cls-s0"]
+    sha, db, job = _cell_sha(cell), tmp_path / "r.sqlite", tmp_path / "job" / cell.name
+    other = _sleeper()
+    try:
+        with ResultStore(db) as s:
+            assert s.claim(sha, pid=other.pid) == ("claimed", None)
+        monkeypatch.setattr(pcbench.train, "fit", lambda cfg: pytest.fail("a claimed cell must not train"))
+        res = run_cell(bench, cell, job, db)
+        assert res["status"] == "claimed"
+        assert f"claimed by pid {other.pid} on host {socket.gethostname()}" in capsys.readouterr().out
+        with ResultStore(db) as s:
+            assert len(s) == 0 and [c["pid"] for c in s.claims()] == [other.pid]
+    finally:
+        other.kill()
+        other.wait()
+
+    def diverged(cfg: Any) -> Any:
+        raise FloatingPointError("training diverged: 19 of 20 steps skipped (non-finite loss); weights are not finite")
+
+    monkeypatch.setattr(pcbench.train, "fit", diverged)
+    res = run_cell(bench, cell, job, db)
+    assert res["status"] == "failed"
+    assert f"took over the claim of pid {other.pid}" in capsys.readouterr().out
+    with ResultStore(db) as s:
+        (rec,) = s.records()
+        assert s.claims() == []  # released when the cell ended
+    assert rec["status"] == "failed" and rec["config_sha256"] == sha
+    assert rec["error"] == "FloatingPointError: training diverged: 19 of 20 steps skipped (non-finite loss); " \
+                           "weights are not finite"
+    assert "Traceback" in Path(rec["log_path"]).read_text()
+
+
+def test_record_comes_from_the_typed_result_and_supersede_spares_live_rows(
+        t3: tuple[Any, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pcbench.train
+    from pcbench.bench import runner
+    from pcbench.bench.record import record_from_metrics
+    from pcbench.bench.store import process_start
+    from pcbench.bench.suite import cell_config, cell_identity
+
+    bench, cells = t3
+    cell = cells["objects-pct_cls-s0"]
+    db, job = tmp_path / "r.sqlite", tmp_path / "job" / cell.name
+    identity = cell_identity(cell_config(cell, "/unused")[0], cell.probe)
+    live, dead = _sleeper(), _sleeper()
+    dead.kill()
+    dead.wait()
+    try:
+        with ResultStore(db) as s:  # rows left "running" by two earlier attempts: one still runs, one is gone
+            rows = {}
+            for name, p in (("live", live), ("dead", dead)):
+                rows[name] = s.add(record_from_metrics({"pid": p.pid, "pid_start": process_start(p.pid)},
+                                                       cell=cell.name, config=identity, status="running"))
+        seen: dict[str, Any] = {}
+        monkeypatch.setattr(pcbench.train, "fit", lambda cfg: seen.setdefault("result", _fake_result(cfg)))
+
+        def probe(cfg: Any, run_dir: Path, settings: dict[str, Any], fp32_score: float | None = None) -> dict:
+            seen["fp32_score"] = fp32_score
+            return {"device": "cpu", "params": 123, "score_fp32": fp32_score}
+
+        monkeypatch.setattr(runner, "probe_cell", probe)
+        res = runner.run_cell(bench, cell, job, db)
+        with ResultStore(db) as s:
+            rec = s.get(res["result_id"])
+            assert s.get(rows["live"])["status"] == "running"  # its process still runs: not superseded
+            assert s.get(rows["dead"])["status"] == "failed" and "interrupted" in s.get(rows["dead"])["error"]
+            assert s.claims() == []
+    finally:
+        live.kill()
+        live.wait()
+    assert res["status"] == "finished" and rec["status"] == "finished"
+    assert seen["fp32_score"] == 0.625  # fit's test figure, not a second evaluation
+    result = seen["result"]
+    assert rec["splits"] == {"train": "train", "val": "val", "final": "val", "final_role": "val"}
+    assert rec["identity_sha256"] == result.identity_sha256 == config_identity_sha256(result.config)
+    assert rec["num_threads"] == 3 and rec["device"] == "cpu" and rec["model"] == "pct_cls"
+    assert rec["dataset"] == "synthetic-modelnet40" and rec["test"]["oa"] == 0.625 and rec["class_names"] == ["a", "b"]
+    assert rec["git_commit"] == "abc" and rec["probe"]["score_fp32"] == 0.625
+    extra = rec["extra"]
+    for renamed in ("trainer_device", "device", "model", "dataset", "threads", "splits", "trainer_identity_sha256"):
+        assert renamed not in extra, renamed
+    assert extra["precision"] == "fp32" and extra["selected_value"] == 0.625 and extra["pid"] == os.getpid()
+
+
+RUNNER_SCRIPT = """
+import os, sys, time
+from joblib import Parallel, delayed
+
+def job(arm, folder):
+    from pcbench.bench.launchers import die_with_runner
+    how = die_with_runner() if arm else "unarmed"
+    with open(os.path.join(folder, f"{os.getpid()}.{how}"), "w") as f:
+        f.write(str(os.getppid()))
+    time.sleep(120)
+
+os.environ["PCBENCH_RUNNER_PID"] = str(os.getpid())
+Parallel(n_jobs=2, backend="loky")(delayed(job)(arm, sys.argv[1]) for arm in (True, False))
+"""
+
+
+def test_joblib_workers_die_with_a_killed_runner(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    from pcbench.bench.store import process_alive
+
+    (tmp_path / "runner.py").write_text(RUNNER_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    log = open(tmp_path / "runner.log", "w")  # noqa: SIM115 - loky's leak warnings of the killed runner go here
+    runner = subprocess.Popen([sys.executable, str(tmp_path / "runner.py"), str(tmp_path)], env=env, stderr=log)
+    workers: dict[str, int] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and time.monotonic() < deadline and runner.poll() is None:
+            marks = [p for p in tmp_path.glob("*.*") if p.suffix in (".prctl", ".watchdog", ".unarmed")]
+            workers = {p.suffix[1:]: int(p.stem) for p in marks}
+            time.sleep(0.2)
+        assert len(workers) == 2, (workers, runner.poll(), (tmp_path / "runner.log").read_text())
+        armed = workers.get("prctl", workers.get("watchdog"))
+        assert armed is not None and all(int(p.read_text()) == runner.pid for p in marks)  # the runner's children
+        runner.send_signal(signal.SIGKILL)
+        runner.wait()
+        deadline = time.monotonic() + 20
+        while process_alive(armed) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not process_alive(armed), "the armed worker outlived its runner"
+        # the control: a worker that did not arm lives on as an orphan (the defect this guards against)
+        assert process_alive(workers["unarmed"])
+    finally:
+        runner.kill()
+        runner.wait()
+        log.close()
+        for pid in workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_job_uses_the_config_its_plan_composed(t3: tuple[Any, dict[str, Any]], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import pcbench.train
+    from pcbench.bench import runner
+
+    bench, cells = t3
+    plan = runner.make_plan(bench, None)
+    sweep = tmp_path / "sweep"
+    plan.write(sweep, 0.0, False, str(tmp_path / "r.sqlite"))
+    cell = cells["objects-pct_cls-s0"]
+    progress = runner.Progress(sweep)
+    cfg, choices = progress.config(cell)
+    assert choices["model"] == "pct_cls" and OmegaConf.is_struct(cfg)
+    assert config_sha256(runner.cell_identity(cfg, cell.probe)) == plan.hashes[cell.name]
+    other = runner.Cell(**{**cell.__dict__, "overrides": (*cell.overrides, "optim.lr=0.5")})
+    assert progress.config(other) is None  # a plan of other overrides is not this cell's
+
+    monkeypatch.setattr(runner, "cell_config", lambda *a: pytest.fail("the job composed the config again"))
+    monkeypatch.setattr(pcbench.train, "fit", _fake_result)
+    monkeypatch.setattr(runner, "probe_cell", lambda *a, **k: {"device": "cpu"})
+    res = runner.run_cell(bench, cell, sweep / cell.name, tmp_path / "r.sqlite", progress)
+    with ResultStore.open_readonly(tmp_path / "r.sqlite") as s:
+        rec = s.get(res["result_id"])
+    assert rec["status"] == "finished" and rec["config_sha256"] == plan.hashes[cell.name]
+    assert res["run_dir"] == str(sweep / cell.name / plan.hashes[cell.name][:12])
+
+
+@pytest.mark.slow
+def test_parallel_suite_killed_leaves_no_worker_training(conf: Path, tmp_path: Path) -> None:
+    """SIGKILL of pcbench-bench with the joblib launcher: its worker (running a long cell) exits too, and the
+    next run takes the dead worker's claim over."""
+    import signal
+    import time
+
+    from pcbench.bench.store import process_alive
+
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(PCBENCH_CONF=str(conf), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "pcbench.bench", f"out={out}", "suite=t3", "hydra/launcher=parallel",
+           "hydra.launcher.n_jobs=2", "threads=1", "only=[objects-pct_cls-s0]",
+           'overrides=["trainer.max_steps=100000","trainer.max_epochs=1000"]']
+    with open(tmp_path / "runner.log", "w") as log:
+        runner = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    worker = None
+    try:
+        deadline = time.monotonic() + 300
+        while worker is None and time.monotonic() < deadline and runner.poll() is None:
+            time.sleep(0.5)
+            if (out / "results.sqlite").is_file():
+                with contextlib.suppress(ValueError), ResultStore.open_readonly(out / "results.sqlite") as s:
+                    running = s.records(status="running")
+                    worker = running[0]["extra"]["pid"] if running else None
+        assert worker is not None and worker != runner.pid, (tmp_path / "runner.log").read_text()
+        runner.send_signal(signal.SIGKILL)
+        runner.wait()
+        deadline = time.monotonic() + 30
+        while process_alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not process_alive(worker), "the joblib worker outlived its killed runner"
+        with ResultStore.open_readonly(out / "results.sqlite") as s:
+            assert [c["pid"] for c in s.claims()] == [worker]  # left behind by the dead worker
+    finally:
+        runner.kill()
+        runner.wait()
+        if worker is not None and process_alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_two_runners_on_one_store_train_each_cell_once(conf: Path, tmp_path: Path) -> None:
+    """The issue's repro: two pcbench-bench on one store, data already prepared. One trains the cell, the other
+    says who has it; one finished row per config hash, nobody's live row marked failed."""
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    prep = bench(conf, out, "suite=t3", "only=[objects-crash-s0]")  # prepares the data (the cell itself fails)
+    assert prep.returncode == 1, prep.stdout + prep.stderr
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(PCBENCH_CONF=str(conf), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "pcbench.bench", f"out={out}", "suite=t3", "hydra/launcher=basic", "threads=1",
+           "only=[objects-pct_cls-s0]", 'overrides=["trainer.max_steps=40","trainer.max_epochs=40"]']
+    runners = []
+    for k in range(2):
+        runners.append(subprocess.Popen(cmd, env=env, stdout=open(tmp_path / f"r{k}.log", "w"),  # noqa: SIM115
+                                        stderr=subprocess.STDOUT, cwd=tmp_path))
+        time.sleep(1.0)
+    codes = [r.wait(timeout=600) for r in runners]
+    logs = [(tmp_path / f"r{k}.log").read_text() for k in range(2)]
+    assert codes == [0, 0], logs
+    recs = [r for r in records(out) if r["cell"] == "objects-pct_cls-s0"]
+    assert [r["status"] for r in recs] == ["finished"], recs
+    trained = [k for k in range(2) if "objects-pct_cls-s0: finished in" in logs[k]]
+    assert len(trained) == 1, logs
+    other = logs[1 - trained[0]]
+    assert re.search(r"objects-pct_cls-s0: (claimed by pid \d+ on host|finished earlier)", other), other
+    if "claimed by pid" in other:
+        assert "0 finished, 0 failed, 1 being run by another runner, 0 not run" in other

@@ -159,6 +159,8 @@ def test_fidelity_reference_only_for_a_recipe_with_placement_overrides() -> None
      r"suite.models.pct_cls.sweep.k must be \{key: <trainer override key>, values: \[...\]\}"),
     ({"pct_cls": {"datasets": ["objects"], "sweep": {"k": {"key": "model.k", "values": []}}}},
      r"sweep.k.values is empty"),
+    ({"pct_cls": {"datasets": ["objects"], "trian": ["model.k=8"]}},  # a typo would drop the overrides silently
+     r"suite.models.pct_cls has unknown key\(s\) \['trian'\]; its keys are model, experiment, datasets, train"),
     ({"pct_cls": {"datasets": ["objects", "objects"]}}, r"makes the cells \['objects-pct_cls-s0', 'objects-pct_cls-s1'\] "
                                                         r"more than once"),
 ])
@@ -257,3 +259,32 @@ def test_sweep_on_the_command_line_is_refused(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2
     assert "['suite=quickstart,smoke'] would be a Hydra sweep" in p.stderr
+
+
+@pytest.mark.parametrize(("arg", "says"), [
+    ("unknown_key=1", "pcbench-bench has no key 'unknown_key'; its keys: cell, data_dir, device, dry_run, only, ops, "
+                      "out, overrides, prep_workers, report, results, shared_data, store_per_job, threads"),
+    ("treads=2", "pcbench-bench has no key 'treads'; its keys: cell, data_dir, device"),
+    ("suite.sedes=[1]", "'suite' has no key 'sedes'; its keys: datasets, description, models, name, probe, seeds, train"),
+])
+def test_runner_key_typos_list_the_runners_keys(arg: str, says: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from pcbench.cli.bench import main
+
+    assert main(["suite=quickstart", arg, f"out={tmp_path}", "dry_run=true"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert "optim" not in err.split("\n", 2)[-1]  # not the trainer's keys (conf/train.yaml groups)
+
+
+def test_typos_in_suite_dataset_and_probe_entries_are_refused() -> None:
+    bench = _suite(pct_cls={"datasets": ["objects"]})
+    with open_dict(bench):
+        bench.suite.datasets.objects.rooot = "/data"
+    with pytest.raises(SuiteError, match=r"suite.datasets.objects has unknown key\(s\) \['rooot'\]"):
+        expand_suite(bench)
+    bench = _suite(pct_cls={"datasets": ["objects"]})
+    with open_dict(bench):
+        bench.suite.probe = {"repeat": 3}
+    with pytest.raises(SuiteError, match=r"suite.probe has unknown key\(s\) \['repeat'\]; its keys are batches"):
+        expand_suite(bench)
