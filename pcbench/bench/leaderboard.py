@@ -262,8 +262,9 @@ def split_text(rows: Iterable[LeaderRow], protocol: str) -> str:
     The protocol's generic wording (``PROTOCOLS``) is only a fallback for runs that recorded no splits: a suite
     whose final split is its training split is headed so, not "honest".
     """
-    seen = {(s.get("train"), s.get("val"), s.get("test")) for r in rows for s in (run.get("splits") or {}
-                                                                                   for run in r.runs) if s}
+    # typed records name the final split "final"; metrics.json of older runs called it "test"
+    seen = {(s.get("train"), s.get("val"), s.get("final") or s.get("test")) for r in rows
+            for s in (_splits(run) for run in r.runs) if s}
     if not seen:
         return PROTOCOLS[protocol] + " (as the protocol defines it; the runs recorded no split names)"
     parts = []

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from pcbench.bench.record import identity_sha256 as record_identity
 from pcbench.bench.record import record_from_metrics
 from pcbench.bench.report import build_leaderboard, render_csv, render_markdown, write_report
 from pcbench.train.config import config_identity_sha256
@@ -86,6 +87,7 @@ def test_runner_records_are_grouped_by_their_trainer_config() -> None:
         rec = _run(oa, seed=seed)
         train = {"model": {"name": "pct_cls"}, "seed": seed, "trainer": {"max_steps": steps}}
         rec["config"] = {"train": train, "probe": {"repeats": repeats}}
+        rec["identity_sha256"] = record_identity(rec["config"])  # what the store computes for such a record
         return rec
 
     rows = _rows(build_leaderboard([cell(0.80, 0, 30), cell(0.82, 1, 30, repeats=3), cell(0.90, 0, 31)]))
