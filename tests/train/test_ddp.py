@@ -75,6 +75,21 @@ def normwise_errors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> d
     return out
 
 
+def test_normwise_check_takes_the_xeon_rounding_noise_and_rejects_an_update_sized_change() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 32, generator=g) * 0.05  # conv-weight scale; many entries near zero
+    a = {"conv5.weight": w, "bn.num_batches_tracked": torch.tensor(5)}
+    # ~2.2e-5 absolute on every entry, the size reported on an Intel Xeon: the old elementwise check refused it
+    noisy = {**a, "conv5.weight": w + 2.2e-5 * torch.randn(64, 32, generator=g).sign()}
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(noisy["conv5.weight"], w, rtol=1e-4, atol=1e-5)
+    assert normwise_errors(a, noisy)["conv5.weight"] <= REL_TOL
+    update = 0.05 * torch.randn(64, 32, generator=g) * w.abs().mean()  # ~4 % of the norm (the controls: >200 %)
+    assert normwise_errors(a, {**a, "conv5.weight": w + update})["conv5.weight"] > REL_TOL
+    with pytest.raises(AssertionError, match="num_batches_tracked"):
+        normwise_errors(a, {**a, "bn.num_batches_tracked": torch.tensor(4)})
+
+
 @pytest.fixture(scope="module")
 def single(prepared: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The one-process run every two-rank run is compared with."""
