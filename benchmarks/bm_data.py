@@ -43,7 +43,7 @@ def prep_objects(quick: bool, work: Path, workers: int) -> list[Row]:
     from data_prep import modelnet, scanobjectnn
     from data_prep import synthetic_objects as S
     from data_prep.common import parse_options
-    from pcbench.ops import _clouds
+    from pcbench.testing import clouds
 
     per_class = (4, 2) if quick else (16, 4)  # x 5 shapes x (train, test)
     raw = work / "raw"
@@ -73,7 +73,7 @@ def prep_objects(quick: bool, work: Path, workers: int) -> list[Row]:
         rep, sec = _timed(lambda out=out, w=w: scanobjectnn.prepare(raw / "so", out,
                                                                     parse_options(scanobjectnn.OPTIONS, {}), w))
         rows.append(_row("prepare", f"scanobjectnn PB_T50_RS 2048 pts, workers={w}", rep.samples, sec, "objects/s"))
-    real = _clouds.shared_data_dir()
+    real = clouds.shared_data_dir()
     if real is not None and (real / "modelnet40").is_dir():
         o = parse_options(modelnet.OPTIONS, {"allow_missing": True})
         rep, sec = _timed(lambda: modelnet.prepare(real / "modelnet40", work / "real", o, 1))

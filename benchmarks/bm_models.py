@@ -50,7 +50,7 @@ def _inputs(case: str, task: str, quick: bool):
     import torch  # noqa: PLC0415 - the parent process never imports torch
 
     from pcbench.ops import PointBatch, voxelize  # noqa: PLC0415
-    from pcbench.ops._clouds import load_scannet_scene, object_batch, shared_data_dir  # noqa: PLC0415
+    from pcbench.testing.clouds import load_scannet_scene, object_batch, shared_data_dir  # noqa: PLC0415
 
     g = torch.Generator().manual_seed(0)
     if case == "scene":

@@ -1,6 +1,6 @@
 """FPS, voxelization and interpolation against their peers (fpsample, QuickFPS, open3d, numpy, scipy).
 
-Inputs come from ``pcbench.ops._clouds`` (the generators the tests use). ``cases(quick)`` feeds
+Inputs come from ``pcbench.testing.clouds`` (the generators the tests use). ``cases(quick)`` feeds
 ``benchmarks.bm_ops`` (``pcbench-bench-ops --only fps,voxelize,interpolate``).
 """
 
@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from benchmarks.harness import Case, Entry, optional_entry
-from pcbench.ops._clouds import object_batch, scan_like_scene
 from pcbench.ops._reference import fps_reference
 from pcbench.ops.fps import farthest_point_sample
 from pcbench.ops.interpolate import interpolate
 from pcbench.ops.voxel import voxelize
+from pcbench.testing.clouds import object_batch, scan_like_scene
 
 __all__ = ["cases"]
 

@@ -1,6 +1,6 @@
 """kNN and ball-query cases for ``benchmarks.bm_ops``: pcbench against k-d trees, open3d, faiss and torch.
 
-Inputs come from ``pcbench.ops._clouds`` (the same builders the tests use). Every entry includes its
+Inputs come from ``pcbench.testing.clouds`` (the same builders the tests use). Every entry includes its
 own index build (pcbench builds its cell grid on every call too). Run alone with
 ``python -m benchmarks.bm_ops_knn [--quick]``; ``--memory`` only measures the 1M-point peak memory.
 """
@@ -20,14 +20,14 @@ from torch import Tensor
 
 from benchmarks.harness import Case, Entry, optional_entry, run_cases
 from pcbench.ops import ball_query, farthest_point_sample, knn, sample_offset
-from pcbench.ops._clouds import (
+from pcbench.ops._reference import knn_reference
+from pcbench.testing.clouds import (
     load_scannet_scene,
     object_batch,
     scan_like_scene,
     shared_data_dir,
     uniform_cloud,
 )
-from pcbench.ops._reference import knn_reference
 
 # plain cdist + topk materialises [M, N] floats: only where that stays below this
 _CDIST_MAX_ELEMS = 1 << 29
@@ -194,7 +194,7 @@ def peak_memory_1m(k: int = 16, n: int = 1 << 20) -> dict[str, float]:
     code = (
         "import resource, json, torch\n"
         "from pcbench.ops import knn\n"
-        "from pcbench.ops._clouds import uniform_cloud\n"
+        "from pcbench.testing.clouds import uniform_cloud\n"
         f"p = uniform_cloud({n}, seed=0)\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         f"idx, d2 = knn(p, p, {k})\n"

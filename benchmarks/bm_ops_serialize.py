@@ -1,6 +1,6 @@
 """serialize (z-order / Hilbert codes) against vectorised numpy encoders of the same curves.
 
-Inputs: room-like scan scenes from ``pcbench.ops._clouds.scan_like_scene`` voxelized at 2 cm (the PTv3
+Inputs: room-like scan scenes from ``pcbench.testing.clouds.scan_like_scene`` voxelized at 2 cm (the PTv3
 setting), as integer grid coordinates relative to the scene minimum. The numpy peers are independent
 whole-array implementations (magic-number bit spreading for Morton, Skilling's transform for Hilbert)
 and are checked against pcbench before timing.
@@ -13,7 +13,7 @@ import torch
 
 from benchmarks.harness import Case, Entry
 from pcbench.ops import serialize
-from pcbench.ops._clouds import scan_like_scene
+from pcbench.testing.clouds import scan_like_scene
 
 _MASKS = (
     (32, 0x1F00000000FFFF),

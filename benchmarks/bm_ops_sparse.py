@@ -11,9 +11,9 @@ from torch import Tensor
 
 from benchmarks.harness import Case, Entry
 from pcbench.ops import kernel_map, voxelize
-from pcbench.ops._clouds import load_scannet_scene, scan_like_scene, shared_data_dir
 from pcbench.ops._reference import kernel_map_reference
 from pcbench.ops.sparse import kernel_offsets
+from pcbench.testing.clouds import load_scannet_scene, scan_like_scene, shared_data_dir
 
 SCENE = "scannet/scans/scene0000_00/scene0000_00_vh_clean_2.ply"
 # The dense-volume peer is skipped when its table would exceed this many cells (4 bytes each).

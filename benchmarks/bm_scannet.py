@@ -62,7 +62,7 @@ def bm_scenes(quick: bool, work: Path, workers: int) -> list[Row]:
     from pcbench.data import collate
     from pcbench.data import transforms as T
     from pcbench.data.scannet import ScanNetDataset
-    from pcbench.ops import _clouds
+    from pcbench.testing import clouds
 
     work = Path(work)
     rows: list[Row] = []
@@ -78,7 +78,7 @@ def bm_scenes(quick: bool, work: Path, workers: int) -> list[Row]:
         rows.append(_row("prepare", f"scannet synthetic rooms, workers={w}", rep.samples, sec))
         rep, sec = _timed(lambda out=out, w=w: scannet.prepare(raw, out, {"shard_size": 4}, w, progress=False))
         rows.append(_row("prepare", f"scannet synthetic rooms, re-run (all skipped), workers={w}", rep.samples, sec))
-    real = _clouds.shared_data_dir()
+    real = clouds.shared_data_dir()
     if real is None or not (real / "scannet" / "scans" / "scene0000_00").is_dir():
         return rows
     real = real / "scannet"

@@ -40,7 +40,7 @@ from pcbench.io import write_text
 from pcbench.models import build_model
 from pcbench.models.sparse import CoordinateCache, SparseConv3d, SparseTensor, sparse_conv
 from pcbench.ops import PointBatch, voxelize
-from pcbench.ops._clouds import load_scannet_scene, shared_data_dir
+from pcbench.testing.clouds import load_scannet_scene, shared_data_dir
 
 SCENE = "scannet/scans/scene0000_00/scene0000_00_vh_clean_2.ply"
 CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"

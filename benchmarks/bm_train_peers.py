@@ -122,7 +122,7 @@ def worker(ns: argparse.Namespace) -> dict[str, object]:
     import torch.nn.functional as F  # noqa: PLC0415
 
     from pcbench.ops import PointBatch  # noqa: PLC0415
-    from pcbench.ops._clouds import object_batch  # noqa: PLC0415
+    from pcbench.testing.clouds import object_batch  # noqa: PLC0415
 
     torch.set_num_threads(ns.threads)
     pair = PAIRS[ns.config]

@@ -10,7 +10,7 @@ import torch
 
 from benchmarks import bm_train_peers as bm
 from pcbench.ops import farthest_point_sample
-from pcbench.ops._clouds import object_batch
+from pcbench.testing.clouds import object_batch
 
 # Stand-ins with the layout and import style of the community repositories: yanx27's model file imports its
 # sibling ``pointnet2_utils`` flat from models/, PCT_Pytorch's model.py imports util.py, which imports the CUDA

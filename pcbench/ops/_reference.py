@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .batch import offset2start
+from .fps import sample_counts
 
 __all__ = [
     "ball_query_reference",
@@ -21,7 +22,6 @@ __all__ = [
     "interpolate_reference",
     "kernel_map_reference",
     "knn_reference",
-    "sample_counts",
     "serialize_reference",
     "voxelize_reference",
 ]
@@ -83,20 +83,6 @@ def ball_query_reference(
             inside = np.nonzero(d2.astype(dtype).astype(np.float64) < radius * radius)[0][:max_neighbors]
             idx[i, : len(inside)] = inside + sa
     return torch.from_numpy(idx)
-
-
-def sample_counts(lengths: Tensor, n: int | None = None, ratio: float | None = None) -> Tensor:
-    """Samples per cloud for FPS: ``min(n, len)`` or ``min(len, ceil(ratio * len))``; 0 for empty clouds."""
-    lengths = lengths.long()
-    if (n is None) == (ratio is None):
-        raise ValueError("give exactly one of n (samples per cloud) or ratio (fraction of each cloud)")
-    if n is not None:
-        if n <= 0:
-            raise ValueError(f"n must be a positive number of samples per cloud, got {n}")
-        return torch.clamp(lengths, max=n)
-    if not (0.0 < ratio <= 1.0):
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-    return torch.minimum(lengths, torch.ceil(lengths.double() * ratio).long())
 
 
 def fps_reference(

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from pcbench.models import build_model
 from pcbench.ops import PointBatch, voxelize
-from pcbench.ops._clouds import load_modelnet_txt, object_batch
+from pcbench.testing.clouds import load_modelnet_txt, object_batch
 
 CONF_MODEL = Path(__file__).resolve().parents[2] / "conf" / "model"
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pcbench.models.ptv2 import GroupedVectorAttention, PointTransformerV2
 from pcbench.ops import PointBatch, knn
-from pcbench.ops._clouds import load_modelnet_txt, object_batch
+from pcbench.testing.clouds import load_modelnet_txt, object_batch
 from tests.models._helpers import build_from_yaml
 
 SMALL = dict(

@@ -18,8 +18,8 @@ from pcbench.models.ptv3 import (
 )
 from pcbench.models.sparse import SparseConv3d
 from pcbench.ops import PointBatch, offset2lengths, serialize
-from pcbench.ops._clouds import load_modelnet_txt, object_batch
 from pcbench.ops._reference import serialize_reference
+from pcbench.testing.clouds import load_modelnet_txt, object_batch
 from tests.models._helpers import build_from_yaml
 
 SMALL = dict(

@@ -13,7 +13,7 @@ from pcbench.models.minkunet import MinkUNet
 from pcbench.models.sparse_resnet import SparseResNet
 from pcbench.models.spunet import SpUNet
 from pcbench.ops import PointBatch
-from pcbench.ops._clouds import load_modelnet_txt, load_scannet_scene, object_batch, scan_like_scene
+from pcbench.testing.clouds import load_modelnet_txt, load_scannet_scene, object_batch, scan_like_scene
 from tests.models._helpers import build_from_yaml
 
 SCENE = Path("scannet/scans/scene0000_00/scene0000_00_vh_clean_2.ply")

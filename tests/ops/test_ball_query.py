@@ -10,8 +10,8 @@ import torch
 from scipy.spatial import cKDTree
 
 from pcbench.ops import ball_query
-from pcbench.ops._clouds import load_scannet_scene, object_batch, scan_like_scene, uniform_cloud
 from pcbench.ops._reference import ball_query_reference, knn_reference
+from pcbench.testing.clouds import load_scannet_scene, object_batch, scan_like_scene, uniform_cloud
 
 # a few units in the last place: summation order of the three squared differences may differ
 _ULPS = {torch.float16: 2e-3, torch.float32: 2.5e-7, torch.float64: 1e-15}

@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from pcbench.ops import fps as fps_mod
-from pcbench.ops._clouds import (
+from pcbench.ops._fps_cells import fps_cells, fps_cells_speculative
+from pcbench.ops._reference import fps_reference
+from pcbench.ops.batch import offset2lengths
+from pcbench.ops.fps import farthest_point_sample, sample_counts, sample_offset
+from pcbench.testing.clouds import (
     load_modelnet_txt,
     load_scannet_scene,
     object_batch,
     scan_like_scene,
     uniform_cloud,
 )
-from pcbench.ops._fps_cells import fps_cells, fps_cells_speculative
-from pcbench.ops._reference import fps_reference, sample_counts
-from pcbench.ops.batch import offset2lengths
-from pcbench.ops.fps import farthest_point_sample, sample_offset
 
 ENGINES = ("dense", "cells", "cells-k3", "plain-cells")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pcbench.ops._clouds import uniform_cloud
 from pcbench.ops.grouping import group, group_relative
 from pcbench.ops.knn import knn
+from pcbench.testing.clouds import uniform_cloud
 
 
 def _loop_group(features: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from pcbench.ops._clouds import load_modelnet_txt, scan_like_scene, uniform_cloud
 from pcbench.ops._reference import interpolate_reference
 from pcbench.ops.fps import farthest_point_sample
 from pcbench.ops.interpolate import interpolate
+from pcbench.testing.clouds import load_modelnet_txt, scan_like_scene, uniform_cloud
 
 
 def _scipy_idw(query: np.ndarray, support: np.ndarray, feat: np.ndarray, k: int) -> np.ndarray:

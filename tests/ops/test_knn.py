@@ -11,14 +11,14 @@ import torch
 from scipy.spatial import cKDTree
 
 from pcbench.ops import knn
-from pcbench.ops._clouds import (
+from pcbench.ops._reference import knn_reference
+from pcbench.testing.clouds import (
     load_modelnet_txt,
     load_scannet_scene,
     object_batch,
     scan_like_scene,
     uniform_cloud,
 )
-from pcbench.ops._reference import knn_reference
 
 METHODS = ("grid", "dense", "auto")
 # the module, not the function that pcbench.ops re-exports under the same name

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pcbench.ops._clouds import load_scannet_scene, scan_like_scene, uniform_cloud
 from pcbench.ops._reference import voxelize_reference
 from pcbench.ops.voxel import voxel_pool, voxelize
+from pcbench.testing.clouds import load_scannet_scene, scan_like_scene, uniform_cloud
 
 
 def _numpy_voxelize(coord: np.ndarray, size: float, lengths: list[int]):

@@ -1,6 +1,6 @@
-"""Point-cloud generators and real-sample loaders shared by the op tests and the op benchmarks.
+"""Point-cloud generators and real-sample loaders shared by the tests and the benchmarks.
 
-What the benchmarks time is what the tests check: both build their inputs here.
+What the benchmarks time is what the tests check: both build their inputs here. Never imported by the library.
 """
 
 from __future__ import annotations
@@ -19,14 +19,24 @@ __all__ = [
     "object_batch",
     "scan_like_scene",
     "shared_data_dir",
+    "shared_data_path",
     "uniform_cloud",
 ]
 
 
-def shared_data_dir() -> Path | None:
-    """Folder of the real sample files (``$PCBENCH_SHARED_DATA`` or ``<repo>/../shared/data``), or None."""
+def shared_data_path() -> Path:
+    """Where the real sample files are looked for: ``$PCBENCH_SHARED_DATA``, else ``<repo>/../shared/data``.
+
+    ``<repo>`` is the checkout holding this file (pytest puts the repo under test first on the path, so the
+    tests and this module agree on it). A fresh clone has no such folder: callers skip or fall back.
+    """
     env = os.environ.get("PCBENCH_SHARED_DATA")
-    path = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def shared_data_dir() -> Path | None:
+    """The folder of ``shared_data_path()`` when it exists, else None."""
+    path = shared_data_path()
     return path if path.is_dir() else None
 
 
