@@ -3,15 +3,17 @@ generators."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from pcbench.testing.clouds import shared_data_path
-
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = shared_data_path()  # $PCBENCH_SHARED_DATA or <repo>/../shared/data (tests/test_layering.py)
+# The sample folder beside the checkout under test, unless the caller names another; exported so that the
+# benchmarks and CLI subprocesses the tests start (pcbench.testing.clouds.shared_data_path) see the same folder.
+os.environ.setdefault("PCBENCH_SHARED_DATA", str(REPO.parent / "shared" / "data"))
+SHARED_DATA = Path(os.environ["PCBENCH_SHARED_DATA"])
 _SHARED_STATE = pytest.StashKey[dict[str, tuple[int, int]]]()
 
 

@@ -4,6 +4,7 @@ reverse), and the tests find the real samples beside the repository they test.""
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 import pytest
@@ -105,8 +106,9 @@ def test_each_rule_catches_its_breach(tmp_path: Path, rel: str, text: str, why: 
 def test_tests_find_the_samples_beside_the_repository_under_test(monkeypatch: pytest.MonkeyPatch) -> None:
     # pytest puts the repo under test first on sys.path, so the fixtures module is this checkout's own
     assert Path(clouds.__file__).resolve().is_relative_to(REPO)
+    assert clouds.shared_data_path() == Path(os.environ["PCBENCH_SHARED_DATA"])  # set by tests/conftest.py
     monkeypatch.delenv("PCBENCH_SHARED_DATA", raising=False)
-    assert clouds.shared_data_path() == REPO.parent / "shared" / "data"
+    assert clouds.shared_data_path() is None  # the library knows no default location
     monkeypatch.setenv("PCBENCH_SHARED_DATA", "/elsewhere/data")
     assert clouds.shared_data_path() == Path("/elsewhere/data")
 

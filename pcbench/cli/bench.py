@@ -77,16 +77,6 @@ def _absolute_paths(bench, argv: list[str]) -> list[str]:  # noqa: ANN001 - a co
     return out
 
 
-def _default_shared_data(argv: list[str]) -> list[str]:
-    import os  # noqa: PLC0415
-
-    from pcbench.train.config import config_dir  # noqa: PLC0415
-
-    if any(a.split("=", 1)[0] == "shared_data" for a in argv) or os.environ.get("PCBENCH_SHARED_DATA"):
-        return argv
-    return [*argv, f"shared_data={config_dir().parent.parent / 'shared' / 'data'}"]
-
-
 def _launch(job_argv: list[str]) -> None:
     """Hydra multirun of ``cell_job`` with ``job_argv`` (the configured launcher runs the jobs)."""
     import hydra  # noqa: PLC0415
@@ -140,7 +130,6 @@ def _run(argv: list[str]) -> int:
     t0 = time.time()
     try:
         _check_args(argv)
-        argv = _default_shared_data(argv)
         bench = compose_bench(argv)
         job_argv = _absolute_paths(bench, argv)
         bench = compose_bench(job_argv)

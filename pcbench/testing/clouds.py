@@ -24,20 +24,20 @@ __all__ = [
 ]
 
 
-def shared_data_path() -> Path:
-    """Where the real sample files are looked for: ``$PCBENCH_SHARED_DATA``, else ``<repo>/../shared/data``.
+def shared_data_path() -> Path | None:
+    """Where the real sample files are: ``$PCBENCH_SHARED_DATA`` (None when unset).
 
-    ``<repo>`` is the checkout holding this file (pytest puts the repo under test first on the path, so the
-    tests and this module agree on it). A fresh clone has no such folder: callers skip or fall back.
+    The library and the benchmarks know no default location; the test session sets the variable to the sample
+    folder beside the checkout (tests/conftest.py), and a user points it at their own copy.
     """
     env = os.environ.get("PCBENCH_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    return Path(env) if env else None
 
 
 def shared_data_dir() -> Path | None:
-    """The folder of ``shared_data_path()`` when it exists, else None."""
+    """The folder of ``shared_data_path()`` when it is set and exists, else None."""
     path = shared_data_path()
-    return path if path.is_dir() else None
+    return path if path is not None and path.is_dir() else None
 
 
 def uniform_cloud(n: int, seed: int = 0, scale: float = 1.0, dtype: torch.dtype = torch.float32) -> Tensor:

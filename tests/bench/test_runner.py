@@ -176,7 +176,7 @@ def test_smoke_without_sample_files_says_what_to_do(tmp_path: Path) -> None:
     p = bench(config_dir(), out, "suite=smoke", f"shared_data={tmp_path / 'nowhere'}")
     assert p.returncode == 2
     assert f"the raw files {tmp_path / 'nowhere'}/modelnet40/modelnet40_normal_resampled do not exist" in p.stderr
-    assert "suite=smoke needs the real sample files of ../shared/data" in p.stderr
+    assert "suite=smoke needs a folder of real sample files (modelnet40/, scannet/)" in p.stderr
     assert "without them run suite=quickstart" in p.stderr
 
 
