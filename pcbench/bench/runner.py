@@ -381,7 +381,7 @@ def run_cell(bench: DictConfig, cell: Cell, job_dir: Path, store_path: Path, pro
         try:
             with _captured(log) as out:
                 print(f"[{now_iso()}] cell {cell.name} ({cell.suite}), config {sha}, run dir {run_dir}", file=out)
-                metrics = fit(cfg)
+                metrics = fit(cfg).to_dict()
                 t_probe = time.perf_counter()
                 probe = probe_cell(cfg, run_dir, cell.probe)
                 probe_s = time.perf_counter() - t_probe
