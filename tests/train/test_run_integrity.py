@@ -97,7 +97,8 @@ def test_resume_with_a_changed_config_is_refused_before_anything_is_written(prep
     p = run([*base, "resume=true", "optim.lr=0.5", "seed=5"], cwd=tmp_path, check=False)
     assert p.returncode == 2, p.stderr[-2000:]
     assert "optim.lr: 0.001 -> 0.5" in p.stderr and "seed: 0 -> 5" in p.stderr and "Traceback" not in p.stderr
-    p = run([*base, "resume=true", "model=pct_cls"], cwd=tmp_path, check=False)  # another model: same refusal
+    other = [a for a in base if a not in TINY[MODEL] and a != f"model={MODEL}"]
+    p = run([*other, "model=pct_cls", *TINY["pct_cls"], "resume=true"], cwd=tmp_path, check=False)  # another model
     assert p.returncode == 2 and "model._target_: 'pcbench.models" in p.stderr and "Traceback" not in p.stderr
     for rel, data in kept.items():
         assert (run_dir / rel).read_bytes() == data, f"{rel} was rewritten by a refused resume"
