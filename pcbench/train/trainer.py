@@ -38,6 +38,7 @@ import pcbench
 from pcbench import _malloc
 from pcbench.io import write_json, write_text
 from pcbench.models import build_model
+from pcbench.ops.batch import NonFiniteError
 
 from .checkpoint import FORMAT, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from .config import check_run_config, config_changes, config_identity_sha256, config_sha256
@@ -469,6 +470,29 @@ def _restore_point(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any] | Non
     return state, None
 
 
+def _from_nonfinite_sample(err: BaseException) -> bool:
+    """Whether ``err`` is collate's NonFiniteError report (raised here, or re-raised by a DataLoader worker as text)."""
+    e: BaseException | None = err
+    while e is not None:
+        if isinstance(e, NonFiniteError) or "NonFiniteError" in str(e):
+            return True
+        e = e.__cause__
+    return False
+
+
+def _nonfinite_sample_message(err: BaseException, cfg: DictConfig) -> str:
+    """One line: which prepared sample holds NaN/inf (collate's words), and the command that checks the folder."""
+    text = str(err)
+    lines = [ln.strip() for ln in text.splitlines() if "contains NaN or inf" in ln]
+    # collate's line names the samples; a worker's re-raised text also holds the PointBatch line before it
+    detail = next((ln for ln in lines if " of sample " in ln), lines[-1] if lines else text.strip().splitlines()[-1])
+    detail = detail.split(": ", 1)[1] if detail.startswith("ValueError: ") else detail
+    prep = " ".join(str(cfg.data.get("prep") or "pcbench-prep <dataset>").split()[:2])
+    root = cfg.data.root
+    return (f"a prepared training sample of data.root={root} holds NaN or inf: {detail[:300]}; check the folder with "
+            f"`{prep} --verify out={root}` and re-prepare it (or drop the sample)")
+
+
 def _short(v: Any) -> str:
     s = repr(v)
     return s if len(s) <= 60 else s[:57] + "..."
@@ -639,9 +663,14 @@ class _Training:
         self.reporter.start_epoch(s.epoch, self.sampler.num_batches(), s.batch)
         self.t_epoch = time.perf_counter()
         self.window_bad.zero_()
-        for batch in self.loader:
-            if self.train_step(batch.to(self.device, non_blocking=True)):
-                break
+        try:
+            for batch in self.loader:
+                if self.train_step(batch.to(self.device, non_blocking=True)):
+                    break
+        except ValueError as err:
+            if not _from_nonfinite_sample(err):
+                raise
+            raise RunFileError(_nonfinite_sample_message(err, self.cfg)) from err
         self.reporter.end_epoch()
         s.train_seconds += time.perf_counter() - self.t_epoch
 

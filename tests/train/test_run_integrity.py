@@ -24,7 +24,7 @@ from pcbench.train.errors import ConfigError, DivergedError, RunFileError
 from pcbench.train.result import FitResult
 from pcbench.train.state import DeviceTally, TrainState
 
-from ._cli import REPO, TINY, env, metrics, run
+from ._cli import REPO, TINY, copy_tree, env, metrics, run
 
 MODEL = "pointnet2_ssg_cls"
 
@@ -283,3 +283,17 @@ def test_ctrl_c_in_the_trainer_exits_130_with_one_line(prepared: dict[str, Path]
     assert p.returncode == 130, err[-2000:]
     assert "interrupted; continue with resume=true" in err and "Traceback" not in err
     assert (run_dir / ".lock").read_text() == ""
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_nan_in_a_prepared_sample_names_it_and_the_verify_command(prepared: dict[str, Path], tmp_path: Path,
+                                                                   workers: int) -> None:
+    import h5py  # noqa: PLC0415
+
+    root = copy_tree(prepared["mn40_syn"], tmp_path / "mn40")
+    with h5py.File(root / "train" / "shard_00000.h5", "r+") as h:
+        h["normal"][:] = float("nan")  # every training sample's normals
+    cfg = compose(_overrides({"mn40_syn": root}, f"trainer.num_workers={workers}"), run_dir=tmp_path / "run")
+    with pytest.raises(RunFileError, match=rf"of sample \d+ \(.+\).* contains NaN or inf.*"
+                                           rf"`pcbench-prep modelnet40 --verify out={root}`"):
+        fit(cfg)
