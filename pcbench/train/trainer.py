@@ -581,6 +581,10 @@ class _Training:
         self.key = _selection_key(cfg, b.task)
         self.cfg_yaml = _resolved_yaml(cfg)
         self.clip = float(t.gradient_clip_val) if t.gradient_clip_val else None
+        frac = t.get("max_skipped_fraction")
+        if frac is not None and not 0.0 <= float(frac) <= 1.0:
+            raise ConfigError(f"trainer.max_skipped_fraction={frac} must be between 0 and 1 (or null: no fraction "
+                              "limit, only trainer.max_skipped_steps)")
         self.tally = DeviceTally(self.device)
         self.window_bad = torch.zeros((), device=self.device)  # non-finite micro-batch losses in this window
         self.reporter = _Reporter(cfg, self.run_dir, info.is_main, total)

@@ -297,3 +297,20 @@ def test_nan_in_a_prepared_sample_names_it_and_the_verify_command(prepared: dict
     with pytest.raises(RunFileError, match=rf"of sample \d+ \(.+\).* contains NaN or inf.*"
                                            rf"`pcbench-prep modelnet40 --verify out={root}`"):
         fit(cfg)
+
+
+def test_pcbench_eval_on_an_empty_split_exits_2(prepared: dict[str, Path], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from pcbench.cli.train import eval_main  # noqa: PLC0415
+
+    root = copy_tree(prepared["mn40_syn"], tmp_path / "mn40")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["splits"]["empty"] = {"files": [], "num_samples": 0}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    run_dir = tmp_path / "run"
+    fit(_cfg({"mn40_syn": root}, run_dir))
+    capsys.readouterr()
+    code = eval_main([f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "eval.split=empty"])
+    err = capsys.readouterr().err
+    assert code == 2 and "eval.split='empty'" in err and "holds no samples" in err, err
+    assert not (run_dir / "eval_empty.json").exists()
