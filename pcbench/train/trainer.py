@@ -539,13 +539,13 @@ class _Training:
         """Data, model (+ EMA, DDP, compile), optimizer, schedule, scaler, loss weights, and the step budget."""
         cfg, t, info = self.cfg, self.t, self.info
         _seed_everything(int(cfg.seed))
-        self.run_ = build_run(cfg, self.device)
-        self.bundle, self.model, self.precision = self.run_.data, self.run_.model, self.run_.precision
+        self.built = build_run(cfg, self.device)
+        self.bundle, self.model, self.precision = self.built.data, self.built.model, self.built.precision
         LOG.info(f"run dir {self.run_dir}")
         b = self.bundle
         LOG.info(f"data {cfg.data.name} ({b.task}, {b.num_classes} classes, {b.in_channels} input channels): "
                  f"train {len(b.train)}, val {len(b.val)}, test {len(b.test)}")
-        LOG.info(f"model {cfg.model._target_}: {self.run_.params:,} parameters on {self.device} ({self.precision}); "
+        LOG.info(f"model {cfg.model._target_}: {self.built.params:,} parameters on {self.device} ({self.precision}); "
                  f"allocator {_malloc.malloc_setting()}")
         if info.world_size > 1 and t.sync_batchnorm:
             convert_sync_batchnorm(self.model)
@@ -802,7 +802,7 @@ class _Training:
         last_epoch = epoch + 1 >= self.max_epochs or s.step >= self.total_steps
         val = None
         if last_epoch or (epoch + 1) % int(cfg.eval.every_n_epochs) == 0:
-            val = evaluate_split(cfg, self.run_, "val", model=self.eval_model(), limit=t.limit_eval_batches)
+            val = evaluate_split(cfg, self.built, "val", model=self.eval_model(), limit=t.limit_eval_batches)
             self.reporter.scalars("val", val.metrics, epoch)
             row.update({f"val_{k}": val.metrics[k] for k in ("oa", "macc", "miou")})
             score = val.metrics.get(self.key)
@@ -812,7 +812,7 @@ class _Training:
             LOG.info(f"epoch {epoch}: train loss {row['train_loss']:.4f}, val {self.key} "
                      f"{_fmt(score)} (best {_fmt(s.best)} at epoch {s.best_epoch})")
             if cfg.eval.report_test_selected:
-                te = evaluate_split(cfg, self.run_, "test", model=self.eval_model(), limit=t.limit_eval_batches)
+                te = evaluate_split(cfg, self.built, "test", model=self.eval_model(), limit=t.limit_eval_batches)
                 self.reporter.scalars("test_selected", te.metrics, epoch)
                 row.update({"test_oa": te.metrics["oa"], "test_miou": te.metrics["miou"]})
                 ts = te.metrics.get(self.key)
@@ -838,7 +838,7 @@ class _Training:
         test_model = build_model(cfg.model, b.in_channels, b.num_classes).to(self.device)
         test_model.load_state_dict(best_state)
         self.check_weights(test_model, f"the weights of {self.best_path}")
-        run_test = Run(b, test_model, self.device, self.precision, self.run_.params)
+        run_test = Run(b, test_model, self.device, self.precision, self.built.params)
         keep = bool(cfg.eval.save_predictions)
         out = {"test": evaluate_split(cfg, run_test, "test", keep_predictions=keep),
                "val_final": evaluate_split(cfg, run_test, "val")}
@@ -877,7 +877,7 @@ class _Training:
             epochs=s.epoch, steps=s.step, skipped_steps=s.skipped, scaler_skipped_steps=s.scaler_skipped,
             train_samples_per_s=s.train_samples / max(s.train_seconds, 1e-9),
             eval_samples_per_s=test.samples * info.world_size / max(test.seconds, 1e-9),
-            peak_memory_mib=_peak_memory_mib(self.device), params=self.run_.params,
+            peak_memory_mib=_peak_memory_mib(self.device), params=self.built.params,
             wall_s=time.perf_counter() - self.t_start, num_classes=b.num_classes, in_channels=b.in_channels,
             ignore_index=b.ignore_index, class_names=list(names),
             provenance={"pcbench_version": pcbench.__version__, "git_commit": _git_commit(),
