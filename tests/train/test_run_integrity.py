@@ -87,6 +87,7 @@ def test_two_cli_runs_in_one_dir_second_exits_2_naming_the_owner(prepared: dict[
 
 
 # ------------------------------------------------------------------------------------------ 2. resume check
+@pytest.mark.slow  # four CLI runs (~70 s here); test_resume_refusal_in_process_lists_the_changes is the fast one
 def test_resume_with_a_changed_config_is_refused_before_anything_is_written(prepared: dict[str, Path],
                                                                             tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
@@ -314,3 +315,17 @@ def test_pcbench_eval_on_an_empty_split_exits_2(prepared: dict[str, Path], tmp_p
     err = capsys.readouterr().err
     assert code == 2 and "eval.split='empty'" in err and "holds no samples" in err, err
     assert not (run_dir / "eval_empty.json").exists()
+
+
+def test_resume_refusal_in_process_lists_the_changes(prepared: dict[str, Path], tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    fit(_cfg(prepared, run_dir))
+    resolved = (run_dir / ".hydra" / "resolved.yaml").read_bytes()
+    with pytest.raises(ConfigError, match=r"\(seed: 0 -> 5; trainer.batch_size: 4 -> 8\)"):
+        fit(_cfg(prepared, run_dir, "resume=true", "trainer.batch_size=8", "seed=5"))
+    other = [a for a in _overrides(prepared) if a not in TINY[MODEL] and a != f"model={MODEL}"]
+    with pytest.raises(ConfigError, match=r"model._target_: 'pcbench.models.pointnet2.PointNet2Cls' -> "):
+        fit(compose([*other, "model=pct_cls", *TINY["pct_cls"], "resume=true"], run_dir=run_dir))
+    assert (run_dir / ".hydra" / "resolved.yaml").read_bytes() == resolved
+    # where/how it runs may change: the same (finished) run continues, only its final evaluation is repeated
+    assert fit(_cfg(prepared, run_dir, "resume=true", "trainer.threads=2", "logger.log_every_n_steps=5")).steps == 2
