@@ -28,6 +28,9 @@ def test_nan_loss_steps_are_skipped_and_counted(prepared: dict[str, Path], tmp_p
     assert ckpt["optimizer"]["state"] == {}  # Adam never stepped: no moment estimates exist
     log = (tmp_path / "run" / "train.log").read_text()
     assert "step 1: non-finite loss; the step is skipped (1 skipped so far)" in log
+    # no finite step in the window: the loss shown is nan, never 0
+    assert "train loss nan" in log and "loss 0.0000" not in log
+    assert (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1].split(",")[2] == "nan"
 
 
 def test_too_many_skipped_steps_stop_the_run(prepared: dict[str, Path], tmp_path: Path) -> None:
