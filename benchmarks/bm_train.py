@@ -84,7 +84,7 @@ def worker(ns: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose(overrides, run_dir=Path(tmp) / "run")
         if ns.worker == "fit":
-            m = fit(cfg)
+            m = fit(cfg).to_dict()
             return {"samples_per_s": m["train_samples_per_s"], "malloc": m["malloc"], "steps": m["steps"],
                     "cpu_s": _process_cpu(), "samples": m["steps"] * m_batch(ns)}
         from pcbench.train import build_run  # noqa: PLC0415

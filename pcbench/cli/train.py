@@ -65,16 +65,27 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             argv = _torchrun_argv(argv)
         except ConfigError as err:
             return _fail(str(err))
+    if not _has_override(argv, "hydra.output_subdir"):
+        # fit writes .hydra/ itself once the run dir is locked and a resume is checked: a refused run must not
+        # overwrite the config of the run that owns the folder
+        argv = [*argv, "hydra.output_subdir=null"]
     status = {"code": 0}
 
     @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
     def _app(cfg: DictConfig) -> None:
         from pcbench.train import fit
+        from pcbench.train.errors import DivergedError
 
         try:
             fit(cfg)
         except ConfigError as err:
             status["code"] = _fail(str(err))
+        except DivergedError as err:
+            print(f"pcbench: error: {err}", file=sys.stderr)
+            status["code"] = 1
+        except KeyboardInterrupt:
+            print(f"pcbench: interrupted; continue with resume=true hydra.run.dir={cfg.paths.run_dir}", file=sys.stderr)
+            status["code"] = 130
 
     old = sys.argv
     sys.argv = [old[0], *argv]

@@ -1,4 +1,4 @@
-"""The shared trainer: ``fit(cfg) -> metrics`` and ``evaluate(cfg, checkpoint) -> metrics`` (see trainer.py).
+"""The shared trainer: ``fit(cfg) -> FitResult`` and ``evaluate(cfg, checkpoint) -> metrics`` (see trainer.py).
 
 Helpers for callers that drive it (benchmark runner): :func:`compose` a config from overrides,
 :func:`build_run` (datasets + model from a config), :func:`evaluate_split` (a model on a split under a

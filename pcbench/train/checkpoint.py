@@ -7,8 +7,10 @@ A training checkpoint is a dict with ``model`` (the state dict), ``optimizer``, 
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,31 +19,68 @@ import torch
 
 from pcbench.io import atomic_path
 
+from .errors import RunFileError
+
 __all__ = ["FORMAT", "load_checkpoint", "restore_rng_state", "rng_state", "save_checkpoint"]
 
 FORMAT = 1
 
 
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically (temp file in the same folder, fsync, rename, fsync folder)."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    return Path(path)
+    """Write ``state`` to ``path`` atomically (temp file in the same folder, fsync, rename, fsync folder).
+
+    RunFileError "no space left on <dir>: need about N MB" when the disk is full (the old file is kept).
+    """
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as err:
+        need = _nbytes(state)
+        # torch's zip writer reports a full disk as a RuntimeError, so the free space decides
+        full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not full and isinstance(err, RuntimeError):
+            try:
+                full = shutil.disk_usage(path.parent).free < need
+            except OSError:
+                full = False
+        if full:
+            raise RunFileError(f"no space left on {path.parent}: need about {max(1, round(need / 2**20))} MB to write "
+                               f"{path.name}; free some space (the previous {path.name} is kept) and resume with "
+                               "resume=true") from err
+        raise
+    return path
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; ValueError naming the file when it is missing or foreign."""
+    """Load a checkpoint with ``weights_only=True``; RunFileError (a ValueError) naming the file and the fix when
+    it is missing, empty, damaged or foreign."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"checkpoint {str(path)!r} does not exist; give the path of a checkpoints/*.pt file "
+        raise RunFileError(f"checkpoint {str(path)!r} does not exist; give the path of a checkpoints/*.pt file "
                          "written by pcbench-train")
+    if path.stat().st_size == 0:
+        raise RunFileError(f"checkpoint {str(path)!r} is empty (0 bytes); it was not written by a finished save: "
+                           "delete it, or start a new run directory")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a pcbench checkpoint"
-        raise ValueError(f"checkpoint {str(path)!r} cannot be loaded with weights_only=True ({err}); it is "
-                         "damaged or not a pcbench checkpoint") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunFileError(f"checkpoint {str(path)!r} cannot be loaded with weights_only=True ({first[:200]}); it "
+                           "is damaged or not a pcbench checkpoint: use another checkpoint or start a new run "
+                           "directory") from err
     if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"checkpoint {str(path)!r} has no 'model' state dict; it was not written by pcbench-train")
+        raise RunFileError(f"checkpoint {str(path)!r} has no 'model' state dict; it was not written by pcbench-train")
     return state
 
 

@@ -208,6 +208,9 @@ def check_data(cfg: DictConfig) -> dict[str, Any]:
                           f"data.root=/data/pcbench/{d.name}; to make one, "
                           + _prep_hint(cfg, f"/data/pcbench/{d.name}"))
     root = Path(str(d.root)).expanduser()
+    if root.is_file():
+        raise ConfigError(f"data.root={str(root)!r} is a file, not a prepared folder; give the folder that holds "
+                          "manifest.json (the out= folder of pcbench-prep), or " + _prep_hint(cfg, "<folder>"))
     if not root.is_dir():
         raise ConfigError(f"data.root={str(root)!r} does not exist; " + _prep_hint(cfg, str(root)))
     mpath = root / "manifest.json"
@@ -219,6 +222,13 @@ def check_data(cfg: DictConfig) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise ConfigError(f"{mpath} is not valid JSON ({err}); re-run the preparation: "
                           + _prep_hint(cfg, str(root))) from err
+    if isinstance(manifest, dict) and manifest.get("status", "complete") != "complete":
+        from pcbench.data.format import PrepError, read_manifest  # noqa: PLC0415
+
+        try:  # the dataset's own reader names the command that finishes the preparation
+            read_manifest(root)
+        except PrepError as err:
+            raise ConfigError(f"data.root={str(root)!r} is not ready: {err}") from err
     for field, want in (d.get("expect") or {}).items():
         have = manifest
         for part in str(field).split("."):

@@ -1,10 +1,10 @@
-"""The one training loop: ``fit(cfg) -> metrics`` and ``evaluate(cfg, checkpoint) -> metrics``.
+"""The one training loop: ``fit(cfg) -> FitResult`` and ``evaluate(cfg, checkpoint) -> metrics``.
 
 Protocol: checkpoints are selected on the validation split only; the test split is evaluated once, on
 the selected checkpoint (``best.pt``); TTA / voting is reported separately as ``test_vote``;
 ``eval.report_test_selected`` adds the optimistic best-test-over-epochs figure as ``test_selected``.
 Everything a run writes lives in ``paths.run_dir`` (rank 0 only): ``train.log``, ``metrics.csv``,
-``tensorboard/``, ``checkpoints/{last,best}.pt``, ``metrics.json`` (exactly what :func:`fit` returns) and,
+``tensorboard/``, ``checkpoints/{last,best}.pt``, ``metrics.json`` (:func:`fit`'s ``FitResult.to_dict()``) and,
 with ``eval.save_predictions``, ``predictions_test.npz``.
 
 Both functions can be called repeatedly in one process: they add and remove their own log handlers, restore
@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +38,10 @@ import pcbench
 from pcbench import _malloc
 from pcbench.io import write_json, write_text
 from pcbench.models import build_model
+from pcbench.ops.batch import NonFiniteError
 
 from .checkpoint import FORMAT, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
-from .config import check_run_config, config_sha256
+from .config import check_run_config, config_changes, config_identity_sha256, config_sha256
 from .data import DataBundle, build_data, eval_loader, eval_transform, mix_pairs, split_dataset, train_loader
 from .distributed import (
     all_reduce_sum,
@@ -50,11 +51,14 @@ from .distributed import (
     init_distributed,
     maybe_no_sync,
 )
-from .errors import ConfigError
+from .errors import ConfigError, DivergedError, RunFileError
 from .evaluate import EvalResult, autocast_context, evaluate_loaders, gather_predictions, write_predictions
 from .evaluate import write_submission as _write_submission
 from .losses import lovasz_softmax
 from .optim import bn_momentum_at, build_ema, param_groups, set_bn_momentum
+from .result import FitResult, SplitRoles
+from .rundir import hold_run_dir, remove_leftover_temps
+from .state import DeviceTally, TrainState
 
 __all__ = ["Run", "build_run", "evaluate", "evaluate_split", "fit", "resolve_device", "resolve_precision"]
 
@@ -248,24 +252,6 @@ def evaluate_split(cfg: DictConfig, run: Run, split: str = "test", precision: st
 
 
 # ------------------------------------------------------------------------------------------- the loop
-@dataclass
-class _Progress:
-    epoch: int = 0              # current epoch (0-based)
-    batch: int = 0              # micro-batches consumed in the current epoch
-    step: int = 0               # optimizer steps so far (skipped ones included)
-    skipped: int = 0
-    best: float | None = None
-    best_epoch: int | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
-    test_selected: dict[str, Any] | None = None
-    train_samples: int = 0
-    train_seconds: float = 0.0
-    acc: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "n": 0, "samples": 0})
-
-    def state(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
 def _selection_key(cfg: DictConfig, task: str) -> str:
     m = str(cfg.eval.metric)
     return ("oa" if task == "cls" else "miou") if m == "auto" else m
@@ -305,7 +291,10 @@ def _loss(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: i
     total = nn.functional.cross_entropy(logits.float(), target, weight=weight, ignore_index=ignore_index,
                                         reduction="sum", label_smoothing=smoothing)
     valid = target != ignore_index
-    denom_local = (weight[target[valid]].sum() if weight is not None else valid.sum()).to(torch.float64)
+    if weight is not None:  # no boolean-mask indexing: it would read the mask's size back from the device
+        denom_local = torch.where(valid, weight[torch.where(valid, target, 0)], 0).sum().to(torch.float64)
+    else:
+        denom_local = valid.sum().to(torch.float64)
     denom = all_reduce_sum(denom_local.detach()).clamp_min(1)
     loss = total / denom.to(total.dtype) * world_size
     return loss, loss.detach() / world_size
@@ -335,6 +324,7 @@ class _Reporter:
                             leave=False)
 
     def step(self, step: int, loss: float, lr: float, samples_per_s: float, epoch: int) -> None:
+        """Report the running loss; called at the logging interval only (reading it is a device sync)."""
         if not self.main:
             return
         if self.tb is not None:
@@ -343,7 +333,7 @@ class _Reporter:
             self.tb.add_scalar("train/samples_per_s", samples_per_s, step)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{samples_per_s:.1f}")
-        elif step % self.every == 0 or step == self.total_steps:
+        else:
             elapsed = time.perf_counter() - self.t0
             eta = elapsed / max(step, 1) * max(self.total_steps - step, 0)
             LOG.info(f"epoch {epoch} step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.3e} "
@@ -370,7 +360,7 @@ class _Reporter:
             return
         buf = io.StringIO()
         cols = ["epoch", "step", "train_loss", "lr", "val_oa", "val_macc", "val_miou", "test_oa", "test_miou",
-                "train_samples_per_s", "skipped_steps", "wall_s"]
+                "train_samples_per_s", "skipped_steps", "scaler_skipped_steps", "wall_s"]
         w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         for row in history:
@@ -403,290 +393,506 @@ def _metrics_view(m: dict[str, Any], names: list[str]) -> dict[str, Any]:
     return out
 
 
-def fit(cfg: DictConfig) -> dict[str, Any]:
-    """Train and evaluate the configured model; returns exactly what ``<run dir>/metrics.json`` holds."""
+def fit(cfg: DictConfig) -> FitResult:
+    """Train and evaluate the configured model; returns the typed result whose ``to_dict()`` is ``metrics.json``.
+
+    Before anything is written: the run dir is locked for this process (ConfigError naming the owner's pid when
+    another live run holds it) and, with ``resume=true``, the checkpoint's config is compared with ``cfg``.
+    DivergedError (a FloatingPointError) when the weights stop being finite or too many steps were skipped.
+    """
     t_start = time.perf_counter()
     check_run_config(cfg)
     with _environment(cfg) as env:
         info = dist_info()
         run_dir = Path(str(broadcast_object(str(Path(str(cfg.paths.run_dir)).resolve()))))
-        with _run_logging(run_dir if info.is_main else None, info.is_main):
-            return _fit(cfg, env["device"], run_dir, t_start)
+        with _own_run_dir(run_dir, info.is_main) as took_over:
+            resume_state, resume_note = _restore_point(cfg, run_dir)
+            removed = remove_leftover_temps(run_dir) if info.is_main else []
+            with _run_logging(run_dir if info.is_main else None, info.is_main):
+                for note in (took_over, resume_note):
+                    if note:
+                        LOG.warning(note)
+                if removed:
+                    LOG.info(f"removed {len(removed)} temporary file(s) a killed run left: "
+                             f"{', '.join(p.name for p in removed[:4])}")
+                return _Training(cfg, env["device"], run_dir, t_start).run(resume_state)
 
 
-def _fit(cfg: DictConfig, device: torch.device, run_dir: Path, t_start: float) -> dict[str, Any]:
-    info = dist_info()
-    ckpt_dir = run_dir / "checkpoints"
-    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-    resume_state = None
-    if cfg.resume:
-        if last_path.is_file():
-            resume_state = load_checkpoint(last_path)
-        else:
-            LOG.warning(f"resume=true but {last_path} does not exist yet: starting from scratch")
-    elif last_path.is_file():
-        raise ConfigError(f"{run_dir} already holds a run (checkpoints/last.pt); continue it with resume=true "
-                          f"or choose another run directory (hydra.run.dir=... / paths.run_dir=...)")
-    _seed_everything(int(cfg.seed))
-    run = build_run(cfg, device)
-    bundle, model, precision = run.data, run.model, run.precision
-    if info.is_main:
-        (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-        if not (run_dir / ".hydra" / "config.yaml").is_file():  # composed outside @hydra.main
-            write_text(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
-        write_text(run_dir / ".hydra" / "resolved.yaml", _resolved_yaml(cfg))
-    LOG.info(f"run dir {run_dir}")
-    LOG.info(f"data {cfg.data.name} ({bundle.task}, {bundle.num_classes} classes, {bundle.in_channels} input "
-             f"channels): train {len(bundle.train)}, val {len(bundle.val)}, test {len(bundle.test)}")
-    LOG.info(f"model {cfg.model._target_}: {run.params:,} parameters on {device} ({precision}); "
-             f"allocator {_malloc.malloc_setting()}")
-    t = cfg.trainer
-    if info.world_size > 1 and t.sync_batchnorm:
-        convert_sync_batchnorm(model)
-    ema = build_ema(model, float(t.ema_decay)) if t.ema_decay else None
-    fwd_model: nn.Module = model
-    if info.world_size > 1:
-        fwd_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if t.compile:
-        fwd_model = torch.compile(fwd_model)
-    groups = cfg.get("optim_groups")
-    groups = OmegaConf.to_container(groups, resolve=True) if groups else None
-    optimizer = _instantiate(cfg.optim)(param_groups(model, groups))
-    bn_sched = OmegaConf.to_container(t.bn_momentum, resolve=True) if t.get("bn_momentum") else None
-    mix_prob = float(t.get("mix_prob") or 0.0)
-    lovasz_weight = float(t.get("lovasz_weight") or 0.0)
-    if lovasz_weight and bundle.task != "seg":
-        raise ConfigError("trainer.lovasz_weight is a segmentation loss; set it to 0 for classification")
-    loader, sampler = train_loader(bundle.train, cfg, info.rank, info.world_size)
-    accum = int(t.accumulate_grad_batches)
-    steps_per_epoch = sampler.num_batches() // accum
-    if steps_per_epoch < 1:
-        raise ConfigError(f"one epoch has {sampler.num_batches()} batches, fewer than "
-                          f"trainer.accumulate_grad_batches={accum}; lower it or trainer.batch_size")
-    sampler.limit = steps_per_epoch * accum  # leftover micro-batches would never complete a step
-    total_steps = int(t.max_epochs) * steps_per_epoch
-    if t.max_steps is not None:
-        total_steps = min(total_steps, int(t.max_steps))
-    max_epochs = math.ceil(total_steps / steps_per_epoch)
-    scheduler = _instantiate(cfg.sched)(optimizer, total_steps=total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    weight = _class_weights(cfg, bundle, device)
-    key = _selection_key(cfg, bundle.task)
-    prog = _Progress()
-    if resume_state is not None:
-        if resume_state.get("format") != FORMAT:
-            raise ConfigError(f"{last_path} has checkpoint format {resume_state.get('format')}, this pcbench writes "
-                              f"{FORMAT}; start a new run directory")
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        scaler.load_state_dict(resume_state["scaler"])
-        if ema is not None and resume_state.get("ema") is not None:
-            ema.load_state_dict(resume_state["ema"])
-        prog = _Progress(**resume_state["progress"])
-        restore_rng_state(resume_state["rng"])
-        LOG.info(f"resumed from {last_path}: epoch {prog.epoch}, batch {prog.batch}, step {prog.step}")
-    reporter = _Reporter(cfg, run_dir, info.is_main, total_steps)
-    cfg_yaml = _resolved_yaml(cfg)
+@contextlib.contextmanager
+def _own_run_dir(run_dir: Path, main: bool) -> Iterator[str | None]:
+    """Rank 0 holds the run dir's lock for the whole run; every rank raises when it is someone else's."""
+    with contextlib.ExitStack() as stack:
+        err, note = None, None
+        if main:
+            try:
+                note = stack.enter_context(hold_run_dir(run_dir))
+            except ConfigError as e:
+                err = str(e)
+        err = broadcast_object(err)
+        if err:
+            raise ConfigError(err)
+        yield note
 
-    def checkpoint(path: Path) -> None:
-        state = {"format": FORMAT, "model": _bare(model).state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                 "ema": ema.state_dict() if ema is not None else None, "rng": rng_state(),
-                 "progress": prog.state(), "config": cfg_yaml}
-        if info.is_main:
+
+def _restore_point(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The checkpoint a ``resume=true`` run continues from, checked against ``cfg``; (None, note) when none.
+
+    ConfigError listing ``key: old -> new`` when the requested config differs outside PLACEMENT_KEYS (a
+    different model included), so nothing of a refused resume is written.
+    """
+    last = run_dir / "checkpoints" / "last.pt"
+    if not cfg.resume:
+        if last.is_file():
+            raise ConfigError(f"{run_dir} already holds a run (checkpoints/last.pt); continue it with resume=true "
+                              f"or choose another run directory (hydra.run.dir=... / paths.run_dir=...)")
+        return None, None
+    if not last.is_file():
+        return None, f"resume=true but {last} does not exist yet: starting from scratch"
+    state = load_checkpoint(last)
+    if state.get("format") != FORMAT:
+        raise RunFileError(f"{last} has checkpoint format {state.get('format')}, this pcbench writes {FORMAT}; start "
+                           "a new run directory")
+    stored = state.get("config")
+    if not isinstance(stored, str) or not isinstance(state.get("progress"), dict):
+        raise RunFileError(f"{last} holds no training config/progress (not a last.pt written by pcbench-train); "
+                           "start a new run directory")
+    try:
+        old = OmegaConf.create(stored)
+    except Exception as err:  # noqa: BLE001 - any YAML error means a damaged checkpoint
+        raise RunFileError(f"{last} holds a config that is not valid YAML ({err}); start a new run directory") from err
+    changes = config_changes(old, cfg)
+    if changes:
+        shown = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, a, b in changes[:12])
+        more = f"; and {len(changes) - 12} more" if len(changes) > 12 else ""
+        raise ConfigError(f"resume=true but the config differs from the one {last} was trained with ({shown}{more}); "
+                          "resume with the original settings (only where/how it runs may change: workers, threads, "
+                          "device, logging, run dir) or start a new run directory")
+    return state, None
+
+
+def _from_nonfinite_sample(err: BaseException) -> bool:
+    """Whether ``err`` is collate's NonFiniteError report (raised here, or re-raised by a DataLoader worker as text)."""
+    e: BaseException | None = err
+    while e is not None:
+        if isinstance(e, NonFiniteError) or "NonFiniteError" in str(e):
+            return True
+        e = e.__cause__
+    return False
+
+
+def _nonfinite_sample_message(err: BaseException, cfg: DictConfig) -> str:
+    """One line: which prepared sample holds NaN/inf (collate's words), and the command that checks the folder."""
+    text = str(err)
+    lines = [ln.strip() for ln in text.splitlines() if "contains NaN or inf" in ln]
+    # collate's line names the samples; a worker's re-raised text also holds the PointBatch line before it
+    detail = next((ln for ln in lines if " of sample " in ln), lines[-1] if lines else text.strip().splitlines()[-1])
+    detail = detail.split(": ", 1)[1] if detail.startswith("ValueError: ") else detail
+    prep = " ".join(str(cfg.data.get("prep") or "pcbench-prep <dataset>").split()[:2])
+    root = cfg.data.root
+    return (f"a prepared training sample of data.root={root} holds NaN or inf: {detail[:300]}; check the folder with "
+            f"`{prep} --verify out={root}` and re-prepare it (or drop the sample)")
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """The loss scaler: active for fp16 only (a disabled scaler's calls are no-ops)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def _json_safe(obj: Any) -> Any:
+    """A resolved config for metrics.json: non-finite floats (e.g. NaN class weights of a test) as strings."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj
+
+
+class _Training:
+    """One run of the loop as named steps: build, restore, train (train_step, optimizer_step, end_of_epoch),
+    final_evaluation and result. The loop reads one flag per optimizer step from the device (whether to apply it)
+    and everything else at the logging interval, at checkpoints and at epoch ends."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device, run_dir: Path, t_start: float) -> None:
+        self.cfg, self.device, self.run_dir, self.t_start = cfg, device, run_dir, t_start
+        self.info = dist_info()
+        self.t = cfg.trainer
+        self.last_path, self.best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
+        self.state = TrainState()
+
+    def run(self, resume_state: dict[str, Any] | None) -> FitResult:
+        """Every step in order; returns the result written as metrics.json."""
+        self.build()
+        self.restore(resume_state)
+        self.write_run_files()
+        self.train()
+        return self.result(*self.final_evaluation())
+
+    # ------------------------------------------------------------------------------------------ build
+    def build(self) -> None:
+        """Data, model (+ EMA, DDP, compile), optimizer, schedule, scaler, loss weights, and the step budget."""
+        cfg, t, info = self.cfg, self.t, self.info
+        _seed_everything(int(cfg.seed))
+        self.built = build_run(cfg, self.device)
+        self.bundle, self.model, self.precision = self.built.data, self.built.model, self.built.precision
+        LOG.info(f"run dir {self.run_dir}")
+        b = self.bundle
+        LOG.info(f"data {cfg.data.name} ({b.task}, {b.num_classes} classes, {b.in_channels} input channels): "
+                 f"train {len(b.train)}, val {len(b.val)}, test {len(b.test)}")
+        LOG.info(f"model {cfg.model._target_}: {self.built.params:,} parameters on {self.device} ({self.precision}); "
+                 f"allocator {_malloc.malloc_setting()}")
+        if info.world_size > 1 and t.sync_batchnorm:
+            convert_sync_batchnorm(self.model)
+        self.ema = build_ema(self.model, float(t.ema_decay)) if t.ema_decay else None
+        self.fwd_model: nn.Module = self.model
+        if info.world_size > 1:
+            self.fwd_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if t.compile:
+            self.fwd_model = torch.compile(self.fwd_model)
+        groups = cfg.get("optim_groups")
+        groups = OmegaConf.to_container(groups, resolve=True) if groups else None
+        self.optimizer = _instantiate(cfg.optim)(param_groups(self.model, groups))
+        self.bn_sched = OmegaConf.to_container(t.bn_momentum, resolve=True) if t.get("bn_momentum") else None
+        self.mix_prob = float(t.get("mix_prob") or 0.0)
+        self.lovasz_weight = float(t.get("lovasz_weight") or 0.0)
+        if self.lovasz_weight and b.task != "seg":
+            raise ConfigError("trainer.lovasz_weight is a segmentation loss; set it to 0 for classification")
+        self.loader, self.sampler = train_loader(b.train, cfg, info.rank, info.world_size)
+        self.accum = int(t.accumulate_grad_batches)
+        steps_per_epoch = self.sampler.num_batches() // self.accum
+        if steps_per_epoch < 1:
+            raise ConfigError(f"one epoch has {self.sampler.num_batches()} batches, fewer than "
+                              f"trainer.accumulate_grad_batches={self.accum}; lower it or trainer.batch_size")
+        self.sampler.limit = steps_per_epoch * self.accum  # leftover micro-batches would never complete a step
+        total = int(t.max_epochs) * steps_per_epoch
+        if t.max_steps is not None:
+            total = min(total, int(t.max_steps))
+        self.total_steps, self.max_epochs = total, math.ceil(total / steps_per_epoch)
+        self.scheduler = _instantiate(cfg.sched)(self.optimizer, total_steps=total)
+        self.scaler = _grad_scaler(self.device, self.precision)
+        self.weight = _class_weights(cfg, b, self.device)
+        self.key = _selection_key(cfg, b.task)
+        self.cfg_yaml = _resolved_yaml(cfg)
+        self.clip = float(t.gradient_clip_val) if t.gradient_clip_val else None
+        frac = t.get("max_skipped_fraction")
+        if frac is not None and not 0.0 <= float(frac) <= 1.0:
+            raise ConfigError(f"trainer.max_skipped_fraction={frac} must be between 0 and 1 (or null: no fraction "
+                              "limit, only trainer.max_skipped_steps)")
+        self.tally = DeviceTally(self.device)
+        self.window_bad = torch.zeros((), device=self.device)  # non-finite micro-batch losses in this window
+        self.reporter = _Reporter(cfg, self.run_dir, info.is_main, total)
+
+    def restore(self, state: dict[str, Any] | None) -> None:
+        """Continue from ``last.pt`` (already checked against the config): weights, optimizer, RNGs, TrainState."""
+        if state is None:
+            return
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
+            self.state.load_state_dict(state["progress"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise RunFileError(f"{self.last_path} does not fit this run ({first[:200]}); start a new run "
+                               "directory") from err
+        restore_rng_state(state["rng"])
+        s = self.state
+        LOG.info(f"resumed from {self.last_path}: epoch {s.epoch}, batch {s.batch}, step {s.step}")
+
+    def write_run_files(self) -> None:
+        """``.hydra/config.yaml`` (as composed) and ``resolved.yaml``, after every check passed (rank 0)."""
+        if not self.info.is_main:
+            return
+        hydra_dir = self.run_dir / ".hydra"
+        write_text(hydra_dir / "config.yaml", OmegaConf.to_yaml(self.cfg))
+        write_text(hydra_dir / "resolved.yaml", self.cfg_yaml)
+        from hydra.core.hydra_config import HydraConfig  # noqa: PLC0415
+
+        if HydraConfig.initialized():  # pcbench-train keeps Hydra from writing .hydra/ before these checks
+            hc = HydraConfig.get()
+            write_text(hydra_dir / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hc})))
+            write_text(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(hc.overrides.task))
+
+    # ------------------------------------------------------------------------------------------ train
+    def eval_model(self) -> nn.Module:
+        """The weights validation and test use: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def checkpoint(self, path: Path) -> None:
+        """``last.pt``: everything a resume needs (pending device tallies are read first)."""
+        self.tally.drain(self.state)
+        state = {"format": FORMAT, "model": _bare(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "ema": self.ema.state_dict() if self.ema is not None else None, "rng": rng_state(),
+                 "progress": self.state.state_dict(), "config": self.cfg_yaml}
+        if self.info.is_main:
             save_checkpoint(state, path)
 
-    def eval_model() -> nn.Module:
-        return ema.module if ema is not None else model
+    def save_best(self) -> None:
+        """``best.pt``: the selected weights and the value that selected them."""
+        if self.info.is_main:
+            s = self.state
+            save_checkpoint({"format": FORMAT, "model": _bare(self.eval_model()).state_dict(), "config": self.cfg_yaml,
+                             "epoch": s.epoch, "metric": self.key, "value": s.best}, self.best_path)
 
-    def save_best() -> None:
-        if info.is_main:
-            save_checkpoint({"format": FORMAT, "model": _bare(eval_model()).state_dict(), "config": cfg_yaml,
-                             "epoch": prog.epoch, "metric": key, "value": prog.best}, best_path)
+    def train(self) -> None:
+        """Epochs until the step budget is spent."""
+        s = self.state
+        self.model.train()
+        try:
+            while s.epoch < self.max_epochs and s.step < self.total_steps:
+                self.train_epoch()
+                self.end_of_epoch()
+        finally:
+            self.reporter.close()
 
-    train_ds = _dataset_of(bundle.train)
-    model.train()
-    try:
-        while prog.epoch < max_epochs and prog.step < total_steps:
-            epoch = prog.epoch
-            if hasattr(train_ds, "set_epoch"):
-                train_ds.set_epoch(epoch)
-            sampler.set_epoch(epoch, prog.batch)
-            loader.generator.manual_seed(int(cfg.seed) * 1000003 + epoch)
-            reporter.start_epoch(epoch, sampler.num_batches(), prog.batch)
-            t_epoch = time.perf_counter()
-            window_bad = False
-            for batch in loader:
-                micro = prog.batch % accum
-                batch = batch.to(device, non_blocking=True)
-                if mix_prob and np.random.default_rng([int(cfg.seed), epoch, prog.batch, info.rank]).random() < mix_prob:
-                    batch = mix_pairs(batch)  # Mix3D, drawn per batch from (seed, epoch, batch): exact on resume
-                if bn_sched is not None and micro == 0:
-                    set_bn_momentum(model, bn_momentum_at(prog.step, **bn_sched))
-                with maybe_no_sync(fwd_model, micro < accum - 1), autocast_context(device, precision):
-                    logits = fwd_model(batch)
-                    loss, loss_log = _loss(logits, batch.label, weight, bundle.ignore_index,
-                                           float(t.label_smoothing), info.world_size)
-                    if lovasz_weight:  # per rank, averaged over ranks by DDP (as Pointcept)
-                        lv = lovasz_weight * lovasz_softmax(logits, batch.label, bundle.ignore_index)
-                        loss, loss_log = loss + lv, loss_log + lv.detach() / info.world_size
-                    finite = all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1)) == 0
-                    if bool(finite):
-                        scaler.scale(loss / accum).backward()
-                    else:
-                        window_bad = True
-                prog.batch += 1
-                n_samples = batch.num_clouds * info.world_size
-                prog.train_samples += n_samples
-                prog.acc["samples"] += n_samples
-                if bool(finite):
-                    prog.acc["loss"] += float(loss_log)
-                    prog.acc["n"] += 1
-                reporter.advance()
-                if micro < accum - 1:
-                    continue
-                # ------------------------------------------------------------ optimizer step
-                scaler.unscale_(optimizer)
-                clip = float(t.gradient_clip_val) if t.gradient_clip_val else float("inf")
-                norm = nn.utils.clip_grad_norm_(model.parameters(), clip) if not window_bad else None
-                if window_bad or norm is None or not bool(torch.isfinite(norm)):
-                    prog.skipped += 1
-                    LOG.warning(f"step {prog.step + 1}: non-finite {'loss' if window_bad else 'gradient norm'}; "
-                                f"the step is skipped ({prog.skipped} skipped so far)")
-                    if prog.skipped > int(t.max_skipped_steps):
-                        raise FloatingPointError(
-                            f"{prog.skipped} steps had a non-finite loss or gradient (trainer.max_skipped_steps="
-                            f"{t.max_skipped_steps}); lower optim.lr, set trainer.gradient_clip_val or use "
-                            "trainer.precision=fp32")
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.update()
-                else:
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    if ema is not None:
-                        ema.update_parameters(model)
-                scheduler.step()
-                window_bad = False
-                prog.step += 1
-                elapsed = time.perf_counter() - t_epoch
-                lr = optimizer.param_groups[0]["lr"]
-                last_loss = prog.acc["loss"] / max(prog.acc["n"], 1)
-                reporter.step(prog.step, last_loss, lr, prog.acc["samples"] / max(elapsed, 1e-9), epoch)
-                every = int(t.checkpoint_every_n_steps)
-                if every and prog.step % every == 0 and prog.batch < sampler.num_batches():
-                    prog.train_seconds += time.perf_counter() - t_epoch
-                    t_epoch = time.perf_counter()
-                    checkpoint(last_path)
-                kill = cfg.fault.sigkill_after_step
-                if kill is not None and prog.step == int(kill) and info.is_main:
-                    import signal  # noqa: PLC0415
-
-                    os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the exact-resume test
-                if prog.step >= total_steps:
+    def train_epoch(self) -> None:
+        """One (possibly resumed) pass over the training batches."""
+        s, cfg = self.state, self.cfg
+        train_ds = _dataset_of(self.bundle.train)
+        if hasattr(train_ds, "set_epoch"):
+            train_ds.set_epoch(s.epoch)
+        self.sampler.set_epoch(s.epoch, s.batch)
+        self.loader.generator.manual_seed(int(cfg.seed) * 1000003 + s.epoch)
+        self.reporter.start_epoch(s.epoch, self.sampler.num_batches(), s.batch)
+        self.t_epoch = time.perf_counter()
+        self.window_bad.zero_()
+        try:
+            for batch in self.loader:
+                if self.train_step(batch.to(self.device, non_blocking=True)):
                     break
-            reporter.end_epoch()
-            prog.train_seconds += time.perf_counter() - t_epoch
-            # ---------------------------------------------------------------- end of epoch
-            row: dict[str, Any] = {"epoch": epoch, "step": prog.step,
-                                   "train_loss": prog.acc["loss"] / max(prog.acc["n"], 1),
-                                   "lr": optimizer.param_groups[0]["lr"],
-                                   "train_samples_per_s": prog.train_samples / max(prog.train_seconds, 1e-9),
-                                   "skipped_steps": prog.skipped}
-            last_epoch = epoch + 1 >= max_epochs or prog.step >= total_steps
-            if last_epoch or (epoch + 1) % int(cfg.eval.every_n_epochs) == 0:
-                val = evaluate_split(cfg, run, "val", model=eval_model(), limit=t.limit_eval_batches)
-                reporter.scalars("val", val.metrics, epoch)
-                row.update({f"val_{k}": val.metrics[k] for k in ("oa", "macc", "miou")})
-                score = val.metrics.get(key)
-                if score is not None and (prog.best is None or score > prog.best):
-                    prog.best, prog.best_epoch = float(score), epoch
-                    save_best()
-                LOG.info(f"epoch {epoch}: train loss {row['train_loss']:.4f}, val {key} "
-                         f"{_fmt(score)} (best {_fmt(prog.best)} at epoch {prog.best_epoch})")
-                if cfg.eval.report_test_selected:
-                    te = evaluate_split(cfg, run, "test", model=eval_model(), limit=t.limit_eval_batches)
-                    reporter.scalars("test_selected", te.metrics, epoch)
-                    row.update({"test_oa": te.metrics["oa"], "test_miou": te.metrics["miou"]})
-                    ts = te.metrics.get(key)
-                    if ts is not None and (prog.test_selected is None or ts > prog.test_selected["value"]):
-                        prog.test_selected = {"value": float(ts), "epoch": epoch, "metrics": te.metrics}
-            if prog.best_epoch is None and last_epoch:  # nothing scored (e.g. empty val): keep the last weights
-                prog.best_epoch = epoch
-                save_best()
-            row["wall_s"] = time.perf_counter() - t_start
-            prog.history.append(row)
-            reporter.write_csv(prog.history)
-            prog.epoch, prog.batch = epoch + 1, 0
-            prog.acc = {"loss": 0.0, "n": 0, "samples": 0}
-            checkpoint(last_path)
-    finally:
-        reporter.close()
-    # -------------------------------------------------------------------- test once, on the selected weights
-    best = load_checkpoint(best_path) if info.is_main or best_path.is_file() else None
-    best_state = broadcast_object(best["model"] if best is not None else None)
-    test_model = build_model(cfg.model, bundle.in_channels, bundle.num_classes).to(device)
-    test_model.load_state_dict(best_state)
-    run_test = Run(bundle, test_model, device, precision, run.params)
-    keep = bool(cfg.eval.save_predictions)
-    test = evaluate_split(cfg, run_test, "test", keep_predictions=keep)
-    val_best = evaluate_split(cfg, run_test, "val")
-    result: dict[str, Any] = {
-        "val": _metrics_view(val_best.metrics, bundle.class_names),
-        "test": _metrics_view(test.metrics, bundle.class_names),
-    }
-    if len(cfg.tta.passes):
-        vote = evaluate_split(cfg, run_test, "test", tta=True)
-        result["test_vote"] = {**_metrics_view(vote.metrics, bundle.class_names), "passes": len(cfg.tta.passes)}
-    if cfg.eval.report_test_selected and prog.test_selected is not None:
-        result["test_selected"] = {**_metrics_view(prog.test_selected["metrics"], bundle.class_names),
-                                   "epoch": prog.test_selected["epoch"],
-                                   "note": "best test score over epochs: optimistic, not a valid estimate"}
-    if keep:
-        gathered = gather_predictions(test)
+        except ValueError as err:
+            if not _from_nonfinite_sample(err):
+                raise
+            raise RunFileError(_nonfinite_sample_message(err, self.cfg)) from err
+        self.reporter.end_epoch()
+        s.train_seconds += time.perf_counter() - self.t_epoch
+
+    def train_step(self, batch: Any) -> bool:
+        """Forward and backward of one micro-batch, then the optimizer step at a window's end; True when done."""
+        s, t, info, epoch = self.state, self.t, self.info, self.state.epoch
+        micro = s.batch % self.accum
+        if self.mix_prob and np.random.default_rng([int(self.cfg.seed), epoch, s.batch, info.rank]).random() < self.mix_prob:
+            batch = mix_pairs(batch)  # Mix3D, drawn per batch from (seed, epoch, batch): exact on resume
+        if self.bn_sched is not None and micro == 0:
+            set_bn_momentum(self.model, bn_momentum_at(s.step, **self.bn_sched))
+        with maybe_no_sync(self.fwd_model, micro < self.accum - 1), autocast_context(self.device, self.precision):
+            logits = self.fwd_model(batch)
+            loss, loss_log = _loss(logits, batch.label, self.weight, self.bundle.ignore_index,
+                                   float(t.label_smoothing), info.world_size)
+            if self.lovasz_weight:  # per rank, averaged over ranks by DDP (as Pointcept)
+                lv = self.lovasz_weight * lovasz_softmax(logits, batch.label, self.bundle.ignore_index)
+                loss, loss_log = loss + lv, loss_log + lv.detach() / info.world_size
+            bad = all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1)).reshape(())
+            # a non-finite loss is still back-propagated: its NaN gradients are dropped with the whole window at
+            # the optimizer step, which is cheaper than a host read here to decide
+            self.scaler.scale(loss / self.accum).backward()
+        self.window_bad.add_(bad)
+        self.tally.add(loss_log, bad == 0)
+        s.batch += 1
+        n_samples = batch.num_clouds * info.world_size
+        s.train_samples += n_samples
+        s.acc["samples"] += n_samples
+        self.reporter.advance()
+        if micro < self.accum - 1:
+            return False
+        self.optimizer_step()
+        return s.step >= self.total_steps
+
+    def optimizer_step(self) -> None:
+        """Apply, or skip, the accumulated gradients; one host read (a packed flag) decides which."""
+        s, t = self.state, self.t
+        self.scaler.unscale_(self.optimizer)
+        if self.clip is not None:
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        else:
+            norm = nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        code = (self.window_bad > 0).to(torch.int32) + 2 * (~torch.isfinite(norm)).to(torch.int32)
+        if self.scaler.is_enabled():
+            found = self.scaler._found_inf_per_device(self.optimizer)  # noqa: SLF001 - what scaler.step reads
+            code = code + 4 * (torch.stack([f.reshape(()).to(self.device) for f in found.values()]).sum() > 0).to(torch.int32)
+        flags = int(code)  # the one host read per step
+        self.window_bad.zero_()
+        loss_bad, norm_bad, overflow = bool(flags & 1), bool(flags & 2), bool(flags & 4)
+        if loss_bad or (norm_bad and not overflow):
+            s.skipped += 1
+            LOG.warning(f"step {s.step + 1}: non-finite {'loss' if loss_bad else 'gradient norm'}; "
+                        f"the step is skipped ({s.skipped} skipped so far)")
+            self.check_skips()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler.is_enabled():
+                self.scaler.update()
+            self.scheduler.step()
+        elif overflow:  # the fp16 scaler's normal operation: it lowers the scale; the schedule waits (as Pointcept)
+            s.scaler_skipped += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()
+        else:
+            self.optimizer.step()  # gradients are unscaled already: what scaler.step does after its own inf check
+            if self.scaler.is_enabled():
+                self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
+            self.scheduler.step()
+        s.step += 1
+        if s.step % self.reporter.every == 0 or s.step == self.total_steps:
+            self.tally.drain(s)
+            elapsed = time.perf_counter() - self.t_epoch
+            self.reporter.step(s.step, s.mean_loss(), self.optimizer.param_groups[0]["lr"],
+                               s.acc["samples"] / max(elapsed, 1e-9), s.epoch)
+        every = int(t.checkpoint_every_n_steps)
+        if every and s.step % every == 0 and s.batch < self.sampler.num_batches():
+            s.train_seconds += time.perf_counter() - self.t_epoch
+            self.t_epoch = time.perf_counter()
+            self.checkpoint(self.last_path)
+        kill = self.cfg.fault.sigkill_after_step
+        if kill is not None and s.step == int(kill) and self.info.is_main:
+            import signal  # noqa: PLC0415
+
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the exact-resume test
+
+    def check_skips(self) -> None:
+        """DivergedError once the skipped steps pass trainer.max_skipped_steps or max_skipped_fraction of the run."""
+        s, t = self.state, self.t
+        fix = "lower optim.lr, set trainer.gradient_clip_val or use trainer.precision=fp32"
+        if s.skipped > int(t.max_skipped_steps):
+            raise DivergedError(f"{s.skipped} steps had a non-finite loss or gradient (trainer.max_skipped_steps="
+                                f"{t.max_skipped_steps}); {fix}")
+        frac = t.get("max_skipped_fraction")
+        if frac is not None and s.skipped > float(frac) * self.total_steps:
+            raise DivergedError(f"{s.skipped} of the run's {self.total_steps} steps had a non-finite loss or gradient "
+                                f"(more than trainer.max_skipped_fraction={frac}); {fix}")
+
+    def check_weights(self, model: nn.Module, what: str) -> None:
+        """DivergedError naming the first non-finite tensor of ``model``'s state (one host read)."""
+        items = [(k, v) for k, v in _bare(model).state_dict().items() if v.is_floating_point() and v.numel()]
+        if not items:
+            return
+        finite = torch.stack([torch.isfinite(v).all() for _, v in items])
+        if bool(finite.all()):
+            return
+        name = items[int(torch.argmin(finite.to(torch.int8)))][0]
+        raise DivergedError(f"the run diverged: {what} are not finite (first: {name}) after {self.state.step} steps "
+                            f"({self.state.skipped} skipped); lower optim.lr, set trainer.gradient_clip_val or use "
+                            "trainer.precision=fp32")
+
+    def end_of_epoch(self) -> None:
+        """Read the tallies, check the weights, validate and select, write metrics.csv and last.pt."""
+        s, cfg, t = self.state, self.cfg, self.t
+        epoch = s.epoch
+        self.tally.drain(s)
+        self.check_weights(self.model, f"the weights of epoch {epoch}")
+        if self.ema is not None:
+            self.check_weights(self.ema.module, f"the EMA weights of epoch {epoch}")
+        row: dict[str, Any] = {"epoch": epoch, "step": s.step, "train_loss": s.mean_loss(),
+                               "lr": self.optimizer.param_groups[0]["lr"],
+                               "train_samples_per_s": s.train_samples / max(s.train_seconds, 1e-9),
+                               "skipped_steps": s.skipped, "scaler_skipped_steps": s.scaler_skipped}
+        last_epoch = epoch + 1 >= self.max_epochs or s.step >= self.total_steps
+        val = None
+        if last_epoch or (epoch + 1) % int(cfg.eval.every_n_epochs) == 0:
+            val = evaluate_split(cfg, self.built, "val", model=self.eval_model(), limit=t.limit_eval_batches)
+            self.reporter.scalars("val", val.metrics, epoch)
+            row.update({f"val_{k}": val.metrics[k] for k in ("oa", "macc", "miou")})
+            score = val.metrics.get(self.key)
+            if score is not None and (s.best is None or score > s.best):
+                s.best, s.best_epoch, s.best_metrics = float(score), epoch, dict(val.metrics)
+                self.save_best()
+            LOG.info(f"epoch {epoch}: train loss {row['train_loss']:.4f}, val {self.key} "
+                     f"{_fmt(score)} (best {_fmt(s.best)} at epoch {s.best_epoch})")
+            if cfg.eval.report_test_selected:
+                te = evaluate_split(cfg, self.built, "test", model=self.eval_model(), limit=t.limit_eval_batches)
+                self.reporter.scalars("test_selected", te.metrics, epoch)
+                row.update({"test_oa": te.metrics["oa"], "test_miou": te.metrics["miou"]})
+                ts = te.metrics.get(self.key)
+                if ts is not None and (s.test_selected is None or ts > s.test_selected["value"]):
+                    s.test_selected = {"value": float(ts), "epoch": epoch, "metrics": te.metrics}
+        if s.best_epoch is None and last_epoch:  # nothing scored (e.g. empty val): keep the last weights
+            s.best_epoch = epoch
+            s.best_metrics = dict(val.metrics) if val is not None else None
+            self.save_best()
+        row["wall_s"] = time.perf_counter() - self.t_start
+        s.history.append(row)
+        self.reporter.write_csv(s.history)
+        s.epoch, s.batch = epoch + 1, 0
+        s.acc = {"loss": 0.0, "n": 0, "samples": 0}
+        self.checkpoint(self.last_path)
+
+    # ------------------------------------------------------------------------------------------ results
+    def final_evaluation(self) -> tuple[Run, dict[str, EvalResult]]:
+        """The selected checkpoint (best.pt) once on the final split, its val re-measured, TTA if configured."""
+        cfg, info, b = self.cfg, self.info, self.bundle
+        best = load_checkpoint(self.best_path) if info.is_main or self.best_path.is_file() else None
+        best_state = broadcast_object(best["model"] if best is not None else None)
+        test_model = build_model(cfg.model, b.in_channels, b.num_classes).to(self.device)
+        test_model.load_state_dict(best_state)
+        self.check_weights(test_model, f"the weights of {self.best_path}")
+        run_test = Run(b, test_model, self.device, self.precision, self.built.params)
+        keep = bool(cfg.eval.save_predictions)
+        out = {"test": evaluate_split(cfg, run_test, "test", keep_predictions=keep),
+               "val_final": evaluate_split(cfg, run_test, "val")}
+        if len(cfg.tta.passes):
+            out["test_vote"] = evaluate_split(cfg, run_test, "test", tta=True)
+        if keep:
+            gathered = gather_predictions(out["test"])
+            if info.is_main:
+                write_predictions(self.run_dir / "predictions_test.npz", gathered)
+        return run_test, out
+
+    def result(self, run_test: Run, ev: dict[str, EvalResult]) -> FitResult:
+        """The typed result; rank 0 writes its ``to_dict()`` as metrics.json."""
+        cfg, s, b, info = self.cfg, self.state, self.bundle, self.info
+        names = b.class_names
+        val_final = ev["val_final"].metrics
+        metrics: dict[str, dict[str, Any]] = {
+            # "val" is what selected best.pt, as measured then; "val_final" the same weights measured again in full
+            "val": _metrics_view(s.best_metrics if s.best_metrics is not None else val_final, names),
+            "val_final": _metrics_view(val_final, names),
+            "test": _metrics_view(ev["test"].metrics, names),
+        }
+        if "test_vote" in ev:
+            metrics["test_vote"] = {**_metrics_view(ev["test_vote"].metrics, names), "passes": len(cfg.tta.passes)}
+        if cfg.eval.report_test_selected and s.test_selected is not None:
+            metrics["test_selected"] = {**_metrics_view(s.test_selected["metrics"], names),
+                                        "epoch": s.test_selected["epoch"],
+                                        "note": "best test score over epochs: optimistic, not a valid estimate"}
+        test = ev["test"]
+        result = FitResult(
+            task=b.task, dataset=str(cfg.data.name), model=str(cfg.model._target_), seed=int(cfg.seed),
+            config=_json_safe(OmegaConf.to_container(cfg, resolve=True)), config_sha256=config_sha256(cfg),
+            identity_sha256=config_identity_sha256(cfg),
+            splits=SplitRoles.of(str(cfg.data.splits.train), b.info["val"]["source"], str(cfg.data.splits.test)),
+            metrics=metrics, selection_metric=self.key, selected_value=s.best, best_epoch=s.best_epoch,
+            epochs=s.epoch, steps=s.step, skipped_steps=s.skipped, scaler_skipped_steps=s.scaler_skipped,
+            train_samples_per_s=s.train_samples / max(s.train_seconds, 1e-9),
+            eval_samples_per_s=test.samples * info.world_size / max(test.seconds, 1e-9),
+            peak_memory_mib=_peak_memory_mib(self.device), params=self.built.params,
+            wall_s=time.perf_counter() - self.t_start, num_classes=b.num_classes, in_channels=b.in_channels,
+            ignore_index=b.ignore_index, class_names=list(names),
+            provenance={"pcbench_version": pcbench.__version__, "git_commit": _git_commit(),
+                        "torch_version": torch.__version__, "device": _device_name(self.device),
+                        "precision": self.precision, "world_size": info.world_size,
+                        "threads": torch.get_num_threads(),
+                        "malloc": _malloc.malloc_setting() if self.device.type == "cpu" else "n/a (cuda)",
+                        "dataset_manifest_sha256": b.manifest_sha256},
+            recipe=_recipe_fields(cfg), extra={"val_split": b.info["val"]})
         if info.is_main:
-            write_predictions(run_dir / "predictions_test.npz", gathered)
-    result.update({
-        "task": bundle.task,
-        "dataset": str(cfg.data.name),
-        "model": str(cfg.model._target_),
-        "best_epoch": prog.best_epoch,
-        "selected_on": "val",
-        "selection_metric": key,
-        "splits": {"train": str(cfg.data.splits.train), "val": bundle.info["val"]["source"],
-                   "test": str(cfg.data.splits.test)},
-        "val_split": bundle.info["val"],
-        "epochs": prog.epoch,
-        "steps": prog.step,
-        "skipped_steps": prog.skipped,
-        "train_samples_per_s": prog.train_samples / max(prog.train_seconds, 1e-9),
-        "eval_samples_per_s": test.samples * info.world_size / max(test.seconds, 1e-9),
-        "peak_memory_mib": _peak_memory_mib(device),
-        "params": run.params,
-        "wall_s": time.perf_counter() - t_start,
-        "seed": int(cfg.seed),
-        "config_sha256": config_sha256(cfg),
-        "dataset_manifest_sha256": bundle.manifest_sha256,
-        "pcbench_version": pcbench.__version__,
-        "git_commit": _git_commit(),
-        "torch_version": torch.__version__,
-        "device": _device_name(device),
-        "precision": precision,
-        "world_size": info.world_size,
-        "threads": torch.get_num_threads(),
-        "malloc": _malloc.malloc_setting() if device.type == "cpu" else "n/a (cuda)",
-        "num_classes": bundle.num_classes,
-        "in_channels": bundle.in_channels,
-        "ignore_index": bundle.ignore_index,
-        **_recipe_fields(cfg),
-    })
-    if info.is_main:
-        write_json(run_dir / "metrics.json", result)
-    LOG.info(f"test {key} {_fmt(test.metrics.get(key))} on the checkpoint of epoch {prog.best_epoch} "
-             f"(val {key} {_fmt(val_best.metrics.get(key))}); wrote {run_dir / 'metrics.json'}")
-    return result
+            write_json(self.run_dir / "metrics.json", result.to_dict())
+        LOG.info(f"test {self.key} {_fmt(test.metrics.get(self.key))} on the checkpoint of epoch {s.best_epoch} "
+                 f"(selected on val {self.key} {_fmt(s.best)}; re-measured in full {_fmt(val_final.get(self.key))}); "
+                 f"wrote {self.run_dir / 'metrics.json'}")
+        return result
 
 
 def _recipe_fields(cfg: DictConfig) -> dict[str, Any]:
@@ -722,7 +928,13 @@ def evaluate(cfg: DictConfig, checkpoint: str | os.PathLike) -> dict[str, Any]:
             device = env["device"]
             state = load_checkpoint(checkpoint, map_location="cpu")
             run = build_run(cfg, device)
-            run.model.load_state_dict(state["model"])
+            try:
+                run.model.load_state_dict(state["model"])
+            except RuntimeError as err:
+                first = (str(err).strip().splitlines() or ["state dict mismatch"])[0]
+                raise RunFileError(f"checkpoint {str(checkpoint)!r} does not fit model {cfg.model._target_} "
+                                   f"({first[:200]}); evaluate it with the config it was trained with (the run's "
+                                   ".hydra/config.yaml) or give a checkpoint of this model") from err
             split = str(cfg.eval.split)
             splits = run.data.info.get("manifest_splits", [])
             if split not in splits:
@@ -730,6 +942,9 @@ def evaluate(cfg: DictConfig, checkpoint: str | os.PathLike) -> dict[str, Any]:
                                   f"{splits}); choose one of them")
             role = "test"
             run.data.test = split_dataset(cfg, split)
+            if len(run.data.test) == 0:
+                raise ConfigError(f"eval.split={split!r} of data.root={cfg.data.root} holds no samples; choose "
+                                  f"another split (splits: {splits}) or prepare that one")
             precision = str(cfg.eval.autocast) if cfg.eval.autocast else run.precision
             submission = cfg.eval.submission_dir
             keep = bool(cfg.eval.save_predictions) or submission is not None

@@ -65,10 +65,10 @@ def test_recipe_runs_a_few_steps(name: str, roots, tmp_path: Path) -> None:
     handlers = list(logging.getLogger("pcbench.train").handlers)
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    m = fit(cfg)
+    m = fit(cfg).to_dict()
     assert torch.equal(torch.get_rng_state(), before)  # the caller's generator state is given back
     assert m["steps"] == 2 and json.loads((tmp_path / "run" / "metrics.json").read_text()) == m
     assert torch.get_num_threads() == threads and os.getcwd() == cwd  # nothing left behind for the caller
     assert logging.getLogger("pcbench.train").handlers == handlers
-    m2 = fit(compose([f"experiment={name}", f"data.root={roots(data_name)}", *small], run_dir=tmp_path / "run2"))
+    m2 = fit(compose([f"experiment={name}", f"data.root={roots(data_name)}", *small], run_dir=tmp_path / "run2")).to_dict()
     assert m2["val"] == m["val"] and m2["test"] == m["test"]  # same seed, same process: same result

@@ -52,7 +52,7 @@ def test_classifier_beats_chance(model: str, objects: Path, tmp_path: Path) -> N
                    "sched=cosine", "sched.warmup_fraction=0.05", "trainer.max_epochs=25", "trainer.batch_size=16",
                    "trainer.num_workers=0", "trainer.threads=1", "logger.tensorboard=false",
                    "logger.log_every_n_steps=50", "aug=scale_shift", "eval.every_n_epochs=5"], run_dir=tmp_path / "run")
-    m = fit(cfg)
+    m = fit(cfg).to_dict()
     chance = 1 / 5
     _report(model, {"test_oa": m["test"]["oa"], "test_macc": m["test"]["macc"], "val_oa": m["val"]["oa"],
                     "chance": chance, "epochs": m["epochs"], "wall_s": round(m["wall_s"], 1), "params": m["params"]})
@@ -66,7 +66,7 @@ def test_segmentation_beats_majority_class(rooms: Path, tmp_path: Path) -> None:
                    "trainer.max_epochs=40", "trainer.batch_size=2", "trainer.num_workers=0", "trainer.threads=1", "data.grid_size=0.04",
                    "data.train_max_points=20000", "logger.tensorboard=false", "eval.every_n_epochs=10",
                    "eval.save_predictions=true"], run_dir=tmp_path / "run")
-    m = fit(cfg)
+    m = fit(cfg).to_dict()
     z = np.load(tmp_path / "run" / "predictions_test.npz")
     label = z["label"][z["label"] >= 0]
     counts = np.bincount(label, minlength=m["num_classes"])

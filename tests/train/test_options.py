@@ -19,7 +19,7 @@ MODEL = "pointnet2_ssg_cls"
 def _fit(prepared: dict[str, Path], run_dir: Path, *extra: str) -> dict:
     return fit(compose(["data=modelnet40", f"data.root={prepared['mn40_syn']}", f"model={MODEL}", *TINY[MODEL],
                         "trainer.batch_size=4", "trainer.max_steps=2", "trainer.num_workers=0",
-                        "logger.tensorboard=false", "trainer.limit_eval_batches=1", *extra], run_dir=run_dir))
+                        "logger.tensorboard=false", "trainer.limit_eval_batches=1", *extra], run_dir=run_dir)).to_dict()
 
 
 def test_bf16_autocast_on_cpu_with_every_loop_option(prepared: dict[str, Path], tmp_path: Path) -> None:
