@@ -104,7 +104,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``pcbench-eval checkpoint=<path> [key=value ...]`` (the run's stored config + overrides)."""
     from omegaconf import OmegaConf
 
-    from pcbench.train import evaluate
+    from pcbench.train.trainer import evaluate
     from pcbench.train.checkpoint import load_checkpoint
     from pcbench.train.config import ConfigError
 

@@ -20,5 +20,6 @@ def __getattr__(name: str) -> Any:
     if name in _TRAINER:
         from . import trainer  # noqa: PLC0415
 
+        globals().update({n: getattr(trainer, n) for n in _TRAINER})  # later look-ups skip __getattr__
         return getattr(trainer, name)
     raise AttributeError(f"module 'pcbench.train' has no attribute {name!r}")

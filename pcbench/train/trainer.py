@@ -52,8 +52,8 @@ from .distributed import (
     maybe_no_sync,
 )
 from .errors import ConfigError, DivergedError, RunFileError
-from .evaluate import EvalResult, autocast_context, evaluate_loaders, gather_predictions, write_predictions
-from .evaluate import write_submission as _write_submission
+from .evaluation import EvalResult, autocast_context, evaluate_loaders, gather_predictions, write_predictions
+from .evaluation import write_submission as _write_submission
 from .losses import lovasz_softmax
 from .optim import bn_momentum_at, build_ema, param_groups, set_bn_momentum
 from .result import FitResult, SplitRoles
