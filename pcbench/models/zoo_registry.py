@@ -96,6 +96,20 @@ def _entry(name: str) -> PublishedWeights:
     return PUBLISHED[name]
 
 
+def _copy_file_url(url: str, output_file: str | Any, _pooch: Any = None) -> None:
+    """A pooch downloader for ``file://`` URLs: copy the local file to ``output_file`` (a path or a file object)."""
+    from urllib.parse import unquote, urlparse  # noqa: PLC0415
+
+    src = Path(unquote(urlparse(url).path))
+    if not src.is_file():
+        raise ValueError(f"{url}: no such file")
+    data = src.read_bytes()
+    if hasattr(output_file, "write"):
+        output_file.write(data)
+    else:
+        Path(output_file).write_bytes(data)
+
+
 def _download(entry: PublishedWeights, folder: Path) -> Path:
     """The source file, downloaded by pooch with its hash checked (when known)."""
     try:
@@ -105,8 +119,11 @@ def _download(entry: PublishedWeights, folder: Path) -> Path:
                          "have>") from err
     known = f"sha256:{entry.sha256}" if entry.sha256 else None
     fname = f"{entry.name}.source{Path(entry.url).suffix or '.pth'}"
+    # pooch knows http(s) / ftp / sftp / doi; file:// (a mirror on a shared file system, the tests) is a copy
+    downloader = _copy_file_url if entry.url.startswith("file://") else None
     try:
-        return Path(pooch.retrieve(entry.url, known_hash=known, fname=fname, path=folder, progressbar=False))
+        return Path(pooch.retrieve(entry.url, known_hash=known, fname=fname, path=folder, progressbar=False,
+                                   downloader=downloader))
     except ValueError as err:  # pooch's hash mismatch
         raise ValueError(f"{entry.name}: the download from {entry.url} does not match the registered sha256 "
                          f"({err}); the file changed upstream or the download is damaged") from err
