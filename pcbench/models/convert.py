@@ -33,6 +33,7 @@ FORMAT = 1
 SOURCES = {
     "yanx27": "yanx27/Pointnet_Pointnet2_pytorch (models/pointnet2_cls_ssg.py, pointnet2_cls_msg.py)",
     "pct_pytorch": "Strawberry-Eat-Mango/PCT_Pytorch (model.py: Pct)",
+    "torch-pointcloud": "torch-pointcloud 0.0.18 on PyPI (models/spunet.py: SpUNet, spconv weights)",
 }
 
 
@@ -61,10 +62,23 @@ def _feat_xyz_to_xyz_feat(t: Tensor, _: Rule) -> Tensor:
     return torch.cat([w[:, d:], w[:, :d]], 1)
 
 
+def _spconv(t: Tensor, _: Rule) -> Tensor:
+    # spconv 2.x keeps [out, kx, ky, kz, in]; pcbench's sparse convolutions keep [K, in, out] with the kernel
+    # offsets in conv3d order (dx slowest), which is the row-major order of (kx, ky, kz)
+    return t.permute(1, 2, 3, 4, 0).reshape(-1, t.shape[4], t.shape[0]) if t.dim() == 5 else t
+
+
+def _spconv_linear(t: Tensor, _: Rule) -> Tensor:
+    # a 1x1x1 spconv head [out, 1, 1, 1, in] is a Linear [out, in]
+    return t.reshape(t.shape[0], t.shape[-1]) if t.dim() == 5 else t
+
+
 _TRANSFORMS: dict[str, Callable[[Tensor, Rule], Tensor]] = {
     "copy": lambda t, _: t,
     "squeeze": _squeeze,
     "feat_xyz_to_xyz_feat": _feat_xyz_to_xyz_feat,
+    "spconv": _spconv,
+    "spconv_linear": _spconv_linear,
 }
 
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -177,6 +191,48 @@ def _pct_duplicates(sd: Mapping[str, Tensor]) -> dict[str, str]:
     return {k: k.replace(".q_conv.", ".k_conv.") for k in sd if ".q_conv." in k}
 
 
+# --------------------------------------------------------------------------------------------- SpUNet
+def _map_tpc_spunet(sd: Mapping[str, Tensor], model: nn.Module) -> list[Rule]:
+    """torch-pointcloud ``SpUNet`` (Pointcept SpUNet-v1m1's layout) onto :class:`pcbench.models.spunet.SpUNet`.
+
+    ``encoder.conv_input`` / ``encoder.down.{i}`` / ``encoder.enc.{i}.block{j}``, then ``decoder.up.{i}`` and
+    ``decoder.dec.{i}.block{j}`` numbered from the finest level (pcbench numbers the decoder from the coarsest)
+    with the residual projection ``proj`` (pcbench: ``shortcut``), and the 1x1x1 ``head``.
+    """
+    n_up = len(model.up)
+    rules: list[Rule] = []
+    for key, value in model.state_dict().items():
+        parts = key.split(".")
+        if parts[0] == "stem":
+            src = ["encoder", "conv_input", {"conv": "0", "norm": "1"}[parts[1]], *parts[2:]]
+        elif parts[0] == "down":
+            src = ["encoder", "down", parts[1], {"conv": "0", "norm": "1"}[parts[2]], *parts[3:]]
+        elif parts[0] == "enc":
+            src = ["encoder", "enc", parts[1], f"block{parts[2]}", *parts[3:]]
+        elif parts[0] == "up":
+            src = ["decoder", "up", str(n_up - 1 - int(parts[1])), {"conv": "0", "norm": "1"}[parts[2]], *parts[3:]]
+        elif parts[0] == "dec":
+            rest = ["proj", *parts[4:]] if parts[3] == "shortcut" else parts[3:]
+            src = ["decoder", "dec", str(n_up - 1 - int(parts[1])), f"block{parts[2]}", *rest]
+        else:
+            src = parts
+        how = "copy"
+        if key == "head.weight":
+            how = "spconv_linear"
+        elif parts[-1] == "weight" and value.dim() == 3:
+            how = "spconv"
+        rules.append(Rule(".".join(src), key, how))
+    return rules
+
+
+def _shape_tpc_spunet(sd: Mapping[str, Tensor]) -> tuple[int, int]:
+    """(in_channels, num_classes): the input convolution's last axis, the head's rows."""
+    if "encoder.conv_input.0.weight" not in sd or "head.weight" not in sd:
+        raise ConversionError("not a torch-pointcloud SpUNet checkpoint: no encoder.conv_input.0.weight / "
+                              "head.weight key")
+    return int(sd["encoder.conv_input.0.weight"].shape[-1]), int(sd["head.weight"].shape[0])
+
+
 @dataclass(frozen=True)
 class Converter:
     """How one (source, model config) pair maps: key rules, shape inference, keys that repeat another key."""
@@ -191,6 +247,7 @@ CONVERTERS: dict[tuple[str, str], Converter] = {
     ("yanx27", "pointnet2_ssg_cls"): Converter(_map_yanx27_pointnet2, _shape_yanx27_pointnet2),
     ("yanx27", "pointnet2_msg_cls"): Converter(_map_yanx27_pointnet2, _shape_yanx27_pointnet2),
     ("pct_pytorch", "pct_cls"): Converter(_map_pct_pytorch, _shape_pct_pytorch, _pct_duplicates),
+    ("torch-pointcloud", "spunet_base_seg"): Converter(_map_tpc_spunet, _shape_tpc_spunet),
 }
 
 
@@ -224,6 +281,15 @@ def load_source_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"source checkpoint {str(path)!r} does not exist; give the path of the downloaded file")
+    if path.suffix == ".safetensors":  # torch-pointcloud's format: tensors only, no pickle at all
+        try:
+            from safetensors.torch import load_file  # noqa: PLC0415 - needed for this format only
+        except ImportError as err:
+            raise ConversionError(f"{path} is a safetensors file; pip install safetensors to read it") from err
+        try:
+            return dict(load_file(str(path)))
+        except Exception as err:  # noqa: BLE001 - a damaged file
+            raise ConversionError(f"source checkpoint {str(path)!r} is not a readable safetensors file ({err})") from err
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
