@@ -52,6 +52,8 @@ class PublishedWeights:
 _YANX27 = "https://github.com/yanx27/Pointnet_Pointnet2_pytorch/raw/master/log/classification"
 _PCT = "https://github.com/Strawberry-Eat-Mango/PCT_Pytorch/raw/main/checkpoints/best/models/model.t7"
 _PTV3 = "https://huggingface.co/Pointcept/PointTransformerV3/tree/main"
+_TPC = "https://huggingface.co/torch-pointcloud"
+_TPC_REF = "torch-pointcloud 0.0.18 (PyPI) models/{file} register_model({name!r}), weights revision @ {rev}"
 
 #: name -> entry. Figures are the authors' own, quoted with their protocol, never re-measured here.
 PUBLISHED: dict[str, PublishedWeights] = {w.name: w for w in [
@@ -81,6 +83,26 @@ PUBLISHED: dict[str, PublishedWeights] = {w.name: w for w in [
         "ScanNet v2 val, Pointcept SemSegTester (fragments over test-time augmentations, 4 GPUs training)",
         "Pointcept/Pointcept README.md @ d74c646, 'Indoor semantic segmentation' table (issue Pointcept#357 reports "
         "73.6 without test-time augmentation)"),
+    PublishedWeights(
+        "spunet_base_seg.scannet20.torch-pointcloud", "spunet_base_seg", "torch-pointcloud", "scannet",
+        f"{_TPC}/spunet-v1m1.scannet20.pointcept/resolve/641cc7cc6035a4086dfed9f70d839e9f551d5955/model.safetensors",
+        None, "MIT", "val mIoU", 75.67,
+        "ScanNet v2 val (20 classes), torch-pointcloud's evaluation of Pointcept's SpUNet-v1m1 weights (colour in "
+        "[-1, 1] + normals, 2 cm grid)",
+        _TPC_REF.format(file="spunet.py", name="spunet-v1m1.scannet20.pointcept", rev="641cc7c")),
+    PublishedWeights(
+        "ptv3_seg.scannet20.torch-pointcloud", "ptv3_seg", "torch-pointcloud (PTv3 layout)", "scannet",
+        f"{_TPC}/ptv3-base.scannet20.pointcept/resolve/3a8e0a66d76ecfb57d4dd0e4ef43de18f1491b41/model.safetensors",
+        None, "MIT", "val mIoU", 77.42,
+        "ScanNet v2 val (20 classes), torch-pointcloud's evaluation of Pointcept's PTv3 weights",
+        _TPC_REF.format(file="point_transformer_v3.py", name="ptv3-base.scannet20.pointcept", rev="3a8e0a6")),
+    PublishedWeights(
+        "pointnet2_ssg_cls.modelnet40.torch-pointcloud", "pointnet2_ssg_cls", "torch-pointcloud (PointNet++ layout)",
+        "modelnet40",
+        f"{_TPC}/pointnet2-ssg.modelnet40.xu-yan/resolve/9e1021fc09c3cfc2abc4072dcf1e970e0ea18c97/model.safetensors",
+        None, "MIT", "overall accuracy", 92.30,
+        "ModelNet40 test split, 1024 points by FPS, xyz only; yanx27's SSG weights re-hosted by torch-pointcloud",
+        _TPC_REF.format(file="pointnet2.py", name="pointnet2-ssg.modelnet40.xu-yan", rev="9e1021f")),
 ]}
 
 

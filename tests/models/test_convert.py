@@ -21,7 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pcbench.models import create_model
-from pcbench.models.convert import ConversionError, convert_checkpoint, convert_state_dict, load_source_checkpoint
+from pcbench.models.convert import (
+    ConversionError,
+    convert_checkpoint,
+    convert_state_dict,
+    load_source_checkpoint,
+)
 from pcbench.ops import PointBatch
 from tests.models._helpers import ragged_objects
 
@@ -63,7 +68,7 @@ class _SA(nn.Module):
     def __init__(self, npoint, radius, nsample, cin, widths, group_all=False):
         super().__init__()
         self.npoint, self.radius, self.nsample, self.group_all = npoint, radius, nsample, group_all
-        self.mlp_convs = nn.ModuleList(nn.Conv2d(a, b, 1) for a, b in zip([cin, *widths[:-1]], widths))
+        self.mlp_convs = nn.ModuleList(nn.Conv2d(a, b, 1) for a, b in zip([cin, *widths[:-1]], widths, strict=True))
         self.mlp_bns = nn.ModuleList(nn.BatchNorm2d(w) for w in widths)
 
     def forward(self, xyz, feat):  # xyz [B, N, 3], feat [B, N, D] or None
@@ -76,7 +81,7 @@ class _SA(nn.Module):
             rel = _gather(xyz, idx) - centres.unsqueeze(2)
             g = rel if feat is None else torch.cat([rel, _gather(feat, idx)], -1)
         h = g.permute(0, 3, 2, 1)  # [B, C, k, S]
-        for conv, bn in zip(self.mlp_convs, self.mlp_bns):
+        for conv, bn in zip(self.mlp_convs, self.mlp_bns, strict=True):
             h = F.relu(bn(conv(h)))
         return centres, h.max(2).values.transpose(1, 2)
 
@@ -87,19 +92,19 @@ class _SAMsg(nn.Module):
     def __init__(self, npoint, radii, nsamples, cin, widths):
         super().__init__()
         self.npoint, self.radii, self.nsamples = npoint, radii, nsamples
-        self.conv_blocks = nn.ModuleList(nn.ModuleList(nn.Conv2d(a, b, 1) for a, b in zip([cin + 3, *w[:-1]], w))
+        self.conv_blocks = nn.ModuleList(nn.ModuleList(nn.Conv2d(a, b, 1) for a, b in zip([cin + 3, *w[:-1]], w, strict=True))
                                          for w in widths)
         self.bn_blocks = nn.ModuleList(nn.ModuleList(nn.BatchNorm2d(c) for c in w) for w in widths)
 
     def forward(self, xyz, feat):
         centres = _gather(xyz, _fps(xyz, self.npoint))
         outs = []
-        for r, k, convs, bns in zip(self.radii, self.nsamples, self.conv_blocks, self.bn_blocks):
+        for r, k, convs, bns in zip(self.radii, self.nsamples, self.conv_blocks, self.bn_blocks, strict=True):
             idx = _ball(xyz, centres, r, k)
             rel = _gather(xyz, idx) - centres.unsqueeze(2)
             g = rel if feat is None else torch.cat([_gather(feat, idx), rel], -1)
             h = g.permute(0, 3, 2, 1)
-            for conv, bn in zip(convs, bns):
+            for conv, bn in zip(convs, bns, strict=True):
                 h = F.relu(bn(conv(h)))
             outs.append(h.max(2).values.transpose(1, 2))
         return centres, torch.cat(outs, -1)
@@ -237,7 +242,7 @@ def _objects(b: int, n: int, normals: bool, seed: int = 0) -> tuple[Tensor, Poin
     """(reference input [B, 3 (+3), N], the same clouds as a PointBatch), each cloud in lexicographic order."""
     xyz = ragged_objects([n] * b, seed=seed).coord.view(b, n, 3)
     order = [torch.from_numpy(np.lexsort(c.numpy().T[::-1]).copy()) for c in xyz]  # sort by x, then y, then z
-    xyz = torch.stack([c[o] for c, o in zip(xyz, order)])
+    xyz = torch.stack([c[o] for c, o in zip(xyz, order, strict=True)])
     nrm = F.normalize(torch.randn(b, n, 3, generator=torch.Generator().manual_seed(seed)), dim=-1)
     dense = torch.cat([xyz, nrm], -1) if normals else xyz
     feat = nrm.reshape(-1, 3) if normals else xyz.new_zeros(b * n, 0)
