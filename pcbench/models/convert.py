@@ -34,6 +34,7 @@ SOURCES = {
     "yanx27": "yanx27/Pointnet_Pointnet2_pytorch (models/pointnet2_cls_ssg.py, pointnet2_cls_msg.py)",
     "pct_pytorch": "Strawberry-Eat-Mango/PCT_Pytorch (model.py: Pct)",
     "torch-pointcloud": "torch-pointcloud 0.0.18 on PyPI (models/spunet.py: SpUNet, spconv weights)",
+    "pointcept": "Pointcept/Pointcept (pointcept/models/sparse_unet/spconv_unet_v1m1_base.py: SpUNet-v1m1 backbone)",
 }
 
 
@@ -233,6 +234,31 @@ def _shape_tpc_spunet(sd: Mapping[str, Tensor]) -> tuple[int, int]:
     return int(sd["encoder.conv_input.0.weight"].shape[-1]), int(sd["head.weight"].shape[0])
 
 
+def _pointcept_name(tpc: str) -> str:
+    """torch-pointcloud's SpUNet key -> Pointcept's: one ``backbone`` module, BatchNorms unwrapped and named
+    ``bn1`` / ``bn2`` inside blocks, the head called ``final``."""
+    parts = [p for p in tpc.split(".") if p != "module"]
+    if parts[0] in ("encoder", "decoder"):
+        parts[0] = "backbone"
+    elif parts[0] == "head":
+        parts = ["backbone", "final", *parts[1:]]
+    return ".".join({"norm1": "bn1", "norm2": "bn2"}.get(p, p) for p in parts)
+
+
+def _map_pointcept_spunet(sd: Mapping[str, Tensor], model: nn.Module) -> list[Rule]:
+    """Pointcept ``SpUNet-v1m1`` (a ``DefaultSegmentor``'s ``backbone``) onto pcbench's SpUNet: the
+    torch-pointcloud layout under Pointcept's names (see :func:`_pointcept_name`)."""
+    return [Rule(_pointcept_name(r.src), r.dst, r.transform) for r in _map_tpc_spunet(sd, model)]
+
+
+def _shape_pointcept_spunet(sd: Mapping[str, Tensor]) -> tuple[int, int]:
+    """(in_channels, num_classes) of a Pointcept SpUNet: input convolution's last axis, ``final``'s rows."""
+    if "backbone.conv_input.0.weight" not in sd or "backbone.final.weight" not in sd:
+        raise ConversionError("not a Pointcept SpUNet checkpoint: no backbone.conv_input.0.weight / "
+                              "backbone.final.weight key")
+    return int(sd["backbone.conv_input.0.weight"].shape[-1]), int(sd["backbone.final.weight"].shape[0])
+
+
 @dataclass(frozen=True)
 class Converter:
     """How one (source, model config) pair maps: key rules, shape inference, keys that repeat another key."""
@@ -248,6 +274,7 @@ CONVERTERS: dict[tuple[str, str], Converter] = {
     ("yanx27", "pointnet2_msg_cls"): Converter(_map_yanx27_pointnet2, _shape_yanx27_pointnet2),
     ("pct_pytorch", "pct_cls"): Converter(_map_pct_pytorch, _shape_pct_pytorch, _pct_duplicates),
     ("torch-pointcloud", "spunet_base_seg"): Converter(_map_tpc_spunet, _shape_tpc_spunet),
+    ("pointcept", "spunet_base_seg"): Converter(_map_pointcept_spunet, _shape_pointcept_spunet),
 }
 
 

@@ -84,3 +84,22 @@ def test_a_torch_pointcloud_spunet_converts_key_by_key(tmp_path: Path) -> None:
     # the stem weight went through the layout change, not a reshape
     w = ref.state_dict()["encoder.conv_input.0.weight"]  # [out, kx, ky, kz, in]
     torch.testing.assert_close(state["model"]["stem.conv.weight"][1 * 25 + 2 * 5 + 3], w[:, 1, 2, 3, :].T)
+
+
+def test_a_pointcept_spunet_checkpoint_converts_to_the_same_weights(tmp_path: Path) -> None:
+    """Pointcept saves the same network as ``backbone.*`` with plain BatchNorms (``bn1``/``bn2``), the head as
+    ``final``, under ``state_dict`` with DDP's ``module.`` prefix (pointcept/engines/hooks/misc.py)."""
+    torch.manual_seed(0)
+    ref = tpc_models.create_model("spunet-v1m1.scannet20.pointcept", pretrained=False)
+    tpc = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    safetensors_torch.save_file(tpc, str(tmp_path / "tpc.safetensors"))
+
+    def pointcept_key(k: str) -> str:  # written from Pointcept's module names, independently of the converter
+        k = k.replace(".module.", ".").replace("encoder.", "backbone.").replace("decoder.", "backbone.")
+        k = k.replace(".norm1.", ".bn1.").replace(".norm2.", ".bn2.").replace("head.", "backbone.final.")
+        return "module." + k
+
+    torch.save({"epoch": 100, "state_dict": {pointcept_key(k): v for k, v in tpc.items()}}, tmp_path / "pc.pth")
+    a = convert_checkpoint(tmp_path / "tpc.safetensors", "torch-pointcloud", "spunet_base_seg")["model"]
+    b = convert_checkpoint(tmp_path / "pc.pth", "pointcept", "spunet_base_seg")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

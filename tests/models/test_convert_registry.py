@@ -46,7 +46,7 @@ def test_every_entry_is_complete_and_names_a_real_model_config() -> None:
         assert w.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", w.sha256), name
         assert 0 < w.value <= 100 and re.search(r"@ [0-9a-f]{7}", w.reference), name  # pinned source
         assert w.convertible == ((w.source, w.model_config) in CONVERTERS), name
-    assert {w.source for w in reg.PUBLISHED.values() if w.convertible} == set(SOURCES)
+    assert {w.source for w in reg.PUBLISHED.values() if w.convertible} == set(SOURCES) - {"pointcept"}  # no file URL yet
 
 
 def test_fetch_downloads_with_the_hash_checked_and_converts(registered, tmp_path: Path, yanx27_file: Path) -> None:
