@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--yanx27", type=Path, help="checkout of yanx27/Pointnet_Pointnet2_pytorch (with models/)")
     p.add_argument("--pct", type=Path, help="checkout of Strawberry-Eat-Mango/PCT_Pytorch (model.py, util.py)")
-    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data")
+    p.add_argument("--data", type=Path, required=True, help="folder holding modelnet40/modelnet40_normal_resampled")
     p.add_argument("--out", type=Path, default=Path("eq_reference"))
     args = p.parse_args(argv)
     if not (args.data / "modelnet40").is_dir():
