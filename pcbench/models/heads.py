@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from .layers import PointBatchNorm
 
-__all__ = ["MLPHead"]
+__all__ = ["ClassifierMixin", "MLPHead"]
 
 
 class MLPHead(nn.Module):
@@ -49,3 +50,38 @@ class MLPHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``[..., num_classes]`` from features ``[..., in_channels]``."""
         return self.mlp(x)
+
+
+class ClassifierMixin:
+    """The timm-style head API every pcbench model shares: ``forward_head`` and ``reset_classifier``.
+
+    A model keeps its classifier in ``self.head`` (a module whose last ``nn.Linear`` gives the logits) and its
+    backbone in ``forward_features``, so ``forward(batch) == forward_head(forward_features(batch))``.
+    """
+
+    head: nn.Module
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        """Logits from the output of ``forward_features`` (per cloud ``[B, C]`` or per point ``[N, C]``)."""
+        return self.head(features)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the last linear layer of the head by a freshly initialised one with ``num_classes`` outputs.
+
+        The hidden layers of the head and the backbone keep their weights (fine-tuning on a new label set).
+        """
+        if int(num_classes) < 1:
+            raise ValueError(f"reset_classifier(num_classes={num_classes}): need at least one class")
+        linears = [name for name, m in self.head.named_modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise TypeError(f"{type(self).__name__}.head has no nn.Linear to reset")
+        name = linears[-1]
+        old = self.head.get_submodule(name) if name else self.head
+        new = nn.Linear(old.in_features, int(num_classes), bias=old.bias is not None)
+        with torch.no_grad():
+            new = new.to(device=old.weight.device, dtype=old.weight.dtype)
+        if not name:
+            self.head = new
+            return
+        parent_name, _, attr = name.rpartition(".")
+        setattr(self.head.get_submodule(parent_name) if parent_name else self.head, attr, new)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from pcbench.ops import PointBatch
 
+from .heads import ClassifierMixin
 from .layers.checks import model_input
 from .sparse import (
     SparseBasicBlock,
@@ -47,7 +48,7 @@ def _check_widths(layers: Sequence[int], planes: Sequence[int]) -> None:
         raise ValueError(f"layers and planes must be positive, got layers={tuple(layers)} planes={tuple(planes)}")
 
 
-class MinkUNet(nn.Module):
+class MinkUNet(ClassifierMixin, nn.Module):
     """Res16UNet-style sparse U-Net: packed points -> per-point logits [N, num_classes].
 
     Args:

@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from pcbench.ops import PointBatch, farthest_point_sample, knn, sample_offset
 from pcbench.ops.batch import offset2batch, offset2lengths, offset2start
 
-from .heads import MLPHead
+from .heads import ClassifierMixin, MLPHead
 from .layers import BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_max, cloud_mean
 from .layers.checks import model_input
 
@@ -173,7 +173,7 @@ class _AttentionStack(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- models
-class PCTCls(nn.Module):
+class PCTCls(ClassifierMixin, nn.Module):
     """PCT classifier with neighbour embedding (the paper's full "PCT").
 
     Args:
@@ -228,7 +228,7 @@ class PCTCls(nn.Module):
         return self.head(self.forward_features(batch))
 
 
-class PCTSeg(nn.Module):
+class PCTSeg(ClassifierMixin, nn.Module):
     """PCT segmentation network (official part-segmentation architecture, no category input).
 
     Args:
@@ -286,6 +286,8 @@ class PCTSeg(nn.Module):
         out = self._head(h)
         return torch.empty_like(out).index_copy_(0, perm, out)
 
-    def head_logits(self, features: Tensor) -> Tensor:
+    def forward_head(self, features: Tensor) -> Tensor:
         """Logits from ``forward_features`` output (the unsplit head, for checks and feature reuse)."""
         return self._head(self.head_first(features))
+
+    head_logits = forward_head  # the name this method had before the shared ClassifierMixin API

@@ -37,7 +37,7 @@ from pcbench.ops.ball_query import ORDERS
 from pcbench.ops.batch import offset2lengths
 from pcbench.ops.interpolate import interpolate
 
-from .heads import MLPHead
+from .heads import ClassifierMixin, MLPHead
 from .layers import MLP, BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_max
 from .layers.checks import model_input
 from .layers.grouped import CompactGroups
@@ -207,7 +207,7 @@ def _sa_levels(in_channels: int, num_samples: Sequence[int] | None, sample_ratio
 
 
 # --------------------------------------------------------------------------------------------- models
-class PointNet2Cls(nn.Module):
+class PointNet2Cls(ClassifierMixin, nn.Module):
     """PointNet++ classifier: SA levels, a group-all level, and an MLP head.
 
     Args:
@@ -256,7 +256,7 @@ class PointNet2Cls(nn.Module):
         return self.head(self.forward_features(batch))
 
 
-class PointNet2Seg(nn.Module):
+class PointNet2Seg(ClassifierMixin, nn.Module):
     """PointNet++ segmentation network: SA encoder, FP decoder back to every input point, per-point head.
 
     Args:

@@ -27,7 +27,7 @@ from pcbench.ops import PointBatch, farthest_point_sample, knn, sample_offset
 from pcbench.ops.batch import offset2batch
 from pcbench.ops.interpolate import interpolate
 
-from .heads import MLPHead
+from .heads import ClassifierMixin, MLPHead
 from .layers import BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_mean
 from .layers.checks import model_input
 
@@ -213,7 +213,7 @@ class _Encoder(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- models
-class PointTransformerSeg(nn.Module):
+class PointTransformerSeg(ClassifierMixin, nn.Module):
     """Point Transformer U-Net for semantic segmentation (official ``PointTransformerSeg``).
 
     Args:
@@ -268,7 +268,7 @@ class PointTransformerSeg(nn.Module):
         return self.head(self.forward_features(batch))
 
 
-class PointTransformerCls(nn.Module):
+class PointTransformerCls(ClassifierMixin, nn.Module):
     """Point Transformer classifier: the segmentation encoder, per-cloud mean pooling, MLP head.
 
     Args:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from pcbench.ops import PointBatch, knn, offset2batch, voxel_pool
 
+from .heads import ClassifierMixin
 from .layers.checks import model_input
 from .layers.grid_pool import DropPath, GridPartition, grid_partition, segment_mean
 
@@ -174,7 +175,7 @@ def _tuple(x: Sequence, n: int, name: str) -> tuple:
     return t
 
 
-class PointTransformerV2(nn.Module):
+class PointTransformerV2(ClassifierMixin, nn.Module):
     """Point Transformer V2 for segmentation ([N, num_classes]) or classification ([B, num_classes]).
 
     Args:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from pcbench.ops import PointBatch, offset2batch, offset2lengths, serialize, voxel_pool
 from pcbench.ops.serialize import MAX_DEPTH, ORDERS
 
+from .heads import ClassifierMixin
 from .layers.checks import model_input
 from .layers.grid_pool import DropPath, GridPartition, cloud_min, grid_partition, segment_mean
 from .layers.serialized_attention import PatchIndex, SerializedAttention, build_patches
@@ -178,7 +179,7 @@ def _tuple(x: Sequence, n: int, name: str) -> tuple:
     return t
 
 
-class PointTransformerV3(nn.Module):
+class PointTransformerV3(ClassifierMixin, nn.Module):
     """Point Transformer V3 for segmentation ([N, num_classes]) or classification ([B, num_classes]).
 
     Args:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from pcbench.ops import PointBatch
 
+from .heads import ClassifierMixin
 from .layers.checks import model_input
 from .sparse import (
     SparseAvgPool3d,
@@ -33,7 +34,7 @@ from .sparse import (
 __all__ = ["SparseResNet"]
 
 
-class SparseResNet(nn.Module):
+class SparseResNet(ClassifierMixin, nn.Module):
     """Voxel ResNet: packed object clouds -> logits [B, num_classes].
 
     Args:

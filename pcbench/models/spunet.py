@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from pcbench.ops import PointBatch
 
+from .heads import ClassifierMixin
 from .layers.checks import model_input
 from .sparse import (
     SparseBasicBlock,
@@ -42,7 +43,7 @@ def _conv_bn_relu(conv: nn.Module, channels: int) -> SparseConvBNReLU:
     return SparseConvBNReLU(conv, channels, _BN_EPS, _BN_MOMENTUM)
 
 
-class SpUNet(nn.Module):
+class SpUNet(ClassifierMixin, nn.Module):
     """Sparse U-Net (SpUNet-v1m1): packed points -> per-point logits [N, num_classes].
 
     Args:
