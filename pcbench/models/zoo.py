@@ -20,6 +20,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from pcbench._confdir import conf_candidates, find_conf_dir
+
 from .build import META_KEYS, TASKS, build_model, model_task
 
 __all__ = ["create_model", "list_models", "load_weights", "model_config", "model_config_dir"]
@@ -29,11 +31,12 @@ _RESERVED = {"_target_", "_convert_", "in_channels", "num_classes", *META_KEYS}
 
 def model_config_dir() -> Path:
     """The ``conf/model`` folder (found as the trainer finds ``conf/``: ``$PCBENCH_CONF`` first)."""
-    # The conf/ lookup has one implementation, in pcbench.train.config; importing it here (lazily, it needs only
-    # omegaconf) keeps the two from drifting apart.
-    from pcbench.train.config import config_dir  # noqa: PLC0415
-
-    return config_dir() / "model"
+    found = find_conf_dir()
+    if found is None:
+        raise FileNotFoundError(f"pcbench's conf/ (with train.yaml) was not found in "
+                                f"{[str(c) for c in conf_candidates()]}; set PCBENCH_CONF=<path of conf/> or "
+                                "reinstall pcbench from its source checkout")
+    return found / "model"
 
 
 def list_models(pattern: str = "*", task: str | None = None) -> list[str]:

@@ -16,25 +16,20 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from pcbench._confdir import conf_candidates, find_conf_dir
+
 from .errors import ConfigError
 
 __all__ = ["PLACEMENT_KEYS", "ConfigError", "check_data", "check_run_config", "compose", "config_changes", "config_dir",
            "config_identity_sha256", "config_sha256", "group_options", "run_content"]
 
-_PKG = Path(__file__).resolve().parents[1]  # .../pcbench
-
-
 def config_dir() -> Path:
     """The ``conf/`` folder holding train.yaml; ConfigError listing the places looked at when absent."""
-    candidates = []
-    if os.environ.get("PCBENCH_CONF"):
-        candidates.append(Path(os.environ["PCBENCH_CONF"]).expanduser())
-    candidates += [_PKG.parent / "conf", _PKG / "conf"]
-    for c in candidates:
-        if (c / "train.yaml").is_file():
-            return c.resolve()
-    raise ConfigError(f"pcbench's conf/ (with train.yaml) was not found in {[str(c) for c in candidates]}; "
-                      "set PCBENCH_CONF=<path of conf/> or reinstall pcbench from its source checkout")
+    found = find_conf_dir()
+    if found is None:
+        raise ConfigError(f"pcbench's conf/ (with train.yaml) was not found in {[str(c) for c in conf_candidates()]}; "
+                          "set PCBENCH_CONF=<path of conf/> or reinstall pcbench from its source checkout")
+    return found
 
 
 def group_options(group: str) -> list[str]:
