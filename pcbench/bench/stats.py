@@ -8,8 +8,9 @@ A run keeps what a resampling needs in a small payload (``<run dir>/resample_tes
 
 The statistics resample *items* (samples or scenes) with replacement, never points: the points of one scene
 are not independent draws. Metrics are those of :mod:`pcbench.train.metrics` (the same definitions, recomputed
-here in numpy so that the report side never needs torch): ``oa`` = trace / total, ``macc`` = mean recall over
-the classes present as targets, ``miou`` = mean IoU over the classes that are targets or predictions.
+here in numpy so that the report side never needs torch): ``oa`` = trace / total, ``macc`` / ``miou`` = mean
+recall / IoU over every class of the label set (a class absent from targets and predictions counts 0, the
+convention of the published figures), ``macc_present`` / ``miou_present`` = over the classes present as targets.
 
 A leaderboard row is one configuration identity whose seeds are its runs. Its interval pools them so:
 every resample draws one multiset of item indices and applies it to every seed's payload (the seeds evaluated
@@ -225,17 +226,21 @@ def load_payload(path: str | os.PathLike, sha256: str | None = None) -> Resample
 # metrics over many resamples at once
 
 def _metrics(tp: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> dict[str, np.ndarray]:
-    """oa / macc / miou of counts [..., C] (true positives, target counts, prediction counts); NaN if undefined."""
+    """oa / macc / miou (all C classes, an undefined class counting 0) and macc_present / miou_present (classes
+    with targets) of counts [..., C] (true positives, target counts, prediction counts); NaN when nothing counted."""
     with np.errstate(divide="ignore", invalid="ignore"):
         total = rows.sum(-1)
         oa = np.where(total > 0, tp.sum(-1) / np.maximum(total, 1), np.nan)
         out = {"oa": oa}
         union = rows + cols - tp
+        present = rows > 0
+        c = rows.shape[-1]
         for name, denom in (("macc", rows), ("miou", union)):
-            valid = denom > 0
-            ratio = np.where(valid, tp / np.maximum(denom, 1), 0.0)
-            k = valid.sum(-1)
-            out[name] = np.where(k > 0, ratio.sum(-1) / np.maximum(k, 1), np.nan)
+            ratio = np.where(denom > 0, tp / np.maximum(denom, 1), 0.0)
+            # the convention of the published figures (pcbench/train/metrics.py): every class of the label set
+            out[name] = np.where(total > 0, ratio.sum(-1) / c, np.nan)
+            k = present.sum(-1)
+            out[f"{name}_present"] = np.where(k > 0, (ratio * present).sum(-1) / np.maximum(k, 1), np.nan)
     return out
 
 

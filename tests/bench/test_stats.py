@@ -112,15 +112,17 @@ def test_payload_metrics_match_pcbench_train_metrics_including_absent_classes() 
     seg = _scenes(12, 6, seed=4)
     cm = seg.confusion.copy()
     cm[:, 5, :] = 0
-    cm[:, :, 5] = 0  # class 5 never occurs: undefined recall and IoU, left out of the means
+    cm[:, :, 5] = 0  # class 5 never occurs: 0 in the all-classes means, left out of the *_present ones
     seg = ResamplePayload.segmentation(cm)
     ref = metrics_from_confusion(torch.from_numpy(cm.sum(0)))
     got = seg.metrics()
-    for m in ("oa", "macc", "miou"):
+    names = ("oa", "macc", "miou", "macc_present", "miou_present")
+    for m in names:
         assert got[m] == pytest.approx(ref[m], abs=1e-15)
+    assert got["miou"] < got["miou_present"]
     cls = _classifier(200, 5, 0.6, seed=5)
     ref = metrics_from_confusion(torch.from_numpy(cls.confusion_matrix()))
-    assert cls.metrics() == pytest.approx({m: ref[m] for m in ("oa", "macc", "miou")}, abs=1e-15)
+    assert cls.metrics() == pytest.approx({m: ref[m] for m in names}, abs=1e-15)
 
 
 # ------------------------------------------------------------------------------------------- paired comparisons
