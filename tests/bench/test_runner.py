@@ -118,6 +118,7 @@ def test_suite_runs_end_to_end_into_the_store_and_report(first: tuple[Path, subp
         assert probe["score_fp32"] == r["test"]["oa"]  # the probe's score is the trainer's test evaluation
         assert probe["bf16_status"] == "ok" and probe["bf16_score_delta"] is not None
         assert probe["int8_status"] == "ok" or probe["int8_status"].startswith("unsupported")
+        assert r["extra"]["load_avg"] >= 0 and r["extra"]["cpu_count"] == os.cpu_count()  # the report's load flag
     crash = recs["objects-crash-s0"]
     assert crash["status"] == "failed" and "trainer.batch_size=1000" in crash["error"]
     assert "Traceback" in Path(crash["log_path"]).read_text()
@@ -125,8 +126,8 @@ def test_suite_runs_end_to_end_into_the_store_and_report(first: tuple[Path, subp
     report = out / "report"
     md = (report / "leaderboard.md").read_text()
     assert "## synthetic-modelnet40 — test" in md and "## Failed cells" in md and "trainer.batch_size=1000" in md
-    assert re.search(r"\| \d \| pointnet2_ssg_cls \| t3: pointnet2_ssg_cls \| pcbench variant \|", md)
-    assert re.search(r"\| \d \| pct_cls \| t3: pct_cls \| pcbench variant \|", md)
+    assert re.search(r"\| \d \| pointnet2_ssg_cls \| t3: pointnet2_ssg_cls / pcbench variant \|", md)
+    assert re.search(r"\| \d \| pct_cls \| t3: pct_cls / pcbench variant \|", md)
     assert (report / "leaderboard.html").stat().st_size > 1000 and (report / "leaderboard.csv").is_file()
     assert f"report of 3 records in {out / 'results.sqlite'}" in p.stdout and str(report / "leaderboard.html") in p.stdout
 
