@@ -380,6 +380,11 @@ def expand_suite(bench: DictConfig, only: Sequence[str] | None = None) -> list[C
             raise SuiteError(f"{where}.datasets is empty; list the suite dataset keys it runs on ({sorted(datasets)})")
         entry_train = _strings(e.get("train"), f"{where}.train")
         sweeps = _tagged(global_sweeps + _sweeps(e.get("sweep"), f"{where}.sweep"), where)
+        clash = sorted({k for _, k, _ in sweeps} & set(_override_keys(runner_extra)))
+        if clash:  # the runner's overrides come after the swept values: every cell would run the same config
+            raise SuiteError(f"pcbench-bench overrides= sets {clash}, which {where} sweeps (suite-wide or its own "
+                             "sweep); the override would replace every swept value: drop it from overrides= or "
+                             "change the sweep")
         recipe = str(e.get("recipe") or exp or f"{sname}: {model}")
         mine: list[Cell] = []
         for dkey in names:

@@ -206,6 +206,14 @@ def test_malformed_sweeps_are_refused(entry: dict, suite_sweep: dict | None, mat
         expand_suite(bench)
 
 
+def test_a_runner_override_of_a_swept_key_is_refused() -> None:
+    bench = _suite(pct_cls={"datasets": ["objects"], "sweep": {"model.k": [8, 16]}})
+    with open_dict(bench):
+        bench.overrides = ["trainer.max_steps=3", "model.k=4"]  # would make both sweep points one configuration
+    with pytest.raises(SuiteError, match=r"overrides= sets \['model.k'\], which suite.models.pct_cls sweeps"):
+        expand_suite(bench)
+
+
 def test_identity_ignores_placement_but_not_what_is_computed(tmp_path: Path) -> None:
     cell = expand_suite(_suite(pct_cls={"datasets": ["objects"]}))[0]
     cfg, _ = cell_config(cell, tmp_path / "a")
