@@ -38,10 +38,11 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import os
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -50,7 +51,7 @@ from torch import nn
 
 from pcbench.ops import PointBatch
 
-__all__ = ["count_flops", "peak_memory_mib", "probe_efficiency", "single_cloud"]
+__all__ = ["count_flops", "machine_load", "peak_memory_mib", "probe_efficiency", "single_cloud"]
 
 FLOPS_NOTE = ("torch.utils.flop_counter.FlopCounterMode: matmul/conv/attention, 2 FLOPs per multiply-add; "
               "neighbour search, gather and scatter not counted")
@@ -156,6 +157,31 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device | str) -> tup
         thread.join()
     peak = max(peak, _status_kib("VmRSS") or 0)
     return max(0, peak - base) / 1024, "peak RSS increase (malloc_trim, VmRSS sampled every 1 ms: lower bound)"
+
+
+# -- machine load ---------------------------------------------------------------------------------------
+def machine_load(before: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``{"load_avg", "cpu_count"}``: the 1-minute load average now, or the higher of now and ``before``'s.
+
+    Read before and after a probe, the higher reading is kept: a busy spell anywhere in the probe then shows,
+    and speeds measured with more runnable threads than CPUs can be flagged as contended. ``cpu_count`` is
+    ``os.cpu_count()`` (the machine's CPUs, the scope of the load average, which counts every process of the
+    machine), the affinity mask's size where that is unknown. ``load_avg`` is None where the system has none.
+    """
+    try:
+        load: float | None = float(os.getloadavg()[0])
+    except (OSError, AttributeError):  # no load average on this system (Windows)
+        load = None
+    prev = before.get("load_avg") if before else None
+    if prev is not None:
+        load = max(load, float(prev)) if load is not None else float(prev)
+    cores = os.cpu_count()
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:
+            cores = None
+    return {"load_avg": load, "cpu_count": cores}
 
 
 # -- timing -----------------------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ configured launcher (``hydra/launcher``: basic in-process, ``parallel`` = joblib
    is the trainer's test evaluation under autocast / on the int8 model (the fp32 figure is fit's own final
    test, not evaluated again);
 4. updates the row to ``finished`` with the trainer's typed result (:class:`pcbench.train.result.FitResult`,
-   recorded by :func:`pcbench.bench.record.record_from_result`), the probe and provenance, or to ``failed``
+   recorded by :func:`pcbench.bench.record.record_from_result`), the probe and provenance (``extra`` adds the
+   cell's swept values as ``sweep`` and the machine's ``load_avg`` / ``cpu_count`` around the probe, which the
+   report reads to draw sweep curves and to flag speeds measured on a loaded machine), or to ``failed``
    with the error and the path of ``cell.log`` (the cell's whole output and traceback), and returns: the
    suite goes on.
 
@@ -48,7 +50,7 @@ from pcbench.bench.launchers import die_with_runner
 from pcbench.bench.record import config_sha256, host_info, now_iso, record_from_metrics, record_from_result
 from pcbench.bench.report import HEADLINE, METRIC_NAMES
 from pcbench.bench.store import ResultStore, process_alive, process_start
-from pcbench.bench.suite import Cell, SuiteError, cell_config, cell_identity, expand_suite
+from pcbench.bench.suite import Cell, SuiteError, cell_config, cell_identity, check_sweep_keys, expand_suite
 from pcbench.train.result import FitResult
 
 __all__ = ["Plan", "Progress", "cell_job", "make_plan", "prepare_datasets", "run_cell"]
@@ -178,6 +180,7 @@ class Plan:
 def make_plan(bench: DictConfig, store: ResultStore | None) -> Plan:
     """Expand the suite, compose every selected cell's config (once), and split finished cells from those to run."""
     cells = expand_suite(bench, list(bench.get("only") or []))
+    check_sweep_keys(bench, cells)  # before composing: names the swept key and the model entry, not the override
     hashes, configs = {}, {}
     for c in cells:
         cfg, choices = cell_config(c, "/unused")
@@ -442,6 +445,7 @@ def _run_claimed(bench: DictConfig, cell: Cell, cfg: DictConfig, choices: dict[s
                  sha: str, store: ResultStore, progress: Progress, tag: str, t0: float,
                  out: dict[str, Any]) -> dict[str, Any]:
     """The part of :func:`run_cell` done while this process holds the cell's claim."""
+    from pcbench.bench.probe import machine_load  # noqa: PLC0415 - imports torch, as the trainer does
     from pcbench.models import model_task  # noqa: PLC0415
     from pcbench.train import fit  # noqa: PLC0415
 
@@ -459,7 +463,9 @@ def _run_claimed(bench: DictConfig, cell: Cell, cfg: DictConfig, choices: dict[s
             "recipe": cell.recipe, "fidelity": cell.fidelity, "log_path": str(log), "run_dir": str(run_dir)}
     started = now_iso()
     me = {"pid": os.getpid(), "pid_start": process_start(os.getpid())}
-    rid = store.add(record_from_metrics({"seed": cell.seed, **me}, status="running", started_at=started,
+    # the swept values go in from the start, so a failed attempt is listed as the sweep point it was
+    swept = {"sweep": dict(cell.sweep)} if cell.sweep else {}
+    rid = store.add(record_from_metrics({"seed": cell.seed, **me, **swept}, status="running", started_at=started,
                                         host=host, **meta))
     out["result_id"] = rid
     store.claim(sha, rid)  # our claim now names the row it produces (pcbench-results list shows both)
@@ -473,7 +479,9 @@ def _run_claimed(bench: DictConfig, cell: Cell, cfg: DictConfig, choices: dict[s
             fp32 = (result.metrics.get("test") or {}).get(HEADLINE.get(result.task, "oa")) \
                 if result.provenance.get("precision") == "fp32" else None
             t_probe = time.perf_counter()
+            before = machine_load()
             probe = probe_cell(cfg, run_dir, cell.probe, fp32_score=fp32)
+            load = machine_load(before)
             probe_s = time.perf_counter() - t_probe
             print(f"[{now_iso()}] probe done in {probe_s:.1f} s", file=f)
     except KeyboardInterrupt:
@@ -494,7 +502,8 @@ def _run_claimed(bench: DictConfig, cell: Cell, cfg: DictConfig, choices: dict[s
     rec = record_from_result(result, status="finished", result_id=rid, probe=probe, device=probe["device"],
                              started_at=started, host=host, **{**meta, "task": result.task})
     rec["class_names"] = list(class_names) if class_names else None
-    rec["extra"] = {**(rec["extra"] or {}), **me, "resumed": resumed, "cell_wall_s": wall, "probe_wall_s": probe_s}
+    rec["extra"] = {**(rec["extra"] or {}), **me, **swept, **load, "resumed": resumed, "cell_wall_s": wall,
+                    "probe_wall_s": probe_s}
     store.update(rid, **{k: v for k, v in rec.items() if k != "result_id"})
     say(f"{tag}: finished in {_fmt_s(wall)}: {_headline_text(result)} | {progress.line()}")
     if _BAR is not None:

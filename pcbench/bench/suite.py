@@ -11,6 +11,20 @@ hashes (``config_sha256``) to recognise a finished cell when a suite is run agai
 Overrides apply in this order, later ones winning: the suite's ``train``, the dataset's ``train``, the model
 entry's ``train``, the swept values, the runner's ``device=`` (as ``trainer=<device>``) and ``overrides=``, then ``seed`` and
 ``data.root``.
+
+Sweeps ("how does the score move with k"): ``sweep`` maps a dotted trainer config key to its values, suite-wide
+(every model entry: keys all of them have, e.g. ``data.num_points`` or ``optim.lr``) and / or per model entry
+(its own knobs, e.g. ``model.k``); the two are crossed with each other, with the entry's datasets and with the
+seeds::
+
+    sweep: {model.k: [8, 16], data.num_points: [256, 512]}    # 4 configurations x seeds
+    sweep: {pts: {key: data.num_points, values: [256, 512]}}  # the same key tagged "pts" in cell names
+
+Each value changes the trainer config, so each is its own configuration identity (its own cell and
+leaderboard row); the runner records the swept values as ``extra.sweep = {key: value}`` and the report draws
+metric and throughput against each swept key, one line per model. Cell names carry ``<tag><value>`` (the tag is
+the key's last part, or the whole key where two swept keys share it). An empty value list, a key swept twice
+and (:func:`check_sweep_keys`, run by the runner's plan) a key the composed trainer config lacks are errors.
 """
 
 from __future__ import annotations
@@ -28,8 +42,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from pcbench.bench.record import FIDELITY
 
 __all__ = [
-    "PLACEMENT_KEYS", "REFERENCE_KEYS", "Cell", "SuiteError", "cell_config", "cell_identity", "compose_bench",
-    "expand_suite", "format_override",
+    "PLACEMENT_KEYS", "REFERENCE_KEYS", "Cell", "SuiteError", "cell_config", "cell_identity", "check_sweep_keys",
+    "compose_bench", "expand_suite", "format_override",
 ]
 
 #: Config keys that say where and with how many threads a cell runs, not what it computes: left out of the
@@ -43,6 +57,8 @@ REFERENCE_KEYS = ("data.root", "seed", "trainer", "trainer.accelerator", "traine
                   "eval.save_predictions", "resume", "fault.")
 
 _NAME = re.compile(r"^[A-Za-z0-9_.]+$")
+#: A sweep key: a plain dotted config key (no Hydra "+" / "~" prefixes, no group paths with "/").
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 #: The keys a suite, its dataset entries, its model entries and its probe settings may have: anything else is
 #: a typo that would otherwise be ignored silently (e.g. ``trian:`` dropping a model's overrides).
 SUITE_KEYS = ("name", "description", "seeds", "train", "sweep", "probe", "datasets", "models")
@@ -71,6 +87,7 @@ class Cell:
     overrides: tuple[str, ...]   # trainer overrides (Hydra syntax), data.root included
     data_root: str
     probe: dict[str, Any] = field(default_factory=dict, compare=False)
+    sweep: dict[str, Any] = field(default_factory=dict, compare=False)  # swept config key -> value ({} without)
 
 
 # ------------------------------------------------------------------------------------------ composing
@@ -209,20 +226,81 @@ def _strings(node: Any, where: str) -> list[str]:
     return out
 
 
-def _sweeps(node: Any, where: str) -> list[tuple[str, str, list[Any]]]:
-    """[(name, key, values)] of a ``sweep`` mapping ``name: {key: <override key>, values: [...]}``."""
-    out = []
+def _sweeps(node: Any, where: str) -> list[tuple[str | None, str, list[Any]]]:
+    """[(tag or None, config key, values)] of a ``sweep`` mapping (see the module docstring for its two forms)."""
+    out: list[tuple[str | None, str, list[Any]]] = []
+    if node is not None and not isinstance(node, (dict, DictConfig)):
+        raise SuiteError(f"{where} must map config keys to values, e.g. {{model.k: [8, 16]}}, got {node!r}")
     for name, spec in (node or {}).items():
-        if not _NAME.match(str(name)):
-            raise SuiteError(f"{where}.{name}: sweep names may use letters, digits, '_' and '.' only")
-        if not isinstance(spec, (dict, DictConfig)) or "key" not in spec or "values" not in spec:
-            raise SuiteError(f"{where}.{name} must be {{key: <trainer override key>, values: [...]}}, got {spec!r}")
-        values = list(OmegaConf.to_container(spec["values"]) if OmegaConf.is_config(spec["values"])
-                      else spec["values"])
+        if isinstance(spec, (dict, DictConfig)):  # long form: a short tag for the key in cell names
+            if not _NAME.match(str(name)):
+                raise SuiteError(f"{where}.{name}: sweep names may use letters, digits, '_' and '.' only")
+            if "key" not in spec or "values" not in spec or set(spec) - {"key", "values"}:
+                raise SuiteError(f"{where}.{name} must be {{key: <trainer override key>, values: [...]}}, got {spec!r}")
+            tag, key, raw, at = str(name), str(spec["key"]), spec["values"], f"{where}.{name}.values"
+        else:
+            tag, key, raw, at = None, str(name), spec, f"{where}.{name}"
+        if not _KEY.match(key):
+            raise SuiteError(f"{where}.{name}: sweep key {key!r} is not a dotted trainer config key like model.k or "
+                             "data.num_points (no '+', '~' or '/'; a key the config lacks cannot be swept)")
+        if not OmegaConf.is_list(raw) and not isinstance(raw, (list, tuple)):
+            raise SuiteError(f"{at}={raw!r} must be a list of values, e.g. {key}: [8, 16] (one value: [8]; a "
+                             "list-valued key: a list of lists)")
+        values = list(OmegaConf.to_container(raw) if OmegaConf.is_config(raw) else raw)
         if not values:
-            raise SuiteError(f"{where}.{name}.values is empty; give at least one value")
-        out.append((str(name), str(spec["key"]), values))
+            raise SuiteError(f"{at} is empty; give at least one value")
+        out.append((tag, key, values))
     return out
+
+
+def _tagged(sweeps: list[tuple[str | None, str, list[Any]]], where: str) -> list[tuple[str, str, list[Any]]]:
+    """Sweeps with a tag each (the key's last part, or the whole key where two keys share it); SuiteError for a
+    key swept twice (suite-wide and by the entry), which would run one configuration under two names."""
+    keys = [k for _, k, _ in sweeps]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise SuiteError(f"{where}: {twice} swept twice (in suite.sweep and the entry's sweep, or twice in one); "
+                         "sweep each key in one place")
+    leaves = [k.rsplit(".", 1)[-1] for t, k, _ in sweeps if t is None]
+    out = [(t if t is not None else (k.rsplit(".", 1)[-1] if leaves.count(k.rsplit(".", 1)[-1]) == 1 else k), k, v)
+           for t, k, v in sweeps]
+    tags = [t for t, _, _ in out]
+    if len(set(tags)) != len(tags):
+        raise SuiteError(f"{where}: sweep tags {tags} repeat; give the long form distinct names")
+    return out
+
+
+def check_sweep_keys(bench: DictConfig, cells: Sequence[Cell]) -> None:
+    """SuiteError unless every swept key of ``cells`` is a key of its cell's composed trainer config.
+
+    Composes one config per model entry and dataset that sweeps, without the swept overrides, so the message can
+    name the key, the model entry and the keys that exist there (Hydra would only say an override failed).
+    """
+    import difflib  # noqa: PLC0415
+
+    seen: set[tuple[str, str]] = set()
+    for c in cells:
+        if not c.sweep or (c.entry, c.dataset) in seen:
+            continue
+        seen.add((c.entry, c.dataset))
+        swept = set(c.sweep)
+        base = [o for o in c.overrides if o.split("=", 1)[0].lstrip("+~") not in swept]
+        cfg = _compose("train", base)
+        for key in c.sweep:
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            present = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+            if leaf in present:
+                continue
+            suite_wide = key in (bench.suite.get("sweep") or {}) or any(
+                isinstance(v, (dict, DictConfig)) and v.get("key") == key for v in (bench.suite.get("sweep") or {}).values())
+            where = "suite.sweep" if suite_wide else f"suite.models.{c.entry}.sweep"
+            near = difflib.get_close_matches(leaf, present, n=3)
+            hint = (f"; did you mean {', '.join(f'{parent}.{k}' if parent else k for k in near)}?" if near else "")
+            has = (f"; {parent or 'the config'} has keys {', '.join(sorted(present))}" if present
+                   else f"; {parent!r} is not a config node")
+            raise SuiteError(f"{where}: {key!r} is not a key of the trainer config of model entry {c.entry!r} "
+                             f"(model={cfg.hydra.runtime.choices.get('model')}, dataset {c.dataset}){hint}{has}")
 
 
 def _override_keys(overrides: Sequence[str]) -> list[str]:
@@ -301,7 +379,12 @@ def expand_suite(bench: DictConfig, only: Sequence[str] | None = None) -> list[C
         if not names:
             raise SuiteError(f"{where}.datasets is empty; list the suite dataset keys it runs on ({sorted(datasets)})")
         entry_train = _strings(e.get("train"), f"{where}.train")
-        sweeps = global_sweeps + _sweeps(e.get("sweep"), f"{where}.sweep")
+        sweeps = _tagged(global_sweeps + _sweeps(e.get("sweep"), f"{where}.sweep"), where)
+        clash = sorted({k for _, k, _ in sweeps} & set(_override_keys(runner_extra)))
+        if clash:  # the runner's overrides come after the swept values: every cell would run the same config
+            raise SuiteError(f"pcbench-bench overrides= sets {clash}, which {where} sweeps (suite-wide or its own "
+                             "sweep); the override would replace every swept value: drop it from overrides= or "
+                             "change the sweep")
         recipe = str(e.get("recipe") or exp or f"{sname}: {model}")
         mine: list[Cell] = []
         for dkey in names:
@@ -321,7 +404,8 @@ def expand_suite(bench: DictConfig, only: Sequence[str] | None = None) -> list[C
                         entry=str(ename), dataset=str(dkey), dataset_label=str(d.get("label") or d.data),
                         seed=int(seed), variant=" ".join(f"{n}={_value(v)}" for n, _, v in combo), recipe=recipe,
                         fidelity=_fidelity(e, extra, where), overrides=(*base, *extra, f"seed={seed}", f"data.root={root}"),
-                        data_root=root, probe=OmegaConf.to_container(s.get("probe") or {}, resolve=True)))
+                        data_root=root, probe=OmegaConf.to_container(s.get("probe") or {}, resolve=True),
+                        sweep={k: v for _, k, v in combo}))
         if only:
             mine = [c for c in mine if any(fnmatch.fnmatchcase(c.name, p) for p in only)]
         if not mine:

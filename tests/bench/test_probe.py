@@ -232,3 +232,20 @@ def test_probe_on_cuda() -> None:
     assert out["bf16_status"] == "ok"
     # every model quantizes on CPU (a model that does arithmetic on Linear weights breaks torchao's int8 tensors)
     assert out["int8_status"] in ("ok", "unsupported: the model has no nn.Linear layers"), out["int8_status"]
+
+
+def test_machine_load_keeps_the_higher_reading_and_says_when_there_is_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from pcbench.bench.probe import machine_load
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.5, 9.0, 9.0))  # only the 1-minute figure counts
+    assert machine_load() == {"load_avg": 2.5, "cpu_count": os.cpu_count()}
+    assert machine_load({"load_avg": 4.0})["load_avg"] == 4.0
+    assert machine_load({"load_avg": 1.0})["load_avg"] == 2.5
+
+    def unavailable() -> tuple[float, float, float]:
+        raise OSError("load average unobtainable")
+
+    monkeypatch.setattr(os, "getloadavg", unavailable)
+    assert machine_load()["load_avg"] is None and machine_load({"load_avg": 1.5})["load_avg"] == 1.5

@@ -118,6 +118,7 @@ def test_suite_runs_end_to_end_into_the_store_and_report(first: tuple[Path, subp
         assert probe["score_fp32"] == r["test"]["oa"]  # the probe's score is the trainer's test evaluation
         assert probe["bf16_status"] == "ok" and probe["bf16_score_delta"] is not None
         assert probe["int8_status"] == "ok" or probe["int8_status"].startswith("unsupported")
+        assert r["extra"]["load_avg"] >= 0 and r["extra"]["cpu_count"] == os.cpu_count()  # the report's load flag
     crash = recs["objects-crash-s0"]
     assert crash["status"] == "failed" and "trainer.batch_size=1000" in crash["error"]
     assert "Traceback" in Path(crash["log_path"]).read_text()
@@ -308,6 +309,40 @@ def test_record_comes_from_the_typed_result_and_supersede_spares_live_rows(
     for renamed in ("trainer_device", "device", "model", "dataset", "threads", "splits", "trainer_identity_sha256"):
         assert renamed not in extra, renamed
     assert extra["precision"] == "fp32" and extra["selected_value"] == 0.625 and extra["pid"] == os.getpid()
+
+
+def test_a_swept_cell_records_its_values_and_every_probed_cell_the_machine_load(
+        t3: tuple[Any, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    import pcbench.train
+    from pcbench.bench import runner
+
+    bench, cells = t3
+    plain = cells["objects-pct_cls-s0"]
+    swept = dataclasses.replace(plain, name="objects-pct_cls-k16-s0", variant="k=16", sweep={"model.k": 16},
+                                overrides=(*plain.overrides, "model.k=16"))
+    readings = iter([(1.5, 1.0, 1.0), (3.25, 2.0, 1.0), (0.5, 0.5, 0.5), (0.25, 0.5, 0.5)])
+    monkeypatch.setattr(os, "getloadavg", lambda: next(readings))  # before and after each probe
+    monkeypatch.setattr(pcbench.train, "fit", _fake_result)
+    seen: dict[str, Any] = {}
+
+    def probe(cfg: Any, run_dir: Path, settings: dict[str, Any], fp32_score: float | None = None) -> dict:
+        seen.setdefault("k", []).append(cfg.model.k)
+        return {"device": "cpu"}
+
+    monkeypatch.setattr(runner, "probe_cell", probe)
+    db = tmp_path / "r.sqlite"
+    ids = [runner.run_cell(bench, c, tmp_path / "job" / c.name, db)["result_id"] for c in (swept, plain)]
+    with ResultStore.open_readonly(db) as s:
+        rec, rec_plain = (s.get(i) for i in ids)
+    assert seen["k"] == [16, 8] and rec["status"] == rec_plain["status"] == "finished"
+    assert rec["extra"]["sweep"] == {"model.k": 16} and rec["variant"] == "k=16"
+    assert "sweep" not in rec_plain["extra"]
+    # the higher of the readings around the probe, and the machine's CPUs (the load average's scope)
+    assert rec["extra"]["load_avg"] == 3.25 and rec_plain["extra"]["load_avg"] == 0.5
+    assert rec["extra"]["cpu_count"] == rec_plain["extra"]["cpu_count"] == os.cpu_count()
+    assert rec["config_sha256"] != rec_plain["config_sha256"]
 
 
 RUNNER_SCRIPT = """

@@ -18,6 +18,7 @@ from pcbench.bench.suite import (
     SuiteError,
     cell_config,
     cell_identity,
+    check_sweep_keys,
     compose_bench,
     expand_suite,
     format_override,
@@ -85,8 +86,12 @@ def test_quickstart_covers_every_family_on_both_tasks() -> None:
     assert {c.dataset_label for c in cells} == {"synthetic-modelnet40", "synthetic-scannet20"}
     assert all(c.fidelity == "pcbench variant" for c in cells)
     swept = [c for c in cells if c.variant]
-    assert [c.variant for c in swept] == ["points=256", "points=512"]
-    assert [c.name for c in swept] == ["objects-pointnet2_ssg_cls-points256-s0", "objects-pointnet2_ssg_cls-points512-s0"]
+    assert [c.variant for c in swept] == ["points=256", "points=512", "k=4", "k=8", "k=16"]
+    assert [c.name for c in swept] == ["objects-pointnet2_ssg_cls-points256-s0", "objects-pointnet2_ssg_cls-points512-s0",
+                                       "objects-pct_cls-k4-s0", "objects-pct_cls-k8-s0", "objects-pct_cls-k16-s0"]
+    assert [c.sweep for c in swept] == [{"data.num_points": 256}, {"data.num_points": 512}, {"model.k": 4},
+                                        {"model.k": 8}, {"model.k": 16}]
+    assert all(not c.sweep for c in cells if not c.variant)
 
 
 def _suite(**models) -> OmegaConf:
@@ -116,6 +121,97 @@ def test_cells_are_models_x_datasets_x_sweeps_x_seeds_with_overrides_in_order() 
     assert o[-2:] == ["seed=0", f"data.root={Path(str(bench.suite.datasets.objects.root))}"]
     cfg, _ = cell_config(c, "/tmp/x")
     assert cfg.model.k == 8 and cfg.optim.lr == 0.1 and cfg.data.num_points == 128 and cfg.trainer.max_steps == 3
+
+
+def test_sweeps_by_config_key_cross_models_and_seeds_with_one_identity_per_value(tmp_path: Path) -> None:
+    bench = _suite(pct_cls={"datasets": ["objects"], "train": ["model.k=4"], "sweep": {"model.k": [8, 16, 32]}},
+                   ptv1_cls={"datasets": ["objects"]})
+    with open_dict(bench):
+        bench.suite.sweep = {"optim.lr": [0.01, 0.1]}  # suite-wide: every model entry, crossed with its own sweep
+    cells = expand_suite(bench)
+    pct = [c for c in cells if c.entry == "pct_cls"]
+    ptv1 = [c for c in cells if c.entry == "ptv1_cls"]
+    assert len(pct) == 2 * 3 * 2 and len(ptv1) == 2 * 2  # lr x k x seeds; lr x seeds
+    assert pct[0].name == "objects-pct_cls-lr0.01-k8-s0" and pct[-1].name == "objects-pct_cls-lr0.1-k32-s1"
+    assert pct[0].variant == "lr=0.01 k=8" and pct[0].sweep == {"optim.lr": 0.01, "model.k": 8}
+    assert [c.seed for c in pct[:2]] == [0, 1] and pct[0].sweep == pct[1].sweep
+    assert {c.name: c.sweep for c in ptv1}["objects-ptv1_cls-lr0.1-s1"] == {"optim.lr": 0.1}
+    check_sweep_keys(bench, cells)
+    shas: dict[tuple, set[str]] = {}
+    for c in pct:
+        cfg, _ = cell_config(c, tmp_path / c.name)
+        assert cfg.model.k == c.sweep["model.k"] and cfg.optim.lr == c.sweep["optim.lr"]  # the sweep wins over train
+        shas.setdefault(tuple(sorted(c.sweep.items())), set()).add(config_sha256(cell_identity(cfg, c.probe)))
+    # each value is its own configuration; the seeds of one value differ only by seed
+    assert len(shas) == 6 and all(len(v) == 2 for v in shas.values())
+    assert len(set().union(*shas.values())) == 12
+
+
+def test_sweep_tags_use_the_whole_key_where_last_parts_collide() -> None:
+    bench = _suite(pct_cls={"datasets": ["objects"], "sweep": {"model.dropout": [0.1], "eval.dropout": [0.2]}})
+    with open_dict(bench):
+        bench.suite.seeds = [0]
+    (cell,) = expand_suite(bench)
+    assert cell.name == "objects-pct_cls-model.dropout0.1-eval.dropout0.2-s0"
+    assert cell.sweep == {"model.dropout": 0.1, "eval.dropout": 0.2}
+
+
+@pytest.mark.parametrize(("sweep", "match"), [
+    ({"model.neighbours": [8, 16]}, r"suite.models.pct_cls.sweep: 'model.neighbours' is not a key of the trainer config "
+                                    r"of model entry 'pct_cls' \(model=pct_cls, dataset objects\); .*model has keys "),
+    ({"model.kk": [8]}, r"'model.kk' is not a key of .*'pct_cls'.*did you mean model.k\?"),
+    ({"nosuch.k": [8]}, r"'nosuch.k' is not a key of .*'pct_cls'.*'nosuch' is not a config node"),
+])
+def test_a_swept_key_the_config_lacks_names_the_key_and_the_model(sweep: dict, match: str) -> None:
+    bench = _suite(pct_cls={"datasets": ["objects"], "sweep": sweep})
+    cells = expand_suite(bench)  # expanding does not compose; the plan's check does, once per entry and dataset
+    with pytest.raises(SuiteError, match=match):
+        check_sweep_keys(bench, cells)
+
+
+def test_a_suite_wide_swept_key_one_model_lacks_is_refused_naming_that_model() -> None:
+    bench = _suite(pct_cls={"datasets": ["objects"]}, ptv1_cls={"datasets": ["objects"]})
+    with open_dict(bench):
+        bench.suite.sweep = {"model.k": [8, 16]}  # PCT has k, PTv1 has neighbors
+    with pytest.raises(SuiteError, match=r"suite.sweep: 'model.k' is not a key of the trainer config of model entry "
+                                         r"'ptv1_cls' \(model=ptv1_cls"):
+        check_sweep_keys(bench, expand_suite(bench))
+
+
+def test_the_plan_checks_swept_keys_before_composing_cells() -> None:
+    from pcbench.bench.runner import make_plan
+
+    bench = _suite(pct_cls={"datasets": ["objects"], "sweep": {"model.neighbours": [8]}})
+    with pytest.raises(SuiteError, match=r"'model.neighbours' is not a key .* model entry 'pct_cls'"):
+        make_plan(bench, None)
+
+
+@pytest.mark.parametrize(("entry", "suite_sweep", "match"), [
+    ({"sweep": {"model.k": []}}, None, r"suite.models.pct_cls.sweep.model.k is empty; give at least one value"),
+    ({"sweep": {"model.k": 8}}, None, r"suite.models.pct_cls.sweep.model.k=8 must be a list of values, e.g. "
+                                      r"model.k: \[8, 16\]"),
+    ({"sweep": {"+model.k": [8]}}, None, r"sweep key '\+model.k' is not a dotted trainer config key"),
+    ({"sweep": {"k": {"key": "model/k", "values": [8]}}}, None, r"sweep key 'model/k' is not a dotted"),
+    ({"sweep": [8, 16]}, None, r"suite.models.pct_cls.sweep must map config keys to values"),
+    ({"sweep": {"model.k": [8]}}, {"model.k": [16]}, r"suite.models.pct_cls: \['model.k'\] swept twice"),
+    ({"sweep": {"k": {"key": "model.k", "values": [8]}, "k2": {"key": "model.k", "values": [16]}}}, None,
+     r"\['model.k'\] swept twice"),
+])
+def test_malformed_sweeps_are_refused(entry: dict, suite_sweep: dict | None, match: str) -> None:
+    bench = _suite(pct_cls={"datasets": ["objects"], **entry})
+    if suite_sweep is not None:
+        with open_dict(bench):
+            bench.suite.sweep = suite_sweep
+    with pytest.raises(SuiteError, match=match):
+        expand_suite(bench)
+
+
+def test_a_runner_override_of_a_swept_key_is_refused() -> None:
+    bench = _suite(pct_cls={"datasets": ["objects"], "sweep": {"model.k": [8, 16]}})
+    with open_dict(bench):
+        bench.overrides = ["trainer.max_steps=3", "model.k=4"]  # would make both sweep points one configuration
+    with pytest.raises(SuiteError, match=r"overrides= sets \['model.k'\], which suite.models.pct_cls sweeps"):
+        expand_suite(bench)
 
 
 def test_identity_ignores_placement_but_not_what_is_computed(tmp_path: Path) -> None:
