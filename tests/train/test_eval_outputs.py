@@ -1,0 +1,279 @@
+"""What the final evaluation leaves behind (issues 16 item 5, 17 sections 1 and 3): the resampling payload,
+plain and voted predictions, confusion matrices, probabilities, the per-class table, TensorBoard and metrics.csv
+test figures, the ScanNet submission from the cited pass, preflight and recipe-data fidelity, ModelNet-C."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from pcbench.bench.record import record_from_result
+from pcbench.bench.stats import load_payload
+from pcbench.data import corruptions as mc
+from pcbench.ops import PointBatch
+from pcbench.train import build_run, compose, evaluate, evaluate_split, fit
+from pcbench.train.errors import ConfigError
+from pcbench.train.metrics import metrics_from_confusion
+from pcbench.train.result import FitResult
+
+from ._cli import FAST, SCENE, TINY
+
+CLS = ["model=pointnet2_ssg_cls", *TINY["pointnet2_ssg_cls"], *FAST, "trainer.batch_size=8", "logger.tensorboard=true"]
+
+
+def _compose(run_dir: Path, *overrides: str) -> Any:
+    return compose(list(overrides), run_dir=run_dir)
+
+
+def _close(payload_metrics: dict[str, float], recorded: dict[str, Any]) -> None:
+    for k in ("oa", "macc", "miou"):
+        assert payload_metrics[k] == pytest.approx(recorded[k], abs=1e-12), k
+
+
+@pytest.fixture(scope="module")
+def cls_run(prepared: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, FitResult, Any]:
+    """One tiny classifier fit (xyz only, 4 rotation votes, predictions and probabilities kept, ModelNet-C)."""
+    run_dir = tmp_path_factory.mktemp("cls") / "run"
+    cfg = _compose(run_dir, f"data.root={prepared['mn40_syn']}", *CLS, "data.dataset.use_normals=false",
+                   "tta=rotate_z4", "eval.save_predictions=true", "eval.save_probabilities=true",
+                   "eval.corruptions=modelnet_c")
+    return run_dir, fit(cfg), cfg
+
+
+def test_classification_fit_keeps_a_payload_equal_to_its_test_metrics(cls_run: tuple[Path, FitResult, Any]) -> None:
+    run_dir, result, _ = cls_run
+    ref = result.extra["resample"]
+    assert ref["path"] == "resample_test.npz"
+    assert hashlib.sha256((run_dir / ref["path"]).read_bytes()).hexdigest() == ref["sha256"]
+    payload = load_payload(run_dir / ref["path"], ref["sha256"])
+    assert payload.task == "classification" and payload.n_items == result.metrics["test"]["count"]
+    _close(payload.metrics(), result.metrics["test"])
+    # the runner's record carries it, so the report (pcbench/bench/comparisons.py) finds it
+    rec = record_from_result(result, cell="c", config={})
+    assert rec["extra"]["resample"] == ref
+    # metrics.json round trip keeps it in extra
+    back = FitResult.from_dict(json.loads((run_dir / "metrics.json").read_text()))
+    assert back.extra["resample"] == ref
+
+
+def test_plain_and_voted_predictions_confusion_and_probabilities(cls_run: tuple[Path, FitResult, Any]) -> None:
+    run_dir, result, _ = cls_run
+    payload = load_payload(run_dir / "resample_test.npz")
+    outputs = result.extra["outputs"]
+    assert outputs["predictions_test"] == "predictions_test.npz"
+    assert outputs["predictions_test_vote"] == "predictions_test_vote.npz"
+    for proto in ("test", "test_vote"):
+        with np.load(run_dir / outputs[f"predictions_{proto}"]) as z:
+            pred, label, conf, prob = z["pred"], z["label"], z["confusion"], z["prob"]
+        c = result.num_classes
+        assert np.array_equal(conf, np.bincount(label * c + pred, minlength=c * c).reshape(c, c))
+        assert np.array_equal(conf, np.load(run_dir / outputs[f"confusion_{proto}"]))
+        ref = metrics_from_confusion(torch.from_numpy(conf))
+        assert ref["oa"] == pytest.approx(result.metrics[proto]["oa"], abs=1e-12)
+        assert prob.shape == (len(pred), c) and prob.dtype == np.float16
+        assert np.allclose(prob.astype(np.float64).sum(1), 1.0, atol=1e-2)
+        top2 = np.sort(prob.astype(np.float64), 1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > 1e-2  # float16 can tie near-equal classes
+        assert np.array_equal(prob.argmax(1)[clear], pred[clear])
+        if proto == "test":
+            assert np.array_equal(pred, payload.pred) and np.array_equal(label, payload.target)
+
+
+def test_per_class_table_csv_and_tensorboard_hold_the_test_figures(cls_run: tuple[Path, FitResult, Any]) -> None:
+    run_dir, result, _ = cls_run
+    test = result.metrics["test"]
+    log = (run_dir / "train.log").read_text()
+    assert "test per class (checkpoint of epoch" in log and "test_vote per class" in log
+    names = result.class_names
+    first_iou = test["iou_per_class"][0]
+    shown = "      -" if first_iou is None else f"{100 * first_iou:7.2f}"
+    assert any(line.split("] ", 1)[-1].startswith(names[0]) and shown in line or line.startswith(names[0])
+               and shown in line for line in log.splitlines())
+    assert f"{100 * test['miou']:7.2f}" in log
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    best = next(r for r in rows if int(r["epoch"]) == result.best_epoch)
+    assert float(best["test_oa"]) == pytest.approx(test["oa"]) and float(best["test_miou"]) == pytest.approx(test["miou"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert acc.Scalars("test/oa")[-1].value == pytest.approx(test["oa"], abs=1e-6)
+    assert "test_vote/oa" in tags
+    defined = [n for n, v in zip(names, test["iou_per_class"], strict=True) if v is not None]
+    assert {f"test_iou/{n}" for n in defined} <= set(tags)
+
+
+def _corrupted_oa(cfg: Any, model: torch.nn.Module, kind: str, severity: int) -> float:
+    """Reference: each test cloud (first 1024 points, xyz) corrupted by hand and classified one by one."""
+    from pcbench.data import ModelNetDataset
+
+    ds = ModelNetDataset(str(cfg.data.root), "test", use_normals=False)
+    model.eval()
+    hits = 0
+    with torch.no_grad():
+        for i in range(len(ds)):
+            raw = ds.convert(ds.read(i))
+            pts = mc.corrupt(raw["coord"][:1024], kind, severity, (0, zlib.crc32(raw["name"].encode())))
+            coord = torch.from_numpy(pts.astype(np.float32))
+            batch = PointBatch(coord=coord, feat=torch.zeros(len(coord), 0), offset=torch.tensor([len(coord)]))
+            hits += int(model(batch).argmax(-1).item() == int(raw["label"]))
+    return hits / len(ds)
+
+
+def test_modelnet_c_figures_match_a_hand_corrupted_reference(cls_run: tuple[Path, FitResult, Any]) -> None:
+    run_dir, result, cfg = cls_run
+    c = result.extra["corruptions"]
+    assert set(c) == {*mc.CORRUPTIONS, "clean_oa", "mce", "relative_mce"}
+    assert all(len(c[k]) == 5 and all(0 <= v <= 1 for v in c[k]) for k in mc.CORRUPTIONS)
+    assert c["clean_oa"] == result.metrics["test"]["oa"]
+    oa = {k: c[k] for k in mc.CORRUPTIONS}
+    assert c["mce"] == pytest.approx(mc.mce(oa)) and c["relative_mce"] == pytest.approx(mc.relative_mce(oa, c["clean_oa"]))
+    assert "regenerates" in result.extra["corruptions_note"]
+    assert "released ModelNet-C h5 files are not read" in (run_dir / "train.log").read_text()
+    run = build_run(cfg)
+    run.model.load_state_dict(torch.load(run_dir / "checkpoints" / "best.pt", weights_only=False)["model"])
+    for kind, sev in (("drop_local", 3), ("add_global", 5), ("rotate", 2)):
+        assert c[kind][sev - 1] == pytest.approx(_corrupted_oa(cfg, run.model, kind, sev), abs=1e-12), (kind, sev)
+
+
+def test_evaluate_writes_both_predictions_and_keeps_the_runs_payload(cls_run: tuple[Path, FitResult, Any],
+                                                                     tmp_path: Path) -> None:
+    run_dir, result, cfg = cls_run
+    before = (run_dir / "resample_test.npz").read_bytes()
+    cfg2 = cfg.copy()
+    cfg2.paths.run_dir = str(tmp_path)
+    cfg2.eval.corruptions = "modelnet_c"
+    cfg2.trainer.precision = "bf16"
+    out = evaluate(cfg2, run_dir / "checkpoints" / "best.pt")
+    assert out["precision"] == "fp32"  # evaluation in fp32 unless the recipe says otherwise
+    assert out["test"]["oa"] == pytest.approx(result.metrics["test"]["oa"])
+    assert out["corruptions"] == pytest.approx(result.extra["corruptions"])  # deterministic corruptions
+    assert (tmp_path / "predictions_test.npz").is_file() and (tmp_path / "predictions_test_vote.npz").is_file()
+    assert out["resample"]["path"] == "resample_eval_test.npz"
+    _close(load_payload(tmp_path / "resample_eval_test.npz", out["resample"]["sha256"]).metrics(), out["test"])
+    assert (run_dir / "resample_test.npz").read_bytes() == before
+    # regression: eval.autocast=train reached autocast_context as "train" (ValueError)
+    cfg2.eval.autocast = "train"
+    cfg2.eval.corruptions = None
+    assert evaluate(cfg2, run_dir / "checkpoints" / "best.pt")["precision"] == "bf16"
+
+
+class _Autocast(torch.nn.Module):
+    """Wraps a model and records whether autocast was on in its forward passes."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.seen = inner, []
+
+    def forward(self, batch: PointBatch) -> torch.Tensor:
+        self.seen.append(torch.is_autocast_enabled("cpu"))
+        return self.inner(batch)
+
+
+def test_evaluate_split_runs_fp32_unless_the_recipe_says(prepared: dict[str, Path], tmp_path: Path) -> None:
+    # regression: evaluate_split evaluated under the training precision (bf16 here)
+    base = [f"data.root={prepared['mn40_syn']}", *CLS, "trainer.precision=bf16", "trainer.accelerator=cpu"]
+    for extra, want in (([], False), (["eval.autocast=train"], True), (["eval.autocast=bf16"], True)):
+        cfg = _compose(tmp_path, *base, *extra)
+        run = build_run(cfg)
+        assert run.precision == "bf16"
+        wrapped = _Autocast(run.model)
+        evaluate_split(cfg, run, "test", model=wrapped, limit=1, progress=False)
+        assert wrapped.seen and set(wrapped.seen) == {want}, extra
+
+
+def test_preflight_refuses_once_listing_every_problem(prepared: dict[str, Path], tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cfg = _compose(run_dir, f"data.root={prepared['mn40_syn']}", *CLS, "trainer.batch_size=100000",
+                   "data.splits.test=nope", "trainer.precision=fp16", "trainer.accelerator=cpu")
+    with pytest.raises(ConfigError) as err:
+        fit(cfg)
+    msg = str(err.value)
+    assert "3 problems" in msg
+    assert "data.splits.test=nope is not a split" in msg and "trainer.batch_size=100000 exceeds" in msg
+    assert "trainer.precision=fp16 needs a CUDA device" in msg
+    assert "all together:" in msg and "trainer.precision=bf16" in msg
+    assert not run_dir.exists()  # refused before the run dir was taken
+
+
+def test_recipe_on_other_data_is_recorded_as_a_variant(prepared: dict[str, Path], tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    run_dir = tmp_path / "run"
+    cfg = _compose(run_dir, "experiment=pointnet2_ssg_modelnet40", f"data.root={prepared['mn40_syn']}",
+                   *TINY["pointnet2_ssg_cls"], *FAST, "trainer.batch_size=8", "trainer=cpu", "tta=none",
+                   "data.dataset.use_normals=false")
+    result = fit(cfg)
+    assert result.recipe["recipe"] == "pointnet2_ssg_modelnet40"
+    assert result.recipe["fidelity"] == "pcbench variant"
+    reasons = result.recipe["fidelity_reasons"]
+    assert len(reasons) >= 2 and any("options.sampling='first'" in r for r in reasons)
+    assert "recorded as a pcbench variant" in (run_dir / "train.log").read_text()
+    back = FitResult.from_dict(json.loads((run_dir / "metrics.json").read_text()))
+    assert back.recipe == result.recipe
+
+
+@pytest.fixture(scope="module")
+def scene_run(prepared: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, FitResult, Any]:
+    run_dir = tmp_path_factory.mktemp("seg") / "run"
+    cfg = _compose(run_dir, "data=scannet20", f"data.root={prepared['scannet_syn']}", "model=ptv1_seg",
+                   *TINY["ptv1_seg"], *FAST, *SCENE, "trainer.batch_size=1", "eval.save_predictions=true")
+    return run_dir, fit(cfg), cfg
+
+
+def test_scene_fit_keeps_one_confusion_matrix_per_scene(scene_run: tuple[Path, FitResult, Any]) -> None:
+    run_dir, result, _ = scene_run
+    payload = load_payload(run_dir / result.extra["resample"]["path"], result.extra["resample"]["sha256"])
+    assert payload.task == "segmentation"
+    with np.load(run_dir / "predictions_test.npz") as z:
+        names, offset, pred, label = list(z["names"]), z["offset"], z["pred"], z["label"]
+    assert list(payload.items) == names and payload.n_items >= 1
+    c = result.num_classes
+    starts = [0, *offset[:-1].tolist()]
+    for i, (a, b) in enumerate(zip(starts, offset.tolist(), strict=True)):
+        keep = label[a:b] != result.ignore_index
+        ref = np.bincount(label[a:b][keep] * c + pred[a:b][keep], minlength=c * c).reshape(c, c)
+        assert np.array_equal(payload.confusion[i], ref), names[i]
+    _close(payload.metrics(), result.metrics["test"])
+
+
+def test_submission_comes_from_the_cited_pass(scene_run: tuple[Path, FitResult, Any], tmp_path: Path) -> None:
+    run_dir, _, cfg = scene_run
+    ckpt = run_dir / "checkpoints" / "best.pt"
+    cfg2 = cfg.copy()
+    cfg2.paths.run_dir = str(tmp_path)
+    cfg2.eval.save_predictions = True
+    cfg2.tta = compose(["tta=rotate_z4"], run_dir=tmp_path).tta
+    ids = np.asarray(json.loads((Path(cfg.data.root) / "manifest.json").read_text())["label_sets"]["scannet20"]
+                     ["source_ids"])
+    for source, npz in (("auto", "predictions_test_vote.npz"), ("plain", "predictions_test.npz")):
+        cfg2.eval.submission_from = source
+        cfg2.eval.submission_dir = str(tmp_path / f"sub_{source}")
+        out = evaluate(cfg2, ckpt)
+        assert out["submission"]["from"] == ("vote" if source == "auto" else "plain")
+        with np.load(tmp_path / npz) as z:
+            name, end, pred = str(z["names"][0]), int(z["offset"][0]), z["pred"]
+        written = np.loadtxt(tmp_path / f"sub_{source}" / f"{name}.txt", dtype=np.int64)
+        assert np.array_equal(written, ids[pred[:end]])
+    cfg2.tta = compose(["tta=none"], run_dir=tmp_path).tta
+    cfg2.eval.submission_from = "vote"
+    with pytest.raises(ConfigError, match="eval.submission_from=vote but tta has no passes"):
+        evaluate(cfg2, ckpt)
+
+
+def test_corruptions_are_refused_for_segmentation(prepared: dict[str, Path], tmp_path: Path) -> None:
+    cfg = _compose(tmp_path / "run", "data=scannet20", f"data.root={prepared['scannet_syn']}", "model=ptv1_seg",
+                   *TINY["ptv1_seg"], *FAST, *SCENE, "trainer.batch_size=1", "eval.corruptions=modelnet_c")
+    with pytest.raises(ConfigError, match=r"eval.corruptions=modelnet_c evaluates a classifier .* segmentation"):
+        fit(cfg)
+    cfg = _compose(tmp_path / "run2", f"data.root={prepared['mn40_syn']}", *CLS, "eval.corruptions=modelnet_c")
+    with pytest.raises(ConfigError, match=r"corrupts coordinates only, but the model reads \['normal'\]"):
+        fit(cfg)
