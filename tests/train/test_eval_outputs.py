@@ -313,6 +313,7 @@ def test_corruptions_are_refused_for_segmentation(prepared: dict[str, Path], tmp
         fit(cfg)
 
 
+@pytest.mark.slow  # two pcbench-eval processes (~25 s on 2 shared cores); the same path runs in-process above
 def test_pcbench_eval_corruptions_command_line(cls_run: tuple[Path, FitResult, Any],
                                                scene_run: tuple[Path, FitResult, Any], tmp_path: Path) -> None:
     from ._cli import run
