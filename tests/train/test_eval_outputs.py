@@ -93,6 +93,8 @@ def test_per_class_table_csv_and_tensorboard_hold_the_test_figures(cls_run: tupl
     test = result.metrics["test"]
     log = (run_dir / "train.log").read_text()
     assert "test per class (checkpoint of epoch" in log and "test_vote per class" in log
+    n = result.metrics["test"]["count"]
+    assert f"test vote {n}/{n} samples" in log and "4 passes" in log  # the voted pass is named in its progress
     names = result.class_names
     first_iou = test["iou_per_class"][0]
     shown = "      -" if first_iou is None else f"{100 * first_iou:7.2f}"
