@@ -96,10 +96,12 @@ def test_per_class_table_csv_and_tensorboard_hold_the_test_figures(cls_run: tupl
     n = result.metrics["test"]["count"]
     assert f"test vote {n}/{n} samples" in log and "4 passes" in log  # the voted pass is named in its progress
     names = result.class_names
-    first_iou = test["iou_per_class"][0]
-    shown = "      -" if first_iou is None else f"{100 * first_iou:7.2f}"
-    assert any(line.split("] ", 1)[-1].startswith(names[0]) and shown in line or line.startswith(names[0])
-               and shown in line for line in log.splitlines())
+
+    def shown(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.2f}"
+
+    row = next(ln.split() for ln in log.splitlines() if ln.startswith(names[0] + " "))
+    assert row[-2:] == [shown(test["iou_per_class"][0]), shown(test["acc_per_class"][0])]
     assert f"{100 * test['miou']:7.2f}" in log
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     best = next(r for r in rows if int(r["epoch"]) == result.best_epoch)
