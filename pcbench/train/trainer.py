@@ -440,7 +440,7 @@ def fit(cfg: DictConfig) -> FitResult:
 
 
 def _read_manifest(cfg: DictConfig) -> dict[str, Any] | None:
-    """``<data.root>/manifest.json`` when it exists and parses; None otherwise (check_data names what is wrong)."""
+    """``<data.root>/manifest.json`` of a finished preparation; None otherwise (check_data names what is wrong)."""
     import json  # noqa: PLC0415
 
     if OmegaConf.is_missing(cfg.data, "root") or cfg.data.get("root") in (None, ""):
@@ -450,7 +450,9 @@ def _read_manifest(cfg: DictConfig) -> dict[str, Any] | None:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return manifest if isinstance(manifest, dict) else None
+    if not isinstance(manifest, dict) or manifest.get("status", "complete") != "complete":
+        return None  # a half-prepared folder: check_data names the command that finishes it
+    return manifest
 
 
 def _preflight(cfg: DictConfig) -> None:
