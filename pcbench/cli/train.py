@@ -104,9 +104,9 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``pcbench-eval checkpoint=<path> [key=value ...]`` (the run's stored config + overrides)."""
     from omegaconf import OmegaConf
 
+    from pcbench.train.trainer import evaluate
     from pcbench.train.checkpoint import load_checkpoint
     from pcbench.train.config import ConfigError
-    from pcbench.train.trainer import evaluate  # `pcbench.train.evaluate` is also the evaluation submodule
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):

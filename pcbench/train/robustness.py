@@ -26,7 +26,7 @@ from pcbench.data.corruptions import CORRUPTIONS, SEVERITIES, corrupt, mce, rela
 from .data import eval_loader, eval_transform
 from .distributed import dist_info
 from .errors import ConfigError
-from .evaluate import eval_precision, evaluate_loaders
+from .evaluation import eval_precision, evaluate_loaders
 
 if TYPE_CHECKING:
     from .trainer import Run

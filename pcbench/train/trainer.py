@@ -59,7 +59,7 @@ from .distributed import (
     maybe_no_sync,
 )
 from .errors import ConfigError, DivergedError, RunFileError
-from .evaluate import (
+from .evaluation import (
     EvalResult,
     autocast_context,
     class_table,
@@ -69,7 +69,7 @@ from .evaluate import (
     resample_payload,
     write_predictions,
 )
-from .evaluate import write_submission as _write_submission
+from .evaluation import write_submission as _write_submission
 from .losses import lovasz_softmax
 from .optim import bn_momentum_at, build_ema, param_groups, set_bn_momentum
 from .resample import PAYLOAD_FILE, save_payload

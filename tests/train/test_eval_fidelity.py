@@ -28,7 +28,7 @@ from pcbench.train import compose
 from pcbench.train.config import check_recipe_data, preflight
 from pcbench.train.data import collate_eval, eval_loader, eval_transform, pass_loader
 from pcbench.train.errors import ConfigError
-from pcbench.train.evaluate import EvalProgress, autocast_context, eval_precision, evaluate_loaders
+from pcbench.train.evaluation import EvalProgress, autocast_context, eval_precision, evaluate_loaders
 
 REPO = Path(__file__).resolve().parents[2]
 

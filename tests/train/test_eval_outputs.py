@@ -23,7 +23,7 @@ from pcbench.train import build_run, compose, evaluate_split, fit
 from pcbench.train.errors import ConfigError
 from pcbench.train.metrics import metrics_from_confusion
 from pcbench.train.result import FitResult
-from pcbench.train.trainer import evaluate  # the package attribute is shadowed by the evaluate submodule
+from pcbench.train.trainer import evaluate
 
 from ._cli import FAST, SCENE, TINY
 
