@@ -32,10 +32,11 @@ from pcbench.io import atomic_path, write_text
 from pcbench.ops import PointBatch
 
 from .data import EvalBatch, pass_loader
-from .metrics import ConfusionMatrix
+from .metrics import ConfusionMatrix, confusion_matrix
+from .resample import ResamplePayload
 
-__all__ = ["EvalProgress", "EvalResult", "autocast_context", "eval_precision", "evaluate_loaders",
-           "write_predictions", "write_submission"]
+__all__ = ["EvalProgress", "EvalResult", "autocast_context", "class_table", "eval_precision", "evaluate_loaders",
+           "resample_payload", "write_predictions", "write_submission"]
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}
 
@@ -74,7 +75,14 @@ def eval_precision(cfg: Any, train_precision: str) -> str:
 
 @dataclass
 class EvalResult:
-    """Metrics of one split, the number of samples, seconds, and (optionally) the predictions per sample."""
+    """Metrics of one split, the number of samples, seconds, and (optionally) the predictions per sample.
+
+    ``names`` and ``items`` are always kept (they are small): ``items[i]`` is what a resampling needs of sample
+    ``names[i]``: ``[target, pred]`` of an object, or the scene's confusion matrix [C, C] (see
+    :func:`resample_payload`). ``confusion`` is the split's matrix [C, C] (summed over ranks); ``preds`` /
+    ``labels`` (per point or per object) with ``keep_predictions``; ``probs`` (per point or per object, [n, C]
+    float16) with ``keep_probabilities``.
+    """
 
     metrics: dict[str, Any]
     samples: int
@@ -83,6 +91,9 @@ class EvalResult:
     preds: list[np.ndarray] = field(default_factory=list)
     labels: list[np.ndarray] = field(default_factory=list)
     loss: float | None = None
+    confusion: np.ndarray | None = None
+    items: list[np.ndarray] = field(default_factory=list)
+    probs: list[np.ndarray] = field(default_factory=list)
 
 
 def _sphere_chunks(coord: Tensor, max_points: int) -> Iterator[Tensor]:
@@ -216,7 +227,7 @@ class EvalProgress:
 def evaluate_loaders(model: nn.Module, loaders: Sequence[DataLoader], task: str, num_classes: int,
                      ignore_index: int, device: torch.device, precision: str | None = None,
                      max_points: int = 0, keep_predictions: bool = False, progress: Any = None,
-                     scores: str = "logits", desc: str = "evaluation") -> EvalResult:
+                     scores: str = "logits", desc: str = "evaluation", keep_probabilities: bool = False) -> EvalResult:
     """Evaluate ``model`` on one loader, or on several aligned loaders (TTA passes over the same samples).
 
     With several loaders the scores of the passes (``scores``: raw "logits" or "softmax" probabilities) are
@@ -225,6 +236,8 @@ def evaluate_loaders(model: nn.Module, loaders: Sequence[DataLoader], task: str,
     (scenes) or clouds (objects), with the confusion matrix summed over ranks under DDP (predictions are kept
     per rank; see :func:`gather_predictions`). ``progress``: None logs an :class:`EvalProgress` named
     ``desc``, False is silent, any other callable is called with the samples done per batch.
+    ``keep_probabilities``: class probabilities per point (scenes) or object, the softmax of the summed logits
+    divided by the passes (``scores="logits"``) or the summed probabilities renormalised (``"softmax"``).
     """
     if scores not in ("logits", "softmax"):
         raise ValueError(f"eval.scores={scores!r} is unknown; use logits or softmax")
@@ -240,6 +253,8 @@ def evaluate_loaders(model: nn.Module, loaders: Sequence[DataLoader], task: str,
     names: list[str] = []
     preds: list[np.ndarray] = []
     labels: list[np.ndarray] = []
+    items: list[np.ndarray] = []
+    probs: list[np.ndarray] = []
     n = 0
     t0 = time.perf_counter()
     total: list[Tensor] | None = None
@@ -256,11 +271,21 @@ def evaluate_loaders(model: nn.Module, loaders: Sequence[DataLoader], task: str,
             for i, logits in enumerate(total):
                 pred = logits.argmax(-1).cpu()
                 label = torch.as_tensor(np.asarray(first.full_labels[i]), dtype=torch.long).reshape(pred.shape)
-                cm.update(pred, label)
+                if task == "cls":
+                    cm.update(pred, label)
+                    items.append(np.array([int(label), int(pred)], dtype=np.int64))
+                else:  # one matrix per scene is what a resampling of scenes needs; the split's is their sum
+                    scene = confusion_matrix(pred, label, num_classes, ignore_index)
+                    cm.matrix += scene
+                    items.append(scene.numpy())
+                names.append(first.names[i])
                 if keep_predictions:
-                    names.append(first.names[i])
                     preds.append(pred.numpy().astype(np.int64).reshape(-1))
                     labels.append(label.numpy().astype(np.int64).reshape(-1))
+                if keep_probabilities:
+                    p = logits / passes if scores == "logits" else logits
+                    p = p.softmax(-1) if scores == "logits" else p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+                    probs.append(p.cpu().numpy().astype(np.float16).reshape(-1, p.shape[-1]))
             n += len(first.names)
             total = None
             if progress:
@@ -271,24 +296,62 @@ def evaluate_loaders(model: nn.Module, loaders: Sequence[DataLoader], task: str,
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     cm.all_reduce()
-    return EvalResult(cm.compute(), n, seconds, names, preds, labels)
+    return EvalResult(cm.compute(), n, seconds, names, preds, labels, confusion=cm.matrix.numpy().copy(),
+                      items=items, probs=probs)
 
 
 def gather_predictions(result: EvalResult) -> EvalResult:
-    """Rank 0 gets every rank's predictions (ordered by sample name); other ranks keep theirs."""
+    """Rank 0 gets every rank's predictions, items and probabilities (ordered by sample name); other ranks keep
+    theirs."""
     import torch.distributed as dist  # noqa: PLC0415
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return result
     parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (result.names, result.preds, result.labels))
-    rows = sorted((n, p, lab) for names, ps, ls in parts for n, p, lab in zip(names, ps, ls, strict=True))
-    return EvalResult(result.metrics, result.samples, result.seconds, [r[0] for r in rows], [r[1] for r in rows],
-                      [r[2] for r in rows])
+    dist.all_gather_object(parts, (result.names, result.preds, result.labels, result.items, result.probs))
+    rows: list[tuple[str, Any, Any, Any, Any]] = []
+    for names, ps, ls, its, prs in parts:
+        n = len(names)
+        rows.extend(zip(names, ps or [None] * n, ls or [None] * n, its, prs or [None] * n, strict=True))
+    rows.sort(key=lambda r: r[0])
+
+    def column(k: int) -> list[Any]:
+        return [r[k] for r in rows] if rows and rows[0][k] is not None else []
+
+    return EvalResult(result.metrics, result.samples, result.seconds, [r[0] for r in rows], column(1), column(2),
+                      confusion=result.confusion, items=[r[3] for r in rows], probs=column(4))
+
+
+def resample_payload(result: EvalResult, task: str, num_classes: int) -> ResamplePayload:
+    """The resampling payload of an evaluation (pcbench/train/resample.py): per object its target and
+    prediction, or per scene its confusion matrix, named by sample; objects with the ignore label are left out."""
+    if task == "cls":
+        rows = np.stack(result.items) if result.items else np.zeros((0, 2), np.int64)
+        keep = (rows[:, 0] >= 0) & (rows[:, 0] < num_classes)
+        names = np.array(result.names, dtype=str)[keep]
+        return ResamplePayload.classification(rows[keep, 0], rows[keep, 1], num_classes, items=names)
+    return ResamplePayload.segmentation(np.stack(result.items), items=np.array(result.names, dtype=str))
+
+
+def class_table(metrics: dict[str, Any], names: Sequence[str], title: str = "") -> str:
+    """Per-class IoU and accuracy as a fixed-width text table (``-`` where undefined), with the means last."""
+    iou, acc = metrics.get("iou_per_class") or [], metrics.get("acc_per_class") or []
+    width = max([5, *(len(str(n)) for n in names)])
+
+    def pct(v: float | None) -> str:
+        return "      -" if v is None else f"{100 * v:7.2f}"
+
+    lines = [title] if title else []
+    lines.append(f"{'class':<{width}}  {'IoU %':>7}  {'acc %':>7}")
+    for c, name in enumerate(names):
+        lines.append(f"{name:<{width}}  {pct(iou[c] if c < len(iou) else None)}  {pct(acc[c] if c < len(acc) else None)}")
+    lines.append(f"{'mean':<{width}}  {pct(metrics.get('miou'))}  {pct(metrics.get('macc'))}")
+    return "\n".join(lines)
 
 
 def write_predictions(path: str | Path, result: EvalResult) -> Path:
-    """``predictions_*.npz``: flat ``pred`` / ``label`` (int64), ``names`` and cumulative ``offset`` per sample."""
+    """``predictions_*.npz``: flat ``pred`` / ``label`` (int64), ``names`` and cumulative ``offset`` per sample,
+    the split's ``confusion`` [C, C] (rows: target) when known, and ``prob`` [points, C] float16 when kept."""
     path = Path(path)
     counts = np.array([len(p) for p in result.preds], dtype=np.int64)
     arrays = {
@@ -297,6 +360,10 @@ def write_predictions(path: str | Path, result: EvalResult) -> Path:
         "names": np.array(result.names, dtype=str),
         "offset": np.cumsum(counts),
     }
+    if result.confusion is not None:
+        arrays["confusion"] = np.asarray(result.confusion, dtype=np.int64)
+    if result.probs:
+        arrays["prob"] = np.concatenate(result.probs)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)

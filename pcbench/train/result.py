@@ -112,7 +112,7 @@ class FitResult:
         kw: dict[str, Any] = {
             "splits": SplitRoles(str(sp["train"]), str(sp["val"]), str(final), str(sp.get("final_role") or final_role(final))),
             "metrics": {p: dict(d[p]) for p in PROTOCOLS if isinstance(d.get(p), dict)},
-            "recipe": {k: d[k] for k in ("recipe", "fidelity", "recipe_source") if k in d},
+            "recipe": {k: d[k] for k in ("recipe", "fidelity", "recipe_source", "fidelity_reasons") if k in d},
         }
         prov_keys = ("pcbench_version", "git_commit", "torch_version", "device", "precision", "world_size", "threads",
                      "malloc", "dataset_manifest_sha256")

@@ -36,12 +36,19 @@ from torch import Tensor, nn
 
 import pcbench
 from pcbench import _malloc
-from pcbench.io import write_json, write_text
+from pcbench.io import atomic_path, write_json, write_text
 from pcbench.models import build_model
 from pcbench.ops.batch import NonFiniteError
 
 from .checkpoint import FORMAT, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
-from .config import check_run_config, config_changes, config_identity_sha256, config_sha256
+from .config import (
+    check_recipe_data,
+    check_run_config,
+    config_changes,
+    config_identity_sha256,
+    config_sha256,
+    preflight,
+)
 from .data import DataBundle, build_data, eval_loader, eval_transform, mix_pairs, split_dataset, train_loader
 from .distributed import (
     all_reduce_sum,
@@ -52,10 +59,20 @@ from .distributed import (
     maybe_no_sync,
 )
 from .errors import ConfigError, DivergedError, RunFileError
-from .evaluation import EvalResult, autocast_context, evaluate_loaders, gather_predictions, write_predictions
+from .evaluation import (
+    EvalResult,
+    autocast_context,
+    class_table,
+    eval_precision,
+    evaluate_loaders,
+    gather_predictions,
+    resample_payload,
+    write_predictions,
+)
 from .evaluation import write_submission as _write_submission
 from .losses import lovasz_softmax
 from .optim import bn_momentum_at, build_ema, param_groups, set_bn_momentum
+from .resample import PAYLOAD_FILE, save_payload
 from .result import FitResult, SplitRoles
 from .rundir import hold_run_dir, remove_leftover_temps
 from .state import DeviceTally, TrainState
@@ -240,15 +257,18 @@ def _with_transform(ds: Any, transform: Any) -> Any:
 
 def evaluate_split(cfg: DictConfig, run: Run, split: str = "test", precision: str | None = None,
                    model: nn.Module | None = None, tta: bool = False, keep_predictions: bool = False,
-                   limit: int | None = None) -> EvalResult:
-    """Evaluate ``model`` (default ``run.model``) on ``split`` under autocast ``precision`` (fp32/bf16/fp16).
+                   limit: int | None = None, keep_probabilities: bool = False, progress: Any = None) -> EvalResult:
+    """Evaluate ``model`` (default ``run.model``) on ``split`` under autocast ``precision`` (fp32/bf16/fp16;
+    default :func:`eval_precision`: fp32 unless ``eval.autocast`` says otherwise), logging its progress.
 
     The benchmark runner's accuracy-delta probe calls this with the trained model and another precision.
     """
     loaders = _loaders_for(cfg, run, split, limit, tta)
     return evaluate_loaders(model or run.model, loaders, run.data.task, run.data.num_classes,
-                            run.data.ignore_index, run.device, precision or run.precision,
-                            int(cfg.eval.max_points), keep_predictions, scores=str(cfg.eval.get("scores", "logits")))
+                            run.data.ignore_index, run.device, precision or eval_precision(cfg, run.precision),
+                            int(cfg.eval.max_points), keep_predictions, progress=progress,
+                            scores=str(cfg.eval.get("scores", "logits")), desc=f"{split} vote" if tta else split,
+                            keep_probabilities=keep_probabilities)
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -359,7 +379,7 @@ class _Reporter:
         if not self.main:
             return
         buf = io.StringIO()
-        cols = ["epoch", "step", "train_loss", "lr", "val_oa", "val_macc", "val_miou", "test_oa", "test_miou",
+        cols = ["epoch", "step", "train_loss", "lr", "val_oa", "val_macc", "val_miou", "test_oa", "test_macc", "test_miou",
                 "train_samples_per_s", "skipped_steps", "scaler_skipped_steps", "wall_s"]
         w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -402,6 +422,7 @@ def fit(cfg: DictConfig) -> FitResult:
     """
     t_start = time.perf_counter()
     check_run_config(cfg)
+    _preflight(cfg)
     with _environment(cfg) as env:
         info = dist_info()
         run_dir = Path(str(broadcast_object(str(Path(str(cfg.paths.run_dir)).resolve()))))
@@ -416,6 +437,37 @@ def fit(cfg: DictConfig) -> FitResult:
                     LOG.info(f"removed {len(removed)} temporary file(s) a killed run left: "
                              f"{', '.join(p.name for p in removed[:4])}")
                 return _Training(cfg, env["device"], run_dir, t_start).run(resume_state)
+
+
+def _read_manifest(cfg: DictConfig) -> dict[str, Any] | None:
+    """``<data.root>/manifest.json`` of a finished preparation; None otherwise (check_data names what is wrong)."""
+    import json  # noqa: PLC0415
+
+    if OmegaConf.is_missing(cfg.data, "root") or cfg.data.get("root") in (None, ""):
+        return None
+    path = Path(str(cfg.data.root)).expanduser() / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("status", "complete") != "complete":
+        return None  # a half-prepared folder: check_data names the command that finishes it
+    return manifest
+
+
+def _preflight(cfg: DictConfig) -> None:
+    """One ConfigError listing every reason the run would stop (config.preflight), before anything is built or
+    written: check_data, which runs later, stops at the first problem."""
+    manifest = _read_manifest(cfg)
+    if manifest is None:
+        return
+    problems = preflight(cfg, manifest)
+    if not problems:
+        return
+    fixes = " ".join(p.split(" -> ", 1)[1] for p in problems if " -> " in p)
+    raise ConfigError(f"the run cannot start on data.root={cfg.data.root} ({len(problems)} problem"
+                      f"{'s' if len(problems) != 1 else ''}): " + "; ".join(problems)
+                      + (f"; all together: {fixes}" if fixes else ""))
 
 
 @contextlib.contextmanager
@@ -542,6 +594,14 @@ class _Training:
         self.built = build_run(cfg, self.device)
         self.bundle, self.model, self.precision = self.built.data, self.built.model, self.built.precision
         LOG.info(f"run dir {self.run_dir}")
+        # a paper recipe run on data prepared otherwise than its source is a variant: said here, recorded in the result
+        self.fidelity_reasons = check_recipe_data(cfg, getattr(_dataset_of(self.built.data.train), "manifest", {}))
+        for reason in self.fidelity_reasons:
+            LOG.warning(f"recorded as a pcbench variant: {reason}")
+        if cfg.eval.get("corruptions"):  # refused before training, not after it
+            from .robustness import check_corruptions  # noqa: PLC0415
+
+            check_corruptions(cfg, self.built)
         b = self.bundle
         LOG.info(f"data {cfg.data.name} ({b.task}, {b.num_classes} classes, {b.in_channels} input channels): "
                  f"train {len(b.train)}, val {len(b.val)}, test {len(b.test)}")
@@ -831,7 +891,8 @@ class _Training:
 
     # ------------------------------------------------------------------------------------------ results
     def final_evaluation(self) -> tuple[Run, dict[str, EvalResult]]:
-        """The selected checkpoint (best.pt) once on the final split, its val re-measured, TTA if configured."""
+        """The selected checkpoint (best.pt) once on the final split, its val re-measured, TTA if configured;
+        writes the resampling payload, the confusion matrices, predictions (plain and voted) and ModelNet-C."""
         cfg, info, b = self.cfg, self.info, self.bundle
         best = load_checkpoint(self.best_path) if info.is_main or self.best_path.is_file() else None
         best_state = broadcast_object(best["model"] if best is not None else None)
@@ -840,14 +901,22 @@ class _Training:
         self.check_weights(test_model, f"the weights of {self.best_path}")
         run_test = Run(b, test_model, self.device, self.precision, self.built.params)
         keep = bool(cfg.eval.save_predictions)
-        out = {"test": evaluate_split(cfg, run_test, "test", keep_predictions=keep),
+        probs = bool(cfg.eval.get("save_probabilities") or False)
+        out = {"test": evaluate_split(cfg, run_test, "test", keep_predictions=keep, keep_probabilities=probs),
                "val_final": evaluate_split(cfg, run_test, "val")}
         if len(cfg.tta.passes):
-            out["test_vote"] = evaluate_split(cfg, run_test, "test", tta=True)
-        if keep:
-            gathered = gather_predictions(out["test"])
-            if info.is_main:
-                write_predictions(self.run_dir / "predictions_test.npz", gathered)
+            out["test_vote"] = evaluate_split(cfg, run_test, "test", tta=True, keep_predictions=keep,
+                                              keep_probabilities=probs)
+        self.extra_files = write_eval_files(self.run_dir, "test", out, b, keep, info.is_main)
+        for proto in ("test", "test_vote"):
+            if proto in out:
+                LOG.info(class_table(out[proto].metrics, b.class_names,
+                                     f"{proto} per class (checkpoint of epoch {self.state.best_epoch})"))
+        self.corruptions = None
+        if cfg.eval.get("corruptions"):
+            from .robustness import evaluate_corruptions  # noqa: PLC0415
+
+            self.corruptions = evaluate_corruptions(cfg, run_test, out["test"].metrics["oa"])
         return run_test, out
 
     def result(self, run_test: Run, ev: dict[str, EvalResult]) -> FitResult:
@@ -886,8 +955,13 @@ class _Training:
                         "threads": torch.get_num_threads(),
                         "malloc": _malloc.malloc_setting() if self.device.type == "cpu" else "n/a (cuda)",
                         "dataset_manifest_sha256": b.manifest_sha256},
-            recipe=_recipe_fields(cfg), extra={"val_split": b.info["val"]})
+            recipe=_recipe_fields(cfg, self.fidelity_reasons), extra={"val_split": b.info["val"], **self.extra_files})
+        if self.corruptions is not None:
+            from .robustness import NOTE  # noqa: PLC0415
+
+            result.extra.update(corruptions=self.corruptions, corruptions_note=NOTE)
         if info.is_main:
+            self.record_test(metrics, names)
             write_json(self.run_dir / "metrics.json", result.to_dict())
         LOG.info(f"test {self.key} {_fmt(test.metrics.get(self.key))} on the checkpoint of epoch {s.best_epoch} "
                  f"(selected on val {self.key} {_fmt(s.best)}; re-measured in full {_fmt(val_final.get(self.key))}); "
@@ -895,12 +969,78 @@ class _Training:
         return result
 
 
-def _recipe_fields(cfg: DictConfig) -> dict[str, Any]:
-    """``recipe`` / ``fidelity`` / ``recipe_source`` of a paper recipe (conf/experiment/) for metrics.json."""
+    def record_test(self, metrics: dict[str, dict[str, Any]], names: list[str]) -> None:
+        """The final figures in metrics.csv (the selected epoch's row: test_oa / test_macc / test_miou) and in
+        TensorBoard (test/, test_vote/ scalars and test_iou/<class>, at the last step)."""
+        s = self.state
+        for row in s.history:
+            if row.get("epoch") == s.best_epoch:
+                row.update({f"test_{k}": metrics["test"].get(k) for k in ("oa", "macc", "miou")})
+        self.reporter.write_csv(s.history)
+        if not self.cfg.logger.tensorboard:
+            return
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+
+        tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        try:
+            for proto in ("test", "test_vote"):
+                for k in ("oa", "macc", "miou"):
+                    if metrics.get(proto, {}).get(k) is not None:
+                        tb.add_scalar(f"{proto}/{k}", metrics[proto][k], s.step)
+            for name, v in zip(names, metrics["test"].get("iou_per_class") or [], strict=False):
+                if v is not None:
+                    tb.add_scalar(f"test_iou/{name}", v, s.step)
+        finally:
+            tb.close()
+
+
+def write_eval_files(run_dir: Path, split: str, out: dict[str, EvalResult], bundle: DataBundle, keep: bool,
+                     main: bool, payload_name: str | None = None) -> dict[str, Any]:
+    """What a final evaluation of ``split`` leaves in the run dir; returns the result's record of it.
+
+    ``resample_<split>.npz`` (the plain pass's resampling payload, :mod:`pcbench.train.resample`; for the test
+    split ``resample_test.npz``; ``payload_name`` overrides), ``confusion_<split>.npy`` (and ``confusion_<split>_vote.npy``) and, with
+    ``keep``, ``predictions_<split>.npz`` / ``predictions_<split>_vote.npz``. Every rank must call it (the
+    predictions are gathered); rank 0 writes. Returned: ``{"resample": {"path", "sha256"}, "outputs": {...}}``,
+    paths relative to the run dir.
+    """
+    gathered = {proto: gather_predictions(res) for proto, res in out.items() if proto in ("test", "test_vote")}
+    if not main:
+        return {}
+    files: dict[str, Any] = {}
+    outputs: dict[str, str] = {}
+    for proto, res in gathered.items():
+        suffix = split + ("_vote" if proto == "test_vote" else "")
+        if res.confusion is not None:
+            name = f"confusion_{suffix}.npy"
+            with atomic_path(run_dir / name) as tmp, open(tmp, "wb") as f:
+                np.save(f, np.asarray(res.confusion, dtype=np.int64))
+            outputs[f"confusion_{proto}"] = name
+        if keep:
+            name = f"predictions_{suffix}.npz"
+            write_predictions(run_dir / name, res)
+            outputs[f"predictions_{proto}"] = name
+    plain = gathered["test"]
+    if plain.items:
+        name = payload_name or (PAYLOAD_FILE if split == "test" else f"resample_{split}.npz")
+        sha = save_payload(run_dir / name, resample_payload(plain, bundle.task, bundle.num_classes))
+        files["resample"] = {"path": name, "sha256": sha}
+    else:
+        LOG.warning(f"the {split} evaluation scored no sample: no resampling payload written")
+    files["outputs"] = outputs
+    return files
+
+
+def _recipe_fields(cfg: DictConfig, reasons: list[str] | None = None) -> dict[str, Any]:
+    """``recipe`` / ``fidelity`` / ``recipe_source`` of a paper recipe (conf/experiment/) for metrics.json; with
+    ``reasons`` (check_recipe_data's mismatches) the run is a "pcbench variant" and ``fidelity_reasons`` says why."""
     r = cfg.get("recipe")
     if not r:
         return {}
-    return {"recipe": str(r.name), "fidelity": str(r.fidelity), "recipe_source": str(r.source)}
+    out = {"recipe": str(r.name), "fidelity": str(r.fidelity), "recipe_source": str(r.source)}
+    if reasons:
+        out.update(fidelity="pcbench variant", fidelity_reasons=list(reasons))
+    return out
 
 
 def _fmt(v: float | None) -> str:
@@ -945,30 +1085,66 @@ def evaluate(cfg: DictConfig, checkpoint: str | os.PathLike) -> dict[str, Any]:
             if len(run.data.test) == 0:
                 raise ConfigError(f"eval.split={split!r} of data.root={cfg.data.root} holds no samples; choose "
                                   f"another split (splits: {splits}) or prepare that one")
-            precision = str(cfg.eval.autocast) if cfg.eval.autocast else run.precision
+            precision = eval_precision(cfg, run.precision)
             submission = cfg.eval.submission_dir
+            has_vote = len(cfg.tta.passes) > 0
+            source = _submission_source(cfg, has_vote)
             keep = bool(cfg.eval.save_predictions) or submission is not None
-            res = evaluate_split(cfg, run, role, precision=precision, keep_predictions=keep)
+            probs = bool(cfg.eval.get("save_probabilities") or False)
+            if cfg.eval.get("corruptions"):
+                from .robustness import check_corruptions  # noqa: PLC0415
+
+                check_corruptions(cfg, run)  # refuses segmentation / normals before the long evaluation
+            res = evaluate_split(cfg, run, role, precision=precision, keep_predictions=keep,
+                                 keep_probabilities=probs)
             out: dict[str, Any] = {split: _metrics_view(res.metrics, run.data.class_names),
                                    "checkpoint": str(Path(checkpoint).resolve()),
                                    "eval_samples_per_s": res.samples * info.world_size / max(res.seconds, 1e-9),
                                    "precision": precision, "dataset_manifest_sha256": run.data.manifest_sha256}
-            if len(cfg.tta.passes):
-                vote = evaluate_split(cfg, run, role, precision=precision, tta=True)
+            results = {"test": res}
+            if has_vote:
+                vote = evaluate_split(cfg, run, role, precision=precision, tta=True, keep_predictions=keep,
+                                      keep_probabilities=probs)
+                results["test_vote"] = vote
                 out[f"{split}_vote"] = {**_metrics_view(vote.metrics, run.data.class_names),
                                         "passes": len(cfg.tta.passes)}
-            gathered = gather_predictions(res) if keep else res
-            if info.is_main:
-                if cfg.eval.save_predictions:
-                    write_predictions(run_dir / f"predictions_{split}.npz", gathered)
-                if submission is not None:
+            # its own payload name: the run's resample_test.npz is what metrics.json records (by sha256)
+            files = write_eval_files(run_dir, split, results, run.data, bool(cfg.eval.save_predictions),
+                                     info.is_main, payload_name=f"resample_eval_{split}.npz")
+            out.update(files)
+            for proto, r in results.items():
+                LOG.info(class_table(r.metrics, run.data.class_names, f"{split}{'_vote' if proto != 'test' else ''} "
+                                                                      "per class"))
+            if cfg.eval.get("corruptions"):
+                from .robustness import NOTE, evaluate_corruptions  # noqa: PLC0415
+
+                out["corruptions"] = evaluate_corruptions(cfg, run, res.metrics["oa"], precision=precision)
+                out["corruptions_note"] = NOTE
+            if submission is not None:
+                chosen = gather_predictions(results["test_vote" if source == "vote" else "test"])
+                if info.is_main:
                     id_map = _benchmark_ids(run.data)
-                    files = _write_submission(submission, gathered.names, gathered.preds, id_map)
-                    out["submission"] = {"dir": str(Path(submission).resolve()), "files": len(files)}
-                    LOG.info(f"wrote {len(files)} submission files to {submission}")
+                    written = _write_submission(submission, chosen.names, chosen.preds, id_map)
+                    out["submission"] = {"dir": str(Path(submission).resolve()), "files": len(written),
+                                         "from": source}
+                    LOG.info(f"wrote {len(written)} submission files to {submission} from the {source} pass")
+            if info.is_main:
                 write_json(run_dir / f"eval_{split}.json", out)
             LOG.info(f"{split}: " + ", ".join(f"{k} {_fmt(res.metrics[k])}" for k in ("oa", "macc", "miou")))
             return out
+
+
+def _submission_source(cfg: DictConfig, has_vote: bool) -> str:
+    """Which pass the ScanNet submission comes from: ``eval.submission_from`` (vote / plain); ``auto`` (default)
+    is the voted pass when TTA passes are configured (the recipes that configure them cite the voted figure)."""
+    value = str(cfg.eval.get("submission_from") or "auto")
+    if value not in ("auto", "vote", "plain"):
+        raise ConfigError(f"eval.submission_from={value!r} is unknown; use vote, plain or auto (vote when tta has "
+                          "passes)")
+    if value == "vote" and not has_vote:
+        raise ConfigError("eval.submission_from=vote but tta has no passes; choose a tta=... config (e.g. the "
+                          "recipe's) or eval.submission_from=plain")
+    return ("vote" if has_vote else "plain") if value == "auto" else value
 
 
 def _benchmark_ids(bundle: DataBundle) -> list[int]:

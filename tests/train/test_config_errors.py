@@ -85,7 +85,9 @@ def test_model_and_data_tasks_must_agree(prepared: dict[str, Path], cfg_for) -> 
     ("trainer.batch_size=1000", r"trainer.batch_size=1000 exceeds the \d+ training samples"),
     ("trainer.strategy=ddp", r"launch with `torchrun --nproc_per_node=N -m pcbench.train trainer=ddp"),
     ("trainer.class_weights=[1,2]", r"class_weights has 2 entries but the dataset has 40 classes"),
-    ("data.splits.test=nope", r"data.splits.test='nope' is not a split of .* \(splits: \['test', 'train'\]\)"),
+    # fit's preflight lists this with its override before check_data would name it alone
+    ("data.splits.test=nope", r"data.splits.test=nope is not a split of data.root=.* \(splits with samples: "
+                              r"\['test', 'train'\]\) -> data.splits.test=test"),
     ("trainer.accelerator=tpu", r"trainer.accelerator='tpu' is unknown"),
 ])
 def test_trainer_options_are_checked(prepared: dict[str, Path], cfg_for, override: str, match: str) -> None:
