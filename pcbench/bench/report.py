@@ -178,12 +178,33 @@ def render_markdown(board: Leaderboard, title: str = "pcbench leaderboard") -> s
             out += [f"{spec.LOADED_MARK} Speed figures taken on a busy machine:", "", *loaded, ""]
         if (dataset, protocol) in primary:
             out += _sweep_markdown(dataset, rows) + _robustness_markdown(dataset, rows)
+    out += weights_markdown(board)
     if board.failed:
         out += ["## Failed cells", "", *_md_table(spec.FAILED_COLUMNS, board.failed), ""]
     out += ["## Published figures", "", *_md_table(spec.PUBLISHED_COLUMNS, board.published), ""]
     if board.ops:
         out += ops_markdown(board.ops)
     return "\n".join(out) + "\n"
+
+
+def weights_markdown(board: Leaderboard) -> list[str]:
+    """Per dataset the published checkpoints pcbench evaluated, beside the authors' figure (never ranked)."""
+    out: list[str] = []
+    for dataset, rows in board.weights_sections():
+        out += [f"## {md_text(dataset)} — published weights, evaluated by pcbench", "",
+                "Checkpoints the authors published, converted and evaluated under pcbench's protocol (no training); "
+                "not ranked with trained rows. Δ = ours − published (points).", "",
+                "| weights | model | protocol | ours | published | Δ | published protocol | source file sha256 |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            pub = "n/a" if r.published_value is None else f"{r.published_value:.2f} ({md_text(r.published_metric)})"
+            delta = "n/a" if r.delta is None else f"{r.delta:+.2f}"
+            out.append(f"| {md_text(r.weights)} | {md_text(r.model)} | {md_text(r.protocol)} | "
+                       f"{100 * r.score:.2f} {METRIC_NAMES[r.metric]} | {pub} | {delta} | "
+                       f"{md_text(r.published_protocol)}; {md_text(r.published_source)} | "
+                       f"{md_text((r.sha256 or 'unknown')[:12])} |")
+        out.append("")
+    return out
 
 
 def ops_markdown(ops: Mapping[str, Any]) -> list[str]:
