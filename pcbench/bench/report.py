@@ -191,19 +191,8 @@ def weights_markdown(board: Leaderboard) -> list[str]:
     """Per dataset the published checkpoints pcbench evaluated, beside the authors' figure (never ranked)."""
     out: list[str] = []
     for dataset, rows in board.weights_sections():
-        out += [f"## {md_text(dataset)} — published weights, evaluated by pcbench", "",
-                "Checkpoints the authors published, converted and evaluated under pcbench's protocol (no training); "
-                "not ranked with trained rows. Δ = ours − published (points).", "",
-                "| weights | model | protocol | ours | published | Δ | published protocol | source file sha256 |",
-                "|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            pub = "n/a" if r.published_value is None else f"{r.published_value:.2f} ({md_text(r.published_metric)})"
-            delta = "n/a" if r.delta is None else f"{r.delta:+.2f}"
-            out.append(f"| {md_text(r.weights)} | {md_text(r.model)} | {md_text(r.protocol)} | "
-                       f"{100 * r.score:.2f} {METRIC_NAMES[r.metric]} | {pub} | {delta} | "
-                       f"{md_text(r.published_protocol)}; {md_text(r.published_source)} | "
-                       f"{md_text((r.sha256 or 'unknown')[:12])} |")
-        out.append("")
+        out += [f"## {md_text(dataset)} — published weights, evaluated by pcbench", "", md_text(spec.WEIGHTS_NOTE), "",
+                *_md_table(spec.WEIGHTS_COLUMNS, rows), ""]
     return out
 
 

@@ -15,6 +15,8 @@ from omegaconf import OmegaConf
 
 from pcbench.bench.leaderboard import build_leaderboard
 from pcbench.bench.record import config_sha256
+from pcbench.bench.report import render_markdown
+from pcbench.bench.report_html import render_html
 from pcbench.bench.suite import SuiteError, expand_suite
 from pcbench.models.convert import file_sha256
 from pcbench.models.zoo_registry import PUBLISHED
@@ -78,6 +80,7 @@ def _bench_cfg(suite: dict) -> OmegaConf:
     return OmegaConf.create({"suite": suite, "device": None, "overrides": None})
 
 
+@pytest.mark.slow  # about 40 s: pcbench-prep of synthetic ModelNet40 and three cells
 def test_published_weights_are_evaluated_recorded_and_reported_apart(ran, source: Path) -> None:
     out, p = ran
     assert p.returncode == 0, p.stdout + p.stderr
@@ -121,6 +124,7 @@ def test_published_weights_are_evaluated_recorded_and_reported_apart(ran, source
     assert NAME not in ranked and "pointnet2_ssg_cls" in ranked
 
 
+@pytest.mark.slow
 def test_rerun_skips_a_finished_published_weights_cell(conf: Path, ran) -> None:
     out, _ = ran
     before = {x["result_id"] for x in records(out)}
@@ -142,6 +146,13 @@ def test_leaderboard_keeps_published_weights_out_of_the_ranking() -> None:
     assert [r.mean for r in board.rows] == [0.5] and board.rows[0].rank == 1
     assert [(w.protocol, w.score) for w in board.weights] == [("test", 0.9), ("test_vote", 0.91)]
     assert board.weights[0].delta == pytest.approx(90.0 - 92.2) and board.weights[1].delta == pytest.approx(-1.2)
+    md = render_markdown(board)
+    section = md.split("## d — published weights, evaluated by pcbench")[1].split("\n## ")[0]
+    assert "| w | m | test | 90.00 OA | 92.20 (overall accuracy) | -2.20 | x; y | ab |" in section
+    assert "| w | m | test_vote | 91.00 OA | 92.20 (overall accuracy) | -1.20 |" in section
+    assert "| w |" not in md.split("## d — test")[1].split("\n## ")[0]  # not in the ranked table
+    page = render_html(board)
+    assert "d — published weights, evaluated by pcbench</h2>" in page and ">-2.20<" in page
 
 
 def test_bad_weights_entries_are_named() -> None:
