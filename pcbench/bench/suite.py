@@ -475,6 +475,9 @@ def _weight_cells(weights: Mapping[str, Any], datasets: Mapping[str, Any], sname
         if entry.model_config not in model_options:
             raise SuiteError(f"{where}: {name} converts to model config {entry.model_config!r}, which is not in "
                              "conf/model/")
+        if not entry.convertible and not e.get("checkpoint"):
+            raise SuiteError(f"{where}.name={name}: pcbench has no converter from {entry.source} to "
+                             f"{entry.model_config} yet; give {where}.checkpoint=<a pcbench checkpoint> or drop it")
         names = list(e.get("datasets") or [])
         if not names:
             raise SuiteError(f"{where}.datasets is empty; list the suite dataset keys it is evaluated on "

@@ -39,7 +39,7 @@ datasets:
     label: synthetic-modelnet40
     root: ${{data_dir}}/objects
     prep: [modelnet40, raw=synthetic]
-    train: [data.num_points=64, trainer.batch_size=8]
+    train: [data.num_points=64, trainer.batch_size=8, tta=rotate_y12]
 models:
   pointnet2_ssg_cls:
     datasets: [objects]
@@ -98,7 +98,7 @@ def test_published_weights_are_evaluated_recorded_and_reported_apart(ran, source
     assert r["config_sha256"] == config_sha256(r["config"])
     assert r["epochs"] == 0 and r["steps"] == 0 and r["probe"] is None
     assert r["splits"]["final"] == "test" and r["splits"]["final_role"] == "test"
-    assert 0 <= r["test"]["oa"] <= 1 and r["test_vote"] is None  # modelnet40 has no TTA passes by default
+    assert 0 <= r["test"]["oa"] <= 1 and 0 <= r["test_vote"]["oa"] <= 1  # plain, and the 12 votes of rotate_y12
     for key in ("pcbench_version", "torch_version", "dataset_manifest_sha256", "hostname", "started_at"):
         assert r[key], key
     run_dir = Path(r["run_dir"])
@@ -119,6 +119,8 @@ def test_published_weights_are_evaluated_recorded_and_reported_apart(ran, source
     assert row, section
     assert float(row[1]) == pytest.approx(ours, abs=0.006) and float(row[2]) == entry.value
     assert float(row[3]) == pytest.approx(ours - entry.value, abs=0.006)
+    assert re.search(rf"\| {re.escape(NAME)} \| pointnet2_ssg_cls \| test_vote \| {100 * r['test_vote']['oa']:.2f} OA",
+                     section), section
     # never ranked: the trained section holds the trained row only
     ranked = md.split("## synthetic-modelnet40 — test")[1].split("\n## ")[0]
     assert NAME not in ranked and "pointnet2_ssg_cls" in ranked
@@ -170,3 +172,29 @@ def test_bad_weights_entries_are_named() -> None:
         "name": NAME, "checkpoint": "/c.pt", "datasets": ["objects"]}}}))
     assert [(c.name, c.seed, c.weights) for c in cells] == [("objects-w-s1", 1, {"name": NAME, "checkpoint": "/c.pt"})]
     assert cells[0].overrides[:2] == ("model=pointnet2_ssg_cls", "data=modelnet40")
+
+
+def test_not_convertible_weights_need_a_checkpoint_and_a_missing_checkpoint_is_named(tmp_path: Path) -> None:
+    from pcbench.bench.runner import published_checkpoint
+
+    d = {"objects": {"data": "modelnet40", "root": "/x"}}
+    tpc = "pointnet2_ssg_cls.modelnet40.torch-pointcloud"
+    assert not PUBLISHED[tpc].convertible
+    with pytest.raises(SuiteError, match=r"suite.weights.w.name=.*no converter from .*checkpoint=<a pcbench checkpoint>"):
+        expand_suite(_bench_cfg({"name": "s", "seeds": [0], "datasets": d, "weights": {"w": {
+            "name": tpc, "datasets": ["objects"]}}}))
+    with pytest.raises(SuiteError, match=r"checkpoint=.*nope.pt does not exist; give a file `pcbench-weights fetch"):
+        published_checkpoint({"name": NAME, "checkpoint": str(tmp_path / "nope.pt")}, tmp_path)
+
+
+def test_the_shipped_published_weights_suite_composes(tmp_path: Path) -> None:
+    from pcbench.bench.suite import cell_config, compose_bench
+
+    bench = compose_bench(["suite=published_modelnet40", f"data_dir={tmp_path}"])
+    cells = expand_suite(bench)
+    assert {c.weights["name"] for c in cells} == {n for n, w in PUBLISHED.items()
+                                                  if w.dataset == "modelnet40" and w.convertible}
+    for c in cells:
+        cfg, choices = cell_config(c, tmp_path / c.name)
+        assert choices["model"] == PUBLISHED[c.weights["name"]].model_config and choices["tta"] == "rotate_y12"
+        assert cfg.data.root == str(tmp_path / "modelnet40")
