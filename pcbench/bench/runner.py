@@ -544,9 +544,13 @@ def published_flag(spec: dict[str, Any], state: dict[str, Any]) -> dict[str, Any
 def run_weights(cell: Cell, cfg: DictConfig, choices: dict[str, Any], identity: dict[str, Any], sha: str,
                 store: ResultStore, progress: Progress, tag: str, t0: float, out: dict[str, Any]) -> dict[str, Any]:
     """Evaluate a published-weights cell (claimed by this process) into the store; never raises for a failure."""
+    import torch  # noqa: PLC0415
+
+    import pcbench  # noqa: PLC0415
     from pcbench.models import model_task  # noqa: PLC0415
     from pcbench.train import evaluate  # noqa: PLC0415
     from pcbench.train.checkpoint import load_checkpoint  # noqa: PLC0415
+    from pcbench.train.result import final_role  # noqa: PLC0415
 
     run_dir, log = Path(out["run_dir"]), Path(out["log_path"])
     host = host_info()
@@ -579,11 +583,6 @@ def run_weights(cell: Cell, cfg: DictConfig, choices: dict[str, Any], identity: 
         say(f"{tag}: FAILED after {_fmt_s(time.perf_counter() - t0)}: {msg.splitlines()[0][:300]} "
             f"(log: {log}) | {progress.line()}")
         return {**out, "status": "failed"}
-    import pcbench  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-
-    from pcbench.train.result import final_role  # noqa: PLC0415
-
     plain = {k: v for k, v in res[split].items() if k != "class_names"}
     vote = res.get(f"{split}_vote")
     rec = record_from_metrics(
