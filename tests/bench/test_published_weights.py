@@ -50,6 +50,11 @@ weights:
     file: {file}
     datasets: [objects]
     train: {tiny}
+  missing:
+    name: {name}
+    checkpoint: {missing}
+    datasets: [objects]
+    train: {tiny}
 """
 
 
@@ -66,7 +71,7 @@ def conf(tmp_path_factory: pytest.TempPathFactory, source: Path) -> Path:
     root = tmp_path_factory.mktemp("conf") / "conf"
     shutil.copytree(config_dir(), root)
     tiny = "[" + ", ".join(f'"{t}"' for t in _TINY) + "]"
-    (root / "suite" / "pw.yaml").write_text(SUITE.format(name=NAME, file=source, tiny=tiny))
+    (root / "suite" / "pw.yaml").write_text(SUITE.format(name=NAME, file=source, tiny=tiny, missing=source.parent / "gone.pt"))
     return root
 
 
@@ -83,10 +88,14 @@ def _bench_cfg(suite: dict) -> OmegaConf:
 @pytest.mark.slow  # about 40 s: pcbench-prep of synthetic ModelNet40 and three cells
 def test_published_weights_are_evaluated_recorded_and_reported_apart(ran, source: Path) -> None:
     out, p = ran
-    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.returncode == 1, p.stdout + p.stderr  # the entry whose checkpoint is gone failed; the others ran
     recs = {r["cell"]: r for r in records(out)}
-    # the trained entry runs per seed; the weights entry once (nothing is trained, the first seed)
-    assert sorted(recs) == ["objects-pointnet2_ssg_cls-s3", "objects-pointnet2_ssg_cls-s4", "objects-ssg-s3"]
+    # the trained entry runs per seed; each weights entry once (nothing is trained, the first seed)
+    assert sorted(recs) == ["objects-missing-s3", "objects-pointnet2_ssg_cls-s3", "objects-pointnet2_ssg_cls-s4",
+                            "objects-ssg-s3"]
+    gone = recs["objects-missing-s3"]
+    assert gone["status"] == "failed" and "gone.pt does not exist" in gone["error"], gone
+    assert "objects-missing-s3: FAILED after" in p.stdout
     r = recs["objects-ssg-s3"]
     assert r["status"] == "finished" and r["model"] == "pointnet2_ssg_cls" and r["task"] == "cls", r
     flag = r["extra"]["published_weights"]
