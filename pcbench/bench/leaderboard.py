@@ -14,6 +14,11 @@ metrics hold: ``test`` (checkpoint selected on val: honest), ``test_vote`` (the 
 runs on its most used hardware, which is named. Published figures (``pcbench.bench.published``) stand beside
 ours with the difference, labelled with their own protocol.
 
+Records of published checkpoints evaluated by pcbench (``extra.published_weights``, a ``suite.weights`` cell) are
+never ranked with trained rows: they are :class:`WeightsRow` s, one per record and protocol, shown per dataset in
+their own section "published weights, evaluated by pcbench" beside the figure the authors published for those
+weights and Δ = ours − published.
+
 Records carrying ``identity_sha256`` and typed split roles (``splits.final_role``, see
 ``pcbench/train/result.py``) are read without importing torch. Older records get both computed, and rows of one
 model that differ in config get their differing keys listed, with the trainer's own functions
@@ -35,8 +40,8 @@ from pcbench.bench.published import PROTOCOLS, PUBLISHED, Published, published_f
 if TYPE_CHECKING:  # numpy-backed statistics are imported only when a record has a payload to resample
     from pcbench.bench.stats import BootstrapCI, PairedComparison
 
-__all__ = ["HEADLINE", "METRIC_NAMES", "PROTOCOL_ORDER", "LeaderRow", "Leaderboard", "build_leaderboard",
-           "split_text", "sweep_text"]
+__all__ = ["HEADLINE", "METRIC_NAMES", "PROTOCOL_ORDER", "LeaderRow", "Leaderboard", "WeightsRow",
+           "build_leaderboard", "split_text", "sweep_text", "weights_rows"]
 
 HEADLINE = {"cls": "oa", "seg": "miou"}
 METRIC_NAMES = {"oa": "OA", "macc": "mAcc", "miou": "mIoU"}
@@ -131,6 +136,30 @@ class LeaderRow:
 
 
 @dataclass
+class WeightsRow:
+    """A published checkpoint evaluated by pcbench under one protocol (plain or voted): never ranked."""
+
+    dataset: str
+    protocol: str              # "test" / "test_vote" (or "val" / "val_vote" where the final split is val)
+    weights: str               # the registry name, e.g. "pointnet2_ssg_cls.modelnet40.yanx27"
+    model: str
+    metric: str                # headline metric key ("oa" / "miou")
+    score: float               # ours, a fraction
+    published_value: float | None   # the authors' figure in %
+    published_metric: str
+    published_protocol: str
+    published_source: str
+    sha256: str | None         # of the source file that was converted
+    result_id: str
+    cell: str
+
+    @property
+    def delta(self) -> float | None:
+        """Ours − published, in points (None without a published figure)."""
+        return None if self.published_value is None else 100 * self.score - self.published_value
+
+
+@dataclass
 class Leaderboard:
     """Everything a report shows: ranked rows per (dataset, protocol), failed cells, counts."""
 
@@ -141,6 +170,15 @@ class Leaderboard:
     ops: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     resamples: int = 0  #: bootstrap resamples behind the rows' intervals (0: none computed)
+    weights: list[WeightsRow] = field(default_factory=list)  #: published checkpoints evaluated (never ranked)
+
+    def weights_sections(self) -> list[tuple[str, list[WeightsRow]]]:
+        """(dataset, its published-weights rows by protocol then name) in dataset order."""
+        groups: dict[str, list[WeightsRow]] = defaultdict(list)
+        for r in self.weights:
+            groups[r.dataset].append(r)
+        return [(d, sorted(groups[d], key=lambda r: (PROTOCOL_ORDER.index(r.protocol), r.weights)))
+                for d in sorted(groups)]
 
     def sections(self) -> list[tuple[str, str, list[LeaderRow]]]:
         """(dataset, protocol, ranked rows) in display order."""
@@ -426,7 +464,8 @@ def build_leaderboard(records: Iterable[Mapping[str, Any]], ops: dict[str, Any] 
         times[key] += 1
         if key not in latest or _newer(r, latest[key]):
             latest[key] = r
-    finished = list(latest.values())
+    finished = [r for r in latest.values() if not _extra(r).get("published_weights")]
+    published_evals = [r for r in latest.values() if _extra(r).get("published_weights")]
     failed = [r for r in records if r["status"] == "failed" and (identity[r["result_id"]], _seed(r)) not in latest]
     notes: list[str] = []
     dup = sum(times.values()) - len(latest)
@@ -489,7 +528,8 @@ def build_leaderboard(records: Iterable[Mapping[str, Any]], ops: dict[str, Any] 
             r.rank = i
             r.rank_label = str(i)
     # A record's note is met once per protocol it has: keep one of each.
-    board = Leaderboard(rows=rows, failed=failed, counts=dict(counts), ops=ops, notes=list(dict.fromkeys(notes)))
+    board = Leaderboard(rows=rows, failed=failed, counts=dict(counts), ops=ops, notes=list(dict.fromkeys(notes)),
+                        weights=weights_rows(published_evals))
     if resamples != 0 and any(_extra(r).get("resample") for r in finished):
         # Imported here: comparisons.py reads the rows of this module, and numpy is only needed with payloads.
         from pcbench.bench.comparisons import attach_statistics  # noqa: PLC0415
@@ -499,3 +539,27 @@ def build_leaderboard(records: Iterable[Mapping[str, Any]], ops: dict[str, Any] 
         for r in rows:
             r.ci_note = "no resampling payload recorded" if resamples != 0 else "statistics not computed"
     return board
+
+
+def weights_rows(records: Iterable[Mapping[str, Any]]) -> list[WeightsRow]:
+    """One :class:`WeightsRow` per finished published-weights record and protocol its metrics hold."""
+    out: list[WeightsRow] = []
+    for rec in records:
+        flag = _extra(rec).get("published_weights") or {}
+        task = _task(rec)
+        if rec.get("status") != "finished" or not flag or task is None:
+            continue
+        metric = HEADLINE[task]
+        pub = flag.get("published") or {}
+        for protocol, split in _protocol_views(rec):
+            if protocol not in ("test", "test_vote", "val", "val_vote") or split.get(metric) is None:
+                continue
+            value = pub.get("value")
+            out.append(WeightsRow(
+                dataset=rec.get("dataset") or "?", protocol=protocol, weights=str(flag.get("name")),
+                model=rec.get("model") or "?", metric=metric, score=float(split[metric]),
+                published_value=float(value) if value is not None else None,
+                published_metric=str(pub.get("metric") or ""), published_protocol=str(pub.get("protocol") or ""),
+                published_source=str(pub.get("source") or ""), sha256=flag.get("sha256"),
+                result_id=rec["result_id"], cell=rec.get("cell") or ""))
+    return out

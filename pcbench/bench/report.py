@@ -178,12 +178,22 @@ def render_markdown(board: Leaderboard, title: str = "pcbench leaderboard") -> s
             out += [f"{spec.LOADED_MARK} Speed figures taken on a busy machine:", "", *loaded, ""]
         if (dataset, protocol) in primary:
             out += _sweep_markdown(dataset, rows) + _robustness_markdown(dataset, rows)
+    out += weights_markdown(board)
     if board.failed:
         out += ["## Failed cells", "", *_md_table(spec.FAILED_COLUMNS, board.failed), ""]
     out += ["## Published figures", "", *_md_table(spec.PUBLISHED_COLUMNS, board.published), ""]
     if board.ops:
         out += ops_markdown(board.ops)
     return "\n".join(out) + "\n"
+
+
+def weights_markdown(board: Leaderboard) -> list[str]:
+    """Per dataset the published checkpoints pcbench evaluated, beside the authors' figure (never ranked)."""
+    out: list[str] = []
+    for dataset, rows in board.weights_sections():
+        out += [f"## {md_text(dataset)} — published weights, evaluated by pcbench", "", md_text(spec.WEIGHTS_NOTE), "",
+                *_md_table(spec.WEIGHTS_COLUMNS, rows), ""]
+    return out
 
 
 def ops_markdown(ops: Mapping[str, Any]) -> list[str]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from pcbench.bench.leaderboard import METRIC_NAMES, Leaderboard, LeaderRow
 
-__all__ = ["ACC", "EFF", "FAILED_COLUMNS", "LEADER_COLUMNS", "LOADED_MARK", "OPS_COLUMNS", "PUBLISHED_COLUMNS",
+__all__ = ["ACC", "EFF", "FAILED_COLUMNS", "LEADER_COLUMNS", "LOADED_MARK", "OPS_COLUMNS", "PUBLISHED_COLUMNS", "WEIGHTS_COLUMNS", "WEIGHTS_NOTE",
            "Column", "ci_text", "counts_text", "csv_columns", "legend_text", "loaded_text", "num",
            "ops_environment_text", "pct", "published_text", "score_text", "si", "status_text", "table_columns",
            "versus_text"]
@@ -312,4 +312,27 @@ OPS_COLUMNS: tuple[Column, ...] = (
            lambda o: f"{o['ratio_to_fastest_peer']:.2f}x" if o.get("ratio_to_fastest_peer") is not None else "-",
            numeric=True),
     Column("note", "note", "", lambda o: o.get("note") or "", lambda o: o.get("note") or ""),
+)
+
+
+#: What a published-weights section is, said once for Markdown and HTML.
+WEIGHTS_NOTE = ("Checkpoints the authors published, converted and evaluated under pcbench's protocol (no training); "
+                "not ranked with trained rows. Δ = ours − published (points).")
+#: A published checkpoint evaluated by pcbench (leaderboard.WeightsRow): ours beside the authors' figure, unranked.
+WEIGHTS_COLUMNS: tuple[Column, ...] = (
+    Column("weights", "weights", "the published checkpoint (pcbench-weights list)", lambda w: w.weights),
+    Column("model", "model", "pcbench model config it was converted to", lambda w: w.model),
+    Column("protocol", "protocol", "pcbench's protocol: test (one pass) or test_vote (TTA passes)",
+           lambda w: w.protocol),
+    Column("score", "ours", "pcbench's evaluation of the weights, %", lambda w: 100 * w.score,
+           lambda w: f"{100 * w.score:.2f} {METRIC_NAMES[w.metric]}", numeric=True),
+    Column("published", "published", "the authors' figure for these weights, %", lambda w: w.published_value,
+           lambda w: "-" if w.published_value is None else f"{w.published_value:.2f} ({w.published_metric})",
+           numeric=True),
+    Column("delta", "Δ", "ours − published, points", lambda w: w.delta,
+           lambda w: "-" if w.delta is None else f"{w.delta:+.2f}", numeric=True),
+    Column("published_protocol", "published protocol", "how and where the authors measured their figure",
+           lambda w: f"{w.published_protocol}; {w.published_source}"),
+    Column("sha256", "source sha256", "sha256 of the converted source file (first 12 digits)",
+           lambda w: (w.sha256 or "unknown")[:12]),
 )

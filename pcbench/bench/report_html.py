@@ -625,10 +625,12 @@ def render_html(board: Leaderboard, title: str = "pcbench leaderboard", source: 
     parts += [f"<p class='warn'>{_e(n)}</p>" for n in board.notes]
     sections = board.sections()
     toc = "".join(f"<li><a href='#s{i}'>{_e(d)} — {_e(p)}</a></li>" for i, (d, p, _) in enumerate(sections))
+    toc += "".join(f"<li><a href='#w{i}'>{_e(d)} — published weights</a></li>"
+                   for i, (d, _) in enumerate(board.weights_sections()))
     parts.append(f"<nav><ul>{toc}<li><a href='#failed'>failed cells</a></li><li><a href='#published'>published "
                  "figures</a></li>" + ("<li><a href='#ops'>ops micro-benchmark</a></li>" if board.ops else "")
                  + "</ul></nav>")
-    if not sections:
+    if not sections and not board.weights:
         parts.append("<p>No finished results yet.</p>")
     primary = {(d, p) for d, p, _ in primary_sections(board)}
     for i, (dataset, protocol, rows) in enumerate(sections):
@@ -647,6 +649,10 @@ def render_html(board: Leaderboard, title: str = "pcbench leaderboard", source: 
             parts.append(_sweep_html(dataset, rows))
             parts.append(_robustness_html(dataset, rows))
         parts.append("</section>")
+    for i, (dataset, rows) in enumerate(board.weights_sections()):  # own sections: never ranked with trained rows
+        parts.append(f"<section id='w{i}'><h2>{_e(dataset)} — published weights, evaluated by pcbench</h2>"
+                     f"<p class='proto'>{_e(spec.WEIGHTS_NOTE)}</p>"
+                     + _simple_table(spec.WEIGHTS_COLUMNS, rows, "weights") + "</section>")
     parts.append("<section id='failed'><h2>Failed cells</h2>")
     parts.append(_simple_table(spec.FAILED_COLUMNS, board.failed, "failed") if board.failed else "<p>None.</p>")
     parts.append("</section><section id='published'><h2>Published figures</h2><p class='proto'>"

@@ -53,7 +53,8 @@ from pcbench.bench.store import ResultStore, process_alive, process_start
 from pcbench.bench.suite import Cell, SuiteError, cell_config, cell_identity, check_sweep_keys, expand_suite
 from pcbench.train.result import FitResult
 
-__all__ = ["Plan", "Progress", "cell_job", "make_plan", "prepare_datasets", "run_cell"]
+__all__ = ["Plan", "Progress", "cell_job", "make_plan", "prepare_datasets", "published_checkpoint", "published_flag",
+           "run_cell", "run_weights"]
 
 PLAN_FILE = "plan.json"
 JOB_STORE = "result.sqlite"  # with store_per_job: each job's own store in its folder, merged by the runner
@@ -184,7 +185,7 @@ def make_plan(bench: DictConfig, store: ResultStore | None) -> Plan:
     hashes, configs = {}, {}
     for c in cells:
         cfg, choices = cell_config(c, "/unused")
-        hashes[c.name] = config_sha256(cell_identity(cfg, c.probe))
+        hashes[c.name] = config_sha256(cell_identity(cfg, c.probe, c.weights))
         configs[c.name] = {"overrides": list(c.overrides), "choices": choices,
                            "config": OmegaConf.to_container(cfg, resolve=False)}
     done = store.finished_hashes() if store is not None else set()
@@ -412,7 +413,7 @@ def run_cell(bench: DictConfig, cell: Cell, job_dir: Path, store_path: Path, pro
     tag = f"[pcbench-bench] cell {progress.index(cell.name)} {cell.name}"
     t0 = time.perf_counter()
     cfg, choices = progress.config(cell) or cell_config(cell, job_dir / "pending")
-    identity = cell_identity(cfg, cell.probe)
+    identity = cell_identity(cfg, cell.probe, cell.weights)
     sha = config_sha256(identity)
     run_dir = job_dir / sha[:12]
     log = run_dir / "cell.log"
@@ -454,8 +455,10 @@ def _run_claimed(bench: DictConfig, cell: Cell, cfg: DictConfig, choices: dict[s
         cfg.paths.run_dir = str(run_dir)
         if bench.get("threads"):
             cfg.trainer.threads = int(bench.threads)
-        resumed = (run_dir / "checkpoints" / "last.pt").is_file()
+        resumed = (run_dir / "checkpoints" / "last.pt").is_file() and not cell.weights
         cfg.resume = resumed
+    if cell.weights:
+        return run_weights(cell, cfg, choices, identity, sha, store, progress, tag, t0, out)
     host = host_info()
     _supersede(store, sha, host["hostname"])
     meta = {"cell": cell.name, "config": identity, "suite": cell.suite, "model": choices.get("model"),
@@ -506,6 +509,99 @@ def _run_claimed(bench: DictConfig, cell: Cell, cfg: DictConfig, choices: dict[s
                     "probe_wall_s": probe_s}
     store.update(rid, **{k: v for k, v in rec.items() if k != "result_id"})
     say(f"{tag}: finished in {_fmt_s(wall)}: {_headline_text(result)} | {progress.line()}")
+    if _BAR is not None:
+        _BAR.update(1)
+    return {**out, "status": "finished"}
+
+
+def published_checkpoint(spec: dict[str, Any], folder: Path) -> Path:
+    """The converted pcbench checkpoint of a ``suite.weights`` entry: its ``checkpoint``, else the registry's
+    conversion of its ``file`` (offline) or of a hash-checked download, written into ``folder``."""
+    from pcbench.models.zoo_registry import fetch_weights  # noqa: PLC0415
+
+    if spec.get("checkpoint"):
+        path = Path(spec["checkpoint"])
+        if not path.is_file():
+            raise SuiteError(f"published weights {spec['name']}: checkpoint={path} does not exist; give a file "
+                             f"`pcbench-weights fetch {spec['name']}` wrote, or file=<the downloaded source>")
+        return path
+    return fetch_weights(spec["name"], file=spec.get("file"), folder=folder)
+
+
+def published_flag(spec: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """``extra.published_weights`` of a record: the registry name, the converted file's source and sha256, and
+    the published figure (metric, value in %, protocol, where it is reported)."""
+    from pcbench.models.zoo_registry import PUBLISHED  # noqa: PLC0415
+
+    entry = PUBLISHED[spec["name"]]
+    source = state.get("source") if isinstance(state.get("source"), dict) else {}
+    return {"name": entry.name, "source": entry.source, "url": entry.url, "sha256": source.get("sha256"),
+            "registered_sha256": entry.sha256, "licence": entry.licence,
+            "published": {"metric": entry.metric, "value": entry.value, "protocol": entry.protocol,
+                          "source": entry.reference}}
+
+
+def run_weights(cell: Cell, cfg: DictConfig, choices: dict[str, Any], identity: dict[str, Any], sha: str,
+                store: ResultStore, progress: Progress, tag: str, t0: float, out: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate a published-weights cell (claimed by this process) into the store; never raises for a failure."""
+    import torch  # noqa: PLC0415
+
+    import pcbench  # noqa: PLC0415
+    from pcbench.models import model_task  # noqa: PLC0415
+    from pcbench.train import evaluate  # noqa: PLC0415
+    from pcbench.train.checkpoint import load_checkpoint  # noqa: PLC0415
+    from pcbench.train.result import final_role  # noqa: PLC0415
+
+    run_dir, log = Path(out["run_dir"]), Path(out["log_path"])
+    host = host_info()
+    _supersede(store, sha, host["hostname"])
+    meta = {"cell": cell.name, "config": identity, "suite": cell.suite, "model": choices.get("model"),
+            "dataset": cell.dataset_label, "task": model_task(cfg.model), "variant": None, "recipe": cell.recipe,
+            "fidelity": cell.fidelity, "log_path": str(log), "run_dir": str(run_dir)}
+    started = now_iso()
+    me = {"pid": os.getpid(), "pid_start": process_start(os.getpid())}
+    rid = store.add(record_from_metrics({"seed": cell.seed, **me}, status="running", started_at=started, host=host,
+                                        **meta))
+    out["result_id"] = rid
+    store.claim(sha, rid)
+    say(f"{tag}: evaluating published weights {cell.weights['name']} on {cell.dataset_label} | {progress.line()}")
+    split = str(cfg.eval.split)
+    try:
+        with _captured(log) as f:
+            print(f"[{now_iso()}] cell {cell.name} ({cell.suite}), config {sha}, run dir {run_dir}", file=f)
+            ckpt = published_checkpoint(cell.weights, run_dir / "weights")
+            flag = published_flag(cell.weights, load_checkpoint(ckpt, map_location="cpu"))
+            res = evaluate(cfg, ckpt)
+    except KeyboardInterrupt:
+        store.fail(rid, error="interrupted (Ctrl-C); run the suite again to evaluate this cell", log_path=str(log))
+        raise
+    except BaseException as err:  # noqa: BLE001 - any failure of a cell is recorded and the suite goes on
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"[{now_iso()}] cell failed:\n{traceback.format_exc()}")
+        msg = f"{type(err).__name__}: {err}".strip()
+        store.fail(rid, error=msg, log_path=str(log))
+        say(f"{tag}: FAILED after {_fmt_s(time.perf_counter() - t0)}: {msg.splitlines()[0][:300]} "
+            f"(log: {log}) | {progress.line()}")
+        return {**out, "status": "failed"}
+    plain = {k: v for k, v in res[split].items() if k != "class_names"}
+    vote = res.get(f"{split}_vote")
+    rec = record_from_metrics(
+        {"seed": cell.seed, "test": plain, "test_vote": {k: v for k, v in vote.items() if k != "class_names"}
+         if vote else None, "splits": {"final": split, "final_role": final_role(split)},
+         "eval_samples_per_s": res.get("eval_samples_per_s"), "dataset_manifest_sha256":
+         res.get("dataset_manifest_sha256"), "pcbench_version": pcbench.__version__,
+         "torch_version": torch.__version__, "device": str(cfg.trainer.get("accelerator", "cpu")),
+         "epochs": 0, "steps": 0},
+        status="finished", result_id=rid, started_at=started, host=host,
+        class_names=res[split].get("class_names"), **meta)
+    wall = time.perf_counter() - t0
+    rec["wall_s"] = wall
+    rec["extra"] = {**(rec["extra"] or {}), **me, "published_weights": flag, "checkpoint": str(ckpt),
+                    "precision": res.get("precision"), "cell_wall_s": wall}
+    store.update(rid, **{k: v for k, v in rec.items() if k != "result_id"})
+    key = HEADLINE.get(meta["task"], "oa")
+    say(f"{tag}: finished in {_fmt_s(wall)}: {split} {METRIC_NAMES[key]} {100 * plain.get(key, float('nan')):.1f}% "
+        f"(published {flag['published']['value']}) | {progress.line()}")
     if _BAR is not None:
         _BAR.update(1)
     return {**out, "status": "finished"}

@@ -25,6 +25,23 @@ leaderboard row); the runner records the swept values as ``extra.sweep = {key: v
 metric and throughput against each swept key, one line per model. Cell names carry ``<tag><value>`` (the tag is
 the key's last part, or the whole key where two swept keys share it). An empty value list, a key swept twice
 and (:func:`check_sweep_keys`, run by the runner's plan) a key the composed trainer config lacks are errors.
+
+Published weights (issue 19): ``weights`` entries, next to ``models``, evaluate a checkpoint the authors published
+instead of training one::
+
+    weights:
+      ssg_yanx27:                                   # entry name (cell names use it)
+        name: pointnet2_ssg_cls.modelnet40.yanx27   # a pcbench.models.zoo_registry.PUBLISHED name
+        file: /data/ckpt/best_model.pth             # optional: the source file already downloaded (offline)
+        checkpoint: /data/ckpt/ssg.pt               # optional: a checkpoint pcbench-weights already converted
+        datasets: [modelnet40]
+        train: [model.num_samples=[512,128]]        # optional overrides (must keep the weights' shapes)
+
+Each entry × dataset is one cell (the suite's first seed only: nothing is trained) whose trainer config is
+``model=<the entry's model config>`` on the dataset with the suite's, the dataset's and the entry's overrides,
+evaluated by ``pcbench.train.evaluate`` on ``eval.split`` (plain, and voted when the data config's TTA has
+passes). Without ``file`` / ``checkpoint`` the registry downloads it (hash-checked). The runner records it with
+``extra.published_weights`` and the report shows it apart from trained rows, beside the published figure.
 """
 
 from __future__ import annotations
@@ -61,9 +78,10 @@ _NAME = re.compile(r"^[A-Za-z0-9_.]+$")
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 #: The keys a suite, its dataset entries, its model entries and its probe settings may have: anything else is
 #: a typo that would otherwise be ignored silently (e.g. ``trian:`` dropping a model's overrides).
-SUITE_KEYS = ("name", "description", "seeds", "train", "sweep", "probe", "datasets", "models")
+SUITE_KEYS = ("name", "description", "seeds", "train", "sweep", "probe", "datasets", "models", "weights")
 DATASET_KEYS = ("data", "label", "root", "prep", "train", "hint")
 MODEL_KEYS = ("model", "experiment", "datasets", "train", "sweep", "recipe", "fidelity")
+WEIGHTS_KEYS = ("name", "file", "checkpoint", "datasets", "train")
 PROBE_KEYS = ("batches", "warmup", "repeats", "latency_repeats", "bf16", "int8", "score")
 
 
@@ -88,6 +106,7 @@ class Cell:
     data_root: str
     probe: dict[str, Any] = field(default_factory=dict, compare=False)
     sweep: dict[str, Any] = field(default_factory=dict, compare=False)  # swept config key -> value ({} without)
+    weights: dict[str, Any] = field(default_factory=dict, compare=False)  # published weights: {name, file, checkpoint}
 
 
 # ------------------------------------------------------------------------------------------ composing
@@ -181,12 +200,16 @@ def _drop(plain: dict[str, Any], dotted: str) -> None:
     node.pop(leaf, None)
 
 
-def cell_identity(train_cfg: DictConfig, probe: Mapping[str, Any]) -> dict[str, Any]:
+def cell_identity(train_cfg: DictConfig, probe: Mapping[str, Any],
+                  weights: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What identifies a cell's result: the resolved trainer config without :data:`PLACEMENT_KEYS`, and the
-    probe settings. Its ``config_sha256`` is what the store looks up to skip finished cells."""
+    probe settings (a published-weights cell: the weights instead of the probe). Its ``config_sha256`` is what
+    the store looks up to skip finished cells."""
     plain = OmegaConf.to_container(train_cfg, resolve=True)
     for key in PLACEMENT_KEYS:
         _drop(plain, key)
+    if weights:
+        return {"train": plain, "weights": dict(weights)}
     return {"train": plain, "probe": dict(probe)}
 
 
@@ -351,8 +374,11 @@ def expand_suite(bench: DictConfig, only: Sequence[str] | None = None) -> list[C
         _known(d, DATASET_KEYS, f"suite.datasets.{key}")
     for key, e in models.items():
         _known(e, MODEL_KEYS, f"suite.models.{key}")
-    if not models:
-        raise SuiteError(f"suite {sname} has no models; add entries under suite.models")
+    weights = s.get("weights") or {}
+    for key, e in weights.items():
+        _known(e, WEIGHTS_KEYS, f"suite.weights.{key}")
+    if not models and not weights:
+        raise SuiteError(f"suite {sname} has no models; add entries under suite.models (or suite.weights)")
     experiments = set(group_options("experiment"))
     model_options = set(group_options("model"))
     data_options = set(group_options("data"))
@@ -416,6 +442,7 @@ def expand_suite(bench: DictConfig, only: Sequence[str] | None = None) -> list[C
         if exp is None and model not in model_options:
             raise SuiteError(f"{where}: model={model!r} is not a conf/model option; options: {sorted(model_options)}")
         cells += mine
+    cells += _weight_cells(weights, datasets, sname, int(seeds[0]), common, runner_extra, only, model_options)
     if only and not cells:
         raise SuiteError(f"only={list(only)} matches none of the cells of suite {sname}; list its cells with "
                          f"pcbench-bench suite={sname} dry_run=true (without only=)")
@@ -426,4 +453,51 @@ def expand_suite(bench: DictConfig, only: Sequence[str] | None = None) -> list[C
     if dup:
         raise SuiteError(f"suite {sname} makes the cells {dup} more than once; give the model entries distinct names "
                          "or list each dataset once")
+    return cells
+
+
+def _weight_cells(weights: Mapping[str, Any], datasets: Mapping[str, Any], sname: str, seed: int,
+                  common: list[str], runner_extra: list[str], only: Sequence[str] | None,
+                  model_options: set[str]) -> list[Cell]:
+    """The cells of ``suite.weights`` (see the module docstring): one evaluation per entry and dataset."""
+    from pcbench.models.zoo_registry import PUBLISHED  # noqa: PLC0415 - imports torch
+
+    cells: list[Cell] = []
+    for ename, e in weights.items():
+        where = f"suite.weights.{ename}"
+        if not _NAME.match(str(ename)):
+            raise SuiteError(f"{where}: weights entry names may use letters, digits, '_' and '.' only")
+        name = e.get("name")
+        if name not in PUBLISHED:
+            raise SuiteError(f"{where}.name={name!r} is not a published checkpoint; `pcbench-weights list` shows "
+                             f"{sorted(PUBLISHED)}")
+        entry = PUBLISHED[str(name)]
+        if entry.model_config not in model_options:
+            raise SuiteError(f"{where}: {name} converts to model config {entry.model_config!r}, which is not in "
+                             "conf/model/")
+        if not entry.convertible and not e.get("checkpoint"):
+            raise SuiteError(f"{where}.name={name}: pcbench has no converter from {entry.source} to "
+                             f"{entry.model_config} yet; give {where}.checkpoint=<a pcbench checkpoint> or drop it")
+        names = list(e.get("datasets") or [])
+        if not names:
+            raise SuiteError(f"{where}.datasets is empty; list the suite dataset keys it is evaluated on "
+                             f"({sorted(datasets)})")
+        spec = {"name": str(name), **{k: str(Path(str(e[k])).expanduser()) for k in ("file", "checkpoint")
+                                      if e.get(k)}}
+        entry_train = _strings(e.get("train"), f"{where}.train")
+        for dkey in names:
+            if dkey not in datasets:
+                raise SuiteError(f"{where}.datasets names {dkey!r}, which is not a key of suite.datasets "
+                                 f"({sorted(datasets)})")
+            d = datasets[dkey]
+            root = str(Path(str(d.root)).expanduser())
+            extra = [*common, *_strings(d.get("train"), f"suite.datasets.{dkey}.train"), *entry_train, *runner_extra]
+            cell = Cell(name=f"{dkey}-{ename}-s{seed}", suite=sname, entry=str(ename), dataset=str(dkey),
+                        dataset_label=str(d.get("label") or d.data), seed=seed, variant="",
+                        recipe=f"published weights: {name}", fidelity="pcbench variant",
+                        overrides=(f"model={entry.model_config}", f"data={d.data}", *extra, f"seed={seed}",
+                                   f"data.root={root}"),
+                        data_root=root, probe={}, weights=spec)
+            if not only or any(fnmatch.fnmatchcase(cell.name, p) for p in only):
+                cells.append(cell)
     return cells
