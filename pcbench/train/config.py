@@ -282,7 +282,7 @@ def check_run_config(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.strategy={t.strategy!r} is unknown; use single, or ddp (trainer=ddp under torchrun)")
     if str(t.malloc) not in ("tuned", "default"):
         raise ConfigError(f"trainer.malloc={t.malloc!r} is unknown; use tuned or default")
-    for key in ("max_epochs", "batch_size", "accumulate_grad_batches"):
+    for key in ("max_epochs", "batch_size", "device_batch_size"):
         if t.get(key) is not None and int(t[key]) < 1:
             raise ConfigError(f"trainer.{key}={t[key]} must be >= 1")
     if t.max_steps is not None and int(t.max_steps) < 1:
