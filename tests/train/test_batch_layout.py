@@ -18,6 +18,8 @@ from pcbench.train.data import batch_layout
 from pcbench.train.distributed import GlobalBatchSampler
 from pcbench.train.trainer import _loss
 
+from ._cli import TINY, metrics, run
+
 HERE = __name__  # the name pytest imported this module under, so the probes record into this copy
 
 
@@ -197,3 +199,25 @@ def test_batch_layout_errors_name_the_fix() -> None:
         batch_layout(t(batch_size=16, device_batch_size=3), 8)
     with pytest.raises(ConfigError, match=r"accumulate_grad_batches=2 is replaced by trainer.device_batch_size"):
         batch_layout(t(accumulate_grad_batches=2), 1)
+
+
+@pytest.mark.slow
+def test_resume_with_micro_batches_and_mix3d_is_bit_identical(prepared: dict[str, Path], tmp_path: Path) -> None:
+    # a killed run resumes at its micro-batch position (TrainState.batch) with the same Mix3D draws
+    model = "pointnet2_ssg_seg"
+    common = ["data=scannet20", f"data.root={prepared['scannet_syn']}", f"model={model}", *TINY[model],
+              "trainer.batch_size=4", "trainer.device_batch_size=2", "trainer.mix_prob=0.5", "trainer.max_steps=4",
+              "trainer.checkpoint_every_n_steps=2", "trainer.num_workers=0", "trainer.threads=1",
+              "trainer.limit_eval_batches=1", "logger.tensorboard=false", "data.dataset.loop=3"]  # >= 4 steps an epoch
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run([*common, f"hydra.run.dir={full}"], cwd=tmp_path)
+    p = run([*common, "fault.sigkill_after_step=3", f"hydra.run.dir={cut}"], cwd=tmp_path, check=False)
+    assert p.returncode == -9, p.stderr[-2000:]
+    progress = torch.load(cut / "checkpoints" / "last.pt", weights_only=True)["progress"]
+    assert (progress["step"], progress["batch"]) == (2, 4)  # 2 steps x 2 micro-batches
+    run([*common, "resume=true", f"hydra.run.dir={cut}"], cwd=tmp_path)
+    a = torch.load(full / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(cut / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics(full)["batch"] == metrics(cut)["batch"] == {"global": 4, "device": 2, "micro_batches_per_step": 2,
+                                                               "ranks": 1}
