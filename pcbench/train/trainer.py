@@ -685,6 +685,7 @@ class _Training:
         step_in_epoch, micro = divmod(s.batch, self.accum)
         # the micro-batch's place in the global batch, the same on any (ranks x micro-batches) layout
         group = (step_in_epoch * info.world_size + info.rank) * self.accum + micro
+        n_samples = batch.num_clouds * info.world_size  # before Mix3D merges pairs into one cloud
         if self.mix_prob and np.random.default_rng([int(self.cfg.seed), epoch, group]).random() < self.mix_prob:
             batch = mix_pairs(batch)  # Mix3D within this micro-batch (Pointcept: per GPU), exact on resume
         if self.bn_sched is not None and micro == 0:
@@ -702,7 +703,6 @@ class _Training:
         self.window_bad.add_(bad)
         self.tally.add(loss_log, bad == 0)
         s.batch += 1
-        n_samples = batch.num_clouds * info.world_size
         s.train_samples += n_samples
         s.acc["samples"] += n_samples
         self.reporter.advance()

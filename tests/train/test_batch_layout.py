@@ -131,6 +131,8 @@ def test_mix3d_pairs_clouds_within_micro_batches_only(prepared: dict[str, Path],
         return list(ProbeSeg.seen)
 
     assert run(4, "one") == [2]  # 4 scenes in one pass: pairs (0,1), (2,3)
+    progress = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=True)["progress"]
+    assert progress["train_samples"] == 4  # scenes counted before Mix3D merged them
     assert run(2, "two") == [1, 1]  # each micro-batch of 2 scenes is one pair
     assert run(1, "four") == [1, 1, 1, 1]  # a lone scene stays alone (no pairing across micro-batches)
 
