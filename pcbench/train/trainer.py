@@ -42,7 +42,16 @@ from pcbench.ops.batch import NonFiniteError
 
 from .checkpoint import FORMAT, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from .config import check_run_config, config_changes, config_identity_sha256, config_sha256
-from .data import DataBundle, batch_layout, build_data, eval_loader, eval_transform, mix_pairs, split_dataset, train_loader
+from .data import (
+    DataBundle,
+    batch_layout,
+    build_data,
+    eval_loader,
+    eval_transform,
+    mix_pairs,
+    split_dataset,
+    train_loader,
+)
 from .distributed import (
     all_reduce_sum,
     broadcast_object,

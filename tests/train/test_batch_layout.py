@@ -12,10 +12,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from pcbench.ops.batch import PointBatch
-from pcbench.train.errors import ConfigError
 from pcbench.train import compose, fit
 from pcbench.train.data import batch_layout
 from pcbench.train.distributed import GlobalBatchSampler
+from pcbench.train.errors import ConfigError
 from pcbench.train.trainer import _loss
 
 from ._cli import TINY, metrics, run
@@ -37,7 +37,7 @@ class ProbeCls(nn.Module):
     def forward(self, batch: PointBatch) -> torch.Tensor:  # noqa: D102
         starts = torch.cat([batch.offset.new_zeros(1), batch.offset[:-1]])
         means = torch.stack([batch.coord[s:e].double().mean(0) for s, e in zip(starts.tolist(),
-                                                                                 batch.offset.tolist())])
+                                                                                 batch.offset.tolist(), strict=True)])
         if self.training:
             ProbeCls.seen.append({"x": means.detach().clone(), "y": batch.label.clone(),
                                   "w": self.lin.weight.detach().clone(), "b": self.lin.bias.detach().clone()})
@@ -151,7 +151,7 @@ def test_scene_loss_is_the_mean_of_per_device_means_as_pointcept() -> None:
     ys = [torch.tensor([0, 2, 1]), torch.tensor([1, 1, 0, 2, 2, 0, 1])]
     w0 = torch.randn(3, 4, generator=g, dtype=torch.float64)
     w = w0.clone().requires_grad_(True)
-    for x, y in zip(xs, ys):  # the trainer's accumulation on one device: 2 micro-batches, each loss / 2
+    for x, y in zip(xs, ys, strict=True):  # the trainer's accumulation on one device: 2 micro-batches, each loss / 2
         (_loss(x @ w.T, y, None, -1, 0.0) / 2).backward()
     reference = (_linear_seg_grad(xs[0], ys[0], w0) + _linear_seg_grad(xs[1], ys[1], w0)) / 2
     torch.testing.assert_close(w.grad, reference.float().double(), rtol=1e-5, atol=1e-6)
