@@ -277,7 +277,7 @@ def check_run_config(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.strategy={t.strategy!r} is unknown; use single, or ddp (trainer=ddp under torchrun)")
     if str(t.malloc) not in ("tuned", "default"):
         raise ConfigError(f"trainer.malloc={t.malloc!r} is unknown; use tuned or default")
-    for key in ("max_epochs", "batch_size", "accumulate_grad_batches"):
+    for key in ("max_epochs", "batch_size", "device_batch_size"):
         if t.get(key) is not None and int(t[key]) < 1:
             raise ConfigError(f"trainer.{key}={t[key]} must be >= 1")
     if t.max_steps is not None and int(t.max_steps) < 1:
@@ -370,9 +370,19 @@ def preflight(cfg: DictConfig, manifest: dict[str, Any], cuda_available: bool | 
                             f"is empty -> data.splits.val={d.splits.train} (validate on the training samples)")
         n_train -= held
     n_train *= int(d.get("dataset", {}).get("loop", 1) or 1)
-    if n_train and int(t.batch_size) > n_train:
+    batch = int(t.batch_size)
+    if n_train and batch > n_train:
         problems.append(f"trainer.batch_size={t.batch_size} exceeds the {n_train} training samples of data.root={root} "
                         f"-> trainer.batch_size={n_train}")
+        batch = n_train
+    device_batch = t.get("device_batch_size")
+    if "batch_size" in str(OmegaConf.to_container(t, resolve=False).get("device_batch_size")):
+        device_batch = batch  # ${.batch_size}: follows the (lowered) global batch
+    if device_batch is not None and int(device_batch) >= 1 and batch % int(device_batch):
+        # the global batch must be micro-batches of the per-device batch (pcbench.train.data.batch_layout)
+        fit = max(k for k in range(1, int(device_batch) + 1) if batch % k == 0)
+        problems.append(f"trainer.device_batch_size={device_batch} does not divide the global batch of {batch} "
+                        f"-> trainer.device_batch_size={fit}")
     acc = str(t.accelerator)
     if acc == "cuda" and not cuda_available:
         problems.append("trainer.accelerator=cuda but torch sees no CUDA device -> trainer=cpu")

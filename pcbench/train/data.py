@@ -30,6 +30,7 @@ from .errors import ConfigError
 
 __all__ = [
     "DataBundle",
+    "batch_layout",
     "EvalBatch",
     "build_data",
     "eval_config",
@@ -237,15 +238,44 @@ def _strip(samples: Sequence[dict[str, Any]]) -> PointBatch:
     return collate(samples)
 
 
+def batch_layout(trainer_cfg: DictConfig, world_size: int) -> tuple[int, int]:
+    """``(device batch, micro-batches per optimizer step)`` of ``trainer.batch_size`` on ``world_size`` ranks.
+
+    ``trainer.batch_size`` is the global batch of one optimizer step, ``trainer.device_batch_size`` the samples
+    of one forward pass on one device (BatchNorm, Mix3D and the Lovasz loss see these); null means
+    ``batch_size / world_size`` (no accumulation). Each rank accumulates
+    ``batch_size / (world_size * device_batch_size)`` micro-batches per step.
+    """
+    t = trainer_cfg
+    if t.get("accumulate_grad_batches") is not None:
+        raise ConfigError(f"trainer.accumulate_grad_batches={t.accumulate_grad_batches} is replaced by "
+                          "trainer.device_batch_size: for k accumulated batches of b use "
+                          "trainer.batch_size=<k*b> trainer.device_batch_size=<b / ranks>")
+    bs = int(t.batch_size)
+    if bs % world_size:
+        raise ConfigError(f"trainer.batch_size={bs} (the global batch) is not divisible by the {world_size} "
+                          f"ranks; use a multiple of {world_size}")
+    dev = t.get("device_batch_size")
+    d = bs // world_size if dev is None else int(dev)
+    if d < 1 or bs % (world_size * d):
+        raise ConfigError(f"trainer.device_batch_size={dev} does not divide the global trainer.batch_size={bs} "
+                          f"over {world_size} rank(s): the global batch must be ranks x device batch x micro-"
+                          f"batches; use a divisor of {bs // world_size} (e.g. trainer.device_batch_size="
+                          f"{bs // world_size}), or change trainer.batch_size")
+    return d, bs // (world_size * d)
+
+
 def train_loader(dataset: Dataset, cfg: DictConfig, rank: int, world_size: int) -> tuple[DataLoader, GlobalBatchSampler]:
-    """The training DataLoader (its batch sampler drives epochs and exact resume)."""
+    """The training DataLoader of micro-batches (see :func:`batch_layout`); its sampler drives epochs and resume."""
     t = cfg.trainer
     n = len(dataset)
     if n < int(t.batch_size):
         raise ConfigError(f"trainer.batch_size={t.batch_size} exceeds the {n} training samples of "
                           f"{cfg.data.root}; lower trainer.batch_size")
+    _, micro = batch_layout(t, world_size)
     sampler = GlobalBatchSampler(n, int(t.batch_size), seed=int(cfg.seed), shuffle=True, rank=rank,
-                                 world_size=world_size, drop_last=True, limit_batches=t.limit_train_batches)
+                                 world_size=world_size, drop_last=True, limit_batches=t.limit_train_batches,
+                                 micro_batches=micro)
     workers = int(t.num_workers)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_strip,
                         pin_memory=str(t.accelerator) in ("cuda", "auto") and torch.cuda.is_available(),

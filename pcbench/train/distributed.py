@@ -102,30 +102,43 @@ def all_reduce_sum(x: Tensor) -> Tensor:
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Batches of dataset indices: a seeded permutation per epoch, global batches of ``batch_size``, this
-    rank's ``batch_size / world_size`` slice of each; ``start_batch`` skips batches (exact resume).
+    """Micro-batches of dataset indices: a seeded permutation per epoch cut into global batches of
+    ``batch_size``; rank r takes the r-th of ``world_size`` equal slices of each and yields it as
+    ``micro_batches`` consecutive micro-batches; ``start_batch`` skips micro-batches (exact resume).
 
-    ``shuffle=False`` keeps the dataset order. The incomplete last global batch is dropped (``drop_last``)
-    so every rank runs the same number of equal steps.
+    Micro-batch m of rank r holds positions ``(r * micro_batches + m) * d ... + d`` of its global batch
+    (``d = batch_size / (world_size * micro_batches)``), so W ranks x A micro-batches and 1 rank x W*A
+    micro-batches see the same groups of samples. ``shuffle=False`` keeps the dataset order. The incomplete
+    last global batch is dropped (``drop_last``) so every rank runs the same number of equal steps;
+    ``limit_batches`` caps the global batches (optimizer steps) per epoch.
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = True, limit_batches: int | None = None) -> None:
+                 world_size: int = 1, drop_last: bool = True, limit_batches: int | None = None,
+                 micro_batches: int = 1) -> None:
         if batch_size % world_size:
             raise ConfigError(f"trainer.batch_size={batch_size} (the global batch) is not divisible by the "
                              f"{world_size} ranks; use a multiple of {world_size}")
+        if micro_batches < 1 or (batch_size // world_size) % micro_batches:
+            raise ValueError(f"micro_batches={micro_batches} must divide the {batch_size // world_size} samples "
+                             "a rank takes of each global batch")
         self.num_samples, self.batch_size, self.seed, self.shuffle = num_samples, batch_size, seed, shuffle
         self.rank, self.world_size, self.drop_last, self.limit = rank, world_size, drop_last, limit_batches
+        self.micro_batches = micro_batches
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the order of ``epoch`` and skip its first ``start_batch`` batches."""
+        """Select the order of ``epoch`` and skip its first ``start_batch`` micro-batches."""
         self.epoch, self.start_batch = int(epoch), int(start_batch)
 
-    def num_batches(self) -> int:
-        """Batches in a full epoch (before skipping)."""
+    def num_steps(self) -> int:
+        """Global batches (optimizer steps) in a full epoch."""
         n = self.num_samples // self.batch_size if self.drop_last else -(-self.num_samples // self.batch_size)
         return min(n, self.limit) if self.limit else n
+
+    def num_batches(self) -> int:
+        """Micro-batches this rank yields in a full epoch (before skipping)."""
+        return self.num_steps() * self.micro_batches
 
     def __len__(self) -> int:
         return max(0, self.num_batches() - self.start_batch)
@@ -136,12 +149,11 @@ class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
             order = torch.randperm(self.num_samples, generator=g).tolist()
         else:
             order = list(range(self.num_samples))
-        per_rank = self.batch_size // self.world_size
+        d = self.batch_size // (self.world_size * self.micro_batches)
         for b in range(self.start_batch, self.num_batches()):
-            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
-            if self.world_size > 1:
-                batch = batch[self.rank * per_rank:(self.rank + 1) * per_rank]
-            yield batch
+            step, micro = divmod(b, self.micro_batches)
+            start = step * self.batch_size + (self.rank * self.micro_batches + micro) * d
+            yield order[start:start + d]
 
 
 # ------------------------------------------------------------------------------------------ BatchNorm sync

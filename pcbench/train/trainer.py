@@ -49,7 +49,16 @@ from .config import (
     config_sha256,
     preflight,
 )
-from .data import DataBundle, build_data, eval_loader, eval_transform, mix_pairs, split_dataset, train_loader
+from .data import (
+    DataBundle,
+    batch_layout,
+    build_data,
+    eval_loader,
+    eval_transform,
+    mix_pairs,
+    split_dataset,
+    train_loader,
+)
 from .distributed import (
     all_reduce_sum,
     broadcast_object,
@@ -301,23 +310,26 @@ def _class_weights(cfg: DictConfig, bundle: DataBundle, device: torch.device) ->
     return torch.tensor(w, dtype=torch.float32, device=device)
 
 
-def _loss(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, smoothing: float,
-          world_size: int) -> tuple[Tensor, Tensor]:
-    """Cross-entropy summed over this rank, divided by the global (weighted) target count, times W.
-
-    DDP averages gradients over the W ranks, so this equals the mean loss of one process over the global batch.
-    Returns (loss for backward, global mean loss for logging).
-    """
+def _loss(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, smoothing: float) -> Tensor:
+    """Cross-entropy averaged over this micro-batch's (weighted) targets, as Pointcept's per-GPU criterion."""
     total = nn.functional.cross_entropy(logits.float(), target, weight=weight, ignore_index=ignore_index,
                                         reduction="sum", label_smoothing=smoothing)
     valid = target != ignore_index
     if weight is not None:  # no boolean-mask indexing: it would read the mask's size back from the device
-        denom_local = torch.where(valid, weight[torch.where(valid, target, 0)], 0).sum().to(torch.float64)
+        denom = torch.where(valid, weight[torch.where(valid, target, 0)], 0).sum()
     else:
-        denom_local = valid.sum().to(torch.float64)
-    denom = all_reduce_sum(denom_local.detach()).clamp_min(1)
-    loss = total / denom.to(total.dtype) * world_size
-    return loss, loss.detach() / world_size
+        denom = valid.sum()
+    return total / denom.to(total.dtype).clamp_min(1)  # a micro-batch of ignored points only adds 0
+
+
+def micro_batch_loss_scale(loss: Tensor, micro_batches: int) -> Tensor:
+    """What one micro-batch back-propagates: its mean loss / ``micro_batches``.
+
+    Summed over a rank's micro-batches and averaged over the ranks by DDP's gradient all-reduce, the gradient is
+    the mean over the global batch's W x A micro-batch means: what Pointcept gets from W GPUs, each with its
+    own mean loss (pointcept/engines/train.py; DDP averages gradients), whatever the number of devices here.
+    """
+    return loss / micro_batches
 
 
 class _Reporter:
@@ -625,12 +637,10 @@ class _Training:
         if self.lovasz_weight and b.task != "seg":
             raise ConfigError("trainer.lovasz_weight is a segmentation loss; set it to 0 for classification")
         self.loader, self.sampler = train_loader(b.train, cfg, info.rank, info.world_size)
-        self.accum = int(t.accumulate_grad_batches)
-        steps_per_epoch = self.sampler.num_batches() // self.accum
-        if steps_per_epoch < 1:
-            raise ConfigError(f"one epoch has {self.sampler.num_batches()} batches, fewer than "
-                              f"trainer.accumulate_grad_batches={self.accum}; lower it or trainer.batch_size")
-        self.sampler.limit = steps_per_epoch * self.accum  # leftover micro-batches would never complete a step
+        self.device_batch, self.accum = batch_layout(t, info.world_size)
+        steps_per_epoch = self.sampler.num_steps()
+        LOG.info(f"batch: global {int(t.batch_size)} per step = {info.world_size} rank(s) x {self.accum} "
+                 f"micro-batch(es) x {self.device_batch} samples per device")
         total = int(t.max_epochs) * steps_per_epoch
         if t.max_steps is not None:
             total = min(total, int(t.max_steps))
@@ -741,26 +751,27 @@ class _Training:
     def train_step(self, batch: Any) -> bool:
         """Forward and backward of one micro-batch, then the optimizer step at a window's end; True when done."""
         s, t, info, epoch = self.state, self.t, self.info, self.state.epoch
-        micro = s.batch % self.accum
-        if self.mix_prob and np.random.default_rng([int(self.cfg.seed), epoch, s.batch, info.rank]).random() < self.mix_prob:
-            batch = mix_pairs(batch)  # Mix3D, drawn per batch from (seed, epoch, batch): exact on resume
+        step_in_epoch, micro = divmod(s.batch, self.accum)
+        # the micro-batch's place in the global batch, the same on any (ranks x micro-batches) layout
+        group = (step_in_epoch * info.world_size + info.rank) * self.accum + micro
+        n_samples = batch.num_clouds * info.world_size  # before Mix3D merges pairs into one cloud
+        if self.mix_prob and np.random.default_rng([int(self.cfg.seed), epoch, group]).random() < self.mix_prob:
+            batch = mix_pairs(batch)  # Mix3D within this micro-batch (Pointcept: per GPU), exact on resume
         if self.bn_sched is not None and micro == 0:
             set_bn_momentum(self.model, bn_momentum_at(s.step, **self.bn_sched))
         with maybe_no_sync(self.fwd_model, micro < self.accum - 1), autocast_context(self.device, self.precision):
             logits = self.fwd_model(batch)
-            loss, loss_log = _loss(logits, batch.label, self.weight, self.bundle.ignore_index,
-                                   float(t.label_smoothing), info.world_size)
-            if self.lovasz_weight:  # per rank, averaged over ranks by DDP (as Pointcept)
-                lv = self.lovasz_weight * lovasz_softmax(logits, batch.label, self.bundle.ignore_index)
-                loss, loss_log = loss + lv, loss_log + lv.detach() / info.world_size
+            loss = _loss(logits, batch.label, self.weight, self.bundle.ignore_index, float(t.label_smoothing))
+            if self.lovasz_weight:  # per micro-batch, as Pointcept computes it per GPU
+                loss = loss + self.lovasz_weight * lovasz_softmax(logits, batch.label, self.bundle.ignore_index)
             bad = all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1)).reshape(())
             # a non-finite loss is still back-propagated: its NaN gradients are dropped with the whole window at
             # the optimizer step, which is cheaper than a host read here to decide
-            self.scaler.scale(loss / self.accum).backward()
+            self.scaler.scale(micro_batch_loss_scale(loss, self.accum)).backward()
+        loss_log = loss.detach()  # this rank's micro-batch mean
         self.window_bad.add_(bad)
         self.tally.add(loss_log, bad == 0)
         s.batch += 1
-        n_samples = batch.num_clouds * info.world_size
         s.train_samples += n_samples
         s.acc["samples"] += n_samples
         self.reporter.advance()
@@ -955,7 +966,10 @@ class _Training:
                         "threads": torch.get_num_threads(),
                         "malloc": _malloc.malloc_setting() if self.device.type == "cpu" else "n/a (cuda)",
                         "dataset_manifest_sha256": b.manifest_sha256},
-            recipe=_recipe_fields(cfg, self.fidelity_reasons), extra={"val_split": b.info["val"], **self.extra_files})
+            recipe=_recipe_fields(cfg, self.fidelity_reasons),
+            extra={"val_split": b.info["val"], **self.extra_files,
+                   "batch": {"global": int(self.t.batch_size), "device": self.device_batch,
+                             "micro_batches_per_step": self.accum, "ranks": info.world_size}})
         if self.corruptions is not None:
             from .robustness import NOTE  # noqa: PLC0415
 

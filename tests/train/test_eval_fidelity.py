@@ -285,18 +285,19 @@ def test_preflight_lists_every_problem_with_its_override(tmp_path: Path) -> None
     manifest = {"splits": {"train": {"num_samples": 1}, "val": {"num_samples": 0}}}
     cfg = compose(["experiment=ptv3_scannet20", "data.root=/data/few"], run_dir=tmp_path)
     problems = preflight(cfg, manifest, cuda_available=False)
-    assert len(problems) == 4, problems
+    assert len(problems) == 5, problems
     assert problems[0].startswith("data.splits.val=val holds no samples in data.root=/data/few")
     assert problems[1].startswith("data.splits.test=val holds no samples")
     assert "trainer.batch_size=12 exceeds the 8 training samples" in problems[2]  # 1 scene x loop 8
-    assert "trainer.precision=fp16 needs a CUDA device" in problems[3]
+    assert "trainer.device_batch_size=3 does not divide the global batch of 8" in problems[3]
+    assert "trainer.precision=fp16 needs a CUDA device" in problems[4]
     fixed = _overrides(problems)
     assert fixed == ["data.splits.val=train", "data.splits.test=train", "trainer.batch_size=8",
-                     "trainer.precision=bf16"]
+                     "trainer.device_batch_size=2", "trainer.precision=bf16"]
     assert preflight(compose(["experiment=ptv3_scannet20", "data.root=/data/few", *fixed], run_dir=tmp_path),
                      manifest, cuda_available=False) == []
     on_gpu = compose(["experiment=ptv3_scannet20", "data.root=/data/few", "trainer=gpu"], run_dir=tmp_path)
-    assert preflight(on_gpu, manifest, cuda_available=True) == problems[:3]  # fp16 is fine on a CUDA device
+    assert preflight(on_gpu, manifest, cuda_available=True) == problems[:4]  # fp16 is fine on a CUDA device
 
 
 def test_preflight_objects_empty_holdout_missing_test_and_cuda(tmp_path: Path) -> None:

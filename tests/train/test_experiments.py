@@ -54,7 +54,7 @@ def test_recipe_runs_a_few_steps(name: str, roots, tmp_path: Path) -> None:
              "trainer.accelerator=cpu", "trainer.strategy=single", "trainer.precision=fp32", "trainer.threads=1",
              "tta=none", "trainer.limit_eval_batches=1"]
     if data_name.startswith("scannet"):
-        small += ["trainer.batch_size=1", "data.train_max_points=4000", "data.grid_size=0.05"]
+        small += ["trainer.batch_size=1", "trainer.device_batch_size=1", "data.train_max_points=4000", "data.grid_size=0.05"]
         if name != "minkunet34c_scannet20":
             # one recipe (the fastest scene model) keeps the final test pass with fragment voting; the others
             # evaluate test like val, since voting multiplies the forward passes by the points per voxel

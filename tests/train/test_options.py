@@ -23,7 +23,7 @@ def _fit(prepared: dict[str, Path], run_dir: Path, *extra: str) -> dict:
 
 
 def test_bf16_autocast_on_cpu_with_every_loop_option(prepared: dict[str, Path], tmp_path: Path) -> None:
-    m = _fit(prepared, tmp_path / "run", "trainer.precision=bf16", "trainer.accumulate_grad_batches=2",
+    m = _fit(prepared, tmp_path / "run", "trainer.precision=bf16", "trainer.device_batch_size=2",
              "trainer.gradient_clip_val=1.0", "trainer.label_smoothing=0.1",
              "trainer.class_weights=inverse_log_frequency", "trainer.ema_decay=0.9", "sched=onecycle")
     assert m["precision"] == "bf16" and m["steps"] == 2 and m["skipped_steps"] == 0
