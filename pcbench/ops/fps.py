@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from ._dispatch import on_gpu_path
 from ._fps_cells import fps_cells, fps_cells_speculative
 from ._grid import unit_scale
 from ._reference import sample_counts
@@ -119,7 +120,7 @@ def _farthest_point_sample(
         return torch.zeros(0, dtype=torch.long, device=xyz.device)
     p = _at_unit_scale(xyz.detach(), off)
     starts = offset2start(off)
-    if p.device.type != "cpu" or int(lengths.max()) <= DENSE_MAX_POINTS:
+    if on_gpu_path(p) or int(lengths.max()) <= DENSE_MAX_POINTS:
         sel = _fps_dense(p, starts, lengths, counts, start)
     elif p.dtype == torch.float64 or p.shape[0] >= 1 << 32:  # keys pack float32 bits and a 32-bit row
         sel = fps_cells(p, starts, lengths, counts, start)

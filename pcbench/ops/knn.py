@@ -31,6 +31,7 @@ import math
 import torch
 from torch import Tensor
 
+from ._dispatch import on_gpu_path
 from ._grid import MAX_REACH, Grid, cloud_bounds, stencil_search, unit_scale
 from .batch import check_coords, check_same_device, offset2batch, offset2lengths, resolve_offset
 
@@ -152,7 +153,7 @@ def _knn(query: Tensor, support: Tensor, k: int, qo: Tensor, so: Tensor, method:
 
 
 def _auto_method(dev: torch.device, nq: Tensor, ns: Tensor) -> str:
-    if dev.type == "cpu":
+    if not on_gpu_path(dev):
         return "dense" if int(ns.max()) <= _CPU_DENSE_MAX else "grid"
     return "dense" if int((nq * ns).sum()) <= _GPU_DENSE_WORK else "grid"
 
@@ -305,7 +306,7 @@ def _dense_into(
 ) -> None:
     """Brute force for the queries ``sel`` (ascending rows), chunked over clouds and queries."""
     dev = q.device
-    budget = _DENSE_BLOCK if dev.type == "cpu" else _DENSE_BLOCK_CUDA
+    budget = _DENSE_BLOCK_CUDA if on_gpu_path(dev) else _DENSE_BLOCK
     num = qo.numel()
     ns = offset2lengths(so)
     sstart = so - ns
