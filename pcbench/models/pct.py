@@ -72,8 +72,8 @@ def offset_attention_aggregate(q: Tensor, v: Tensor, offset: Tensor) -> Tensor:
         return v.new_zeros(v.shape)
     ragged = bool((lengths != n_max).any())
     if ragged:  # pad to [B, L, C]; padded keys are masked, padded query rows contribute nothing
-        pos = torch.arange(q.shape[0], device=q.device) - offset2start(offset)[offset2batch(offset)]
-        rows = offset2batch(offset) * n_max + pos
+        pos = torch.arange(q.shape[0], device=q.device) - offset2start(offset)[offset2batch(offset, q.shape[0])]
+        rows = offset2batch(offset, q.shape[0]) * n_max + pos
         qp = q.new_zeros(b * n_max, q.shape[1]).index_copy_(0, rows, q).view(b, n_max, -1)
         vp = v.new_zeros(b * n_max, v.shape[1]).index_copy_(0, rows, v).view(b, n_max, -1)
         mask = torch.arange(n_max, device=q.device).unsqueeze(0) < lengths.unsqueeze(1)
@@ -135,10 +135,10 @@ class NeighborEmbedding(nn.Module):
 
     def forward(self, xyz: Tensor, feat: Tensor, offset: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(centres [M, 3], features [M, out_channels], centre offsets [B])."""
-        sel = farthest_point_sample(xyz, offset, n=self.num_samples)
-        new_offset = sample_offset(offset, n=self.num_samples)
+        sel = farthest_point_sample(xyz, offset, n=self.num_samples, validate=False)
+        new_offset = sample_offset(offset, n=self.num_samples, validate=False)
         centres = xyz[sel]
-        idx, _ = knn(centres, xyz, self.k, new_offset, offset)
+        idx, _ = knn(centres, xyz, self.k, new_offset, offset, validate=False)
         idx = torch.where(idx < 0, idx[:, :1], idx)  # duplicates of the nearest: neutral under max-pool
         w1, w2 = self.linear1.weight[:, : self.in_channels], self.linear1.weight[:, self.in_channels:]
         m, k = idx.shape
@@ -271,7 +271,7 @@ class PCTSeg(nn.Module):
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Per-point features [N, 3 * fuse_channels] (own, cloud max, cloud mean) in input order."""
         perm, x, g = self._parts(batch)
-        feat = torch.cat([x, g[offset2batch(batch.offset)]], 1)
+        feat = torch.cat([x, g[offset2batch(batch.offset, x.shape[0])]], 1)
         return torch.empty_like(feat).index_copy_(0, perm, feat)
 
     def _head(self, h: Tensor) -> Tensor:
@@ -282,7 +282,7 @@ class PCTSeg(nn.Module):
         perm, x, g = self._parts(batch)
         f = self.fuse_channels
         w = self.head_first.weight
-        h = F.linear(x, w[:, :f], self.head_first.bias) + F.linear(g, w[:, f:])[offset2batch(batch.offset)]
+        h = F.linear(x, w[:, :f], self.head_first.bias) + F.linear(g, w[:, f:])[offset2batch(batch.offset, x.shape[0])]
         out = self._head(h)
         return torch.empty_like(out).index_copy_(0, perm, out)
 

@@ -72,7 +72,7 @@ class _GroupBranch(nn.Module):
 
     def forward(self, xyz: Tensor, feat: Tensor, offset: Tensor, centres: Tensor, centre_offset: Tensor) -> Tensor:
         idx = ball_query(centres, xyz, self.radius, self.max_neighbors, centre_offset, offset,
-                         order=self.ball_query_order)
+                         order=self.ball_query_order, validate=False)
         # Centres are points of the support (FPS), so each finds itself and column 0 is never -1; the unused
         # slots stand for copies of column 0 (the official kernel's fill), counted rather than computed.
         groups = CompactGroups.from_ball_query(idx)
@@ -118,8 +118,8 @@ class SetAbstraction(nn.Module):
 
     def forward(self, xyz: Tensor, feat: Tensor, offset: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(centres [M, 3], features [M, out_channels], centre offsets [B])."""
-        idx = farthest_point_sample(xyz, offset, n=self.num_samples, ratio=self.sample_ratio)
-        centre_offset = sample_offset(offset, n=self.num_samples, ratio=self.sample_ratio)
+        idx = farthest_point_sample(xyz, offset, n=self.num_samples, ratio=self.sample_ratio, validate=False)
+        centre_offset = sample_offset(offset, n=self.num_samples, ratio=self.sample_ratio, validate=False)
         centres = xyz[idx]
         out = [b(xyz, feat, offset, centres, centre_offset) for b in self.branches]
         return centres, (out[0] if len(out) == 1 else torch.cat(out, 1)), centre_offset
@@ -165,7 +165,8 @@ class FeaturePropagation(nn.Module):
                 coarse_offset: Tensor) -> Tensor:
         w_coarse, w_skip = self.first.weight[:, : self.coarse_channels], self.first.weight[:, self.coarse_channels:]
         # IDW weights sum to one, so projecting the (fewer) coarse points first is the same linear map.
-        h = interpolate(xyz, coarse_xyz, F.linear(coarse_feat, w_coarse), self.k, offset, coarse_offset)
+        h = interpolate(xyz, coarse_xyz, F.linear(coarse_feat, w_coarse), self.k, offset, coarse_offset,
+                        validate=False)
         h = h + self.first.bias
         if skip is not None and skip.shape[1]:
             h = h + F.linear(skip, w_skip)

@@ -126,7 +126,7 @@ class BlockSequence(nn.Module):
         """[N, C] -> [N, C]; neighbours are searched within each cloud of ``offset``."""
         if not len(self.blocks):
             return feat
-        idx, _ = knn(coord.detach(), coord.detach(), self.neighbours, offset, offset)
+        idx, _ = knn(coord.detach(), coord.detach(), self.neighbours, offset, offset, validate=False)
         for blk in self.blocks:
             feat = blk(feat, coord, idx)
         return feat
@@ -286,7 +286,7 @@ class PointTransformerV2(nn.Module):
             feat = self.enc[s](feat, coord, offset)
             stack[-1] = (*stack[-1], part)
         if self.cls_mode:
-            return voxel_pool(feat, offset2batch(offset), offset.numel(), reduce="mean")
+            return voxel_pool(feat, offset2batch(offset, feat.shape[0]), offset.numel(), reduce="mean")
         for s in reversed(range(self.num_stages)):
             skip, coord, offset, part = stack[s]
             feat = self.dec[s](self.up[s](feat, skip, part), coord, offset)

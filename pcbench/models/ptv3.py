@@ -61,7 +61,7 @@ class _Level:
         (one kernel map per kernel size, shared by every block of the level)."""
         coords = self._convs.level(1)
         if coords is None:
-            coords = torch.cat([offset2batch(self.offset)[:, None], self.grid], 1)
+            coords = torch.cat([offset2batch(self.offset, self.grid.shape[0])[:, None], self.grid], 1)
         return SparseTensor(coords, feat, 1, int(self.offset.numel()), self._convs)
 
     def patches(self, order_index: int, patch_size: int) -> PatchIndex:
@@ -69,7 +69,7 @@ class _Level:
         key = (order_index % len(self.names), patch_size)
         if key not in self._patches:
             # depth 0 (every cloud one voxel) has a single order; serialize needs at least one bit
-            code = serialize(self.grid, self.offset, self.names[key[0]], depth=max(self.depth, 1))
+            code = serialize(self.grid, self.offset, self.names[key[0]], depth=max(self.depth, 1), validate=False)
             order = torch.argsort(code)
             self._patches[key] = build_patches(order, offset2lengths(self.offset), patch_size)
         return self._patches[key]
@@ -316,7 +316,7 @@ class PointTransformerV3(nn.Module):
         part = grid_partition(batch.coord, self.grid_size, batch.offset, relative=False)
         grid = part.cell[:, 1:]
         if grid.shape[0]:
-            grid = grid - cloud_min(grid, part.offset)[offset2batch(part.offset)]
+            grid = grid - cloud_min(grid, part.offset)[offset2batch(part.offset, grid.shape[0])]
         depth = self.serialization_depth
         if depth is None:
             depth = serialization_depth(grid)
@@ -358,7 +358,7 @@ class PointTransformerV3(nn.Module):
                 feat = blk(feat, levels[s])
         if self.cls_mode:
             lvl = levels[-1]
-            return voxel_pool(feat, offset2batch(lvl.offset), lvl.offset.numel(), reduce="mean")
+            return voxel_pool(feat, offset2batch(lvl.offset, feat.shape[0]), lvl.offset.numel(), reduce="mean")
         for s in reversed(range(self.num_stages - 1)):
             feat = self.up[s](feat, skips[s], levels[s + 1].parent)
             for blk in self.dec[s]:

@@ -90,10 +90,9 @@ def cloud_bounds(q64: Tensor, s64: Tensor, qcl: Tensor, scl: Tensor, num: int) -
             idx = c[:, None].expand(-1, 3)
             lo.scatter_reduce_(0, idx, p, "amin")
             hi.scatter_reduce_(0, idx, p, "amax")
-    empty = ~torch.isfinite(lo).all(1)
-    lo[empty] = 0.0
-    hi[empty] = 0.0
-    return lo, hi
+    empty = ~torch.isfinite(lo).all(1, keepdim=True)
+    zero = lo.new_zeros(())
+    return torch.where(empty, zero, lo), torch.where(empty, zero, hi)  # no boolean-mask write: no host sync
 
 
 def unit_scale(lo: Tensor, hi: Tensor) -> Tensor | None:

@@ -86,7 +86,7 @@ def test_environment_variable_reaches_a_fresh_process():
 
 
 def test_knn_auto_takes_dense_on_the_gpu_path_for_a_scene(monkeypatch):
-    dense = _spy(monkeypatch, knn_mod, "_dense_into")
+    dense = _spy(monkeypatch, knn_mod, "dense_select")
     grid = _spy(monkeypatch, knn_mod, "_grid_into")
     pts = scan_like_scene(3000, seed=4)
     ref_d, _ = cKDTree(pts.double().numpy()).query(pts.double().numpy(), k=16)
@@ -138,3 +138,56 @@ def test_fps_takes_the_dense_engine_on_the_gpu_path_for_a_scene(monkeypatch):
     assert dense
     assert torch.equal(gpu, cpu)
     assert torch.equal(gpu, fps_reference(coord, off, n=300))
+
+
+# The op tests that reach a device-dependent branch, rerun on the GPU path (same references, same checks):
+# knn's padded brute force and ball_query's (both orders), incl. empty / single-point clouds, k > n, ties,
+# every dtype and extreme coordinate scales. Module aliases, so pytest does not collect them twice here.
+import tests.ops.test_ball_query as bq_tests  # noqa: E402
+import tests.ops.test_knn as knn_tests  # noqa: E402
+
+F16, F32, F64 = torch.float16, torch.float32, torch.float64
+GPU_PATH_CASES = [
+    *[(knn_tests.test_ragged_batch_with_empty_single_and_small_clouds, {"method": m, "k": k})
+      for m in ("auto", "dense") for k in (1, 5, 16)],
+    (knn_tests.test_k_larger_than_every_cloud_pads_with_minus_one_and_inf, {"method": "auto"}),
+    (knn_tests.test_empty_query_or_support, {"method": "auto"}),
+    (knn_tests.test_duplicates_and_lattice_ties, {"method": "auto"}),
+    *[(knn_tests.test_dtypes, {"dtype": d, "method": "dense"}) for d in (F16, F32, F64)],
+    *[(knn_tests.test_coordinate_scales_with_far_origin, {"scale": s, "method": "dense"}) for s in (1e-4, 1e4)],
+    (knn_tests.test_object_batch_matches_ckdtree_per_cloud, {}),
+    *[(knn_tests.test_exact_at_extreme_coordinate_scales, {"method": "auto", "dtype": d, "exponents": e})
+      for d, e in ((F32, (66, 100, 124)), (F32, (-66, -100, -124)), (F32, (100, 0, -100)), (F64, (530, -530, 0)))],
+    *[(bq_tests.test_ragged_batch_with_empty_and_single_point_clouds, {"radius": r, "max_neighbors": n})
+      for r in (0.02, 0.4, 3.0) for n in (1, 40)],
+    *[(bq_tests.test_dtypes, {"dtype": d}) for d in (F16, F32, F64)],
+    *[(bq_tests.test_coordinate_scales, {"scale": s}) for s in (1e-4, 1e4)],
+    (bq_tests.test_duplicates_and_lattice, {}),
+    (bq_tests.test_radius_tiny_relative_to_extent, {}),
+    *[(bq_tests.test_exact_at_extreme_coordinate_scales, {"dtype": d, "exponent": e})
+      for d, e in ((F32, 100), (F32, -100), (F64, 530), (F64, -530))],
+    *[(bq_tests.test_index_order_ragged_batch_with_empty_and_single_point_clouds, {"radius": r, "max_neighbors": n})
+      for r in (0.02, 0.4, 3.0) for n in (1, 40)],
+    *[(bq_tests.test_index_order_dtypes_and_scales, {"dtype": d}) for d in (F16, F32, F64)],
+    (bq_tests.test_index_order_duplicates_ties_and_the_strict_boundary, {}),
+    (bq_tests.test_index_order_fewer_than_max_neighbors_and_queries_outside_every_ball, {}),
+    (bq_tests.test_index_order_matches_the_official_kernel_after_its_padding, {}),
+]
+
+
+def _case_id(case: tuple) -> str:
+    fn, kw = case
+    return f"{fn.__module__.rsplit('_', 1)[-1]}.{fn.__name__[5:]}[{','.join(map(str, kw.values()))}]"
+
+
+@pytest.mark.parametrize("case", GPU_PATH_CASES, ids=[_case_id(c) for c in GPU_PATH_CASES])
+def test_op_checks_pass_on_the_gpu_path(case, monkeypatch, gen):
+    fn, kw = case
+    dense = _spy(monkeypatch, knn_mod, "dense_select")
+    dense_bq = _spy(monkeypatch, importlib.import_module("pcbench.ops.ball_query"), "dense_select")
+    if "gen" in fn.__code__.co_varnames[: fn.__code__.co_argcount]:
+        kw = {**kw, "gen": gen}
+    with dispatch_as("cuda"):
+        fn(**kw)
+    if "empty_query_or_support" not in fn.__name__:
+        assert dense or dense_bq, "the GPU path must take the padded brute force"
