@@ -34,7 +34,7 @@ from pcbench.ops import PointBatch, farthest_point_sample, knn, sample_offset
 from pcbench.ops.batch import offset2batch, offset2lengths, offset2start
 
 from .heads import MLPHead
-from .layers import BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_max, cloud_mean
+from .layers import BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_max, cloud_mean, length_range
 from .layers.checks import model_input
 
 __all__ = [
@@ -61,16 +61,19 @@ def _chunk_attention(q: Tensor, v: Tensor, q_chunk: Tensor, v_chunk: Tensor, key
     return att.sum(1), torch.bmm(att.transpose(1, 2), v_chunk)
 
 
-def offset_attention_aggregate(q: Tensor, v: Tensor, offset: Tensor) -> Tensor:
+def offset_attention_aggregate(q: Tensor, v: Tensor, offset: Tensor, sizes: tuple[int, int] | None = None
+                               ) -> Tensor:
     """``x_r`` of offset attention per cloud: ``x_r[j] = sum_i A_ij v_i / (1e-9 + sum_i A_ij)``, packed [N, C].
 
-    ``A = softmax_j(q_i . q_j)`` within each cloud of the packed ``q [N, c]``, ``v [N, C]``.
+    ``A = softmax_j(q_i . q_j)`` within each cloud of the packed ``q [N, c]``, ``v [N, C]``. ``sizes``:
+    ``length_range(offset)`` where the caller has read it already (layers of one level share it).
     """
     lengths = offset2lengths(offset)
-    b, n_max = lengths.numel(), int(lengths.max()) if lengths.numel() else 0
+    b = lengths.numel()
     if q.shape[0] == 0:
         return v.new_zeros(v.shape)
-    ragged = bool((lengths != n_max).any())
+    n_min, n_max = length_range(offset) if sizes is None else sizes
+    ragged = n_min != n_max
     if ragged:  # pad to [B, L, C]; padded keys are masked, padded query rows contribute nothing
         pos = torch.arange(q.shape[0], device=q.device) - offset2start(offset)[offset2batch(offset, q.shape[0])]
         rows = offset2batch(offset, q.shape[0]) * n_max + pos
@@ -110,8 +113,8 @@ class OffsetAttention(nn.Module):
         self.trans = nn.Linear(channels, channels)
         self.norm = PointBatchNorm(channels)
 
-    def forward(self, x: Tensor, offset: Tensor) -> Tensor:
-        x_r = offset_attention_aggregate(self.qk(x), self.v(x), offset)
+    def forward(self, x: Tensor, offset: Tensor, sizes: tuple[int, int] | None = None) -> Tensor:
+        x_r = offset_attention_aggregate(self.qk(x), self.v(x), offset, sizes)
         return x + F.relu(self.norm(self.trans(x - x_r)), inplace=True)
 
 
@@ -166,8 +169,9 @@ class _AttentionStack(nn.Module):
     def forward(self, x: Tensor, offset: Tensor) -> Tensor:
         x = self.pre(x)
         outs = []
+        sizes = length_range(offset) if x.shape[0] else None  # once for every layer of the stack
         for layer in self.layers:
-            x = layer(x, offset)
+            x = layer(x, offset, sizes)
             outs.append(x)
         return torch.cat(outs, 1)
 

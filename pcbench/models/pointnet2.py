@@ -38,7 +38,7 @@ from pcbench.ops.batch import offset2lengths
 from pcbench.ops.interpolate import interpolate
 
 from .heads import MLPHead
-from .layers import MLP, BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_max
+from .layers import MLP, BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_max, length_range
 from .layers.checks import model_input
 from .layers.grouped import CompactGroups
 
@@ -138,8 +138,9 @@ class GlobalSetAbstraction(nn.Module):
     def forward(self, xyz: Tensor, feat: Tensor, offset: Tensor) -> Tensor:
         h = self.last(self.mlp(torch.cat([xyz, feat], 1)))
         lengths = offset2lengths(offset)
-        if lengths.numel() and int(lengths[0]) > 0 and bool((lengths == lengths[0]).all()):
-            return self.last_norm(h.view(lengths.numel(), int(lengths[0]), -1))  # clouds as the pooled groups
+        lo, hi = length_range(offset)
+        if hi > 0 and lo == hi:
+            return self.last_norm(h.view(lengths.numel(), hi, -1))  # clouds as the pooled groups
         return cloud_max(torch.relu(nn.BatchNorm1d.forward(self.last_norm, h)), offset)
 
 

@@ -96,7 +96,7 @@ class CoordinateCache:
             if out_stride not in self.coords:
                 self.coarser(in_stride, out_stride // in_stride)
             km = kernel_map(self.coords[in_stride], self.coords[out_stride], kernel_size,
-                            out_stride // in_stride, dilation)
+                            out_stride // in_stride, dilation, validate=False)  # coordinates built by voxelize
             self.kernel_maps[key] = km
         return km
 

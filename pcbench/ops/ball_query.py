@@ -127,7 +127,7 @@ def _ball_dense(query: Tensor, q64: Tensor, s64: Tensor, qcl: Tensor, scl: Tenso
                 radius: float, k: int, order: str, return_dist2: bool) -> Tensor | tuple[Tensor, Tensor]:
     """GPU path: padded brute force per cloud (``_dense``), sized by one host read; same rule as the grid path."""
     lo, hi = cloud_bounds(q64, s64, qcl, scl, qo.numel())
-    scale = unit_scale(lo, hi)
+    scale = unit_scale(lo, hi, always=True)
     cell = torch.full((qo.numel(),), radius, dtype=torch.float64, device=q64.device)
     if scale is not None:  # exact power-of-two rescaling, as in the grid path
         q64, s64, cell = q64 * scale[qcl, None], s64 * scale[scl, None], cell * scale

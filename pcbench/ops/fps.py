@@ -156,7 +156,7 @@ def _at_unit_scale(p: Tensor, off: Tensor) -> Tensor:
     cloud = offset2batch(off, p.shape[0])
     m = p.new_zeros(off.numel(), 3, dtype=torch.float64).scatter_reduce_(
         0, cloud[:, None].expand(-1, 3), p.abs().to(torch.float64), "amax")
-    scale = unit_scale(m, m)
+    scale = unit_scale(m, m, always=on_gpu_path(p))
     return p if scale is None else (p.to(torch.float64) * scale[cloud, None]).to(p.dtype)
 
 

@@ -141,7 +141,7 @@ def _knn(query: Tensor, support: Tensor, k: int, qo: Tensor, so: Tensor, method:
         sizes = max_lengths(qo, so)
         if method == "dense" or num * sizes[0] * sizes[1] <= _GPU_DENSE_WORK:
             lo, hi = cloud_bounds(q64, s64, qcl, scl, num)
-            scale = unit_scale(lo, hi)
+            scale = unit_scale(lo, hi, always=True)
             if scale is not None:
                 q64, s64 = q64 * scale[qcl, None], s64 * scale[scl, None]
             idx, d2 = dense_select(q64, s64, qo, so, k, _DENSE_BLOCK_CUDA, sizes=sizes)
