@@ -31,10 +31,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from pcbench.ops import PointBatch, farthest_point_sample, knn, sample_offset
-from pcbench.ops.batch import offset2batch, offset2lengths, offset2start
+from pcbench.ops.batch import length_bounds, offset2batch, offset2lengths, offset2start
 
 from .heads import MLPHead
-from .layers import BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_max, cloud_mean, length_range
+from .layers import BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_max, cloud_mean
 from .layers.checks import model_input
 
 __all__ = [
@@ -61,18 +61,16 @@ def _chunk_attention(q: Tensor, v: Tensor, q_chunk: Tensor, v_chunk: Tensor, key
     return att.sum(1), torch.bmm(att.transpose(1, 2), v_chunk)
 
 
-def offset_attention_aggregate(q: Tensor, v: Tensor, offset: Tensor, sizes: tuple[int, int] | None = None
-                               ) -> Tensor:
+def offset_attention_aggregate(q: Tensor, v: Tensor, offset: Tensor) -> Tensor:
     """``x_r`` of offset attention per cloud: ``x_r[j] = sum_i A_ij v_i / (1e-9 + sum_i A_ij)``, packed [N, C].
 
-    ``A = softmax_j(q_i . q_j)`` within each cloud of the packed ``q [N, c]``, ``v [N, C]``. ``sizes``:
-    ``length_range(offset)`` where the caller has read it already (layers of one level share it).
+    ``A = softmax_j(q_i . q_j)`` within each cloud of the packed ``q [N, c]``, ``v [N, C]``.
     """
     lengths = offset2lengths(offset)
     b = lengths.numel()
     if q.shape[0] == 0:
         return v.new_zeros(v.shape)
-    n_min, n_max = length_range(offset) if sizes is None else sizes
+    n_min, n_max = length_bounds(offset)[0]  # read once per offset, shared by the layers of the stack
     ragged = n_min != n_max
     if ragged:  # pad to [B, L, C]; padded keys are masked, padded query rows contribute nothing
         pos = torch.arange(q.shape[0], device=q.device) - offset2start(offset)[offset2batch(offset, q.shape[0])]
@@ -113,8 +111,8 @@ class OffsetAttention(nn.Module):
         self.trans = nn.Linear(channels, channels)
         self.norm = PointBatchNorm(channels)
 
-    def forward(self, x: Tensor, offset: Tensor, sizes: tuple[int, int] | None = None) -> Tensor:
-        x_r = offset_attention_aggregate(self.qk(x), self.v(x), offset, sizes)
+    def forward(self, x: Tensor, offset: Tensor) -> Tensor:
+        x_r = offset_attention_aggregate(self.qk(x), self.v(x), offset)
         return x + F.relu(self.norm(self.trans(x - x_r)), inplace=True)
 
 
@@ -169,9 +167,8 @@ class _AttentionStack(nn.Module):
     def forward(self, x: Tensor, offset: Tensor) -> Tensor:
         x = self.pre(x)
         outs = []
-        sizes = length_range(offset) if x.shape[0] else None  # once for every layer of the stack
         for layer in self.layers:
-            x = layer(x, offset, sizes)
+            x = layer(x, offset)
             outs.append(x)
         return torch.cat(outs, 1)
 

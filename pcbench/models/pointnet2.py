@@ -34,11 +34,11 @@ from torch import Tensor, nn
 
 from pcbench.ops import PointBatch, ball_query, farthest_point_sample, sample_offset
 from pcbench.ops.ball_query import ORDERS
-from pcbench.ops.batch import offset2lengths
+from pcbench.ops.batch import length_bounds, offset2lengths
 from pcbench.ops.interpolate import interpolate
 
 from .heads import MLPHead
-from .layers import MLP, BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_max, length_range
+from .layers import MLP, BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_max
 from .layers.checks import model_input
 from .layers.grouped import CompactGroups
 
@@ -138,7 +138,7 @@ class GlobalSetAbstraction(nn.Module):
     def forward(self, xyz: Tensor, feat: Tensor, offset: Tensor) -> Tensor:
         h = self.last(self.mlp(torch.cat([xyz, feat], 1)))
         lengths = offset2lengths(offset)
-        lo, hi = length_range(offset)
+        lo, hi = length_bounds(offset)[0]
         if hi > 0 and lo == hi:
             return self.last_norm(h.view(lengths.numel(), hi, -1))  # clouds as the pooled groups
         return cloud_max(torch.relu(nn.BatchNorm1d.forward(self.last_norm, h)), offset)

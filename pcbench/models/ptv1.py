@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pcbench.ops import PointBatch, farthest_point_sample, knn, sample_offset
-from pcbench.ops.batch import offset2batch
+from pcbench.ops.batch import length_bounds, offset2batch
 from pcbench.ops.interpolate import interpolate
 
 from .heads import MLPHead
@@ -56,7 +56,9 @@ class _Level:
         if self.idx is None or self.idx.shape[1] != k:
             idx, _ = knn(self.xyz, self.xyz, k, self.offset, self.offset, validate=False)
             valid = idx >= 0
-            self.valid = None if bool(valid.all()) else valid
+            # A cloud smaller than k leaves -1 slots; the mask is dropped when none does (read from the level's
+            # size bounds: no host read beyond the one per level).
+            self.valid = None if length_bounds(self.offset)[0][0] >= k else valid
             self.idx = idx.clamp_min(0) if self.valid is not None else idx
             self.rel = self.xyz[self.idx] - self.xyz.unsqueeze(1)
         return self

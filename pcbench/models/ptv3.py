@@ -146,7 +146,8 @@ class GridPooling(nn.Module):
 
     def forward(self, feat: Tensor, part: GridPartition) -> Tensor:
         """[n_fine, C_in] -> [n_coarse, C_out]."""
-        return self.act(self.norm(voxel_pool(self.proj(feat), part.inverse, part.num_cells, reduce="max")))
+        pooled = voxel_pool(self.proj(feat), part.inverse, part.num_cells, reduce="max", validate=False)
+        return self.act(self.norm(pooled))
 
 
 class GridUnpooling(nn.Module):
@@ -358,7 +359,8 @@ class PointTransformerV3(nn.Module):
                 feat = blk(feat, levels[s])
         if self.cls_mode:
             lvl = levels[-1]
-            return voxel_pool(feat, offset2batch(lvl.offset, feat.shape[0]), lvl.offset.numel(), reduce="mean")
+            cloud = offset2batch(lvl.offset, feat.shape[0])
+            return voxel_pool(feat, cloud, lvl.offset.numel(), reduce="mean", validate=False)
         for s in reversed(range(self.num_stages - 1)):
             feat = self.up[s](feat, skips[s], levels[s + 1].parent)
             for blk in self.dec[s]:

@@ -191,7 +191,7 @@ def sparse_from_points(
     if not (isinstance(voxel_size, (int, float)) and voxel_size > 0 and math.isfinite(voxel_size)):
         raise ValueError(f"voxel_size must be a positive finite float (metres per cell), got {voxel_size!r}")
     vox, inverse, _ = voxelize(coord, voxel_size, offset, validate=validate)
-    feats = voxel_pool(feat, inverse, vox.shape[0], reduce=reduce)
+    feats = voxel_pool(feat, inverse, vox.shape[0], reduce=reduce, validate=False)  # inverse from voxelize
     b = 1 if offset is None else int(offset.numel())
     return SparseTensor(vox, feats, 1, b), inverse
 

@@ -13,15 +13,15 @@ import math
 import torch
 from torch import Tensor
 
-from .batch import offset2lengths
+from .batch import length_bounds, offset2lengths
 
 __all__ = ["block_clouds", "dense_dist2", "dense_select", "max_lengths", "padded_rows"]
 
 
 def max_lengths(qo: Tensor, so: Tensor) -> tuple[int, int]:
-    """(largest query cloud, largest support cloud), read from the device together (one sync)."""
-    lq, ls = torch.stack([offset2lengths(qo).max(), offset2lengths(so).max()]).tolist()
-    return int(lq), int(ls)
+    """(largest query cloud, largest support cloud), through ``batch.length_bounds`` (read once per offset)."""
+    (_, lq), (_, ls) = length_bounds(qo, so)
+    return lq, ls
 
 
 def block_clouds(num: int, lq: int, ls: int, budget: int) -> list[tuple[int, int]]:

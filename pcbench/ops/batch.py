@@ -22,6 +22,7 @@ __all__ = [
     "check_offset",
     "check_same_device",
     "find_nonfinite",
+    "length_bounds",
     "lengths2offset",
     "offset2batch",
     "offset2lengths",
@@ -120,6 +121,37 @@ def resolve_offset(name: str, offset: Tensor | None, n: int, device: torch.devic
     if offset.device != device:
         raise ValueError(f"{name} is on {offset.device} but the points are on {device}; move it with .to(device)")
     return offset.long()
+
+
+_BOUNDS = "_pcbench_length_bounds"
+
+
+def length_bounds(*offsets: Tensor) -> list[tuple[int, int]]:
+    """(smallest, largest) cloud size of each offset [B]: at most one host read for all, none for known ones.
+
+    The pair is remembered on the offset tensor with its version counter (every in-place write bumps it, so a
+    modified offset is read again): the searches, samplings and poolings of one resolution level read its
+    sizes once. ``remember_length_bounds`` records bounds an op derived without reading the device.
+    """
+    known: dict[int, tuple[int, int]] = {}
+    missing: list[Tensor] = []
+    for o in offsets:
+        memo = getattr(o, _BOUNDS, None)
+        if memo is not None and memo[0] == o._version:
+            known[id(o)] = memo[1]
+        elif id(o) not in known and all(m is not o for m in missing):
+            missing.append(o)
+    if missing:
+        stats = torch.stack([torch.stack(list(torch.aminmax(offset2lengths(o)))) for o in missing]).tolist()
+        for o, (lo, hi) in zip(missing, stats, strict=True):
+            remember_length_bounds(o, int(lo), int(hi))
+            known[id(o)] = (int(lo), int(hi))
+    return [known[id(o)] for o in offsets]
+
+
+def remember_length_bounds(offset: Tensor, lo: int, hi: int) -> None:
+    """Record the (smallest, largest) cloud size of ``offset`` (known without a host read) for ``length_bounds``."""
+    setattr(offset, _BOUNDS, (offset._version, (int(lo), int(hi))))
 
 
 def offset2lengths(offset: Tensor) -> Tensor:

@@ -26,7 +26,16 @@ from ._dispatch import on_gpu_path
 from ._fps_cells import fps_cells, fps_cells_speculative
 from ._grid import unit_scale
 from ._reference import sample_counts
-from .batch import check_coords, lengths2offset, offset2batch, offset2lengths, offset2start, resolve_offset
+from .batch import (
+    check_coords,
+    length_bounds,
+    lengths2offset,
+    offset2batch,
+    offset2lengths,
+    offset2start,
+    remember_length_bounds,
+    resolve_offset,
+)
 
 __all__ = ["farthest_point_sample", "sample_offset"]
 
@@ -83,7 +92,16 @@ def sample_offset(offset: Tensor, n: int | None = None, ratio: float | None = No
         raise ValueError(f"offset must be a torch.Tensor of cumulative end indices, got {type(offset).__name__}")
     total = (int(offset[-1]) if offset.numel() else 0) if validate else 0
     off = resolve_offset("offset", offset, total, offset.device, validate)
-    return lengths2offset(sample_counts(offset2lengths(off), n, ratio))
+    out = lengths2offset(sample_counts(offset2lengths(off), n, ratio))
+    memo = getattr(offset, "_pcbench_length_bounds", None)
+    if memo is not None and memo[0] == offset._version:  # counts are monotone in the length: bounds carry over
+        remember_length_bounds(out, *(_samples(v, n, ratio) for v in memo[1]))
+    return out
+
+
+def _samples(length: int, n: int | None, ratio: float | None) -> int:
+    """``sample_counts`` for one cloud length, on the host (the same float64 arithmetic)."""
+    return min(length, n) if n is not None else min(length, math.ceil(length * float(ratio)))
 
 
 def farthest_point_sample(
@@ -101,7 +119,8 @@ def farthest_point_sample(
     ties go to the lowest index (so clouds with fewer distinct points than samples repeat points).
     On CPU the sample loop runs on one intra-op thread (the previous setting is restored afterwards).
     ``validate=False`` skips the finiteness and offset value checks (host syncs) for inputs already checked
-    (e.g. a ``PointBatch``'s); the dense engine then reads the device once (largest cloud and sample total).
+    (e.g. a ``PointBatch``'s). The cloud sizes are read once per offset (``batch.length_bounds``), plus the
+    sample total for ragged batches.
     """
     device = xyz.device if isinstance(xyz, Tensor) else torch.device("cpu")
     with _one_intraop_thread(device):  # validation included: its ops on [N, 3] would fork threads too
@@ -118,8 +137,13 @@ def _farthest_point_sample(
         raise ValueError(f"start must be an int index inside each cloud, got {start!r}")
     lengths = offset2lengths(off)
     counts = sample_counts(lengths, n, ratio)
-    # One host read sizes everything below: the largest cloud and the number of samples.
-    width, total = torch.stack([lengths.max(), counts.sum()]).tolist()
+    # The largest cloud and the number of samples size everything below: known from the offset's bounds
+    # when its clouds are all equal (object batches), else read from the device once.
+    smallest, width = length_bounds(off)[0]
+    if smallest == width:
+        total = _samples(width, n, ratio) * off.numel()
+    else:
+        total = int(counts.sum())
     if width == 0:
         return torch.zeros(0, dtype=torch.long, device=xyz.device)
     if start != 0:  # start 0 lies inside every non-empty cloud: only other starts need the smallest one
@@ -133,7 +157,7 @@ def _farthest_point_sample(
     starts = offset2start(off)
     if on_gpu_path(p) or width <= DENSE_MAX_POINTS:
         # sample_counts is monotone in the cloud length, so the largest cloud has the most samples
-        steps = min(width, n) if n is not None else min(width, math.ceil(width * float(ratio)))
+        steps = _samples(width, n, ratio)
         sel = _fps_dense(p, starts, lengths, counts, start, width, steps)
     elif p.dtype == torch.float64 or p.shape[0] >= 1 << 32:  # keys pack float32 bits and a 32-bit row
         sel = fps_cells(p, starts, lengths, counts, start)

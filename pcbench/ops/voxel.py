@@ -68,9 +68,11 @@ def voxelize(coord: Tensor, voxel_size: float, offset: Tensor | None = None, *, 
     return voxels, inverse, counts
 
 
-def voxel_pool(feat: Tensor, inverse: Tensor, num_voxels: int, reduce: str = "mean") -> Tensor:
+def voxel_pool(feat: Tensor, inverse: Tensor, num_voxels: int, reduce: str = "mean", *, validate: bool = True
+               ) -> Tensor:
     """Pool point features ``feat [N, C]`` into ``[num_voxels, C]``: row v reduces the points n with
     ``inverse[n] == v`` by ``mean`` or ``max`` (voxels without points are 0). Differentiable w.r.t. ``feat``.
+    ``validate=False`` skips the range check of ``inverse`` (host syncs), for an ``inverse`` an op produced.
     """
     if reduce not in ("mean", "max"):
         raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
@@ -86,7 +88,7 @@ def voxel_pool(feat: Tensor, inverse: Tensor, num_voxels: int, reduce: str = "me
     if inverse.shape[0] != feat.shape[0]:
         raise ValueError(f"inverse has {inverse.shape[0]} entries but feat has {feat.shape[0]} rows; they must match")
     check_same_device(feat=feat, inverse=inverse)
-    if inverse.numel() and (int(inverse.min()) < 0 or int(inverse.max()) >= num_voxels):
+    if validate and inverse.numel() and (int(inverse.min()) < 0 or int(inverse.max()) >= num_voxels):
         raise ValueError(
             f"inverse values must be in [0, {num_voxels - 1}] (num_voxels={num_voxels}), got "
             f"[{int(inverse.min())}, {int(inverse.max())}]; pass num_voxels=len(counts) from voxelize"

@@ -1,6 +1,6 @@
 """Layers shared by the point models: per-point MLPs, packed-batch normalisation and pooling helpers."""
 
-from .mlp import MLP, canonical_order, cloud_max, cloud_mean, length_range, linear_bn_act
+from .mlp import MLP, canonical_order, cloud_max, cloud_mean, linear_bn_act
 from .norm import BatchNormReLUMax, PointBatchNorm
 
 __all__ = [
@@ -10,6 +10,5 @@ __all__ = [
     "canonical_order",
     "cloud_max",
     "cloud_mean",
-    "length_range",
     "linear_bn_act",
 ]

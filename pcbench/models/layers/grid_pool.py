@@ -56,7 +56,7 @@ def grid_partition(coord: Tensor, cell_size: float, offset: Tensor, relative: bo
 
 def segment_mean(x: Tensor, part: GridPartition) -> Tensor:
     """Mean of the rows of each cell: [N, C] -> [V, C]."""
-    return voxel_pool(x, part.inverse, part.num_cells, reduce="mean")
+    return voxel_pool(x, part.inverse, part.num_cells, reduce="mean", validate=False)
 
 
 class DropPath(nn.Module):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pcbench.ops.batch import offset2batch, offset2lengths
+from pcbench.ops.batch import length_bounds, offset2batch, offset2lengths
 
 from .norm import PointBatchNorm
 
-__all__ = ["MLP", "canonical_order", "cloud_max", "cloud_mean", "length_range", "linear_bn_act"]
+__all__ = ["MLP", "canonical_order", "cloud_max", "cloud_mean", "linear_bn_act"]
 
 
 def linear_bn_act(c_in: int, c_out: int, bias: bool = True, act: nn.Module | None = None) -> nn.Sequential:
@@ -38,15 +38,8 @@ class MLP(nn.Sequential):
         self.out_channels = widths[-1]
 
 
-def length_range(offset: Tensor) -> tuple[int, int]:
-    """(smallest, largest) cloud size of ``offset [B]``, read from the device together (one host sync)."""
-    lo, hi = torch.aminmax(offset2lengths(offset))
-    lo, hi = torch.stack([lo, hi]).tolist()
-    return int(lo), int(hi)
-
-
 def _equal_lengths(offset: Tensor) -> int | None:
-    lo, hi = length_range(offset)
+    lo, hi = length_bounds(offset)[0]
     return hi if hi > 0 and lo == hi else None
 
 
