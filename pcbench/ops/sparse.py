@@ -14,6 +14,8 @@ import itertools
 import torch
 from torch import Tensor
 
+from ._dispatch import on_gpu_path
+
 __all__ = ["coords_key", "kernel_map", "kernel_offsets"]
 
 # Queries per searchsorted call: bounds the [chunk] int64 temporaries to ~32 MiB each.
@@ -110,8 +112,13 @@ def kernel_map(
                 "keys; use a coarser voxel size or re-centre each cloud's coordinates"
             )
 
-    # A stable sort (identity on sorted keys, e.g. voxelize output) instead of asking the host whether it is needed.
-    in_key, perm = torch.sort(coords_key(ic, lo, size), stable=True)
+    in_key = coords_key(ic, lo, size)
+    # Keys from voxelize are sorted already. The CPU path asks (a cheap read there); the GPU path sorts anyway
+    # (a stable sort is the identity on sorted keys) rather than stall on the answer.
+    if on_gpu_path(in_key) or (n > 1 and bool((in_key[1:] < in_key[:-1]).any())):
+        in_key, perm = torch.sort(in_key, stable=True)
+    else:
+        perm = None
     q_key = coords_key(base, lo, size)
     delta = (offs[:, 0] * size[1] + offs[:, 1]) * size[2] + offs[:, 2]
 
@@ -124,7 +131,9 @@ def kernel_map(
         hit = in_key[pos] == q
         counts = hit.sum(1).tolist()
         k_j = hit.nonzero()  # row-major: offset by offset, output rows ascending within each
-        i_all = perm[pos[k_j[:, 0], k_j[:, 1]]]
+        i_all = pos[k_j[:, 0], k_j[:, 1]]
+        if perm is not None:
+            i_all = perm[i_all]
         j_all = k_j[:, 1] + a
         for k, (i_k, j_k) in enumerate(zip(i_all.split(counts), j_all.split(counts), strict=True)):
             parts[k].append((i_k, j_k))
