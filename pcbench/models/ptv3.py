@@ -325,6 +325,12 @@ class PointTransformerV3(nn.Module):
                 raise ValueError(
                     f"PTv3 serialization: the largest grid coordinate {int(grid.max())} needs {depth} bits per axis, "
                     f"more than {MAX_DEPTH}; use a coarser grid_size (now {self.grid_size}) or crop the scene")
+        elif grid.numel():  # a fixed depth must hold the input grid (checked once here; the levels' serialize skips it)
+            hi = int(grid.max())
+            if hi >= 1 << depth:
+                raise ValueError(
+                    f"PTv3 serialization: grid_coord values must be < 2**depth = {1 << depth} (depth={depth}), got "
+                    f"maximum {hi}; use a coarser grid_size (now {self.grid_size}) or a larger serialization_depth")
         return part, _Level(grid, part.offset, self._order_names(), depth=depth)
 
     # -- forward --------------------------------------------------------------------------------------------
