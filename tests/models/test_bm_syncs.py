@@ -101,3 +101,25 @@ def test_main_writes_json_and_table(tmp_path) -> None:  # noqa: ANN001 - pytest 
     assert "| pointnet2_ssg_cls | cuda |" in table and "<= 8: ok" in table
     assert bm_syncs.main(["--only", "nope"]) == 2
     assert bm_syncs.main(["--dispatch", "tpu"]) == 2
+
+
+def test_trusted_calls_inside_a_known_level_read_nothing_and_match_checked_calls() -> None:
+    # What models do: ops on a PointBatch's (already checked) tensors with validate=False. On the GPU path,
+    # once the level's sizes are known, a kNN / ball query / interpolation reads nothing from the device.
+    from pcbench.ops import ball_query, interpolate, knn  # noqa: PLC0415
+
+    coord, offset = object_batch(3, 200, seed=4)
+    feat = torch.randn(coord.shape[0], 5, generator=torch.Generator().manual_seed(0))
+    length_bounds(offset)
+    with dispatch_as("cuda"):
+        with bm_syncs.counting() as c:
+            idx, d2 = knn(coord, coord, 8, offset, offset, validate=False)
+            bq = ball_query(coord, coord, 0.3, 16, offset, offset, validate=False)
+            up = interpolate(coord, coord, feat, 3, offset, offset, validate=False)
+        assert c.total_syncs <= 1, dict(c.sites)  # interpolate's one finiteness read of its weights
+        checked = (knn(coord, coord, 8, offset, offset), ball_query(coord, coord, 0.3, 16, offset, offset),
+                   interpolate(coord, coord, feat, 3, offset, offset))
+    assert torch.equal(idx, checked[0][0]) and torch.equal(d2, checked[0][1])
+    assert torch.equal(bq, checked[1]) and torch.equal(up, checked[2])
+    with pytest.raises(ValueError, match="offset"):  # the checked call still refuses a bad offset
+        knn(coord, coord, 8, torch.tensor([300, 200, 600]), offset)
