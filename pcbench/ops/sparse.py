@@ -75,7 +75,7 @@ def kernel_map(
     Output voxels with no input at an offset simply have no pair there (no -1 padding). Duplicate input
     rows map to the last one, as a dict would. ``validate=False`` skips the cloud-index check (a host sync) for
     coordinates already checked (e.g. built by ``voxelize``). All offsets are searched at once: the device is
-    read three times per call (grid bounds, pair counts, pair positions), not once per offset.
+    read twice per call (grid bounds, pair counts per offset), not once per offset.
     """
     _check_grid("in_coords", in_coords, validate)
     _check_grid("out_coords", out_coords, validate)
@@ -130,7 +130,9 @@ def kernel_map(
         pos = torch.searchsorted(in_key, q, right=True).sub_(1).clamp_(min=0)
         hit = in_key[pos] == q
         counts = hit.sum(1).tolist()
-        k_j = hit.nonzero()  # row-major: offset by offset, output rows ascending within each
+        # Row-major: offset by offset, output rows ascending within each. Sized by the counts just read, so
+        # it needs no second host read (nonzero would wait for the device to size its output).
+        k_j = torch.nonzero_static(hit, size=sum(counts))
         i_all = pos[k_j[:, 0], k_j[:, 1]]
         if perm is not None:
             i_all = perm[i_all]
