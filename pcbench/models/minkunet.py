@@ -112,7 +112,7 @@ class MinkUNet(ClassifierMixin, nn.Module):
     def forward_voxels(self, batch: PointBatch) -> tuple[SparseTensor, Tensor]:
         """Decoder features on the finest voxels and the point -> voxel inverse map [N]."""
         batch = model_input(self, batch)
-        x, inverse = sparse_from_points(batch.coord, batch.feat, self.voxel_size, batch.offset)
+        x, inverse = sparse_from_points(batch.coord, batch.feat, self.voxel_size, batch.offset, validate=False)
         x = sparse_unet(x, self.stem, self.down, self.enc, self.up, self.dec)
         return x, inverse
 

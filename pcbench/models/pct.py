@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from pcbench.ops import PointBatch, farthest_point_sample, knn, sample_offset
-from pcbench.ops.batch import offset2batch, offset2lengths, offset2start
+from pcbench.ops.batch import length_bounds, offset2batch, offset2lengths, offset2start
 
 from .heads import ClassifierMixin, MLPHead
 from .layers import BatchNormReLUMax, PointBatchNorm, canonical_order, cloud_max, cloud_mean
@@ -67,13 +67,14 @@ def offset_attention_aggregate(q: Tensor, v: Tensor, offset: Tensor) -> Tensor:
     ``A = softmax_j(q_i . q_j)`` within each cloud of the packed ``q [N, c]``, ``v [N, C]``.
     """
     lengths = offset2lengths(offset)
-    b, n_max = lengths.numel(), int(lengths.max()) if lengths.numel() else 0
+    b = lengths.numel()
     if q.shape[0] == 0:
         return v.new_zeros(v.shape)
-    ragged = bool((lengths != n_max).any())
+    n_min, n_max = length_bounds(offset)[0]  # read once per offset, shared by the layers of the stack
+    ragged = n_min != n_max
     if ragged:  # pad to [B, L, C]; padded keys are masked, padded query rows contribute nothing
-        pos = torch.arange(q.shape[0], device=q.device) - offset2start(offset)[offset2batch(offset)]
-        rows = offset2batch(offset) * n_max + pos
+        pos = torch.arange(q.shape[0], device=q.device) - offset2start(offset)[offset2batch(offset, q.shape[0])]
+        rows = offset2batch(offset, q.shape[0]) * n_max + pos
         qp = q.new_zeros(b * n_max, q.shape[1]).index_copy_(0, rows, q).view(b, n_max, -1)
         vp = v.new_zeros(b * n_max, v.shape[1]).index_copy_(0, rows, v).view(b, n_max, -1)
         mask = torch.arange(n_max, device=q.device).unsqueeze(0) < lengths.unsqueeze(1)
@@ -135,10 +136,10 @@ class NeighborEmbedding(nn.Module):
 
     def forward(self, xyz: Tensor, feat: Tensor, offset: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(centres [M, 3], features [M, out_channels], centre offsets [B])."""
-        sel = farthest_point_sample(xyz, offset, n=self.num_samples)
-        new_offset = sample_offset(offset, n=self.num_samples)
+        sel = farthest_point_sample(xyz, offset, n=self.num_samples, validate=False)
+        new_offset = sample_offset(offset, n=self.num_samples, validate=False)
         centres = xyz[sel]
-        idx, _ = knn(centres, xyz, self.k, new_offset, offset)
+        idx, _ = knn(centres, xyz, self.k, new_offset, offset, validate=False)
         idx = torch.where(idx < 0, idx[:, :1], idx)  # duplicates of the nearest: neutral under max-pool
         w1, w2 = self.linear1.weight[:, : self.in_channels], self.linear1.weight[:, self.in_channels:]
         m, k = idx.shape
@@ -271,7 +272,7 @@ class PCTSeg(ClassifierMixin, nn.Module):
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Per-point features [N, 3 * fuse_channels] (own, cloud max, cloud mean) in input order."""
         perm, x, g = self._parts(batch)
-        feat = torch.cat([x, g[offset2batch(batch.offset)]], 1)
+        feat = torch.cat([x, g[offset2batch(batch.offset, x.shape[0])]], 1)
         return torch.empty_like(feat).index_copy_(0, perm, feat)
 
     def _head(self, h: Tensor) -> Tensor:
@@ -282,7 +283,7 @@ class PCTSeg(ClassifierMixin, nn.Module):
         perm, x, g = self._parts(batch)
         f = self.fuse_channels
         w = self.head_first.weight
-        h = F.linear(x, w[:, :f], self.head_first.bias) + F.linear(g, w[:, f:])[offset2batch(batch.offset)]
+        h = F.linear(x, w[:, :f], self.head_first.bias) + F.linear(g, w[:, f:])[offset2batch(batch.offset, x.shape[0])]
         out = self._head(h)
         return torch.empty_like(out).index_copy_(0, perm, out)
 

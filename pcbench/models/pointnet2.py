@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from pcbench.ops import PointBatch, ball_query, farthest_point_sample, sample_offset
 from pcbench.ops.ball_query import ORDERS
-from pcbench.ops.batch import offset2lengths
+from pcbench.ops.batch import length_bounds, offset2lengths
 from pcbench.ops.interpolate import interpolate
 
 from .heads import ClassifierMixin, MLPHead
@@ -72,7 +72,7 @@ class _GroupBranch(nn.Module):
 
     def forward(self, xyz: Tensor, feat: Tensor, offset: Tensor, centres: Tensor, centre_offset: Tensor) -> Tensor:
         idx = ball_query(centres, xyz, self.radius, self.max_neighbors, centre_offset, offset,
-                         order=self.ball_query_order)
+                         order=self.ball_query_order, validate=False)
         # Centres are points of the support (FPS), so each finds itself and column 0 is never -1; the unused
         # slots stand for copies of column 0 (the official kernel's fill), counted rather than computed.
         groups = CompactGroups.from_ball_query(idx)
@@ -118,8 +118,8 @@ class SetAbstraction(nn.Module):
 
     def forward(self, xyz: Tensor, feat: Tensor, offset: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(centres [M, 3], features [M, out_channels], centre offsets [B])."""
-        idx = farthest_point_sample(xyz, offset, n=self.num_samples, ratio=self.sample_ratio)
-        centre_offset = sample_offset(offset, n=self.num_samples, ratio=self.sample_ratio)
+        idx = farthest_point_sample(xyz, offset, n=self.num_samples, ratio=self.sample_ratio, validate=False)
+        centre_offset = sample_offset(offset, n=self.num_samples, ratio=self.sample_ratio, validate=False)
         centres = xyz[idx]
         out = [b(xyz, feat, offset, centres, centre_offset) for b in self.branches]
         return centres, (out[0] if len(out) == 1 else torch.cat(out, 1)), centre_offset
@@ -138,8 +138,9 @@ class GlobalSetAbstraction(nn.Module):
     def forward(self, xyz: Tensor, feat: Tensor, offset: Tensor) -> Tensor:
         h = self.last(self.mlp(torch.cat([xyz, feat], 1)))
         lengths = offset2lengths(offset)
-        if lengths.numel() and int(lengths[0]) > 0 and bool((lengths == lengths[0]).all()):
-            return self.last_norm(h.view(lengths.numel(), int(lengths[0]), -1))  # clouds as the pooled groups
+        lo, hi = length_bounds(offset)[0]
+        if hi > 0 and lo == hi:
+            return self.last_norm(h.view(lengths.numel(), hi, -1))  # clouds as the pooled groups
         return cloud_max(torch.relu(nn.BatchNorm1d.forward(self.last_norm, h)), offset)
 
 
@@ -165,7 +166,8 @@ class FeaturePropagation(nn.Module):
                 coarse_offset: Tensor) -> Tensor:
         w_coarse, w_skip = self.first.weight[:, : self.coarse_channels], self.first.weight[:, self.coarse_channels:]
         # IDW weights sum to one, so projecting the (fewer) coarse points first is the same linear map.
-        h = interpolate(xyz, coarse_xyz, F.linear(coarse_feat, w_coarse), self.k, offset, coarse_offset)
+        h = interpolate(xyz, coarse_xyz, F.linear(coarse_feat, w_coarse), self.k, offset, coarse_offset,
+                        validate=False)
         h = h + self.first.bias
         if skip is not None and skip.shape[1]:
             h = h + F.linear(skip, w_skip)

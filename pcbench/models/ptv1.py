@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pcbench.ops import PointBatch, farthest_point_sample, knn, sample_offset
-from pcbench.ops.batch import offset2batch
+from pcbench.ops.batch import length_bounds, offset2batch
 from pcbench.ops.interpolate import interpolate
 
 from .heads import ClassifierMixin, MLPHead
@@ -54,9 +54,11 @@ class _Level:
 
     def neighbours(self, k: int) -> _Level:
         if self.idx is None or self.idx.shape[1] != k:
-            idx, _ = knn(self.xyz, self.xyz, k, self.offset, self.offset)
+            idx, _ = knn(self.xyz, self.xyz, k, self.offset, self.offset, validate=False)
             valid = idx >= 0
-            self.valid = None if bool(valid.all()) else valid
+            # A cloud smaller than k leaves -1 slots; the mask is dropped when none does (read from the level's
+            # size bounds: no host read beyond the one per level).
+            self.valid = None if length_bounds(self.offset)[0][0] >= k else valid
             self.idx = idx.clamp_min(0) if self.valid is not None else idx
             self.rel = self.xyz[self.idx] - self.xyz.unsqueeze(1)
         return self
@@ -135,9 +137,9 @@ class TransitionDown(nn.Module):
         if self.stride == 1:
             return F.relu(self.bn(self.linear(x)), inplace=True), level
         ratio = 1.0 / self.stride
-        sel = farthest_point_sample(level.xyz, level.offset, ratio=ratio)
-        new = _Level(level.xyz[sel], sample_offset(level.offset, ratio=ratio))
-        idx, _ = knn(new.xyz, level.xyz, self.k, new.offset, level.offset)
+        sel = farthest_point_sample(level.xyz, level.offset, ratio=ratio, validate=False)
+        new = _Level(level.xyz[sel], sample_offset(level.offset, ratio=ratio, validate=False))
+        idx, _ = knn(new.xyz, level.xyz, self.k, new.offset, level.offset, validate=False)
         idx = torch.where(idx < 0, idx[:, :1], idx)  # duplicates of the nearest: neutral under max-pool
         per_point = self.linear(torch.cat([level.xyz, x], 1))
         h = per_point[idx].sub_(F.linear(new.xyz, self.linear.weight[:, :3]).unsqueeze(1))
@@ -164,9 +166,9 @@ class TransitionUp(nn.Module):
     def forward(self, x: Tensor, level: _Level, coarse_x: Tensor | None = None,
                 coarse: _Level | None = None) -> Tensor:
         if self.is_head:
-            g = self.linear2(cloud_mean(x, level.offset))[offset2batch(level.offset)]
+            g = self.linear2(cloud_mean(x, level.offset))[offset2batch(level.offset, x.shape[0])]
             return self.linear1(torch.cat([x, g], 1))
-        up = interpolate(level.xyz, coarse.xyz, self.linear2(coarse_x), 3, level.offset, coarse.offset)
+        up = interpolate(level.xyz, coarse.xyz, self.linear2(coarse_x), 3, level.offset, coarse.offset, validate=False)
         return self.linear1(x) + up
 
 

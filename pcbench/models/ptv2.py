@@ -127,7 +127,7 @@ class BlockSequence(nn.Module):
         """[N, C] -> [N, C]; neighbours are searched within each cloud of ``offset``."""
         if not len(self.blocks):
             return feat
-        idx, _ = knn(coord.detach(), coord.detach(), self.neighbours, offset, offset)
+        idx, _ = knn(coord.detach(), coord.detach(), self.neighbours, offset, offset, validate=False)
         for blk in self.blocks:
             feat = blk(feat, coord, idx)
         return feat
@@ -147,7 +147,7 @@ class GridPool(nn.Module):
     def forward(self, feat: Tensor, coord: Tensor, offset: Tensor) -> tuple[Tensor, Tensor, GridPartition]:
         """(feat [V, C_out], coord [V, 3], partition) of the pooled points."""
         part = grid_partition(coord.detach(), self.grid_size, offset, relative=True)
-        feat = voxel_pool(self.proj(feat), part.inverse, part.num_cells, reduce="max")
+        feat = voxel_pool(self.proj(feat), part.inverse, part.num_cells, reduce="max", validate=False)
         return feat, segment_mean(coord, part), part
 
 
@@ -287,7 +287,7 @@ class PointTransformerV2(ClassifierMixin, nn.Module):
             feat = self.enc[s](feat, coord, offset)
             stack[-1] = (*stack[-1], part)
         if self.cls_mode:
-            return voxel_pool(feat, offset2batch(offset), offset.numel(), reduce="mean")
+            return voxel_pool(feat, offset2batch(offset, feat.shape[0]), offset.numel(), reduce="mean", validate=False)
         for s in reversed(range(self.num_stages)):
             skip, coord, offset, part = stack[s]
             feat = self.dec[s](self.up[s](feat, skip, part), coord, offset)

@@ -62,7 +62,7 @@ class _Level:
         (one kernel map per kernel size, shared by every block of the level)."""
         coords = self._convs.level(1)
         if coords is None:
-            coords = torch.cat([offset2batch(self.offset)[:, None], self.grid], 1)
+            coords = torch.cat([offset2batch(self.offset, self.grid.shape[0])[:, None], self.grid], 1)
         return SparseTensor(coords, feat, 1, int(self.offset.numel()), self._convs)
 
     def patches(self, order_index: int, patch_size: int) -> PatchIndex:
@@ -70,7 +70,7 @@ class _Level:
         key = (order_index % len(self.names), patch_size)
         if key not in self._patches:
             # depth 0 (every cloud one voxel) has a single order; serialize needs at least one bit
-            code = serialize(self.grid, self.offset, self.names[key[0]], depth=max(self.depth, 1))
+            code = serialize(self.grid, self.offset, self.names[key[0]], depth=max(self.depth, 1), validate=False)
             order = torch.argsort(code)
             self._patches[key] = build_patches(order, offset2lengths(self.offset), patch_size)
         return self._patches[key]
@@ -147,7 +147,8 @@ class GridPooling(nn.Module):
 
     def forward(self, feat: Tensor, part: GridPartition) -> Tensor:
         """[n_fine, C_in] -> [n_coarse, C_out]."""
-        return self.act(self.norm(voxel_pool(self.proj(feat), part.inverse, part.num_cells, reduce="max")))
+        pooled = voxel_pool(self.proj(feat), part.inverse, part.num_cells, reduce="max", validate=False)
+        return self.act(self.norm(pooled))
 
 
 class GridUnpooling(nn.Module):
@@ -317,7 +318,7 @@ class PointTransformerV3(ClassifierMixin, nn.Module):
         part = grid_partition(batch.coord, self.grid_size, batch.offset, relative=False)
         grid = part.cell[:, 1:]
         if grid.shape[0]:
-            grid = grid - cloud_min(grid, part.offset)[offset2batch(part.offset)]
+            grid = grid - cloud_min(grid, part.offset)[offset2batch(part.offset, grid.shape[0])]
         depth = self.serialization_depth
         if depth is None:
             depth = serialization_depth(grid)
@@ -325,6 +326,12 @@ class PointTransformerV3(ClassifierMixin, nn.Module):
                 raise ValueError(
                     f"PTv3 serialization: the largest grid coordinate {int(grid.max())} needs {depth} bits per axis, "
                     f"more than {MAX_DEPTH}; use a coarser grid_size (now {self.grid_size}) or crop the scene")
+        elif grid.numel():  # a fixed depth must hold the input grid (checked once here; the levels' serialize skips it)
+            hi = int(grid.max())
+            if hi >= 1 << depth:
+                raise ValueError(
+                    f"PTv3 serialization: grid_coord values must be < 2**depth = {1 << depth} (depth={depth}), got "
+                    f"maximum {hi}; use a coarser grid_size (now {self.grid_size}) or a larger serialization_depth")
         return part, _Level(grid, part.offset, self._order_names(), depth=depth)
 
     # -- forward --------------------------------------------------------------------------------------------
@@ -359,7 +366,8 @@ class PointTransformerV3(ClassifierMixin, nn.Module):
                 feat = blk(feat, levels[s])
         if self.cls_mode:
             lvl = levels[-1]
-            return voxel_pool(feat, offset2batch(lvl.offset), lvl.offset.numel(), reduce="mean")
+            cloud = offset2batch(lvl.offset, feat.shape[0])
+            return voxel_pool(feat, cloud, lvl.offset.numel(), reduce="mean", validate=False)
         for s in reversed(range(self.num_stages - 1)):
             feat = self.up[s](feat, skips[s], levels[s + 1].parent)
             for blk in self.dec[s]:

@@ -96,7 +96,7 @@ class CoordinateCache:
             if out_stride not in self.coords:
                 self.coarser(in_stride, out_stride // in_stride)
             km = kernel_map(self.coords[in_stride], self.coords[out_stride], kernel_size,
-                            out_stride // in_stride, dilation)
+                            out_stride // in_stride, dilation, validate=False)  # coordinates built by voxelize
             self.kernel_maps[key] = km
         return km
 
@@ -148,10 +148,12 @@ class SparseTensor:
             )
 
     @classmethod
-    def from_grid(cls, grid_coord: Tensor, feats: Tensor, offset: Tensor | None = None) -> SparseTensor:
+    def from_grid(cls, grid_coord: Tensor, feats: Tensor, offset: Tensor | None = None, validate: bool = True
+                  ) -> SparseTensor:
         """Wrap a packed batch already on a grid: integer ``grid_coord [N, 3]`` (unique within each cloud),
         ``feats [N, C]``, cloud offsets [B]. Rows keep their order (no sorting), so row n of every output of
         a stride-1 layer belongs to point n (e.g. a convolutional positional encoding on serialized points).
+        ``validate=False`` skips the offset value checks (host syncs) for an offset already checked.
         """
         if grid_coord.dim() != 2 or grid_coord.shape[1] != 3 or grid_coord.is_floating_point():
             raise ValueError(
@@ -163,8 +165,8 @@ class SparseTensor:
             cloud = grid_coord.new_zeros(n, dtype=torch.long)
             b = 1
         else:
-            check_offset("offset", offset, n)
-            cloud = offset2batch(offset.to(grid_coord.device))
+            check_offset("offset", offset, n, values=validate)
+            cloud = offset2batch(offset.to(grid_coord.device), n)
             b = int(offset.numel())
         return cls(torch.cat([cloud.unsqueeze(1), grid_coord.long()], 1), feats, 1, b)
 
@@ -179,13 +181,17 @@ class SparseTensor:
 
 
 def sparse_from_points(
-    coord: Tensor, feat: Tensor, voxel_size: float, offset: Tensor | None = None, reduce: str = "mean"
+    coord: Tensor, feat: Tensor, voxel_size: float, offset: Tensor | None = None, reduce: str = "mean",
+    validate: bool = True,
 ) -> tuple[SparseTensor, Tensor]:
-    """Voxelize a packed batch: (SparseTensor with per-voxel pooled features, inverse [N] point -> voxel)."""
+    """Voxelize a packed batch: (SparseTensor with per-voxel pooled features, inverse [N] point -> voxel).
+
+    ``validate=False`` skips ``voxelize``'s input checks (host syncs), for a ``PointBatch``'s fields.
+    """
     if not (isinstance(voxel_size, (int, float)) and voxel_size > 0 and math.isfinite(voxel_size)):
         raise ValueError(f"voxel_size must be a positive finite float (metres per cell), got {voxel_size!r}")
-    vox, inverse, _ = voxelize(coord, voxel_size, offset)
-    feats = voxel_pool(feat, inverse, vox.shape[0], reduce=reduce)
+    vox, inverse, _ = voxelize(coord, voxel_size, offset, validate=validate)
+    feats = voxel_pool(feat, inverse, vox.shape[0], reduce=reduce, validate=False)  # inverse from voxelize
     b = 1 if offset is None else int(offset.numel())
     return SparseTensor(vox, feats, 1, b), inverse
 

@@ -95,7 +95,7 @@ class SparseResNet(ClassifierMixin, nn.Module):
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Per-cloud global features [B, planes[-1]] (zeros for an empty cloud)."""
         batch = model_input(self, batch)
-        x, _ = sparse_from_points(batch.coord, batch.feat, self.voxel_size, batch.offset)
+        x, _ = sparse_from_points(batch.coord, batch.feat, self.voxel_size, batch.offset, validate=False)
         x = self._relu(self.bn1(self.conv1(x)))
         x = self.stages(self.pool(x))
         x = self._relu(self.bn5(self.conv5(x)))

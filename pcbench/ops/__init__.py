@@ -4,6 +4,7 @@ Every op takes packed points ``[N, 3]`` with cumulative end ``offset [B]`` (``No
 uses ``-1`` for a missing neighbour. Squared distances are called ``dist2``.
 """
 
+from ._dispatch import dispatch_as
 from .ball_query import ball_query
 from .batch import (
     PointBatch,
@@ -25,6 +26,7 @@ __all__ = [
     "PointBatch",
     "ball_query",
     "batch2offset",
+    "dispatch_as",
     "farthest_point_sample",
     "group",
     "group_relative",

@@ -90,13 +90,12 @@ def cloud_bounds(q64: Tensor, s64: Tensor, qcl: Tensor, scl: Tensor, num: int) -
             idx = c[:, None].expand(-1, 3)
             lo.scatter_reduce_(0, idx, p, "amin")
             hi.scatter_reduce_(0, idx, p, "amax")
-    empty = ~torch.isfinite(lo).all(1)
-    lo[empty] = 0.0
-    hi[empty] = 0.0
-    return lo, hi
+    empty = ~torch.isfinite(lo).all(1, keepdim=True)
+    zero = lo.new_zeros(())
+    return torch.where(empty, zero, lo), torch.where(empty, zero, hi)  # no boolean-mask write: no host sync
 
 
-def unit_scale(lo: Tensor, hi: Tensor) -> Tensor | None:
+def unit_scale(lo: Tensor, hi: Tensor, always: bool = False) -> Tensor | None:
     """Per-cloud power-of-two factors [B] (float64) for clouds at extreme scales, or None when none is.
 
     Selection runs on float32 distances (``cdist`` squares the differences), which overflow to inf for
@@ -106,12 +105,14 @@ def unit_scale(lo: Tensor, hi: Tensor) -> Tensor | None:
     multiplying by a power of two is exact, so every distance is the original one times ``4^-e`` with the
     same rounding, and the selection is that of the original points. Inside the band the squares of
     all differences the input dtype can resolve stay normal floats, so nothing is rescaled there.
+    ``always=True`` returns the factors (1 where none is needed) without asking the host whether any is: the
+    GPU path's choice, one multiply by an exact 1 instead of a device sync.
     """
     m = torch.maximum(lo.abs(), hi.abs()).amax(1)
     # frexp(0) gives exponent 0 (scale 1); the clamp keeps 2^-e finite for float64 subnormals.
     e = torch.frexp(m).exponent.to(torch.float64).clamp(-1000.0, 1000.0)
     need = e.abs() > _SAFE_EXP
-    if not bool(need.any()):
+    if not always and not bool(need.any()):
         return None
     return torch.where(need, torch.pow(2.0, -e), torch.ones_like(m))
 

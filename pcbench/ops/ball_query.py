@@ -7,9 +7,11 @@ import math
 import torch
 from torch import Tensor
 
+from ._dense import dense_select
+from ._dispatch import on_gpu_path
 from ._grid import Grid, cloud_bounds, stencil_search, unit_scale
 from .batch import check_same_device, offset2batch, offset2lengths, resolve_offset
-from .knn import _exact, _validate, compute_dtype, coord_major
+from .knn import _DENSE_BLOCK_CUDA, _exact, _validate, compute_dtype, coord_major
 
 __all__ = ["ORDERS", "ball_query"]
 
@@ -29,6 +31,7 @@ def ball_query(
     *,
     order: str = "distance",
     return_dist2: bool = False,
+    validate: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Up to ``max_neighbors`` support points strictly within ``radius`` of each query.
 
@@ -46,6 +49,8 @@ def ball_query(
             order and stops at ``nsample``. That kernel fills missing slots with the first index found;
             here they stay -1, and ``torch.where(idx < 0, idx[:, :1], idx)`` gives the kernel's layout.
         return_dist2: also return the squared distances.
+        validate: check that coordinates are finite and offsets well formed (host syncs); ``False`` only for
+            inputs already checked, e.g. taken from a ``PointBatch`` or produced by another op.
 
     Returns:
         ``idx [M, max_neighbors]`` int64 global support rows, padded with -1 after the last neighbour
@@ -56,15 +61,15 @@ def ball_query(
         in the query dtype (inf where ``idx`` is -1), in the order of ``idx``.
     """
     check_same_device(query=query, support=support, query_offset=query_offset, support_offset=support_offset)
-    _validate(query, support, max_neighbors, "auto", k_name="max_neighbors")
+    _validate(query, support, max_neighbors, "auto", k_name="max_neighbors", finite=validate)
     if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not math.isfinite(radius) or radius <= 0:
         raise ValueError(f"radius must be a positive finite number, got {radius!r}")
     radius = float(radius)
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS} (nearest first, or the first points in index order), "
                          f"got {order!r}")
-    qo = resolve_offset("query_offset", query_offset, query.shape[0], query.device)
-    so = resolve_offset("support_offset", support_offset, support.shape[0], support.device)
+    qo = resolve_offset("query_offset", query_offset, query.shape[0], query.device, validate)
+    so = resolve_offset("support_offset", support_offset, support.shape[0], support.device, validate)
     if qo.numel() != so.numel():
         raise ValueError(
             f"query_offset and support_offset must describe the same number of clouds, got {qo.numel()} and "
@@ -75,7 +80,9 @@ def ball_query(
     k = max_neighbors
     cd = compute_dtype(query.dtype)
     q64, s64 = query.detach().double(), support.detach().double()
-    qcl, scl = offset2batch(qo), offset2batch(so)
+    qcl, scl = offset2batch(qo, query.shape[0]), offset2batch(so, support.shape[0])
+    if on_gpu_path(query):
+        return _ball_dense(query, q64, s64, qcl, scl, qo, so, radius, k, order, return_dist2)
     ns = offset2lengths(so)
     idx = torch.full((m, k), -1, dtype=torch.long, device=dev)
     d2 = torch.full((m, k), math.inf, dtype=torch.float64, device=dev)
@@ -114,6 +121,22 @@ def ball_query(
     if return_dist2:
         return idx, d2.to(query.dtype)
     return idx
+
+
+def _ball_dense(query: Tensor, q64: Tensor, s64: Tensor, qcl: Tensor, scl: Tensor, qo: Tensor, so: Tensor,
+                radius: float, k: int, order: str, return_dist2: bool) -> Tensor | tuple[Tensor, Tensor]:
+    """GPU path: padded brute force per cloud (``_dense``), sized by one host read; same rule as the grid path."""
+    lo, hi = cloud_bounds(q64, s64, qcl, scl, qo.numel())
+    scale = unit_scale(lo, hi, always=True)
+    cell = torch.full((qo.numel(),), radius, dtype=torch.float64, device=q64.device)
+    if scale is not None:  # exact power-of-two rescaling, as in the grid path
+        q64, s64, cell = q64 * scale[qcl, None], s64 * scale[scl, None], cell * scale
+    idx, dd = dense_select(q64, s64, qo, so, k, _DENSE_BLOCK_CUDA, ball=(cell.square(), query.dtype, order))
+    if not return_dist2:
+        return idx
+    if scale is not None:
+        dd = dd / scale[qcl, None] / scale[qcl, None]
+    return idx, dd.to(query.dtype)
 
 
 def _dist2(q64: Tensor, s64: Tensor, rows: Tensor, idx: Tensor) -> Tensor:

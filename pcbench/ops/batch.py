@@ -22,6 +22,7 @@ __all__ = [
     "check_offset",
     "check_same_device",
     "find_nonfinite",
+    "length_bounds",
     "lengths2offset",
     "offset2batch",
     "offset2lengths",
@@ -78,14 +79,19 @@ class NonFiniteError(ValueError):
         self.clouds = clouds
 
 
-def check_offset(name: str, offset: Tensor, n: int) -> None:
-    """Raise ValueError unless ``offset`` is a 1-D integer tensor, non-decreasing, ending at ``n``."""
+def check_offset(name: str, offset: Tensor, n: int, values: bool = True) -> None:
+    """Raise ValueError unless ``offset`` is a 1-D integer tensor, non-decreasing, ending at ``n``.
+
+    ``values=False`` checks only type and shape: the value checks read the tensor on the host (a device sync).
+    """
     if not isinstance(offset, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of cumulative end indices, got {type(offset).__name__}")
     if offset.dim() != 1 or offset.numel() == 0:
         raise ValueError(f"{name} must be a non-empty 1-D tensor [B], got shape {list(offset.shape)}")
     if offset.dtype.is_floating_point or offset.dtype == torch.bool or offset.is_complex():
         raise ValueError(f"{name} must be an integer tensor, got {offset.dtype}; use .long()")
+    if not values:
+        return
     o = offset.long()
     if bool((o[0] < 0).item()) or (o.numel() > 1 and bool((o[1:] < o[:-1]).any())):
         raise ValueError(
@@ -103,14 +109,49 @@ def check_same_device(**tensors: Tensor | None) -> None:
         raise ValueError(f"tensors must be on one device, got {desc}; move them with .to(device)")
 
 
-def resolve_offset(name: str, offset: Tensor | None, n: int, device: torch.device) -> Tensor:
-    """Validate ``offset`` (or build the single-cloud ``[n]``) and return it as int64 on ``device``."""
+def resolve_offset(name: str, offset: Tensor | None, n: int, device: torch.device, validate: bool = True) -> Tensor:
+    """Validate ``offset`` (or build the single-cloud ``[n]``) and return it as int64 on ``device``.
+
+    ``validate=False`` skips the value checks (no host sync): for offsets already checked, e.g. a
+    ``PointBatch``'s or one an op derived from it.
+    """
     if offset is None:
         return torch.tensor([n], dtype=torch.long, device=device)
-    check_offset(name, offset, n)
+    check_offset(name, offset, n, values=validate)
     if offset.device != device:
         raise ValueError(f"{name} is on {offset.device} but the points are on {device}; move it with .to(device)")
     return offset.long()
+
+
+_BOUNDS = "_pcbench_length_bounds"
+
+
+def length_bounds(*offsets: Tensor) -> list[tuple[int, int]]:
+    """(smallest, largest) cloud size of each offset [B]: at most one host read for all, none for known ones.
+
+    The pair is remembered on the offset tensor with its version counter (every in-place write bumps it, so a
+    modified offset is read again): the searches, samplings and poolings of one resolution level read its
+    sizes once. ``remember_length_bounds`` records bounds an op derived without reading the device.
+    """
+    known: dict[int, tuple[int, int]] = {}
+    missing: list[Tensor] = []
+    for o in offsets:
+        memo = getattr(o, _BOUNDS, None)
+        if memo is not None and memo[0] == o._version:
+            known[id(o)] = memo[1]
+        elif id(o) not in known and all(m is not o for m in missing):
+            missing.append(o)
+    if missing:
+        stats = torch.stack([torch.stack(list(torch.aminmax(offset2lengths(o)))) for o in missing]).tolist()
+        for o, (lo, hi) in zip(missing, stats, strict=True):
+            remember_length_bounds(o, int(lo), int(hi))
+            known[id(o)] = (int(lo), int(hi))
+    return [known[id(o)] for o in offsets]
+
+
+def remember_length_bounds(offset: Tensor, lo: int, hi: int) -> None:
+    """Record the (smallest, largest) cloud size of ``offset`` (known without a host read) for ``length_bounds``."""
+    setattr(offset, _BOUNDS, (offset._version, (int(lo), int(hi))))
 
 
 def offset2lengths(offset: Tensor) -> Tensor:
@@ -129,10 +170,15 @@ def lengths2offset(lengths: Tensor) -> Tensor:
     return torch.cumsum(lengths.long(), dim=0)
 
 
-def offset2batch(offset: Tensor) -> Tensor:
-    """Cloud index of every point [N] (int64) from offsets [B]; if ``batch[i] = b`` then row i is in cloud b."""
+def offset2batch(offset: Tensor, num_points: int | None = None) -> Tensor:
+    """Cloud index of every point [N] (int64) from offsets [B]; if ``batch[i] = b`` then row i is in cloud b.
+
+    ``num_points`` (N, when the caller knows it, e.g. from a tensor's shape) sizes the result without
+    reading ``offset[-1]`` on the host (a device sync); it must equal ``offset[-1]``.
+    """
     lengths = offset2lengths(offset)
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=offset.device), lengths)
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=offset.device), lengths,
+                                   output_size=num_points)
 
 
 def batch2offset(batch: Tensor, num_clouds: int | None = None) -> Tensor:
@@ -200,7 +246,7 @@ class PointBatch:
 
     def batch_index(self) -> Tensor:
         """Cloud index per point [N]."""
-        return offset2batch(self.offset)
+        return offset2batch(self.offset, self.num_points)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PointBatch:
         """Copy every tensor field to ``device``."""

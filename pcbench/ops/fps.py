@@ -22,9 +22,19 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from ._dispatch import on_gpu_path
 from ._fps_cells import fps_cells, fps_cells_speculative
 from ._grid import unit_scale
-from .batch import check_coords, lengths2offset, offset2batch, offset2lengths, offset2start, resolve_offset
+from .batch import (
+    check_coords,
+    length_bounds,
+    lengths2offset,
+    offset2batch,
+    offset2lengths,
+    offset2start,
+    remember_length_bounds,
+    resolve_offset,
+)
 
 __all__ = ["farthest_point_sample", "sample_counts", "sample_offset"]
 
@@ -84,17 +94,32 @@ def sample_counts(lengths: Tensor, n: int | None = None, ratio: float | None = N
     return torch.minimum(lengths, torch.ceil(lengths.double() * ratio).long())
 
 
-def sample_offset(offset: Tensor, n: int | None = None, ratio: float | None = None) -> Tensor:
-    """Offsets [B] of the packed FPS result for the same ``n`` / ``ratio`` (per cloud ``min(n, len)``)."""
+def sample_offset(offset: Tensor, n: int | None = None, ratio: float | None = None, *, validate: bool = True
+                  ) -> Tensor:
+    """Offsets [B] of the packed FPS result for the same ``n`` / ``ratio`` (per cloud ``min(n, len)``).
+
+    ``validate=False`` skips the offset value checks (host syncs) for an offset already checked.
+    """
     _check_n_ratio(n, ratio)
     if not isinstance(offset, Tensor):
         raise ValueError(f"offset must be a torch.Tensor of cumulative end indices, got {type(offset).__name__}")
-    off = resolve_offset("offset", offset, int(offset[-1]) if offset.numel() else 0, offset.device)
-    return lengths2offset(sample_counts(offset2lengths(off), n, ratio))
+    total = (int(offset[-1]) if offset.numel() else 0) if validate else 0
+    off = resolve_offset("offset", offset, total, offset.device, validate)
+    out = lengths2offset(sample_counts(offset2lengths(off), n, ratio))
+    memo = getattr(offset, "_pcbench_length_bounds", None)
+    if memo is not None and memo[0] == offset._version:  # counts are monotone in the length: bounds carry over
+        remember_length_bounds(out, *(_samples(v, n, ratio) for v in memo[1]))
+    return out
+
+
+def _samples(length: int, n: int | None, ratio: float | None) -> int:
+    """``sample_counts`` for one cloud length, on the host (the same float64 arithmetic)."""
+    return min(length, n) if n is not None else min(length, math.ceil(length * float(ratio)))
 
 
 def farthest_point_sample(
-    xyz: Tensor, offset: Tensor | None = None, n: int | None = None, ratio: float | None = None, start: int = 0
+    xyz: Tensor, offset: Tensor | None = None, n: int | None = None, ratio: float | None = None, start: int = 0,
+    *, validate: bool = True,
 ) -> Tensor:
     """Exact farthest point sampling of every cloud of a packed batch.
 
@@ -106,39 +131,52 @@ def farthest_point_sample(
     the sequential reference: the next sample maximises the min squared distance to the chosen ones,
     ties go to the lowest index (so clouds with fewer distinct points than samples repeat points).
     On CPU the sample loop runs on one intra-op thread (the previous setting is restored afterwards).
+    ``validate=False`` skips the finiteness and offset value checks (host syncs) for inputs already checked
+    (e.g. a ``PointBatch``'s). The cloud sizes are read once per offset (``batch.length_bounds``), plus the
+    sample total for ragged batches.
     """
     device = xyz.device if isinstance(xyz, Tensor) else torch.device("cpu")
     with _one_intraop_thread(device):  # validation included: its ops on [N, 3] would fork threads too
-        return _farthest_point_sample(xyz, offset, n, ratio, start)
+        return _farthest_point_sample(xyz, offset, n, ratio, start, validate)
 
 
 def _farthest_point_sample(
-    xyz: Tensor, offset: Tensor | None, n: int | None, ratio: float | None, start: int
+    xyz: Tensor, offset: Tensor | None, n: int | None, ratio: float | None, start: int, validate: bool
 ) -> Tensor:
-    check_coords("xyz", xyz)
+    check_coords("xyz", xyz, finite=validate)
     _check_n_ratio(n, ratio)
-    off = resolve_offset("offset", offset, xyz.shape[0], xyz.device)
+    off = resolve_offset("offset", offset, xyz.shape[0], xyz.device, validate)
     if isinstance(start, bool) or not isinstance(start, numbers.Integral):
         raise ValueError(f"start must be an int index inside each cloud, got {start!r}")
     lengths = offset2lengths(off)
     counts = sample_counts(lengths, n, ratio)
-    nonempty = lengths[lengths > 0]
-    if nonempty.numel() and not 0 <= start < int(nonempty.min()):
-        raise ValueError(
-            f"start must be in [0, {int(nonempty.min()) - 1}] (an index inside every non-empty cloud; the "
-            f"smallest has {int(nonempty.min())} points), got {start}; use start=0"
-        )
-    if not nonempty.numel():
+    # The largest cloud and the number of samples size everything below: known from the offset's bounds
+    # when its clouds are all equal (object batches), else read from the device once.
+    smallest, width = length_bounds(off)[0]
+    if smallest == width:
+        total = _samples(width, n, ratio) * off.numel()
+    else:
+        total = int(counts.sum())
+    if width == 0:
         return torch.zeros(0, dtype=torch.long, device=xyz.device)
+    if start != 0:  # start 0 lies inside every non-empty cloud: only other starts need the smallest one
+        smallest = int(torch.where(lengths > 0, lengths, width).min())
+        if not 0 <= start < smallest:
+            raise ValueError(
+                f"start must be in [0, {smallest - 1}] (an index inside every non-empty cloud; the "
+                f"smallest has {smallest} points), got {start}; use start=0"
+            )
     p = _at_unit_scale(xyz.detach(), off)
     starts = offset2start(off)
-    if p.device.type != "cpu" or int(lengths.max()) <= DENSE_MAX_POINTS:
-        sel = _fps_dense(p, starts, lengths, counts, start)
+    if on_gpu_path(p) or width <= DENSE_MAX_POINTS:
+        # sample_counts is monotone in the cloud length, so the largest cloud has the most samples
+        steps = _samples(width, n, ratio)
+        sel = _fps_dense(p, starts, lengths, counts, start, width, steps)
     elif p.dtype == torch.float64 or p.shape[0] >= 1 << 32:  # keys pack float32 bits and a 32-bit row
         sel = fps_cells(p, starts, lengths, counts, start)
     else:
         sel = fps_cells_speculative(p, starts, lengths, counts, start)
-    return _pack(sel, counts)
+    return _pack(sel, counts, total)
 
 
 
@@ -152,26 +190,35 @@ def _at_unit_scale(p: Tensor, off: Tensor) -> Tensor:
     """
     if not p.shape[0]:
         return p
-    cloud = offset2batch(off)
+    cloud = offset2batch(off, p.shape[0])
     m = p.new_zeros(off.numel(), 3, dtype=torch.float64).scatter_reduce_(
         0, cloud[:, None].expand(-1, 3), p.abs().to(torch.float64), "amax")
-    scale = unit_scale(m, m)
+    scale = unit_scale(m, m, always=on_gpu_path(p))
     return p if scale is None else (p.to(torch.float64) * scale[cloud, None]).to(p.dtype)
 
 
-def _pack(sel: Tensor, counts: Tensor) -> Tensor:
-    """[B, max_count] samples -> packed [sum counts] (row b keeps its first counts[b] entries)."""
-    keep = torch.arange(sel.shape[1], device=sel.device) < counts.to(sel.device)[:, None]
-    return sel[keep]
+def _pack(sel: Tensor, counts: Tensor, total: int) -> Tensor:
+    """[B, max_count] samples -> packed [total = sum counts] (row b keeps its first counts[b] entries)."""
+    counts = counts.to(sel.device)
+    if total == sel.numel():  # every cloud filled its row (equal clouds): nothing to drop
+        return sel.reshape(-1)
+    # Flat positions b * max_count + j of the kept samples, sized on the host: no boolean-mask gather.
+    end = lengths2offset(counts)
+    cloud = offset2batch(end, total)
+    pos = torch.arange(total, device=sel.device) - (end - counts)[cloud] + cloud * sel.shape[1]
+    return sel.reshape(-1).index_select(0, pos)
 
 
-def _fps_dense(p: Tensor, starts: Tensor, lengths: Tensor, counts: Tensor, start: int) -> Tensor:
+def _fps_dense(p: Tensor, starts: Tensor, lengths: Tensor, counts: Tensor, start: int, width: int | None = None,
+               steps: int | None = None) -> Tensor:
     """Padded engine: min-distance of every point updated every step (padding held at -inf).
 
     Coordinates are stored planar ``[3, B, L]`` so each step is a few long vectorised passes; the sum
     over the leading axis rounds exactly like the reference's ``.sum(-1)`` over ``[N, 3]``.
     """
-    num, width, steps = lengths.numel(), int(lengths.max()), int(counts.max())
+    num = lengths.numel()
+    width = int(lengths.max()) if width is None else width  # the callers that know them pass both (no host read)
+    steps = int(counts.max()) if steps is None else steps
     dev = p.device
     col = torch.arange(width, device=dev)
     valid = col < lengths[:, None]

@@ -22,6 +22,8 @@ def interpolate(
     k: int = 3,
     query_offset: Tensor | None = None,
     support_offset: Tensor | None = None,
+    *,
+    validate: bool = True,
 ) -> Tensor:
     """Inverse-distance weighted mean of the features of the ``k`` nearest support points of each query.
 
@@ -29,10 +31,11 @@ def interpolate(
     support cloud b. Returns [M, C] in ``features.dtype``: ``out[i] = sum_j w_ij features[idx[i, j]]``
     with ``w_ij = 1 / (||query[i] - support[idx[i, j]]|| + 1e-8)`` normalised over the found neighbours
     (``idx`` from ``knn``). Missing neighbours (k > cloud size) weigh 0; a query whose support cloud is
-    empty gets zeros. Differentiable w.r.t. ``features`` (not the coordinates).
+    empty gets zeros. Differentiable w.r.t. ``features`` (not the coordinates). ``validate=False`` skips the
+    finiteness and offset value checks (host syncs) for inputs already checked, e.g. from a ``PointBatch``.
     """
-    check_coords("query", query)
-    check_coords("support", support)
+    check_coords("query", query, finite=validate)
+    check_coords("support", support, finite=validate)
     if not isinstance(features, Tensor) or features.dim() != 2 or not features.is_floating_point():
         desc = f"shape {list(features.shape)} dtype {features.dtype}" if isinstance(features, Tensor) else type(
             features).__name__
@@ -49,8 +52,8 @@ def interpolate(
             f"query is {query.dtype} but support is {support.dtype}; convert one with .to(other.dtype)"
         )
     check_same_device(query=query, support=support, features=features)
-    qo = resolve_offset("query_offset", query_offset, query.shape[0], query.device)
-    so = resolve_offset("support_offset", support_offset, support.shape[0], support.device)
+    qo = resolve_offset("query_offset", query_offset, query.shape[0], query.device, validate)
+    so = resolve_offset("support_offset", support_offset, support.shape[0], support.device, validate)
     if qo.numel() != so.numel():
         raise ValueError(
             f"query_offset has {qo.numel()} clouds but support_offset has {so.numel()}; pass one entry per "
@@ -59,13 +62,13 @@ def interpolate(
     out = features.new_zeros(query.shape[0], features.shape[1])
     if support.shape[0] == 0 or query.shape[0] == 0:
         return out
-    idx, d2 = knn(query.detach(), support.detach(), int(k), query_offset, support_offset)
+    idx, d2 = knn(query.detach(), support.detach(), int(k), qo, so, validate=False)  # checked above
     # weights in at least float32 so half-precision features still get well-normalised weights
     wdt = torch.promote_types(features.dtype, torch.float32)
     found = idx >= 0
     src = idx.clamp_min(0)
     d = d2.to(wdt).sqrt()
-    if not bool(torch.isfinite(d[found]).all()):
+    if not bool(torch.isfinite(d).logical_or_(~found).all()):  # one host read, no boolean-mask gather
         # dist2 saturates to inf in the input dtype (float32 beyond ~1.8e19 apart): take the distances in
         # float64 from the coordinates, so clouds at any finite scale get their true weights, not zeros
         wdt = torch.float64

@@ -31,6 +31,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._dense import dense_select, max_lengths
+from ._dispatch import on_gpu_path
 from ._grid import MAX_REACH, Grid, cloud_bounds, stencil_search, unit_scale
 from .batch import check_coords, check_same_device, offset2batch, offset2lengths, resolve_offset
 
@@ -44,7 +46,7 @@ _DENSE_BLOCK = 1 << 22
 _DENSE_BLOCK_CUDA = 1 << 26
 # "auto" on CPU: brute force only while every support cloud is at most this big.
 _CPU_DENSE_MAX = 64
-# "auto" on GPU: brute force while the summed per-cloud products stay below this.
+# "auto" on GPU: padded brute force while (clouds x largest query cloud x largest support cloud) stays below this.
 _GPU_DENSE_WORK = 1 << 32
 # After the first grid pass, the few failing queries go to brute force when this cheap.
 _FALLBACK_DENSE_WORK = 1 << 23
@@ -67,6 +69,7 @@ def knn(
     support_offset: Tensor | None = None,
     *,
     method: str = "auto",
+    validate: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """The ``k`` nearest support points of every query point, searched within the same cloud.
 
@@ -79,6 +82,8 @@ def knn(
             support. Query and support sets may differ.
         method: ``"auto"`` (default), ``"grid"`` (cell stencil, for scenes on CPU) or ``"dense"``
             (chunked brute force, for small clouds / GPU). All are exact; only speed differs.
+        validate: check that coordinates are finite and offsets well formed (host syncs); ``False`` only for
+            inputs already checked, e.g. taken from a ``PointBatch`` or produced by another op.
 
     Returns:
         ``idx [M, k]`` int64 global support rows and ``dist2 [M, k]`` squared distances in the query
@@ -88,9 +93,9 @@ def knn(
         Ties may be broken either way; the set of distances is exact.
     """
     check_same_device(query=query, support=support, query_offset=query_offset, support_offset=support_offset)
-    _validate(query, support, k, method)
-    qo = resolve_offset("query_offset", query_offset, query.shape[0], query.device)
-    so = resolve_offset("support_offset", support_offset, support.shape[0], support.device)
+    _validate(query, support, k, method, finite=validate)
+    qo = resolve_offset("query_offset", query_offset, query.shape[0], query.device, validate)
+    so = resolve_offset("support_offset", support_offset, support.shape[0], support.device, validate)
     if qo.numel() != so.numel():
         raise ValueError(
             f"query_offset and support_offset must describe the same number of clouds, got {qo.numel()} and "
@@ -99,9 +104,9 @@ def knn(
     return _knn(query, support, k, qo, so, method)
 
 
-def _validate(query: Tensor, support: Tensor, k: int, method: str, k_name: str = "k") -> None:
-    check_coords("query", query)
-    check_coords("support", support)
+def _validate(query: Tensor, support: Tensor, k: int, method: str, k_name: str = "k", finite: bool = True) -> None:
+    check_coords("query", query, finite=finite)
+    check_coords("support", support, finite=finite)
     if query.dtype != support.dtype:
         raise ValueError(
             f"query and support must share a dtype, got {query.dtype} and {support.dtype}; convert one with .to()"
@@ -124,12 +129,26 @@ def _knn(query: Tensor, support: Tensor, k: int, qo: Tensor, so: Tensor, method:
     q64 = query.detach().double()
     s64 = support.detach().double()
     num = qo.numel()
-    qcl = offset2batch(qo)
-    scl = offset2batch(so)
+    qcl = offset2batch(qo, m)
+    scl = offset2batch(so, support.shape[0])
     ns = offset2lengths(so)
     nq = offset2lengths(qo)
     idx = torch.full((m, k), -1, dtype=torch.long, device=dev)
     d2 = torch.full((m, k), math.inf, dtype=torch.float64, device=dev)
+    if on_gpu_path(dev) and method != "grid" and m and support.shape[0]:
+        # GPU path: padded brute force per cloud while the padded work stays small enough, sized by the one
+        # host read of the largest clouds (the CPU path's bookkeeping reads the device many times).
+        sizes = max_lengths(qo, so)
+        if method == "dense" or num * sizes[0] * sizes[1] <= _GPU_DENSE_WORK:
+            lo, hi = cloud_bounds(q64, s64, qcl, scl, num)
+            scale = unit_scale(lo, hi, always=True)
+            if scale is not None:
+                q64, s64 = q64 * scale[qcl, None], s64 * scale[scl, None]
+            idx, d2 = dense_select(q64, s64, qo, so, k, _DENSE_BLOCK_CUDA, sizes=sizes)
+            if scale is not None:
+                d2 = d2 / scale[qcl, None] / scale[qcl, None]
+            return idx, d2.to(query.dtype)
+        method = "grid"
     active = torch.nonzero(ns[qcl] > 0).squeeze(1) if m else qcl
     if active.numel():
         if method == "auto":
@@ -152,9 +171,8 @@ def _knn(query: Tensor, support: Tensor, k: int, qo: Tensor, so: Tensor, method:
 
 
 def _auto_method(dev: torch.device, nq: Tensor, ns: Tensor) -> str:
-    if dev.type == "cpu":
-        return "dense" if int(ns.max()) <= _CPU_DENSE_MAX else "grid"
-    return "dense" if int((nq * ns).sum()) <= _GPU_DENSE_WORK else "grid"
+    # (the GPU path decided above, in _knn)
+    return "dense" if int(ns.max()) <= _CPU_DENSE_MAX else "grid"
 
 
 def _exact(q64t: Tensor, s64t: Tensor, rows: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -305,7 +323,7 @@ def _dense_into(
 ) -> None:
     """Brute force for the queries ``sel`` (ascending rows), chunked over clouds and queries."""
     dev = q.device
-    budget = _DENSE_BLOCK if dev.type == "cpu" else _DENSE_BLOCK_CUDA
+    budget = _DENSE_BLOCK_CUDA if on_gpu_path(dev) else _DENSE_BLOCK
     num = qo.numel()
     ns = offset2lengths(so)
     sstart = so - ns

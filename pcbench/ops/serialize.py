@@ -86,7 +86,7 @@ def hilbert_encode(grid: Tensor, depth: int) -> Tensor:
 
 
 def serialize(
-    grid_coord: Tensor, offset: Tensor | None = None, order: str = "z", *, depth: int = 16
+    grid_coord: Tensor, offset: Tensor | None = None, order: str = "z", *, depth: int = 16, validate: bool = True
 ) -> Tensor:
     """Space-filling-curve code [N] int64 per point of integer grid coordinates [N, 3], cloud index in the high bits.
 
@@ -95,6 +95,7 @@ def serialize(
     must be integers in ``[0, 2**depth - 1]`` (``depth`` <= 20, default 16: up to 65535 cells per axis);
     the code is ``cloud << (3 * depth) | curve``, so at most ``2**(63 - 3 * depth)`` clouds fit.
     If ``argsort(code)[r] = i`` then point i is the r-th point along the curve (clouds in offset order).
+    ``validate=False`` skips the coordinate range and offset value checks (host syncs) for checked inputs.
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
@@ -110,8 +111,8 @@ def serialize(
             "voxelize first, e.g. torch.floor(coord / grid_size).long() minus its per-cloud minimum"
         )
     n = grid_coord.shape[0]
-    off = resolve_offset("offset", offset, n, grid_coord.device)
-    if n:
+    off = resolve_offset("offset", offset, n, grid_coord.device, validate)
+    if n and validate:
         lo, hi = int(grid_coord.min()), int(grid_coord.max())
         if lo < 0:
             raise ValueError(
@@ -132,5 +133,5 @@ def serialize(
         g = g[:, [1, 0, 2]]
     code = morton_encode(g) if order.startswith("z") else hilbert_encode(g, depth)
     if off.numel() > 1:
-        code.bitwise_or_(offset2batch(off).bitwise_left_shift_(3 * depth))
+        code.bitwise_or_(offset2batch(off, n).bitwise_left_shift_(3 * depth))
     return code

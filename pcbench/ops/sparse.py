@@ -14,6 +14,8 @@ import itertools
 import torch
 from torch import Tensor
 
+from ._dispatch import on_gpu_path
+
 __all__ = ["coords_key", "kernel_map", "kernel_offsets"]
 
 # Queries per searchsorted call: bounds the [chunk] int64 temporaries to ~32 MiB each.
@@ -34,7 +36,7 @@ def _check_int(name: str, value: object, fix: str) -> int:
     return value
 
 
-def _check_grid(name: str, c: Tensor) -> None:
+def _check_grid(name: str, c: Tensor, values: bool = True) -> None:
     if not isinstance(c, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor [*, 4] (cloud, x, y, z), got {type(c).__name__}")
     if c.dim() != 2 or c.shape[1] != 4:
@@ -44,7 +46,7 @@ def _check_grid(name: str, c: Tensor) -> None:
         )
     if c.dtype.is_floating_point or c.dtype == torch.bool or c.is_complex():
         raise ValueError(f"{name} must be an integer tensor, got {c.dtype}; use integer grid coordinates (.long())")
-    if c.numel() and bool((c[:, 0] < 0).any()):
+    if values and c.numel() and bool((c[:, 0] < 0).any()):
         raise ValueError(f"{name}[:, 0] (cloud index) must be >= 0, got min {int(c[:, 0].min())}")
 
 
@@ -60,7 +62,8 @@ def coords_key(coords: Tensor, lo: Tensor, size: Tensor) -> Tensor:
 
 
 def kernel_map(
-    in_coords: Tensor, out_coords: Tensor, kernel_size: int, stride: int = 1, dilation: int = 1
+    in_coords: Tensor, out_coords: Tensor, kernel_size: int, stride: int = 1, dilation: int = 1, *,
+    validate: bool = True,
 ) -> list[tuple[Tensor, Tensor]]:
     """Per kernel offset ``(in_idx, out_idx)`` pairs for a sparse convolution, in conv3d weight order.
 
@@ -70,10 +73,12 @@ def kernel_map(
     If ``(in_idx[p], out_idx[p]) = (i, j)`` for offset d, then ``in_coords[i] == (b_j, out_coords[j].xyz *
     stride + d * dilation)``, where d runs over -(k//2)..k//2 (odd k) or 0..k-1 (even k), dx slowest.
     Output voxels with no input at an offset simply have no pair there (no -1 padding). Duplicate input
-    rows map to the last one, as a dict would.
+    rows map to the last one, as a dict would. ``validate=False`` skips the cloud-index check (a host sync) for
+    coordinates already checked (e.g. built by ``voxelize``). All offsets are searched at once: the device is
+    read twice per call (grid bounds, pair counts per offset), not once per offset.
     """
-    _check_grid("in_coords", in_coords)
-    _check_grid("out_coords", out_coords)
+    _check_grid("in_coords", in_coords, validate)
+    _check_grid("out_coords", out_coords, validate)
     _check_int("kernel_size", kernel_size, "use e.g. 3 (odd: centred) or 2 (even: 0..k-1, for down/up-sampling)")
     _check_int("stride", stride, "use 1 (same grid) or the coarsening factor between the two levels, e.g. 2")
     _check_int("dilation", dilation, "use 1 for a dense kernel footprint")
@@ -97,38 +102,47 @@ def kernel_map(
     lo = torch.minimum(ic[:, 1:].min(0).values, base[:, 1:].min(0).values + dmin)
     hi = torch.maximum(ic[:, 1:].max(0).values, base[:, 1:].max(0).values + dmax)
     size = hi - lo + 1
-    nclouds = int(torch.maximum(ic[:, 0].max(), base[:, 0].max())) + 1
+    *size_host, nclouds = torch.cat([size, torch.maximum(ic[:, 0].max(), base[:, 0].max())[None] + 1]).tolist()
     span = nclouds
-    for s in size.tolist():
+    for s in size_host:
         span *= s
         if span >= _KEY_LIMIT:
             raise ValueError(
-                f"in_coords/out_coords span a grid of {size.tolist()} cells x {nclouds} clouds, too large for int64 "
+                f"in_coords/out_coords span a grid of {size_host} cells x {nclouds} clouds, too large for int64 "
                 "keys; use a coarser voxel size or re-centre each cloud's coordinates"
             )
 
     in_key = coords_key(ic, lo, size)
-    if n > 1 and bool((in_key[1:] < in_key[:-1]).any()):
+    # Keys from voxelize are sorted already. The CPU path asks (a cheap read there); the GPU path sorts anyway
+    # (a stable sort is the identity on sorted keys) rather than stall on the answer.
+    if on_gpu_path(in_key) or (n > 1 and bool((in_key[1:] < in_key[:-1]).any())):
         in_key, perm = torch.sort(in_key, stable=True)
     else:
         perm = None
     q_key = coords_key(base, lo, size)
     delta = (offs[:, 0] * size[1] + offs[:, 1]) * size[2] + offs[:, 2]
 
-    result: list[tuple[Tensor, Tensor]] = []
-    for k in range(K):
-        ii, jj = [], []
-        for a in range(0, m, _CHUNK):
-            q = q_key[a:a + _CHUNK] + delta[k]
-            # right=True then -1 lands on the LAST equal key: with a stable sort that is the last duplicate row.
-            pos = torch.searchsorted(in_key, q, right=True) - 1
-            pos.clamp_(min=0)
-            hit = in_key[pos] == q
-            j = hit.nonzero().squeeze(1)
-            ii.append(pos[j])
-            jj.append(j + a)
-        i_idx = torch.cat(ii) if len(ii) > 1 else ii[0]
+    parts: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(K)]
+    step = max(1, _CHUNK // K)
+    for a in range(0, m, step):
+        q = q_key[a:a + step][None, :] + delta[:, None]  # [K, c]: every offset of the chunk at once
+        # right=True then -1 lands on the LAST equal key: with a stable sort that is the last duplicate row.
+        pos = torch.searchsorted(in_key, q, right=True).sub_(1).clamp_(min=0)
+        hit = in_key[pos] == q
+        counts = hit.sum(1).tolist()
+        # Row-major: offset by offset, output rows ascending within each. Sized by the counts just read, so
+        # it needs no second host read (nonzero would wait for the device to size its output).
+        k_j = torch.nonzero_static(hit, size=sum(counts))
+        i_all = pos[k_j[:, 0], k_j[:, 1]]
         if perm is not None:
-            i_idx = perm[i_idx]
-        result.append((i_idx, torch.cat(jj) if len(jj) > 1 else jj[0]))
+            i_all = perm[i_all]
+        j_all = k_j[:, 1] + a
+        for k, (i_k, j_k) in enumerate(zip(i_all.split(counts), j_all.split(counts), strict=True)):
+            parts[k].append((i_k, j_k))
+    result: list[tuple[Tensor, Tensor]] = []
+    for chunks in parts:
+        if len(chunks) == 1:
+            result.append(chunks[0])
+        else:
+            result.append((torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])))
     return result

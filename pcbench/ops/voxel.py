@@ -17,35 +17,38 @@ _GRID_LIMIT = 2.0**52
 _KEY_LIMIT = 2**62
 
 
-def voxelize(coord: Tensor, voxel_size: float, offset: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def voxelize(coord: Tensor, voxel_size: float, offset: Tensor | None = None, *, validate: bool = True
+             ) -> tuple[Tensor, Tensor, Tensor]:
     """Group points into the voxels of a regular grid, per cloud.
 
     coord: [N, 3] float; voxel ``(i, j, k) = floor(coord / voxel_size)`` (computed in float64).
     Returns ``voxels [V, 4]`` int64 rows ``(cloud, i, j, k)`` sorted lexicographically (so by cloud first),
     ``inverse [N]`` int64 with ``voxels[inverse[n]]`` the voxel of point n, and ``counts [V]`` points per
-    voxel. Empty clouds contribute no voxels.
+    voxel. Empty clouds contribute no voxels. ``validate=False`` skips the finiteness and offset value checks
+    (host syncs) for inputs already checked (e.g. a ``PointBatch``'s).
     """
-    check_coords("coord", coord)
+    check_coords("coord", coord, finite=validate)
     if isinstance(voxel_size, bool) or not isinstance(voxel_size, numbers.Real) or not (
         math.isfinite(voxel_size) and voxel_size > 0
     ):
         raise ValueError(f"voxel_size must be a positive finite number (grid edge length), got {voxel_size!r}")
     dev = coord.device
-    off = resolve_offset("offset", offset, coord.shape[0], dev)
+    off = resolve_offset("offset", offset, coord.shape[0], dev, validate)
     if coord.shape[0] == 0:
         e = torch.zeros(0, dtype=torch.long, device=dev)
         return torch.zeros(0, 4, dtype=torch.long, device=dev), e, e.clone()
     scaled = coord.detach().double() / float(voxel_size)
-    reach = float(scaled.abs().max())
+    grid = torch.floor(scaled).long()
+    lo = grid.amin(0)
+    # One host read for the range check and the key radix.
+    reach, *span = torch.cat([scaled.abs().max()[None], (grid.amax(0) - lo + 1).double()]).tolist()
     if reach >= _GRID_LIMIT:
         raise ValueError(
             f"coord / voxel_size reaches {reach:.3g}, beyond the exact int64 grid range (2**52); use a larger "
             f"voxel_size than {voxel_size} or recentre/rescale the coordinates"
         )
-    grid = torch.floor(scaled).long()
-    cloud = offset2batch(off)
-    lo = grid.amin(0)
-    span = (grid.amax(0) - lo + 1).tolist()
+    span = [int(s) for s in span]
+    cloud = offset2batch(off, coord.shape[0])
     nclouds = off.numel()
     if nclouds * span[0] * span[1] * span[2] < _KEY_LIMIT:
         # one mixed-radix int64 key: sorting it sorts (cloud, i, j, k) lexicographically
@@ -65,9 +68,11 @@ def voxelize(coord: Tensor, voxel_size: float, offset: Tensor | None = None) -> 
     return voxels, inverse, counts
 
 
-def voxel_pool(feat: Tensor, inverse: Tensor, num_voxels: int, reduce: str = "mean") -> Tensor:
+def voxel_pool(feat: Tensor, inverse: Tensor, num_voxels: int, reduce: str = "mean", *, validate: bool = True
+               ) -> Tensor:
     """Pool point features ``feat [N, C]`` into ``[num_voxels, C]``: row v reduces the points n with
     ``inverse[n] == v`` by ``mean`` or ``max`` (voxels without points are 0). Differentiable w.r.t. ``feat``.
+    ``validate=False`` skips the range check of ``inverse`` (host syncs), for an ``inverse`` an op produced.
     """
     if reduce not in ("mean", "max"):
         raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
@@ -83,7 +88,7 @@ def voxel_pool(feat: Tensor, inverse: Tensor, num_voxels: int, reduce: str = "me
     if inverse.shape[0] != feat.shape[0]:
         raise ValueError(f"inverse has {inverse.shape[0]} entries but feat has {feat.shape[0]} rows; they must match")
     check_same_device(feat=feat, inverse=inverse)
-    if inverse.numel() and (int(inverse.min()) < 0 or int(inverse.max()) >= num_voxels):
+    if validate and inverse.numel() and (int(inverse.min()) < 0 or int(inverse.max()) >= num_voxels):
         raise ValueError(
             f"inverse values must be in [0, {num_voxels - 1}] (num_voxels={num_voxels}), got "
             f"[{int(inverse.min())}, {int(inverse.max())}]; pass num_voxels=len(counts) from voxelize"

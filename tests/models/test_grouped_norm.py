@@ -13,7 +13,7 @@ from pcbench.models.layers import BatchNormReLUMax, PointBatchNorm
 from pcbench.models.layers.grouped import CompactGroups
 from pcbench.models.layers.norm import Repeats
 from pcbench.models.pointnet2 import SetAbstraction
-from pcbench.ops import ball_query, group_relative
+from pcbench.ops import ball_query, dispatch_as, group_relative
 from tests.models._helpers import ragged_objects
 
 
@@ -62,29 +62,32 @@ def test_batchnorm_relu_with_repeats_equals_batchnorm_on_the_expanded_rows() -> 
     assert torch.autograd.gradcheck(lambda v: norm.forward_relu(v, repeats), (x,))
 
 
-def test_pooled_batchnorm_over_variable_size_groups_with_repeats() -> None:
-    x, repeats, expand = _compact(seed=1)
-    norm, ref = _pair(BatchNormReLUMax, x.shape[1])
-    blocks = ((4, 2), (2, 1), (1, 2))  # groups: rows 0-3, 4-7, 8-9, 10, 11
-    groups = [(0, 4), (4, 8), (8, 10), (10, 11), (11, 12)]
-    x.requires_grad_()
-    for training in (True, False, True):
-        norm.train(training)
-        ref.train(training)
-        out = norm.pool(x, blocks, repeats)
-        full = F.relu(ref(x[expand]))[: x.shape[0]]  # statistics over every copy; the copies pool like the original
-        expected = torch.stack([full[a:b].amax(0) for a, b in groups])
-        torch.testing.assert_close(out, expected)
-        g = torch.randn_like(out)
-        got = torch.autograd.grad(out, [x, norm.weight, norm.bias], g)
-        want = torch.autograd.grad(expected, [x, ref.weight, ref.bias], g)
-        for a, b in zip(got, want, strict=True):
-            torch.testing.assert_close(a, b)
-    for key, value in ref.state_dict().items():
-        torch.testing.assert_close(norm.state_dict()[key], value)
-    assert torch.autograd.gradcheck(lambda v: norm.pool(v, blocks, repeats), (x,))
-    with pytest.raises(ValueError, match="blocks"):
-        norm.pool(x, ((4, 2),), repeats)
+@pytest.mark.parametrize("dispatch", ["cpu", "cuda"])
+def test_pooled_batchnorm_over_variable_size_groups_with_repeats(dispatch: str) -> None:
+    # "cuda": the GPU path pools h * (+-1) per channel instead of asking the host about negative scales.
+    with dispatch_as(dispatch):
+        x, repeats, expand = _compact(seed=1)
+        norm, ref = _pair(BatchNormReLUMax, x.shape[1])
+        blocks = ((4, 2), (2, 1), (1, 2))  # groups: rows 0-3, 4-7, 8-9, 10, 11
+        groups = [(0, 4), (4, 8), (8, 10), (10, 11), (11, 12)]
+        x.requires_grad_()
+        for training in (True, False, True):
+            norm.train(training)
+            ref.train(training)
+            out = norm.pool(x, blocks, repeats)
+            full = F.relu(ref(x[expand]))[: x.shape[0]]  # statistics over every copy; the copies pool like the original
+            expected = torch.stack([full[a:b].amax(0) for a, b in groups])
+            torch.testing.assert_close(out, expected)
+            g = torch.randn_like(out)
+            got = torch.autograd.grad(out, [x, norm.weight, norm.bias], g)
+            want = torch.autograd.grad(expected, [x, ref.weight, ref.bias], g)
+            for a, b in zip(got, want, strict=True):
+                torch.testing.assert_close(a, b)
+        for key, value in ref.state_dict().items():
+            torch.testing.assert_close(norm.state_dict()[key], value)
+        assert torch.autograd.gradcheck(lambda v: norm.pool(v, blocks, repeats), (x,))
+        with pytest.raises(ValueError, match="blocks"):
+            norm.pool(x, ((4, 2),), repeats)
 
 
 def test_compact_groups_describe_the_padded_ball_query() -> None:
@@ -119,29 +122,32 @@ def _reference_branch(branch, xyz, feat, offset, centres, centre_offset):  # noq
     return h.amax(1)
 
 
+@pytest.mark.parametrize("dispatch", ["cpu", "cuda"])
 @pytest.mark.parametrize("order", ["index", "distance"])
-def test_set_abstraction_training_step_equals_the_grouped_reference(order: str) -> None:
-    # Ragged clouds and small radii: many centres with padded balls, several group sizes.
-    batch = ragged_objects([150, 90], in_channels=4)
-    torch.manual_seed(0)
-    sa = SetAbstraction(4, radii=[0.2, 0.5], max_neighbors=[8, 24], widths=[[16, 16, 32], [16, 24]],
-                        num_samples=48, ball_query_order=order).double().train()
-    for m in sa.modules():
-        if isinstance(m, torch.nn.BatchNorm1d):
-            m.weight.data = torch.randn(m.num_features, dtype=torch.float64)
-    ref = copy.deepcopy(sa)
-    xyz_a, feat_a = batch.coord.double().requires_grad_(), batch.feat.double().requires_grad_()
-    xyz_b, feat_b = batch.coord.double().requires_grad_(), batch.feat.double().requires_grad_()
-    centres, out, centre_offset = sa(xyz_a, feat_a, batch.offset)
-    sel = torch.cdist(centres.detach(), xyz_b.detach()).argmin(1)
-    expected = torch.cat([_reference_branch(b, xyz_b, feat_b, batch.offset, xyz_b[sel], centre_offset)
-                          for b in ref.branches], 1)
-    torch.testing.assert_close(out, expected)
-    g = torch.randn_like(out)
-    params = [p for p in sa.parameters()]
-    got = torch.autograd.grad(out, [xyz_a, feat_a, *params], g)
-    want = torch.autograd.grad(expected, [xyz_b, feat_b, *ref.parameters()], g)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b)
-    for (key, value), (_, other) in zip(sa.state_dict().items(), ref.state_dict().items(), strict=True):
-        torch.testing.assert_close(value, other, msg=key)
+def test_set_abstraction_training_step_equals_the_grouped_reference(order: str, dispatch: str) -> None:
+    # "cuda": padded groups (copies of column 0), dense ball query and sign pooling, i.e. the GPU code path.
+    with dispatch_as(dispatch):
+        # Ragged clouds and small radii: many centres with padded balls, several group sizes.
+        batch = ragged_objects([150, 90], in_channels=4)
+        torch.manual_seed(0)
+        sa = SetAbstraction(4, radii=[0.2, 0.5], max_neighbors=[8, 24], widths=[[16, 16, 32], [16, 24]],
+                            num_samples=48, ball_query_order=order).double().train()
+        for m in sa.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.weight.data = torch.randn(m.num_features, dtype=torch.float64)
+        ref = copy.deepcopy(sa)
+        xyz_a, feat_a = batch.coord.double().requires_grad_(), batch.feat.double().requires_grad_()
+        xyz_b, feat_b = batch.coord.double().requires_grad_(), batch.feat.double().requires_grad_()
+        centres, out, centre_offset = sa(xyz_a, feat_a, batch.offset)
+        sel = torch.cdist(centres.detach(), xyz_b.detach()).argmin(1)
+        expected = torch.cat([_reference_branch(b, xyz_b, feat_b, batch.offset, xyz_b[sel], centre_offset)
+                              for b in ref.branches], 1)
+        torch.testing.assert_close(out, expected)
+        g = torch.randn_like(out)
+        params = [p for p in sa.parameters()]
+        got = torch.autograd.grad(out, [xyz_a, feat_a, *params], g)
+        want = torch.autograd.grad(expected, [xyz_b, feat_b, *ref.parameters()], g)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
+        for (key, value), (_, other) in zip(sa.state_dict().items(), ref.state_dict().items(), strict=True):
+            torch.testing.assert_close(value, other, msg=key)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from pcbench.models import META_KEYS, build_model, model_task
-from pcbench.ops import PointBatch
+from pcbench.ops import PointBatch, dispatch_as
 from tests.models._helpers import (
     modelnet_batch,
     per_cloud,
@@ -200,6 +200,47 @@ def test_autocast_forward(path: Path, small_batch: PointBatch, dtype: torch.dtyp
     # bfloat16 keeps ~3 significant digits, float16 ~4; the logits must still agree as a whole.
     rel = (out.float() - ref).norm() / ref.norm().clamp_min(1e-6)
     assert rel < tol, f"{path.name}: {dtype} autocast logits deviate by {rel:.4f} (relative L2)"
+
+
+def _loss_and_grads(model: torch.nn.Module, batch: PointBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One training forward + backward from a fixed seed: (loss, gradient of every parameter)."""
+    model.zero_grad(set_to_none=True)
+    out = _seeded(model.train(), batch)
+    target = torch.arange(out.shape[0]) % out.shape[1]
+    loss = F.cross_entropy(out, target)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=_ids(CONFIGS))
+def test_gpu_code_path_matches_cpu_path(path: Path, small_batch: PointBatch) -> None:
+    # The branches each op takes on a GPU (dense kNN for every cloud, GPU block sizes, dense FPS), run on
+    # CPU tensors under dispatch_as("cuda"): the same logits as the CPU branches.
+    model = build(path).eval()
+    with torch.no_grad():
+        with dispatch_as("cpu"):
+            ref = _seeded(model, small_batch)
+        with dispatch_as("cuda"):
+            out = _seeded(model, small_batch)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", CONFIGS, ids=_ids(CONFIGS))
+def test_gpu_code_path_trains_like_cpu_path(path: Path, small_batch: PointBatch) -> None:
+    # One training step under each dispatch: same loss, and every gradient equal up to float summation order
+    # (tied neighbours may come back in another order), measured against the size of the whole gradient:
+    # entries that are sums cancelling to ~1e-6 differ by their rounding alone.
+    model = build(path)
+    with dispatch_as("cpu"):
+        ref_loss, ref_grads = _loss_and_grads(model, small_batch)
+    with dispatch_as("cuda"):
+        loss, grads = _loss_and_grads(model, small_batch)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    scale = max(float(g.abs().max()) for g in ref_grads.values())
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-3 * scale, rtol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.gpu

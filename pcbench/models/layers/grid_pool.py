@@ -33,27 +33,30 @@ class GridPartition:
 
 def cloud_min(x: Tensor, offset: Tensor) -> Tensor:
     """Per-cloud minimum [B, C] of rows [N, C] (zeros for empty clouds)."""
-    batch = offset2batch(offset)
+    batch = offset2batch(offset, x.shape[0])
     out = x.new_zeros(offset.numel(), x.shape[1])
     return out.scatter_reduce(0, batch[:, None].expand_as(x), x, reduce="amin", include_self=False)
 
 
-def grid_partition(coord: Tensor, cell_size: float, offset: Tensor, relative: bool = True) -> GridPartition:
+def grid_partition(coord: Tensor, cell_size: float, offset: Tensor, relative: bool = True, validate: bool = False
+                   ) -> GridPartition:
     """Cells of side ``cell_size`` over ``coord`` [N, 3]; ``relative`` anchors each cloud's grid at its minimum.
 
     Anchoring per cloud (as PTv2's grid pooling does) makes a cloud's cells independent of where it sits.
-    If ``inverse[i] = v`` then point i lies in cell ``cell[v]``.
+    If ``inverse[i] = v`` then point i lies in cell ``cell[v]``. Models call it on points of a checked
+    ``PointBatch`` (or derived from one), so the input checks of ``voxelize`` are off unless ``validate``.
     """
     if relative and coord.shape[0]:
-        coord = coord - cloud_min(coord, offset)[offset2batch(offset)]
-    cell, inverse, counts = voxelize(coord, cell_size, offset)
-    lengths = torch.bincount(cell[:, 0], minlength=offset.numel())
-    return GridPartition(cell, inverse, counts, torch.cumsum(lengths, 0))
+        coord = coord - cloud_min(coord, offset)[offset2batch(offset, coord.shape[0])]
+    cell, inverse, counts = voxelize(coord, cell_size, offset, validate=validate)
+    # searchsorted, not bincount: the cells are sorted by cloud, and bincount reads its maximum on the host
+    ends = torch.searchsorted(cell[:, 0].contiguous(), torch.arange(offset.numel(), device=cell.device), right=True)
+    return GridPartition(cell, inverse, counts, ends)
 
 
 def segment_mean(x: Tensor, part: GridPartition) -> Tensor:
     """Mean of the rows of each cell: [N, C] -> [V, C]."""
-    return voxel_pool(x, part.inverse, part.num_cells, reduce="mean")
+    return voxel_pool(x, part.inverse, part.num_cells, reduce="mean", validate=False)
 
 
 class DropPath(nn.Module):

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pcbench.ops._dispatch import on_gpu_path
+
 from .norm import Repeats
 
 __all__ = ["CompactGroups"]
@@ -67,6 +69,14 @@ class CompactGroups:
     def from_ball_query(cls, idx: Tensor) -> CompactGroups:
         """From ``idx [M, k]`` with -1 padding after the found neighbours (``pcbench.ops.ball_query``)."""
         m, k = idx.shape
+        if on_gpu_path(idx):
+            # GPU path: the padded layout itself (missing slots copy column 0, as the official kernel fills them),
+            # one block of k rows per centre. Nothing here depends on data sizes, so nothing is read on the host;
+            # statistics, outputs and gradients are those of the compact layout (the copies are identical rows).
+            # The centres' self-match is not re-checked here (FPS centres always find themselves).
+            empty = idx.new_zeros(0)
+            return cls(torch.arange(m, device=idx.device), torch.where(idx < 0, idx[:, :1], idx).reshape(-1),
+                       ((k, m),) if m else (), Repeats(empty, empty.float(), m * k))
         valid = idx >= 0
         count = valid.sum(1)
         if m and not bool(valid[:, 0].all()):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pcbench.ops.batch import offset2batch, offset2lengths
+from pcbench.ops.batch import length_bounds, offset2batch, offset2lengths
 
 from .norm import PointBatchNorm
 
@@ -39,9 +39,8 @@ class MLP(nn.Sequential):
 
 
 def _equal_lengths(offset: Tensor) -> int | None:
-    lengths = offset2lengths(offset)
-    n = int(lengths[0])
-    return n if n > 0 and bool((lengths == n).all()) else None
+    lo, hi = length_bounds(offset)[0]
+    return hi if hi > 0 and lo == hi else None
 
 
 def cloud_max(x: Tensor, offset: Tensor) -> Tensor:
@@ -49,7 +48,7 @@ def cloud_max(x: Tensor, offset: Tensor) -> Tensor:
     n = _equal_lengths(offset)
     if n is not None:
         return x.view(offset.numel(), n, x.shape[1]).amax(1)
-    idx = offset2batch(offset).unsqueeze(1).expand_as(x)
+    idx = offset2batch(offset, x.shape[0]).unsqueeze(1).expand_as(x)
     return x.new_zeros(offset.numel(), x.shape[1]).scatter_reduce(0, idx, x, "amax", include_self=False)
 
 
@@ -58,7 +57,7 @@ def cloud_mean(x: Tensor, offset: Tensor) -> Tensor:
     n = _equal_lengths(offset)
     if n is not None:
         return x.view(offset.numel(), n, x.shape[1]).mean(1)
-    out = x.new_zeros(offset.numel(), x.shape[1]).index_add_(0, offset2batch(offset), x)
+    out = x.new_zeros(offset.numel(), x.shape[1]).index_add_(0, offset2batch(offset, x.shape[0]), x)
     return out / offset2lengths(offset).clamp_min(1).unsqueeze(1).to(x.dtype)
 
 
@@ -72,5 +71,5 @@ def canonical_order(coord: Tensor, offset: Tensor) -> Tensor:
     perm = torch.arange(coord.shape[0], device=coord.device)
     for dim in (2, 1, 0):  # least significant key first; stable sorts compose into a lexicographic sort
         perm = perm[torch.sort(coord[perm, dim], stable=True).indices]
-    batch = offset2batch(offset)
+    batch = offset2batch(offset, coord.shape[0])
     return perm[torch.sort(batch[perm], stable=True).indices]

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pcbench.ops._dispatch import on_gpu_path
+
 __all__ = ["BatchNormReLUMax", "PointBatchNorm", "Repeats"]
 
 
@@ -176,10 +178,17 @@ class _PooledBNFunction(torch.autograd.Function):
         scale = weight * invstd
         shift = bias - mean * scale
         neg = scale < 0  # decreasing channels: the max of the output comes from the min of h
-        any_neg = bool(neg.any())
+        # GPU path: max of h * (+-1) per channel (the same values and first indices as the two passes below)
+        # instead of reading any(neg) on the host.
+        sign = torch.where(neg, -1.0, 1.0).to(h.dtype) if on_gpu_path(h) else None
+        any_neg = sign is None and bool(neg.any())
         pooled, arg, start = [h.new_zeros(0, h.shape[1])], [torch.zeros(0, h.shape[1], dtype=torch.long, device=h.device)], 0
         for size, count in blocks:
-            p, a = _max_with_index(h[start: start + size * count], size, count)
+            if sign is not None:
+                p, a = _max_with_index(h[start: start + size * count] * sign, size, count)
+                p = p * sign
+            else:
+                p, a = _max_with_index(h[start: start + size * count], size, count)
             if any_neg:
                 low, a_low = _max_with_index(h[start: start + size * count].neg(), size, count)
                 p, a = torch.where(neg, low.neg_(), p), torch.where(neg, a_low, a)

@@ -55,23 +55,25 @@ def build_patches(order: Tensor, lengths: Tensor, patch_size: int) -> PatchIndex
     if n_tot == 0:
         empty = torch.zeros(0, dtype=torch.long, device=dev)
         return PatchIndex(empty, None, empty, 1)
-    k = min(patch_size, int(lengths.max()))
+    smallest, largest = torch.stack(list(torch.aminmax(lengths))).tolist()  # one host read for both
+    k = min(patch_size, largest)
     full = lengths >= k
     num_p = torch.where(full, (lengths + k - 1) // k, (lengths > 0).long())
     slots = num_p * k
     slot_start = torch.cumsum(slots, 0) - slots
     start = torch.cumsum(lengths, 0) - lengths
-    cloud = torch.repeat_interleave(torch.arange(lengths.numel(), device=dev), slots)
-    local = torch.arange(int(slots.sum()), device=dev) - slot_start[cloud]
+    total = int(slots.sum())  # sizes both repeat_interleave below without further reads
+    cloud = torch.repeat_interleave(torch.arange(lengths.numel(), device=dev), slots, output_size=total)
+    local = torch.arange(total, device=dev) - slot_start[cloud]
     n_c = lengths[cloud]
     real = local < n_c
     # fill a partial last patch with the K - r points preceding it on the curve; tiny clouds repeat point 0
     src = torch.where(real, local, torch.where(full[cloud], local - k, torch.zeros_like(local)))
     gather = order[start[cloud] + src]
     key_mask = None
-    if not bool(full.all()):
+    if smallest < k:
         key_mask = (real | full[cloud]).view(-1, k)
-    sorted_cloud = torch.repeat_interleave(torch.arange(lengths.numel(), device=dev), lengths)
+    sorted_cloud = torch.repeat_interleave(torch.arange(lengths.numel(), device=dev), lengths, output_size=n_tot)
     pos = torch.arange(n_tot, device=dev)
     scatter = torch.empty_like(order)
     scatter[order] = slot_start[sorted_cloud] + pos - start[sorted_cloud]
