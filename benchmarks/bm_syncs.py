@@ -33,12 +33,12 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pcbench.ops._clouds import object_batch, scan_like_scene
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pcbench.io import write_text
 from pcbench.models import build_model, model_task
 from pcbench.ops import PointBatch, dispatch_as
+from pcbench.testing.clouds import object_batch, scan_like_scene
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf" / "model"

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from pcbench.ops._clouds import object_batch, scan_like_scene
 
 from benchmarks import bm_syncs
 from pcbench.ops import dispatch_as, farthest_point_sample, kernel_map, sample_offset, voxelize
 from pcbench.ops._reference import fps_reference
 from pcbench.ops.batch import length_bounds, offset2batch
+from pcbench.testing.clouds import object_batch, scan_like_scene
 
 
 def test_counter_sees_each_kind_of_host_sync_and_nothing_else() -> None:

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
-from pcbench.ops._clouds import object_batch, scan_like_scene
 from scipy.spatial import cKDTree
 
 from pcbench.ops import dispatch_as, farthest_point_sample, knn
 from pcbench.ops._dispatch import ENV_VAR, dispatch_kind, on_gpu_path
 from pcbench.ops._reference import fps_reference, knn_reference
+from pcbench.testing.clouds import object_batch, scan_like_scene
 
 # the modules, not the functions that pcbench.ops re-exports under the same names
 knn_mod = importlib.import_module("pcbench.ops.knn")
