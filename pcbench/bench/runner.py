@@ -376,6 +376,19 @@ def _supersede(store: ResultStore, sha: str, host: str) -> None:
                    f"started on {host}", log_path=r.get("log_path"))
 
 
+def _cell_failed(store: ResultStore, rid: str, log: Path, err: BaseException, head: str, progress: Progress,
+                 out: dict[str, Any]) -> dict[str, Any]:
+    """Record a cell's failure (traceback to its log, the reason in the store), say it, return its status."""
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(f"[{now_iso()}] cell failed:\n{traceback.format_exc()}")
+    msg = f"{type(err).__name__}: {err}".strip()
+    store.fail(rid, error=msg, log_path=str(log))
+    if _BAR is not None:
+        _BAR.update(1)
+    say(f"{head}: {msg.splitlines()[0][:300]} (log: {log}) | {progress.line()}")
+    return {**out, "status": "failed"}
+
+
 def _headline_text(result: FitResult) -> str:
     key = HEADLINE.get(result.task, "oa")
     val = (result.metrics.get("test") or {}).get(key)
@@ -491,15 +504,8 @@ def _run_claimed(bench: DictConfig, cell: Cell, cfg: DictConfig, choices: dict[s
         store.fail(rid, error="interrupted (Ctrl-C); run the suite again to resume this cell", log_path=str(log))
         raise
     except BaseException as err:  # noqa: BLE001 - any failure of a cell is recorded and the suite goes on
-        with open(log, "a", encoding="utf-8") as f:
-            f.write(f"[{now_iso()}] cell failed:\n{traceback.format_exc()}")
-        msg = f"{type(err).__name__}: {err}".strip()
-        store.fail(rid, error=msg, log_path=str(log))
-        if _BAR is not None:
-            _BAR.update(1)
-        say(f"{tag}: FAILED after {_fmt_s(time.perf_counter() - t0)}: {msg.splitlines()[0][:300]} "
-            f"(log: {log}) | {progress.line()}")
-        return {**out, "status": "failed"}
+        return _cell_failed(store, rid, log, err, f"{tag}: FAILED after {_fmt_s(time.perf_counter() - t0)}",
+                            progress, out)
     wall = time.perf_counter() - t0
     class_names = result.class_names or (result.metrics.get("test") or {}).get("class_names")
     rec = record_from_result(result, status="finished", result_id=rid, probe=probe, device=probe["device"],
@@ -576,13 +582,8 @@ def run_weights(cell: Cell, cfg: DictConfig, choices: dict[str, Any], identity: 
         store.fail(rid, error="interrupted (Ctrl-C); run the suite again to evaluate this cell", log_path=str(log))
         raise
     except BaseException as err:  # noqa: BLE001 - any failure of a cell is recorded and the suite goes on
-        with open(log, "a", encoding="utf-8") as f:
-            f.write(f"[{now_iso()}] cell failed:\n{traceback.format_exc()}")
-        msg = f"{type(err).__name__}: {err}".strip()
-        store.fail(rid, error=msg, log_path=str(log))
-        say(f"{tag}: FAILED after {_fmt_s(time.perf_counter() - t0)}: {msg.splitlines()[0][:300]} "
-            f"(log: {log}) | {progress.line()}")
-        return {**out, "status": "failed"}
+        return _cell_failed(store, rid, log, err, f"{tag}: FAILED after {_fmt_s(time.perf_counter() - t0)}",
+                            progress, out)
     plain = {k: v for k, v in res[split].items() if k != "class_names"}
     vote = res.get(f"{split}_vote")
     rec = record_from_metrics(
