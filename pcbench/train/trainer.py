@@ -266,7 +266,8 @@ def _with_transform(ds: Any, transform: Any) -> Any:
 
 def evaluate_split(cfg: DictConfig, run: Run, split: str = "test", precision: str | None = None,
                    model: nn.Module | None = None, tta: bool = False, keep_predictions: bool = False,
-                   limit: int | None = None, keep_probabilities: bool = False, progress: Any = None) -> EvalResult:
+                   limit: int | None = None, keep_probabilities: bool = False, progress: Any = None,
+                   desc: str | None = None) -> EvalResult:
     """Evaluate ``model`` (default ``run.model``) on ``split`` under autocast ``precision`` (fp32/bf16/fp16;
     default :func:`eval_precision`: fp32 unless ``eval.autocast`` says otherwise), logging its progress.
 
@@ -276,7 +277,8 @@ def evaluate_split(cfg: DictConfig, run: Run, split: str = "test", precision: st
     return evaluate_loaders(model or run.model, loaders, run.data.task, run.data.num_classes,
                             run.data.ignore_index, run.device, precision or eval_precision(cfg, run.precision),
                             int(cfg.eval.max_points), keep_predictions, progress=progress,
-                            scores=str(cfg.eval.get("scores", "logits")), desc=f"{split} vote" if tta else split,
+                            scores=str(cfg.eval.get("scores", "logits")),
+                            desc=desc or (f"{split} vote" if tta else split),
                             keep_probabilities=keep_probabilities)
 
 
@@ -1110,7 +1112,7 @@ def evaluate(cfg: DictConfig, checkpoint: str | os.PathLike) -> dict[str, Any]:
 
                 check_corruptions(cfg, run)  # refuses segmentation / normals before the long evaluation
             res = evaluate_split(cfg, run, role, precision=precision, keep_predictions=keep,
-                                 keep_probabilities=probs)
+                                 keep_probabilities=probs, desc=split)  # progress names the split, not its role
             out: dict[str, Any] = {split: _metrics_view(res.metrics, run.data.class_names),
                                    "checkpoint": str(Path(checkpoint).resolve()),
                                    "eval_samples_per_s": res.samples * info.world_size / max(res.seconds, 1e-9),
@@ -1118,7 +1120,7 @@ def evaluate(cfg: DictConfig, checkpoint: str | os.PathLike) -> dict[str, Any]:
             results = {"test": res}
             if has_vote:
                 vote = evaluate_split(cfg, run, role, precision=precision, tta=True, keep_predictions=keep,
-                                      keep_probabilities=probs)
+                                      keep_probabilities=probs, desc=f"{split} vote")
                 results["test_vote"] = vote
                 out[f"{split}_vote"] = {**_metrics_view(vote.metrics, run.data.class_names),
                                         "passes": len(cfg.tta.passes)}

@@ -88,8 +88,8 @@ def test_eval_cli_writes_each_scene_once_under_loop(prepared: dict[str, Path], t
     m = json.loads((run_dir / "metrics.json").read_text())
     p = run([f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "eval.split=val", "eval.save_predictions=true",
              "data.dataset.loop=3"], cwd=tmp_path, tool="pcbench-eval")
-    assert "evaluation 2/2 samples (2/2 batches, 1 pass)" in p.stdout  # progress on the console
-    assert "evaluation 2/2 samples" in (run_dir / "train.log").read_text()  # and in the training log
+    assert "val 2/2 samples (2/2 batches, 1 pass)" in p.stdout  # progress on the console, named by the split
+    assert "val 2/2 samples" in (run_dir / "train.log").read_text()  # and in the training log
     manifest = json.loads((root / "manifest.json").read_text())
     scenes = manifest["splits"]["val"]["scenes"]
     z = np.load(run_dir / "predictions_val.npz")
