@@ -93,7 +93,7 @@ _OFF_HEAD = re.compile(r"^OFF\s*(\d+)\s+(\d+)(?:\s+(\d+))?\s*$")
 
 #: A point (or mesh vertex) farther from the object's median than this many median distances is a stray
 #: value (e.g. a vertex at 1e30): scaling into the unit sphere would squash the rest into the centre.
-#: Real objects stay far below it (the real samples in ../shared/data: at most ~3).
+#: Real objects stay far below it (the real ModelNet40 samples tried: at most ~3).
 SPREAD_LIMIT = 1e4
 
 

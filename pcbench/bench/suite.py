@@ -351,6 +351,15 @@ def _known(node: Any, keys: Sequence[str], where: str) -> None:
                          "be ignored and change what runs)")
 
 
+def _entry_dataset(datasets: Any, dkey: str, where: str) -> tuple[Any, str]:
+    """The suite dataset ``dkey`` an entry names and its expanded root; SuiteError naming the entry otherwise."""
+    if dkey not in datasets:
+        raise SuiteError(f"{where}.datasets names {dkey!r}, which is not a key of suite.datasets "
+                         f"({sorted(datasets)})")
+    d = datasets[dkey]
+    return d, str(Path(str(d.root)).expanduser())
+
+
 def expand_suite(bench: DictConfig, only: Sequence[str] | None = None) -> list[Cell]:
     """The cells of ``bench.suite`` in a stable order (those matching a glob of ``only``, when given).
 
@@ -414,11 +423,7 @@ def expand_suite(bench: DictConfig, only: Sequence[str] | None = None) -> list[C
         recipe = str(e.get("recipe") or exp or f"{sname}: {model}")
         mine: list[Cell] = []
         for dkey in names:
-            if dkey not in datasets:
-                raise SuiteError(f"{where}.datasets names {dkey!r}, which is not a key of suite.datasets "
-                                 f"({sorted(datasets)})")
-            d = datasets[dkey]
-            root = str(Path(str(d.root)).expanduser())
+            d, root = _entry_dataset(datasets, dkey, where)
             base = [f"experiment={exp}"] if exp else [f"model={model}", f"data={d.data}"]
             fixed = [*common, *_strings(d.get("train"), f"suite.datasets.{dkey}.train"), *entry_train]
             for combo in itertools.product(*[[(n, k, v) for v in vals] for n, k, vals in sweeps]):
@@ -486,11 +491,7 @@ def _weight_cells(weights: Mapping[str, Any], datasets: Mapping[str, Any], sname
                                       if e.get(k)}}
         entry_train = _strings(e.get("train"), f"{where}.train")
         for dkey in names:
-            if dkey not in datasets:
-                raise SuiteError(f"{where}.datasets names {dkey!r}, which is not a key of suite.datasets "
-                                 f"({sorted(datasets)})")
-            d = datasets[dkey]
-            root = str(Path(str(d.root)).expanduser())
+            d, root = _entry_dataset(datasets, dkey, where)
             extra = [*common, *_strings(d.get("train"), f"suite.datasets.{dkey}.train"), *entry_train, *runner_extra]
             cell = Cell(name=f"{dkey}-{ename}-s{seed}", suite=sname, entry=str(ename), dataset=str(dkey),
                         dataset_label=str(d.get("label") or d.data), seed=seed, variant="",
