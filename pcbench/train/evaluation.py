@@ -192,7 +192,10 @@ class EvalProgress:
 
     One line at the first batch (its ETA tells early whether the run will finish), then at most every
     ``every_s`` seconds, and one at the end: ``<desc> <done>/<total> samples (<batches>/<total> batches,
-    <passes> passes) <elapsed>s eta <eta>s``. Samples are scenes for segmentation, clouds for objects.
+    <passes> passes) <elapsed>s eta <eta>s``. Samples are scenes for segmentation, clouds for objects. With TTA
+    passes a batch can take long (one scene x 13 passes x its fragments): the first pass and then at most every
+    ``every_s`` seconds also log mid-batch, ``(batch <b>/<total>: pass <p>/<passes>)``, and the ETA counts
+    passes done.
     """
 
     def __init__(self, desc: str = "evaluation", every_s: float = 30.0,
@@ -200,14 +203,30 @@ class EvalProgress:
         self.desc, self.every_s = desc, float(every_s)
         self.log = logger or logging.getLogger("pcbench.train")
         self.total = self.total_batches = self.passes = 0
-        self.done = self.batches = 0
+        self.done = self.batches = self.passes_done = 0
         self.t0 = self.last = 0.0
 
     def start(self, total: int, total_batches: int, passes: int) -> None:
         """Reset the counts for ``total`` samples in ``total_batches`` batches of ``passes`` passes each."""
         self.total, self.total_batches, self.passes = int(total), int(total_batches), int(passes)
-        self.done = self.batches = 0
+        self.done = self.batches = self.passes_done = 0
         self.t0 = self.last = time.perf_counter()
+
+    def _eta(self, elapsed: float) -> float:
+        if self.passes_done:
+            return elapsed / self.passes_done * max(self.total_batches * self.passes - self.passes_done, 0)
+        return elapsed / max(self.done, 1) * max(self.total - self.done, 0)
+
+    def pass_done(self) -> None:
+        """Count one more forward pass (one TTA pass of one batch); logs mid-batch, the batch end is ``__call__``."""
+        self.passes_done += 1
+        now = time.perf_counter()
+        at = self.passes_done - self.batches * self.passes
+        if 0 < at < self.passes and (self.passes_done == 1 or now - self.last >= self.every_s):
+            self.last = now
+            elapsed = now - self.t0
+            self.log.info(f"{self.desc} {self.done}/{self.total} samples (batch {self.batches + 1}/"
+                          f"{self.total_batches}: pass {at}/{self.passes}) {elapsed:.0f}s eta {self._eta(elapsed):.0f}s")
 
     def __call__(self, n: int) -> None:
         """Count ``n`` more samples (one batch, all its passes) done."""
@@ -217,10 +236,9 @@ class EvalProgress:
         if self.batches == 1 or self.done >= self.total or now - self.last >= self.every_s:
             self.last = now
             elapsed = now - self.t0
-            eta = elapsed / max(self.done, 1) * max(self.total - self.done, 0)
             self.log.info(f"{self.desc} {self.done}/{self.total} samples ({self.batches}/{self.total_batches} "
                           f"batches, {self.passes} pass{'es' if self.passes != 1 else ''}) {elapsed:.0f}s "
-                          f"eta {eta:.0f}s")
+                          f"eta {self._eta(elapsed):.0f}s")
 
 
 @torch.no_grad()
@@ -266,6 +284,8 @@ def evaluate_loaders(model: nn.Module, loaders: Sequence[DataLoader], task: str,
             with autocast_context(device, precision):
                 per = _full_logits(model, eb, task, max_points, scores)
             total = per if total is None else [a + p for a, p in zip(total, per, strict=True)]
+            if isinstance(progress, EvalProgress):
+                progress.pass_done()
             if k % passes != passes - 1:
                 continue
             for i, logits in enumerate(total):

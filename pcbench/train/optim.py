@@ -8,6 +8,7 @@ completes with ``(optimizer, total_steps=...)``.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
-__all__ = ["bn_momentum_at", "build_ema", "cosine_with_warmup", "multistep", "one_cycle", "param_groups",
+__all__ = ["HostCountedEMA", "bn_momentum_at", "build_ema", "cosine_with_warmup", "multistep", "one_cycle", "param_groups",
            "set_bn_momentum", "step_decay"]
 
 
@@ -73,13 +74,54 @@ def step_decay(optimizer: torch.optim.Optimizer, total_steps: int, step_size: in
     return LambdaLR(optimizer, lambdas)
 
 
-def build_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+class HostCountedEMA(torch.optim.swa_utils.AveragedModel):
+    """torch's weight EMA (``AveragedModel`` + ``get_ema_multi_avg_fn``) whose update reads nothing from the device.
+
+    ``AveragedModel.update_parameters`` tests its ``n_averaged`` buffer twice per call: two host syncs per
+    training step on a GPU. The buffer is still kept (checkpoints hold it), mirrored by a host count that is read
+    from it once, at the first update after ``load_state_dict``; the averaging itself is torch's function.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        from torch.optim.swa_utils import get_ema_multi_avg_fn  # noqa: PLC0415
+
+        super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self._count: int | None = 0
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """Load as ``nn.Module`` does; the host count is re-read from ``n_averaged`` at the next update."""
+        out = super().load_state_dict(*args, **kwargs)
+        self._count = None
+        return out
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        """Copy ``model``'s parameters and buffers at the first update, then lerp towards them (torch's EMA)."""
+        if self._count is None:
+            self._count = int(self.n_averaged)
+        ema = [t.detach() for t in itertools.chain(self.module.parameters(), self.module.buffers())]
+        cur = [t.detach().to(e.device) for e, t in
+               zip(ema, itertools.chain(model.parameters(), model.buffers()), strict=True)]
+        if self._count == 0:
+            for e, c in zip(ema, cur):
+                e.copy_(c)
+        else:
+            groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+            for e, c in zip(ema, cur):
+                group = groups.setdefault((e.device, e.dtype), ([], []))
+                group[0].append(e)
+                group[1].append(c)
+            for ema_group, cur_group in groups.values():
+                self.multi_avg_fn(ema_group, cur_group, None)
+        self.n_averaged += 1
+        self._count += 1
+
+
+def build_ema(model: nn.Module, decay: float) -> HostCountedEMA:
     """An exponential moving average of ``model``'s parameters and buffers (``decay`` per optimizer step)."""
     if not 0.0 < decay < 1.0:
         raise ValueError(f"trainer.ema_decay must be in (0, 1), e.g. 0.999, got {decay}")
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn  # noqa: PLC0415
-
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return HostCountedEMA(model, decay)
 
 
 def param_groups(model: nn.Module, groups: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]] | Any:

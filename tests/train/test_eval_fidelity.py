@@ -112,7 +112,8 @@ def test_evaluation_logs_progress_with_passes_and_eta(caplog: pytest.LogCaptureF
     with caplog.at_level(logging.INFO, logger="pcbench.train"):
         evaluate_loaders(_MeanLinear(), loaders, "cls", 3, -1, torch.device("cpu"), desc="test vote")
     lines = [r.getMessage() for r in caplog.records if r.name == "pcbench.train"]
-    assert lines[0].startswith("test vote 2/5 samples (1/3 batches, 2 passes)") and "eta" in lines[0]
+    assert lines[0].startswith("test vote 0/5 samples (batch 1/3: pass 1/2)") and "eta" in lines[0]
+    assert lines[1].startswith("test vote 2/5 samples (1/3 batches, 2 passes)") and "eta" in lines[1]
     assert lines[-1].startswith("test vote 5/5 samples (3/3 batches, 2 passes)") and lines[-1].endswith("eta 0s")
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pcbench.train"):
@@ -123,6 +124,19 @@ def test_evaluation_logs_progress_with_passes_and_eta(caplog: pytest.LogCaptureF
         evaluate_loaders(_MeanLinear(), loaders[:1], "cls", 3, -1, torch.device("cpu"), progress=prog)
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["val 2/5 samples", "val 4/5 samples",
                                                                        "val 5/5 samples"]
+
+
+def test_one_long_sample_logs_each_pass_with_an_eta(caplog: pytest.LogCaptureFixture) -> None:
+    # one ScanNet scene x 13 TTA passes is one batch: progress per sample alone stays silent until the end
+    loaders = [_loader(_Clouds(1, s), 1, 0) for s in SHIFTS[:3]]
+    prog = EvalProgress("test vote", every_s=0)
+    with caplog.at_level(logging.INFO, logger="pcbench.train"):
+        evaluate_loaders(_MeanLinear(), loaders, "cls", 3, -1, torch.device("cpu"), progress=prog)
+    lines = [r.getMessage() for r in caplog.records if r.name == "pcbench.train"]
+    assert [ln.split(")")[0] for ln in lines] == ["test vote 0/1 samples (batch 1/1: pass 1/3",
+                                                  "test vote 0/1 samples (batch 1/1: pass 2/3",
+                                                  "test vote 1/1 samples (1/1 batches, 3 passes"]
+    assert all("eta" in ln for ln in lines) and lines[-1].endswith("eta 0s")
 
 
 _HANG = """

@@ -7,6 +7,7 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 from torch import nn
@@ -62,12 +63,14 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_training_step_reads_the_device_at_most_once(prepared: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [[], ["trainer.ema_decay=0.99"]], ids=["plain", "ema"])
+def test_training_step_reads_the_device_at_most_once(prepared: dict[str, Path], tmp_path: Path,
+                                                     extra: list[str]) -> None:
     steps = 7
     cfg = compose(["data=modelnet40", f"data.root={prepared['mn40_syn']}", "data.num_points=64",
                    "trainer.batch_size=2", f"trainer.max_steps={steps}", "trainer.max_epochs=1",
                    "trainer.num_workers=0", "trainer.threads=1", "logger.tensorboard=false",
-                   "trainer.limit_eval_batches=1", "trainer.gradient_clip_val=1.0"], run_dir=tmp_path / "run")
+                   "trainer.limit_eval_batches=1", "trainer.gradient_clip_val=1.0", *extra], run_dir=tmp_path / "run")
     with open_dict(cfg):
         cfg.model = OmegaConf.create({"_target_": f"{__name__}.SyncFreeCls", "task": "cls"})
     FORWARDS.clear()
