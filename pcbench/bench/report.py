@@ -55,7 +55,7 @@ from pcbench.bench.report_sections import (
 from pcbench.io import write_text
 
 __all__ = ["CSV_COLUMNS", "HEADLINE", "LeaderRow", "Leaderboard", "build_leaderboard", "csv_text", "load_ops",
-           "md_text", "render_csv", "render_markdown", "write_report"]
+           "md_text", "render_csv", "render_markdown", "render_weights_csv", "write_report"]
 
 CSV_COLUMNS = csv_columns()
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -97,6 +97,26 @@ def render_csv(board: Leaderboard) -> str:
     for _, _, rows in board.sections():
         for r in rows:
             w.writerow([_csv_cell(c, r) for c in cols])
+    return buf.getvalue()
+
+
+WEIGHTS_CSV_COLUMNS = ("dataset", "protocol", "weights", "model", "metric", "score", "published_value",
+                       "delta_points", "published_metric", "published_protocol", "published_source", "sha256",
+                       "result_id", "cell")
+
+
+def render_weights_csv(board: Leaderboard) -> str:
+    """Published checkpoints evaluated by pcbench, one line per (checkpoint, protocol): ``score`` a fraction,
+    ``published_value`` the authors' figure in %, ``delta_points`` ours minus published in points; never ranked,
+    so apart from leaderboard.csv."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
+    w.writerow(WEIGHTS_CSV_COLUMNS)
+    for _, rows in board.weights_sections():
+        for r in rows:
+            values = {"delta_points": r.delta, **{k: getattr(r, k) for k in WEIGHTS_CSV_COLUMNS if k != "delta_points"}}
+            w.writerow([v if isinstance(v, (int, float)) and not isinstance(v, bool) else csv_text(v)
+                        for v in (values[k] for k in WEIGHTS_CSV_COLUMNS)])
     return buf.getvalue()
 
 
@@ -205,7 +225,8 @@ def ops_markdown(ops: Mapping[str, Any]) -> list[str]:
 def write_report(records: Iterable[Mapping[str, Any]], out: str | os.PathLike[str], *,
                  ops: str | os.PathLike[str] | None = None, title: str = "pcbench leaderboard",
                  source: str = "") -> dict[str, Path]:
-    """Write leaderboard.md / .csv / .html into ``out``; returns their paths."""
+    """Write leaderboard.md / .csv / .html into ``out`` (and published_weights.csv where the records hold
+    published checkpoints evaluated by pcbench); returns their paths."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={out} is a file; give a folder for leaderboard.md/.csv/.html")
@@ -215,4 +236,10 @@ def write_report(records: Iterable[Mapping[str, Any]], out: str | os.PathLike[st
     write_text(paths["md"], render_markdown(board, title))
     write_text(paths["csv"], render_csv(board))
     write_text(paths["html"], render_html(board, title, source))
+    weights_csv = out / "published_weights.csv"
+    if board.weights:
+        paths["weights_csv"] = weights_csv
+        write_text(weights_csv, render_weights_csv(board))
+    else:  # an older report's file would describe records this one no longer holds
+        weights_csv.unlink(missing_ok=True)
     return paths

@@ -103,11 +103,11 @@ class HostCountedEMA(torch.optim.swa_utils.AveragedModel):
         cur = [t.detach().to(e.device) for e, t in
                zip(ema, itertools.chain(model.parameters(), model.buffers()), strict=True)]
         if self._count == 0:
-            for e, c in zip(ema, cur):
+            for e, c in zip(ema, cur, strict=True):
                 e.copy_(c)
         else:
             groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-            for e, c in zip(ema, cur):
+            for e, c in zip(ema, cur, strict=True):
                 group = groups.setdefault((e.device, e.dtype), ([], []))
                 group[0].append(e)
                 group[1].append(c)

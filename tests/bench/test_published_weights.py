@@ -5,6 +5,8 @@ the published figure with Δ, never ranked with a trained row of the same model.
 
 from __future__ import annotations
 
+import csv
+import io
 import re
 import shutil
 from pathlib import Path
@@ -15,7 +17,7 @@ from omegaconf import OmegaConf
 
 from pcbench.bench.leaderboard import build_leaderboard
 from pcbench.bench.record import config_sha256
-from pcbench.bench.report import render_markdown
+from pcbench.bench.report import render_csv, render_markdown, render_weights_csv, write_report
 from pcbench.bench.report_html import render_html
 from pcbench.bench.suite import SuiteError, expand_suite
 from pcbench.models.convert import file_sha256
@@ -145,7 +147,7 @@ def test_rerun_skips_a_finished_published_weights_cell(conf: Path, ran) -> None:
     assert {x["result_id"] for x in records(out)} == before
 
 
-def test_leaderboard_keeps_published_weights_out_of_the_ranking() -> None:
+def test_leaderboard_keeps_published_weights_out_of_the_ranking(tmp_path: Path) -> None:
     base = {"status": "finished", "dataset": "d", "task": "cls", "model": "m", "config_sha256": "c",
             "identity_sha256": "i", "finished_at": "2026-01-01T00:00:00+00:00", "seed": 0}
     trained = {**base, "result_id": "t", "cell": "t", "test": {"oa": 0.5}}
@@ -164,6 +166,16 @@ def test_leaderboard_keeps_published_weights_out_of_the_ranking() -> None:
     assert "| w |" not in md.split("## d — test")[1].split("\n## ")[0]  # not in the ranked table
     page = render_html(board)
     assert "d — published weights, evaluated by pcbench</h2>" in page and ">-2.20<" in page
+    # the CSV: published weights in their own file (numbers stay numbers), never in the ranked leaderboard.csv
+    rows = list(csv.DictReader(io.StringIO(render_weights_csv(board)), quoting=csv.QUOTE_NONNUMERIC))
+    assert [(r["weights"], r["protocol"], r["score"], r["published_value"]) for r in rows] == \
+        [("w", "test", 0.9, 92.2), ("w", "test_vote", 0.91, 92.2)]
+    assert rows[0]["delta_points"] == pytest.approx(-2.2) and rows[0]["sha256"] == "ab"
+    assert "\"w\"" not in render_csv(board)
+    out = write_report([trained, pub], tmp_path / "rep")
+    assert out["weights_csv"].read_text() == render_weights_csv(board)
+    write_report([trained], tmp_path / "rep")  # a later report without them leaves no stale file
+    assert not (tmp_path / "rep" / "published_weights.csv").exists()
 
 
 def test_bad_weights_entries_are_named() -> None:
