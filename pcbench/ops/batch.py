@@ -8,7 +8,9 @@ Every op takes ``offset=None`` to mean "one cloud holding all rows".
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -249,15 +251,25 @@ class PointBatch:
         return offset2batch(self.offset, self.num_points)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PointBatch:
-        """Copy every tensor field to ``device``."""
-        moved = {
-            f.name: (v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v)
-            for f in fields(self)
-            for v in [getattr(self, f.name)]
-        }
-        return replace(self, **moved)
+        """Copy every tensor field to ``device``.
+
+        The fields were validated when this batch was built; moving them changes no value, so they are not
+        checked again (the checks read the device: host syncs at every training step on a GPU). The offset's
+        known cloud-size bounds (``length_bounds``) travel with it.
+        """
+        return self._moved(lambda v: v.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> PointBatch:
         """Pin every tensor field (DataLoader ``pin_memory=True`` calls this)."""
-        pinned = {f.name: v.pin_memory() for f in fields(self) if isinstance(v := getattr(self, f.name), Tensor)}
-        return replace(self, **pinned)
+        return self._moved(lambda v: v.pin_memory())
+
+    def _moved(self, move: Callable[[Tensor], Tensor]) -> PointBatch:
+        out = copy.copy(self)  # a shallow copy: __post_init__ (the validation) does not run again
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                setattr(out, f.name, move(v))
+        memo = getattr(self.offset, _BOUNDS, None)
+        if memo is not None and memo[0] == self.offset._version and out.offset is not self.offset:
+            remember_length_bounds(out.offset, *memo[1])
+        return out

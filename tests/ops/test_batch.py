@@ -26,6 +26,35 @@ def test_offset_roundtrip_with_empty_clouds():
     assert batch2offset(b, num_clouds=4).tolist() == off.tolist()
 
 
+def test_moving_a_batch_reads_nothing_back_and_keeps_its_cloud_size_bounds():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pcbench.ops.batch import length_bounds
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in {"_local_scalar_dense", "nonzero", "equal", "is_nonzero"}:
+                self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    pb = PointBatch(coord=torch.rand(7, 3), feat=torch.rand(7, 2), offset=torch.tensor([3, 7]),
+                    label=torch.tensor([1, 0]), inverse=torch.arange(7))
+    assert length_bounds(pb.offset) == [(3, 4)]
+    with Reads() as reads:
+        moved = pb.to("cpu", non_blocking=True).pin_memory() if torch.cuda.is_available() else pb.to("cpu")
+        assert length_bounds(moved.offset) == [(3, 4)]  # carried over, not read again
+    assert reads.names == []  # validation ran when the batch was built; a move does not repeat its host reads
+    for name in ("coord", "feat", "offset", "label", "inverse"):
+        assert torch.equal(getattr(moved, name), getattr(pb, name))
+    assert moved.instance is None and moved.inverse_offset is None
+    moved.offset[0] = 2  # an in-place edit of the moved offset invalidates what was carried
+    assert length_bounds(moved.offset) == [(2, 5)]
+
+
 @pytest.mark.parametrize(
     ("offset", "match"),
     [

@@ -21,7 +21,7 @@ SYNC_OPS = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_sel
 #: frames the budget excludes: data loading and batch construction (the data pipeline's own checks), and
 #: torch.optim, whose non-capturable optimizers keep ``state["step"]`` as a CPU tensor even for CUDA parameters:
 #: its ``.item()`` reads host memory on a GPU and only looks like a sync in this CPU-only count
-EXCLUDED_FRAMES = ("torch/utils/data/", "pcbench/data/", "pcbench/ops/batch.py", "torch/optim/")
+EXCLUDED_FRAMES = ("torch/utils/data/", "pcbench/data/", "torch/optim/")
 
 FORWARDS: list[int] = []
 
