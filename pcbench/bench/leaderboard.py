@@ -40,11 +40,14 @@ from pcbench.bench.published import PROTOCOLS, PUBLISHED, Published, published_f
 if TYPE_CHECKING:  # numpy-backed statistics are imported only when a record has a payload to resample
     from pcbench.bench.stats import BootstrapCI, PairedComparison
 
-__all__ = ["HEADLINE", "METRIC_NAMES", "PROTOCOL_ORDER", "LeaderRow", "Leaderboard", "WeightsRow",
+__all__ = ["HEADLINE", "METRIC_NAMES", "PRESENT_NAMES", "PROTOCOL_ORDER", "LeaderRow", "Leaderboard", "WeightsRow",
            "build_leaderboard", "split_text", "sweep_text", "weights_rows"]
 
 HEADLINE = {"cls": "oa", "seg": "miou"}
 METRIC_NAMES = {"oa": "OA", "macc": "mAcc", "miou": "mIoU"}
+#: mIoU / mAcc average every class of the label set, absent ones counting 0 (the convention of the published
+#: figures, pcbench/train/metrics.py); these average the classes present in the split's ground truth instead
+PRESENT_NAMES = {"miou_present": "mIoU (present classes)", "macc_present": "mAcc (present classes)"}
 PROTOCOL_ORDER = ("test", "test_vote", "test_selected", "val", "val_vote")
 #: Probe fields summarized per row (median over runs on the row's hardware).
 EFFICIENCY_KEYS = ("params", "flops_per_sample", "train_samples_per_s", "infer_samples_per_s", "latency_b1_ms",
@@ -508,7 +511,7 @@ def build_leaderboard(records: Iterable[Mapping[str, Any]], ops: dict[str, Any] 
         rows.append(LeaderRow(
             dataset=dataset, protocol=protocol, task=task, metric=metric, model=model, variant=variant, recipe=recipe,
             fidelity=fidelity, scores=[float(s[metric]) for s in splits],
-            metrics={k: _mean_or_none(s.get(k) for s in splits) for k in METRIC_NAMES},
+            metrics={k: _mean_or_none(s.get(k) for s in splits) for k in (*METRIC_NAMES, *PRESENT_NAMES)},
             iou_per_class=iou, class_names=next((r.get("class_names") for r in runs if r.get("class_names")), None),
             hardware=hardware, efficiency=eff, int8_status=int8, bf16_status=bf16,
             runs=[{**{k: r.get(k) for k in _PROVENANCE}, "seed": _seed(r), "identity_sha256": ident,

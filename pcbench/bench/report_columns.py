@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pcbench.bench.leaderboard import METRIC_NAMES, Leaderboard, LeaderRow
+from pcbench.bench.leaderboard import METRIC_NAMES, PRESENT_NAMES, Leaderboard, LeaderRow
 
 __all__ = ["ACC", "EFF", "FAILED_COLUMNS", "LEADER_COLUMNS", "LOADED_MARK", "OPS_COLUMNS", "PUBLISHED_COLUMNS", "WEIGHTS_COLUMNS", "WEIGHTS_NOTE",
            "Column", "ci_text", "counts_text", "csv_columns", "legend_text", "loaded_text", "num",
@@ -159,8 +159,17 @@ def _eff(key: str, header: str, tip: str, where: frozenset[str] = _ALL) -> Colum
 
 
 def _metric(key: str) -> Column:
-    return Column(key, f"{METRIC_NAMES[key]} %", f"{METRIC_NAMES[key]}, mean over the seeds, in % (CSV: a fraction)",
-                  lambda r: r.metrics[key], lambda r: pct(r.metrics[key]), frozenset((MD, CSV)), numeric=True)
+    convention = (" over every class of the label set, absent classes counting 0 (the published figures' convention; "
+                  "CSV: also over the classes present in the ground truth)" if key in ("miou", "macc") else "")
+    return Column(key, f"{METRIC_NAMES[key]} %", f"{METRIC_NAMES[key]}{convention}, mean over the seeds, in % (CSV: "
+                  "a fraction)", lambda r: r.metrics[key], lambda r: pct(r.metrics[key]), frozenset((MD, CSV)),
+                  numeric=True)
+
+
+def _present(key: str) -> Column:
+    return Column(key, PRESENT_NAMES[key], f"{PRESENT_NAMES[key]}: the mean over the classes present in the split's "
+                  "ground truth, mean over the seeds (a fraction)", lambda r: r.metrics.get(key), where=_CSV_ONLY,
+                  numeric=True)
 
 
 def _variant(name: str) -> Column:
@@ -218,6 +227,7 @@ LEADER_COLUMNS: tuple[Column, ...] = (
     Column("config", "config", "what sets this row apart from rows of the same model: its swept values or its "
            "differing config keys", lambda r: r.differs),
     *(_metric(k) for k in METRIC_NAMES),
+    *(_present(k) for k in PRESENT_NAMES),
     Column("published", "published %", "the published figure (its protocol in brackets when it differs)",
            lambda r: r.published.value if r.published else None, lambda r: published_text(r)[0], numeric=True),
     Column("published_protocol", "published protocol", "protocol of the published figure",

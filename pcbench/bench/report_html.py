@@ -14,7 +14,7 @@ from typing import Any
 
 from pcbench.bench import report_columns as spec
 from pcbench.bench.comparisons import method_text
-from pcbench.bench.leaderboard import METRIC_NAMES, Leaderboard, LeaderRow, split_text
+from pcbench.bench.leaderboard import METRIC_NAMES, PRESENT_NAMES, Leaderboard, LeaderRow, split_text
 from pcbench.bench.published import PROTOCOLS
 from pcbench.bench.report_columns import (
     HTML,
@@ -452,7 +452,8 @@ def _leader_cell(col: Column, r: LeaderRow, table: str) -> str:
     if col.name == "published" and r.published is not None:
         extra = f' title="{_e(r.published.source + (" — " + r.published.note if r.published.note else ""))}"'
     elif col.name == "mean":
-        other = ", ".join(f"{METRIC_NAMES[k]} {pct(v)}" for k, v in r.metrics.items() if v is not None)
+        names = {**METRIC_NAMES, **PRESENT_NAMES}
+        other = ", ".join(f"{names[k]} {pct(v)}" for k, v in r.metrics.items() if v is not None)
         tip = f"seed scores {', '.join(pct(x) for x in r.scores)}; {other} (means over the seeds)"
         extra = f' title="{_e(tip)}"'
     elif col.name == "ci":

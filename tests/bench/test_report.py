@@ -232,3 +232,22 @@ def test_hidden_test_labels_rank_the_final_evaluation_as_val() -> None:
     md = render_markdown(board, "t")  # headed by what the runs recorded: the final split is val, selected on val
     assert "## scannet20 — val_vote: split 'val', checkpoint selected on 'val', the same split" in md
     assert "voting over augmented passes" in md and "(honest)" not in md.split("## scannet20")[1]
+
+
+def test_present_class_means_are_kept_beside_the_all_class_convention() -> None:
+    recs = synthetic_records()
+    for r in recs:
+        for split in ("val", "test"):
+            m = r.get(split) or {}
+            if "miou" in m and r.get("task") == "seg":  # classes absent from the ground truth count 0 in miou only
+                m["miou_present"], m["macc_present"] = m["miou"] + 0.05, m["macc"] + 0.04
+    board = build_leaderboard(recs, OPS)
+    seg = [r for r in board.rows if r.task == "seg"]
+    assert seg
+    rows = {(r["model"], r["protocol"]): r for r in csv.DictReader(io.StringIO(render_csv(board)))}
+    for r in seg:
+        got = rows[(r.model, r.protocol)]
+        assert float(got["miou_present"]) == pytest.approx(r.metrics["miou"] + 0.05)
+        assert float(got["macc_present"]) == pytest.approx(r.metrics["macc"] + 0.04)
+    md = render_markdown(board)
+    assert "absent classes counting 0" in md and "miou_present" not in md  # the convention is stated; CSV only
