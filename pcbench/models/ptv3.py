@@ -122,9 +122,10 @@ class Block(nn.Module):
         )
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, feat: Tensor, level: _Level) -> Tensor:
-        """[n, C] -> [n, C] on one level."""
-        feat = feat + self.cpe_norm(self.cpe_linear(self.cpe_conv(level.sparse(feat)).feats))
+    def forward(self, feat: Tensor, level: _Level, cpe_input: Tensor | None = None) -> Tensor:
+        """[n, C] -> [n, C] on one level; the xCPE convolves ``cpe_input`` when given, else ``feat``."""
+        cpe = self.cpe_conv(level.sparse(feat if cpe_input is None else cpe_input)).feats
+        feat = feat + self.cpe_norm(self.cpe_linear(cpe))
         feat = feat + self.drop_path(self.attn(self.norm1(feat), level.patches(self.order_index, self.patch_size)))
         return feat + self.drop_path(self.mlp(self.norm2(feat)))
 
@@ -164,9 +165,15 @@ class GridUnpooling(nn.Module):
         self.proj = proj(in_channels)
         self.proj_skip = proj(skip_channels)
 
-    def forward(self, feat: Tensor, skip: Tensor, part: GridPartition) -> Tensor:
-        """coarse [n_coarse, C_in], skip [n_fine, C_skip] -> [n_fine, C_out]."""
-        return self.proj_skip(skip) + self.proj(feat)[part.inverse]
+    def forward(self, feat: Tensor, skip: Tensor, part: GridPartition) -> tuple[Tensor, Tensor]:
+        """coarse [n_coarse, C_in], skip [n_fine, C_skip] -> (sum [n_fine, C_out], projected skip [n_fine, C_out]).
+
+        The projected skip is what the stage's first xCPE convolves: Pointcept's SerializedUnpooling adds the
+        coarse features to ``feat`` only, leaving the sparse tensor of the skip at its projection
+        (point_transformer_v3m1_base.py; torch-pointcloud's ``cpe_from_skip``).
+        """
+        projected = self.proj_skip(skip)
+        return projected + self.proj(feat)[part.inverse], projected
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -369,9 +376,9 @@ class PointTransformerV3(ClassifierMixin, nn.Module):
             cloud = offset2batch(lvl.offset, feat.shape[0])
             return voxel_pool(feat, cloud, lvl.offset.numel(), reduce="mean", validate=False)
         for s in reversed(range(self.num_stages - 1)):
-            feat = self.up[s](feat, skips[s], levels[s + 1].parent)
-            for blk in self.dec[s]:
-                feat = blk(feat, levels[s])
+            feat, seed = self.up[s](feat, skips[s], levels[s + 1].parent)
+            for i, blk in enumerate(self.dec[s]):
+                feat = blk(feat, levels[s], seed if i == 0 else None)
         return feat[part.inverse]
 
     def forward(self, batch: PointBatch) -> Tensor:
