@@ -33,8 +33,10 @@ FORMAT = 1
 SOURCES = {
     "yanx27": "yanx27/Pointnet_Pointnet2_pytorch (models/pointnet2_cls_ssg.py, pointnet2_cls_msg.py)",
     "pct_pytorch": "Strawberry-Eat-Mango/PCT_Pytorch (model.py: Pct)",
-    "torch-pointcloud": "torch-pointcloud 0.0.18 on PyPI (models/spunet.py: SpUNet, spconv weights)",
-    "pointcept": "Pointcept/Pointcept (pointcept/models/sparse_unet/spconv_unet_v1m1_base.py: SpUNet-v1m1 backbone)",
+    "torch-pointcloud": "torch-pointcloud 0.0.18 on PyPI (models/spunet.py: SpUNet; models/point_transformer_v3.py: "
+                        "PointTransformerV3Segmentation; spconv weights)",
+    "pointcept": "Pointcept/Pointcept (pointcept/models/sparse_unet/spconv_unet_v1m1_base.py: SpUNet-v1m1; "
+                 "pointcept/models/point_transformer_v3/point_transformer_v3m1_base.py: PT-v3m1)",
 }
 
 
@@ -63,15 +65,30 @@ def _feat_xyz_to_xyz_feat(t: Tensor, _: Rule) -> Tensor:
     return torch.cat([w[:, d:], w[:, :d]], 1)
 
 
+def _spconv_1x1(t: Tensor) -> Tensor:
+    """The [in, out] matrix spconv 2.x multiplies by in a kernel-1 convolution with weight ``t`` [out, 1, 1, 1, in].
+
+    spconv's kernel-1 path (``conv1x1`` in spconv/pytorch/conv.py, 2.3.8, any device) computes
+    ``features @ weight.view(in, out)``: it reads the [out, in] memory as [in, out], not as the transpose. The
+    networks trained with it (Pointcept's SpUNet ``proj`` shortcuts and ``final`` head) learnt that matrix, so
+    the conversion reproduces it (checked against spconv in tests/models/test_convert_reference.py).
+    """
+    return t.reshape(t.shape[-1], t.shape[0])
+
+
 def _spconv(t: Tensor, _: Rule) -> Tensor:
     # spconv 2.x keeps [out, kx, ky, kz, in]; pcbench's sparse convolutions keep [K, in, out] with the kernel
     # offsets in conv3d order (dx slowest), which is the row-major order of (kx, ky, kz)
-    return t.permute(1, 2, 3, 4, 0).reshape(-1, t.shape[4], t.shape[0]) if t.dim() == 5 else t
+    if t.dim() != 5:
+        return t
+    if t.shape[1:4] == (1, 1, 1):
+        return _spconv_1x1(t).unsqueeze(0)
+    return t.permute(1, 2, 3, 4, 0).reshape(-1, t.shape[4], t.shape[0])
 
 
 def _spconv_linear(t: Tensor, _: Rule) -> Tensor:
-    # a 1x1x1 spconv head [out, 1, 1, 1, in] is a Linear [out, in]
-    return t.reshape(t.shape[0], t.shape[-1]) if t.dim() == 5 else t
+    # a 1x1x1 spconv head [out, 1, 1, 1, in] is a Linear [out, in] of spconv's kernel-1 matrix
+    return _spconv_1x1(t).T if t.dim() == 5 else t
 
 
 _TRANSFORMS: dict[str, Callable[[Tensor, Rule], Tensor]] = {
@@ -259,6 +276,97 @@ def _shape_pointcept_spunet(sd: Mapping[str, Tensor]) -> tuple[int, int]:
     return int(sd["backbone.conv_input.0.weight"].shape[-1]), int(sd["backbone.final.weight"].shape[0])
 
 
+# --------------------------------------------------------------------------------------------- PTv3
+def _ptv3_block_src(rest: list[str], layout: str) -> list[str]:
+    """Key inside one PTv3 block: pcbench ``cpe_conv cpe_linear cpe_norm norm1 attn norm2 mlp.{0,3}``."""
+    head, tail = rest[0], rest[1:]
+    if layout == "tpc":
+        return [{"cpe_linear": "cpe_proj"}.get(head, head), *tail]
+    if head == "mlp":  # Pointcept's MLP module inside a PointSequential: mlp.0.fc1 / mlp.0.fc2
+        return ["mlp", "0", {"0": "fc1", "3": "fc2"}[tail[0]], *tail[1:]]
+    if head in ("norm1", "norm2"):  # PointSequential(LayerNorm)
+        return [head, "0", *tail]
+    cpe = {"cpe_conv": "0", "cpe_linear": "1", "cpe_norm": "2"}
+    return ["cpe", cpe[head], *tail] if head in cpe else rest
+
+
+def _ptv3_src(key: str, n_up: int, layout: str) -> str:
+    """The source key of pcbench PTv3 key ``key`` in torch-pointcloud's (``tpc``) or Pointcept's layout."""
+    p = key.split(".")
+    tpc = layout == "tpc"
+    if p[0] in ("embed_conv", "embed_norm"):
+        if tpc:
+            return ".".join(["encoder", "stem", "stem" if p[0] == "embed_conv" else "norm.module", *p[1:]])
+        return ".".join(["backbone", "embedding", "stem", "conv" if p[0] == "embed_conv" else "norm", *p[1:]])
+    if p[0] == "down":  # pooling into encoder stage i + 1
+        i = int(p[1]) + 1
+        if tpc:
+            return ".".join(["encoder", "blocks", str(i), "downsample", "norm.module" if p[2] == "norm" else p[2], *p[3:]])
+        return ".".join(["backbone", "enc", f"enc{i}", "down", "norm.0" if p[2] == "norm" else p[2], *p[3:]])
+    if p[0] == "enc":
+        if tpc:
+            return ".".join(["encoder", "blocks", p[1], "blocks", p[2], *_ptv3_block_src(p[3:], layout)])
+        return ".".join(["backbone", "enc", f"enc{p[1]}", f"block{p[2]}", *_ptv3_block_src(p[3:], layout)])
+    if p[0] == "up":  # pcbench up.{s}.proj(_skip).{0 linear, 1 BN}
+        if tpc:
+            name = {("proj", "0"): "proj", ("proj", "1"): "norm.module", ("proj_skip", "0"): "proj_skip",
+                    ("proj_skip", "1"): "norm_skip.module"}[(p[2], p[3])]
+            return ".".join(["decoder", "blocks", str(n_up - 1 - int(p[1])), "upsample", name, *p[4:]])
+        return ".".join(["backbone", "dec", f"dec{p[1]}", "up", *p[2:]])
+    if p[0] == "dec":  # torch-pointcloud numbers decoder stages coarsest first, Pointcept and pcbench by level
+        if tpc:
+            return ".".join(["decoder", "blocks", str(n_up - 1 - int(p[1])), "blocks", p[2],
+                             *_ptv3_block_src(p[3:], layout)])
+        return ".".join(["backbone", "dec", f"dec{p[1]}", f"block{p[2]}", *_ptv3_block_src(p[3:], layout)])
+    if p[0] == "head":
+        return key if tpc else ".".join(["seg_head", *p[1:]])
+    return key
+
+
+def _ptv3_rules(model: nn.Module, layout: str) -> list[Rule]:
+    if getattr(model, "cls_mode", False):
+        raise ConversionError("PTv3 converters cover the segmentation network (ptv3_seg); the published PTv3 "
+                              "checkpoints are segmentation models")
+    rules = []
+    for key, value in model.state_dict().items():
+        # sparse conv weights: pcbench [K, in, out] (3 dims) from spconv [out, kx, ky, kz, in]
+        how = "spconv" if key.endswith("weight") and value.dim() == 3 else "copy"
+        rules.append(Rule(_ptv3_src(key, len(model.up), layout), key, how))
+    return rules
+
+
+def _map_tpc_ptv3(sd: Mapping[str, Tensor], model: nn.Module) -> list[Rule]:
+    """torch-pointcloud ``PointTransformerV3Segmentation`` onto :class:`pcbench.models.ptv3.PointTransformerV3`.
+
+    ``encoder.stem.{stem, norm.module}``, ``encoder.blocks.{s}.downsample.{proj, norm.module}`` (pooling into
+    stage s), ``encoder.blocks.{s}.blocks.{j}`` (``cpe_proj`` is pcbench's ``cpe_linear``), the decoder
+    ``decoder.blocks.{d}.upsample.{proj, norm, proj_skip, norm_skip}`` / ``.blocks.{j}`` numbered from the
+    coarsest stage (pcbench numbers it by level), and ``head``.
+    """
+    return _ptv3_rules(model, "tpc")
+
+
+def _map_pointcept_ptv3(sd: Mapping[str, Tensor], model: nn.Module) -> list[Rule]:
+    """Pointcept ``PT-v3m1`` in a ``DefaultSegmentorV2`` onto pcbench's PTv3.
+
+    ``backbone.embedding.stem.{conv, norm}``, ``backbone.enc.enc{s}.down.{proj, norm.0}``,
+    ``backbone.enc.enc{s}.block{j}.{cpe.0 (spconv), cpe.1, cpe.2, norm1.0, attn.qkv, attn.proj, norm2.0,
+    mlp.0.fc1, mlp.0.fc2}``, ``backbone.dec.dec{s}.up.{proj, proj_skip}.{0, 1}`` / ``.block{j}`` and ``seg_head``
+    (point_transformer_v3m1_base.py, default_segmentor_v2 in pointcept/models/default.py).
+    """
+    return _ptv3_rules(model, "pointcept")
+
+
+def _shape_ptv3(stem: str, head: str, what: str) -> Callable[[Mapping[str, Tensor]], tuple[int, int]]:
+    def shape(sd: Mapping[str, Tensor]) -> tuple[int, int]:
+        """(in_channels, num_classes): the stem convolution's last axis, the head's rows."""
+        if stem not in sd or head not in sd:
+            raise ConversionError(f"not a {what} PTv3 segmentation checkpoint: no {stem} / {head} key")
+        return int(sd[stem].shape[-1]), int(sd[head].shape[0])
+
+    return shape
+
+
 @dataclass(frozen=True)
 class Converter:
     """How one (source, model config) pair maps: key rules, shape inference, keys that repeat another key."""
@@ -275,6 +383,10 @@ CONVERTERS: dict[tuple[str, str], Converter] = {
     ("pct_pytorch", "pct_cls"): Converter(_map_pct_pytorch, _shape_pct_pytorch, _pct_duplicates),
     ("torch-pointcloud", "spunet_base_seg"): Converter(_map_tpc_spunet, _shape_tpc_spunet),
     ("pointcept", "spunet_base_seg"): Converter(_map_pointcept_spunet, _shape_pointcept_spunet),
+    ("torch-pointcloud", "ptv3_seg"): Converter(
+        _map_tpc_ptv3, _shape_ptv3("encoder.stem.stem.weight", "head.weight", "torch-pointcloud")),
+    ("pointcept", "ptv3_seg"): Converter(
+        _map_pointcept_ptv3, _shape_ptv3("backbone.embedding.stem.conv.weight", "seg_head.weight", "Pointcept")),
 }
 
 
