@@ -36,6 +36,7 @@ SOURCES = {
     "torch-pointcloud": "torch-pointcloud 0.0.18 on PyPI (models/spunet.py: SpUNet; models/point_transformer_v3.py: "
                         "PointTransformerV3Segmentation; spconv weights)",
     "pointcept": "Pointcept/Pointcept (pointcept/models/sparse_unet/spconv_unet_v1m1_base.py: SpUNet-v1m1; "
+                 "pointcept/models/point_transformer_v2/point_transformer_v2m2_base.py: PT-v2m2; "
                  "pointcept/models/point_transformer_v3/point_transformer_v3m1_base.py: PT-v3m1)",
 }
 
@@ -367,6 +368,69 @@ def _shape_ptv3(stem: str, head: str, what: str) -> Callable[[Mapping[str, Tenso
     return shape
 
 
+# --------------------------------------------------------------------------------------------- PTv2
+def _lbr_src(index: str, rest: list[str]) -> list[str]:
+    """pcbench's Linear-BN-ReLU ``{0 Linear, 1 BN}`` -> Pointcept's ``{0 Linear, 1 PointBatchNorm.norm}``."""
+    return [index, *rest] if index == "0" else [index, "norm", *rest]
+
+
+def _ptv2_block_src(rest: list[str]) -> list[str]:
+    """Key inside one PTv2 block (pcbench ``fc1 norm1 attn norm2 fc3 norm3``) in Pointcept's names."""
+    head, tail = rest[0], rest[1:]
+    if head in ("norm1", "norm2", "norm3"):
+        return [head, "norm", *tail]
+    if head != "attn":
+        return rest
+    name, tail = tail[0], tail[1:]
+    if name in ("linear_q", "linear_k"):
+        return ["attn", name, *_lbr_src(tail[0], tail[1:])]
+    if name in ("pe_bias", "pe_mul", "weight_encoding"):  # Sequential(LBR, Linear) -> Sequential(L, BN, ReLU, L)
+        src = {"pe_bias": "linear_p_bias", "pe_mul": "linear_p_multiplier"}.get(name, name)
+        inner = _lbr_src(tail[1], tail[2:]) if tail[0] == "0" else ["3", *tail[1:]]
+        return ["attn", src, *inner]
+    return rest
+
+
+def _map_pointcept_ptv2(sd: Mapping[str, Tensor], model: nn.Module) -> list[Rule]:
+    """Pointcept ``PT-v2m2`` (a ``DefaultSegmentor``'s ``backbone``, head inside) onto
+    :class:`pcbench.models.ptv2.PointTransformerV2`.
+
+    ``backbone.patch_embed.{proj, blocks.blocks.{j}}``, ``backbone.enc_stages.{i}.{down.fc, down.norm,
+    blocks.blocks.{j}}``, ``backbone.dec_stages.{i}.{up.proj, up.proj_skip, blocks.blocks.{j}}`` and
+    ``backbone.seg_head.{0, 1, 3}``; every BatchNorm is a ``PointBatchNorm`` holding ``norm``, the position and
+    weight encodings are flat ``Sequential(Linear, BN, ReLU, Linear)`` (point_transformer_v2m2_base.py).
+    """
+    if getattr(model, "cls_mode", False):
+        raise ConversionError("the Pointcept PTv2 converter covers the segmentation network (ptv2_seg)")
+    rules = []
+    for key in model.state_dict():
+        p = key.split(".")
+        if p[0] == "embed_proj":
+            src = ["patch_embed", "proj", *_lbr_src(p[1], p[2:])]
+        elif p[0] == "embed_blocks":
+            src = ["patch_embed", "blocks", "blocks", p[2], *_ptv2_block_src(p[3:])]
+        elif p[0] == "down":  # pcbench down.{i}.proj.{0 Linear, 1 BN}
+            src = ["enc_stages", p[1], "down", *(["fc"] if p[3] == "0" else ["norm", "norm"]), *p[4:]]
+        elif p[0] in ("enc", "dec"):
+            src = [f"{p[0]}_stages", p[1], "blocks", "blocks", p[3], *_ptv2_block_src(p[4:])]
+        elif p[0] == "up":
+            src = ["dec_stages", p[1], "up", p[2], *_lbr_src(p[3], p[4:])]
+        elif p[0] == "head":  # Sequential(LBR, Linear) -> seg_head Sequential(L, BN, ReLU, L)
+            src = ["seg_head", *(_lbr_src(p[2], p[3:]) if p[1] == "0" else ["3", *p[2:]])]
+        else:
+            src = p
+        rules.append(Rule(".".join(["backbone", *src]), key))
+    return rules
+
+
+def _shape_pointcept_ptv2(sd: Mapping[str, Tensor]) -> tuple[int, int]:
+    """(in_channels, num_classes): the patch embedding's input width, the head's rows."""
+    first, last = "backbone.patch_embed.proj.0.weight", "backbone.seg_head.3.weight"
+    if first not in sd or last not in sd:
+        raise ConversionError(f"not a Pointcept PT-v2m2 segmentation checkpoint: no {first} / {last} key")
+    return int(sd[first].shape[1]), int(sd[last].shape[0])
+
+
 @dataclass(frozen=True)
 class Converter:
     """How one (source, model config) pair maps: key rules, shape inference, keys that repeat another key."""
@@ -385,6 +449,7 @@ CONVERTERS: dict[tuple[str, str], Converter] = {
     ("pointcept", "spunet_base_seg"): Converter(_map_pointcept_spunet, _shape_pointcept_spunet),
     ("torch-pointcloud", "ptv3_seg"): Converter(
         _map_tpc_ptv3, _shape_ptv3("encoder.stem.stem.weight", "head.weight", "torch-pointcloud")),
+    ("pointcept", "ptv2_seg"): Converter(_map_pointcept_ptv2, _shape_pointcept_ptv2),
     ("pointcept", "ptv3_seg"): Converter(
         _map_pointcept_ptv3, _shape_ptv3("backbone.embedding.stem.conv.weight", "seg_head.weight", "Pointcept")),
 }
