@@ -36,6 +36,7 @@ SOURCES = {
     "torch-pointcloud": "torch-pointcloud 0.0.18 on PyPI (models/spunet.py: SpUNet; models/point_transformer_v3.py: "
                         "PointTransformerV3Segmentation; spconv weights)",
     "pointcept": "Pointcept/Pointcept (pointcept/models/sparse_unet/spconv_unet_v1m1_base.py: SpUNet-v1m1; "
+                 "pointcept/models/point_transformer/point_transformer_seg.py: PointTransformer-Seg50; "
                  "pointcept/models/point_transformer_v2/point_transformer_v2m2_base.py: PT-v2m2; "
                  "pointcept/models/point_transformer_v3/point_transformer_v3m1_base.py: PT-v3m1)",
 }
@@ -368,6 +369,44 @@ def _shape_ptv3(stem: str, head: str, what: str) -> Callable[[Mapping[str, Tenso
     return shape
 
 
+# --------------------------------------------------------------------------------------------- PTv1
+def _map_pointcept_ptv1(sd: Mapping[str, Tensor], model: nn.Module) -> list[Rule]:
+    """Pointcept ``PointTransformer-Seg50`` (a ``DefaultSegmentor``'s ``backbone``) onto
+    :class:`pcbench.models.ptv1.PointTransformerSeg`.
+
+    ``backbone.enc{i}`` is ``Sequential(TransitionDown, Bottleneck...)`` (pcbench ``encoder.stages.{i-1}.down`` /
+    ``.blocks.{j}``), ``backbone.dec{i}`` is ``Sequential(TransitionUp, Bottleneck)`` numbered by level, ``dec5``
+    first (pcbench ``up.{5-i}`` / ``dec_blocks.{5-i}.{j}``), and ``backbone.cls`` the head (pcbench ``head.mlp``);
+    the layers inside keep the names of the original POSTECH code (point_transformer_seg.py).
+    """
+    n = len(model.up)
+    rules = []
+    for key in model.state_dict():
+        p = key.split(".")
+        if p[0] == "encoder":  # encoder.stages.{i}.down.* / encoder.stages.{i}.blocks.{j}.*
+            i = int(p[2]) + 1
+            src = [f"enc{i}", "0", *p[4:]] if p[3] == "down" else [f"enc{i}", str(int(p[4]) + 1), *p[5:]]
+        elif p[0] == "up":
+            src = [f"dec{n - int(p[1])}", "0", *p[2:]]
+        elif p[0] == "dec_blocks":
+            src = [f"dec{n - int(p[1])}", str(int(p[2]) + 1), *p[3:]]
+        elif p[0] == "head" and p[1] == "mlp":
+            src = ["cls", *p[2:]]
+        else:
+            src = p
+        rules.append(Rule(".".join(["backbone", *src]), key))
+    return rules
+
+
+def _shape_pointcept_ptv1(sd: Mapping[str, Tensor]) -> tuple[int, int]:
+    """(in_channels, num_classes): Pointcept's first linear sees the features it was given (coord, colour,
+    normal: 9), pcbench's ``in_channels`` excludes the xyz it prepends itself; the head's rows give classes."""
+    first, last = "backbone.enc1.0.linear.weight", "backbone.cls.3.weight"
+    if first not in sd or last not in sd:
+        raise ConversionError(f"not a Pointcept PointTransformer-Seg checkpoint: no {first} / {last} key")
+    return int(sd[first].shape[1]) - 3, int(sd[last].shape[0])
+
+
 # --------------------------------------------------------------------------------------------- PTv2
 def _lbr_src(index: str, rest: list[str]) -> list[str]:
     """pcbench's Linear-BN-ReLU ``{0 Linear, 1 BN}`` -> Pointcept's ``{0 Linear, 1 PointBatchNorm.norm}``."""
@@ -449,6 +488,7 @@ CONVERTERS: dict[tuple[str, str], Converter] = {
     ("pointcept", "spunet_base_seg"): Converter(_map_pointcept_spunet, _shape_pointcept_spunet),
     ("torch-pointcloud", "ptv3_seg"): Converter(
         _map_tpc_ptv3, _shape_ptv3("encoder.stem.stem.weight", "head.weight", "torch-pointcloud")),
+    ("pointcept", "ptv1_seg"): Converter(_map_pointcept_ptv1, _shape_pointcept_ptv1),
     ("pointcept", "ptv2_seg"): Converter(_map_pointcept_ptv2, _shape_pointcept_ptv2),
     ("pointcept", "ptv3_seg"): Converter(
         _map_pointcept_ptv3, _shape_ptv3("backbone.embedding.stem.conv.weight", "seg_head.weight", "Pointcept")),

@@ -1,8 +1,10 @@
-"""Pointcept checkpoint layouts (PT-v2m2, PT-v3m1) converted onto pcbench's ptv2_seg / ptv3_seg.
+"""Pointcept checkpoint layouts (PointTransformer-Seg50, PT-v2m2, PT-v3m1) converted onto pcbench's ptv1_seg /
+ptv2_seg / ptv3_seg.
 
 Pointcept saves ``{"state_dict": {"module.backbone....", "module.seg_head...."}}`` (DDP, DefaultSegmentor /
 DefaultSegmentorV2; pointcept/engines/hooks/misc.py). The source names below are written from Pointcept's module
-tree (point_transformer_v2m2_base.py, point_transformer_v3m1_base.py) as regular-expression substitutions,
+tree (point_transformer_seg.py, point_transformer_v2m2_base.py,
+point_transformer_v3m1_base.py) as regular-expression substitutions,
 independently of the converter's per-key functions; the check is that every tensor arrives at its pcbench key
 unchanged (or, for spconv kernels, in pcbench's layout), and that a missing or extra key is an error naming it.
 """
@@ -45,6 +47,15 @@ PTV3 = [
 ]
 
 
+PTV1 = [  # Sequential(TransitionDown / TransitionUp, Bottleneck...) per level; decoder dec5 (coarsest) first
+    (r"^encoder\.stages\.(\d+)\.down\.", lambda m: f"enc{int(m[1]) + 1}.0."),
+    (r"^encoder\.stages\.(\d+)\.blocks\.(\d+)\.", lambda m: f"enc{int(m[1]) + 1}.{int(m[2]) + 1}."),
+    (r"^up\.(\d+)\.", lambda m: f"dec{5 - int(m[1])}.0."),
+    (r"^dec_blocks\.(\d+)\.(\d+)\.", lambda m: f"dec{5 - int(m[1])}.{int(m[2]) + 1}."),
+    (r"^head\.mlp\.", "cls."),
+]
+
+
 def _pointcept_key(key: str, table: list) -> str:
     if key.startswith("head."):
         return "module.seg_head." + key[len("head."):] if table is PTV3 else "module.backbone." + _sub(key, table)
@@ -63,11 +74,11 @@ def _spconv_layout(value: torch.Tensor) -> torch.Tensor:
     return value.reshape(k, k, k, value.shape[1], value.shape[2]).permute(4, 0, 1, 2, 3).contiguous()
 
 
-CASES: list = [("ptv2_seg", PTV2, {}, 11_323_804),  # convert_checkpoint builds the config's (paper) widths
+CASES: list = [("ptv1_seg", PTV1, {}, 7_768_056), ("ptv2_seg", PTV2, {}, 11_323_804),  # convert_checkpoint builds the config's (paper) widths
          pytest.param("ptv3_seg", PTV3, {}, 46_167_572, marks=pytest.mark.slow)]  # 46M parameters: ~13 s
 
 
-@pytest.mark.parametrize(("config", "table", "overrides", "n_params"), CASES, ids=["ptv2", "ptv3"])
+@pytest.mark.parametrize(("config", "table", "overrides", "n_params"), CASES, ids=["ptv1", "ptv2", "ptv3"])
 def test_a_pointcept_checkpoint_converts_every_tensor_to_its_pcbench_key(tmp_path: Path, config, table,
                                                                        overrides, n_params) -> None:
     torch.manual_seed(0)
@@ -78,6 +89,7 @@ def test_a_pointcept_checkpoint_converts_every_tensor_to_its_pcbench_key(tmp_pat
     assert len(src) == len(own)  # the renaming is one to one
     torch.save({"epoch": 100, "state_dict": src}, tmp_path / "model_best.pth")
     state = convert_checkpoint(tmp_path / "model_best.pth", "pointcept", config)
+    # Pointcept's PTv1 takes xyz among its 9 input features; pcbench prepends xyz to the 6 it is given
     assert (state["in_channels"], state["num_classes"]) == (6, 20)
     assert state["model"].keys() == own.keys()
     assert all(torch.equal(state["model"][k], v) for k, v in own.items())
