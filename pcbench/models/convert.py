@@ -35,7 +35,9 @@ SOURCES = {
     "pct_pytorch": "Strawberry-Eat-Mango/PCT_Pytorch (model.py: Pct)",
     "torch-pointcloud": "torch-pointcloud 0.0.18 on PyPI (models/spunet.py: SpUNet; models/point_transformer_v3.py: "
                         "PointTransformerV3Segmentation; spconv weights)",
+    "minkowski": "chrischoy/SpatioTemporalSegmentation (models/res16unet.py: Res16UNet34C, MinkowskiEngine weights)",
     "pointcept": "Pointcept/Pointcept (pointcept/models/sparse_unet/spconv_unet_v1m1_base.py: SpUNet-v1m1; "
+                 "pointcept/models/sparse_unet/mink_unet.py: MinkUNet34C; "
                  "pointcept/models/point_transformer/point_transformer_seg.py: PointTransformer-Seg50; "
                  "pointcept/models/point_transformer_v2/point_transformer_v2m2_base.py: PT-v2m2; "
                  "pointcept/models/point_transformer_v3/point_transformer_v3m1_base.py: PT-v3m1)",
@@ -93,7 +95,27 @@ def _spconv_linear(t: Tensor, _: Rule) -> Tensor:
     return _spconv_1x1(t).T if t.dim() == 5 else t
 
 
+def _minkowski(t: Tensor, _: Rule) -> Tensor:
+    # MinkowskiEngine kernels are [K, in, out] ([in, out] for kernel 1 in some versions). Odd kernels list their
+    # offsets with x fastest, even (2x2x2) ones with x slowest, as torchsparse's MinkowskiEngine-compatible
+    # kernel region spells out (torchsparse/nn/utils/kernel.py); pcbench lists x slowest in both. Not checked
+    # numerically here: MinkowskiEngine has no CPU wheel to run against.
+    if t.dim() == 2:
+        return t.unsqueeze(0)
+    k = round(t.shape[0] ** (1 / 3))
+    if t.dim() != 3 or k ** 3 != t.shape[0] or k % 2 == 0:
+        return t
+    return t.reshape(k, k, k, t.shape[1], t.shape[2]).permute(2, 1, 0, 3, 4).reshape(t.shape)
+
+
+def _minkowski_linear(t: Tensor, _: Rule) -> Tensor:
+    # a kernel-1 MinkowskiConvolution head [1, in, out] or [in, out] is a Linear [out, in]
+    return t.reshape(t.shape[-2], t.shape[-1]).T
+
+
 _TRANSFORMS: dict[str, Callable[[Tensor, Rule], Tensor]] = {
+    "minkowski": _minkowski,
+    "minkowski_linear": _minkowski_linear,
     "copy": lambda t, _: t,
     "squeeze": _squeeze,
     "feat_xyz_to_xyz_feat": _feat_xyz_to_xyz_feat,
@@ -369,6 +391,56 @@ def _shape_ptv3(stem: str, head: str, what: str) -> Callable[[Mapping[str, Tenso
     return shape
 
 
+# --------------------------------------------------------------------------------------------- MinkUNet
+def _minkunet_src(key: str) -> tuple[str, str]:
+    """(source key, transform) of pcbench MinkUNet key ``key`` in Res16UNet's names (res16unet.py)."""
+    p = key.split(".")
+    conv = "kernel" if p[-1] == "weight" else p[-1]
+
+    def bn(name: str) -> str:  # MinkowskiBatchNorm holds an nn.BatchNorm1d named bn
+        return f"{name}.bn.{p[-1]}"
+
+    if p[0] == "stem":
+        return ("conv0p1s1.kernel", "minkowski") if p[1] == "conv" else (bn("bn0"), "copy")
+    if p[0] in ("down", "up"):  # conv{i+1}p{2^i}s2 down; convtr{4+i}p{16/2^i}s2 up
+        i = int(p[1])
+        name = f"conv{i + 1}p{1 << i}s2" if p[0] == "down" else f"convtr{4 + i}p{16 >> i}s2"
+        norm = f"bn{i + 1}" if p[0] == "down" else f"bntr{4 + i}"
+        return (f"{name}.{conv}", "minkowski") if p[2] == "conv" else (bn(norm), "copy")
+    if p[0] in ("enc", "dec"):  # block{1..4} encoder, block{5..8} decoder
+        block = f"block{int(p[1]) + (1 if p[0] == 'enc' else 5)}.{p[2]}"
+        if p[3] in ("conv1", "conv2"):
+            return f"{block}.{p[3]}.kernel", "minkowski"
+        if p[3] in ("norm1", "norm2"):
+            return bn(f"{block}.{p[3]}"), "copy"
+        if p[3] == "shortcut":  # downsample = Sequential(conv 1x1, norm)
+            return ((f"{block}.downsample.0.kernel", "minkowski") if p[4] == "0"
+                    else (bn(f"{block}.downsample.1"), "copy"))
+    if p[0] == "head":
+        return ("final.kernel", "minkowski_linear") if p[1] == "weight" else ("final.bias", "copy")
+    return key, "copy"
+
+
+def _minkunet_rules(prefix: str) -> Callable[[Mapping[str, Tensor], nn.Module], list[Rule]]:
+    def rules(sd: Mapping[str, Tensor], model: nn.Module) -> list[Rule]:
+        """Res16UNet (``conv0p1s1 bn0``, ``conv{i}p{s}s2 bn{i} block{i}``, ``convtr{i}p{s}s2 bntr{i} block{i}``,
+        ``final``; MinkowskiEngine kernels) onto :class:`pcbench.models.minkunet.MinkUNet`."""
+        return [Rule(prefix + src, key, how) for key in model.state_dict() for src, how in [_minkunet_src(key)]]
+
+    return rules
+
+
+def _shape_minkunet(prefix: str) -> Callable[[Mapping[str, Tensor]], tuple[int, int]]:
+    def shape(sd: Mapping[str, Tensor]) -> tuple[int, int]:
+        """(in_channels, num_classes): the first kernel's input axis, the final kernel's output axis."""
+        first, last = f"{prefix}conv0p1s1.kernel", f"{prefix}final.kernel"
+        if first not in sd or last not in sd:
+            raise ConversionError(f"not a Res16UNet (MinkUNet) checkpoint: no {first} / {last} key")
+        return int(sd[first].shape[-2]), int(sd[last].shape[-1])
+
+    return shape
+
+
 # --------------------------------------------------------------------------------------------- PTv1
 def _map_pointcept_ptv1(sd: Mapping[str, Tensor], model: nn.Module) -> list[Rule]:
     """Pointcept ``PointTransformer-Seg50`` (a ``DefaultSegmentor``'s ``backbone``) onto
@@ -488,6 +560,8 @@ CONVERTERS: dict[tuple[str, str], Converter] = {
     ("pointcept", "spunet_base_seg"): Converter(_map_pointcept_spunet, _shape_pointcept_spunet),
     ("torch-pointcloud", "ptv3_seg"): Converter(
         _map_tpc_ptv3, _shape_ptv3("encoder.stem.stem.weight", "head.weight", "torch-pointcloud")),
+    ("minkowski", "minkunet34c_seg"): Converter(_minkunet_rules(""), _shape_minkunet("")),
+    ("pointcept", "minkunet34c_seg"): Converter(_minkunet_rules("backbone."), _shape_minkunet("backbone.")),
     ("pointcept", "ptv1_seg"): Converter(_map_pointcept_ptv1, _shape_pointcept_ptv1),
     ("pointcept", "ptv2_seg"): Converter(_map_pointcept_ptv2, _shape_pointcept_ptv2),
     ("pointcept", "ptv3_seg"): Converter(
