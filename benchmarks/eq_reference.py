@@ -21,8 +21,8 @@ difference|, ``python -m benchmarks.eq_reference --tpc --data /work/shared/data`
 
     spconv SpUNet on 2 threads vs 1 thread: 4.6e-03; run 1 vs run 2 on 2 threads, same process: 4.6e-03
 
-The 2-thread reference disagrees with itself from run to run (a data race in spconv's CPU scatter, not rounding:
-the stem alone moved by 0.077 at scale 0.88 between two processes), which is why the reference runs on one
+The 2-thread reference disagrees with itself from run to run, far above rounding (consistent with a race between
+threads in spconv's CPU scatter-add; the stem alone moved by 0.077 at scale 0.88 between two processes), which is why the reference runs on one
 thread; there pcbench's SpUNet gives the same float32 bits.
 
 For each pair (yanx27 ``pointnet2_cls_ssg`` -> ``pointnet2_ssg_cls`` with xyz input and with normals, yanx27

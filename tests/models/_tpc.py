@@ -3,8 +3,8 @@
 Shared by tests/models/test_equivalence_reference.py and benchmarks/eq_reference.py. Everything that differs
 by design between the two implementations is pinned here, on the reference side or by a pcbench model option:
 
-- threads: spconv 2.3.8's CPU kernels (gather / scatter-add per kernel offset) race when torch runs them on
-  more than one thread: two processes with 2 threads gave stem outputs 0.077 apart (scale 0.88) for the same
+- threads: spconv 2.3.8's CPU kernels (gather / scatter-add per kernel offset) are not deterministic when torch
+  runs them on more than one thread, far above rounding (consistent with a race): two processes with 2 threads gave stem outputs 0.077 apart (scale 0.88) for the same
   input and weights, while one thread gives the same bits in every process. :func:`one_thread` runs the
   reference (and pcbench, for the same summation order) on one thread.
 - bias: spconv's CPU build has no fused bias (``indice_conv`` asserts "cpu don't support act and bias" in
