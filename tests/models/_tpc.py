@@ -16,8 +16,9 @@ by design between the two implementations is pinned here, on the reference side 
   (``max(grid).bit_length()``; Pointcept's and pcbench's is ``(max(grid) + 1).bit_length()``), and the Hilbert
   curves only: torch-pointcloud's z-order encoder needs the ``ocnn`` package, which the reference tier does not
   install (pcbench's z-order codes are checked against a per-point reference and their bit layout in
-  tests/ops/test_serialize.py). ``legacy=False``: the
-  block's xCPE convolves the block input, as Pointcept since v1.5.2 and pcbench do.
+  tests/ops/test_serialize.py). Both block chainings are compared: ``legacy=False`` (a block's xCPE convolves
+  the block input, Pointcept since v1.5.2) and ``legacy=True`` (the previous block's MLP branch, Pointcept
+  v1.5.1, which the released weights need; pcbench's ``xcpe_legacy``).
 - PTv3 patch size: a level smaller than the patch is padded with repeated points in torch-pointcloud's dense
   path (``divisible_pad(mode="all")``), while Pointcept shrinks the patch to the level and pcbench masks; with a
   patch no larger than the coarsest level (16 here) the three agree, and every level has several patches.
@@ -91,21 +92,22 @@ def randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def tpc_ptv3(in_channels: int = 6, num_classes: int = 20) -> nn.Module:
+def tpc_ptv3(in_channels: int = 6, num_classes: int = 20, legacy: bool = False) -> nn.Module:
     """torch-pointcloud's PTv3 segmentation network at the paper's widths and depths (ptv3_seg), pinned as
-    the module docstring says."""
+    the module docstring says; ``legacy`` is Pointcept v1.5.1's block chaining (pcbench's ``xcpe_legacy``)."""
     from torch_pointcloud.models.point_transformer_v3 import PointTransformerV3Segmentation  # noqa: PLC0415
 
     return PointTransformerV3Segmentation(
         in_channels, num_classes, serialization_orders=PTV3_ORDERS, encoder_patch_size=(PTV3_PATCH,) * 5,
         decoder_patch_size=(PTV3_PATCH,) * 4, use_flash_attn=False, norm="batch_norm",
-        norm_kwargs={"eps": 1e-3, "momentum": 0.01}, shuffle_serialization_orders=False, legacy=False)
+        norm_kwargs={"eps": 1e-3, "momentum": 0.01}, shuffle_serialization_orders=False, legacy=legacy)
 
 
-def ptv3_overrides(grid: Tensor) -> dict[str, object]:
+def ptv3_overrides(grid: Tensor, legacy: bool = False) -> dict[str, object]:
     """``create_model("ptv3_seg", ...)`` options matching :func:`tpc_ptv3` on ``grid``."""
     return {"order": list(PTV3_ORDERS), "shuffle_orders": False, "enc_patch_size": [PTV3_PATCH] * 5,
-            "dec_patch_size": [PTV3_PATCH] * 4, "serialization_depth": max(int(grid.max()).bit_length(), 1)}
+            "dec_patch_size": [PTV3_PATCH] * 4, "serialization_depth": max(int(grid.max()).bit_length(), 1),
+            "xcpe_legacy": legacy}
 
 
 def tpc_forward(ref: nn.Module, grid: Tensor, feat: Tensor) -> Tensor:
