@@ -348,6 +348,8 @@ def _ptv3_src(key: str, n_up: int, layout: str) -> str:
 
 
 def _ptv3_rules(model: nn.Module, layout: str) -> list[Rule]:
+    # The released PT-v3m1 weights were trained with Pointcept v1.5.1's block chaining: the key mapping is the same,
+    # the converted network must be built with ptv3_seg's xcpe_legacy=true (see pcbench/models/zoo_registry.py)
     if getattr(model, "cls_mode", False):
         raise ConversionError("PTv3 converters cover the segmentation network (ptv3_seg); the published PTv3 "
                               "checkpoints are segmentation models")

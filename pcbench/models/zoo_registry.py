@@ -56,11 +56,12 @@ _TPC = "https://huggingface.co/torch-pointcloud"
 _TPC_REF = "torch-pointcloud 0.0.18 (PyPI) models/{file} register_model({name!r}), weights revision @ {rev}"
 _MINKNET = "https://node1.chrischoy.org/data/publications/minknet"
 # The released PT-v3m1 weights were trained with Pointcept v1.5.1's block, whose next xCPE convolves the previous
-# block's MLP branch instead of its output (fixed in v1.5.2; torch-pointcloud's PTv3 needs legacy=True for these
-# weights, models/point_transformer_v3.py _ptv3_seg_hparams). pcbench's PTv3 is the fixed block, so the keys
-# convert (the "pointcept" / "torch-pointcloud" -> ptv3_seg converters) but the converted network would not
-# compute what was trained: these entries stay unconvertible until pcbench has that block variant.
-_PTV3_LEGACY = "Pointcept PT-v3m1 v1.5.1 (block variant pcbench lacks)"
+# block's MLP branch instead of its output (fixed in v1.5.2; torch-pointcloud builds them with legacy=True,
+# models/point_transformer_v3.py _ptv3_seg_hparams). The keys convert (pcbench-convert source=torch-pointcloud or
+# pointcept model=ptv3_seg) and the network is pcbench's ptv3_seg with xcpe_legacy=true (equal to torch-pointcloud's
+# legacy network in tests/models/test_equivalence_reference.py); these entries stay "listed only" because a
+# suite's weights entry builds the config as shipped (xcpe_legacy: false), which would not be the trained network.
+_PTV3_LEGACY = "Pointcept PT-v3m1 v1.5.1 (convert, then build ptv3_seg with xcpe_legacy=true)"
 
 #: name -> entry. Figures are the authors' own, quoted with their protocol, never re-measured here.
 PUBLISHED: dict[str, PublishedWeights] = {w.name: w for w in [
