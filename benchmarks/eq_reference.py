@@ -7,7 +7,7 @@ Usage::
     python -m benchmarks.eq_reference --yanx27 /tmp/yanx27 --pct /tmp/pct --data /work/shared/data [--out DIR]
     python -m benchmarks.eq_reference --tpc --data /work/shared/data   # torch-pointcloud 0.0.18 + spconv 2.3.8
 
-``--tpc`` compares pcbench's SpUNet and PTv3 with torch-pointcloud's on a ScanNet crop (scene0000_00, 3 m x 3 m,
+``--tpc`` compares pcbench's SpUNet and PTv3 (both block chainings) with torch-pointcloud's on a ScanNet crop (scene0000_00, 3 m x 3 m,
 2 cm voxels, 5,340 voxels; colour + centred xyz), random weights with BatchNorm / LayerNorm drawn away from their
 defaults, eval mode, pinned as tests/models/_tpc.py says (one thread, spconv bias in its train-mode path, PTv3
 without flash attention, curve shuffling or z-order, patch 16, torch-pointcloud's serialization depth). It also
@@ -15,11 +15,13 @@ measures spconv's CPU thread race: the reference SpUNet run twice on 2 threads a
 Measured 2026-12-07 on this 2-core CPU (load average 12 from other jobs; timings not reported), max |logit
 difference|, ``python -m benchmarks.eq_reference --tpc --data /work/shared/data``::
 
-    pair                            fp32       fp64       logit scale
-    spunet_base_seg vs tpc SpUNet   0.0        6.9e-17    0.115
-    ptv3_seg vs tpc PTv3            2.0e-06    5.3e-15    3.4
+    pair                                            fp32       fp64       logit scale
+    spunet_base_seg vs tpc SpUNet                   0.0        6.9e-17    0.115
+    ptv3_seg vs tpc PTv3                            2.0e-06    5.3e-15    3.4
+    ptv3_seg xcpe_legacy vs tpc PTv3 legacy=True    1.7e-06    3.3e-15    2.6
 
-    spconv SpUNet on 2 threads vs 1 thread: 4.6e-03; run 1 vs run 2 on 2 threads, same process: 4.6e-03
+    spconv SpUNet on 2 threads vs 1 thread, and run 1 vs run 2 on 2 threads in one process: 4.6e-03 in one
+    invocation, 4.2e-03 in the next
 
 The 2-thread reference disagrees with itself from run to run, far above rounding (consistent with a race between
 threads in spconv's CPU scatter-add; the stem alone moved by 0.077 at scale 0.88 between two processes), which is why the reference runs on one
@@ -256,18 +258,20 @@ def compare_tpc(data: Path, out: Path) -> list[dict[str, float | str]]:
 
     grid, feat, batch = scene_voxels(data)
     rows: list[dict[str, float | str]] = []
-    for config, build in (("spunet_base_seg", lambda: tpc_create_model("spunet-v1m1.scannet20.pointcept",
-                                                                         pretrained=False)),
-                          ("ptv3_seg", tpc_ptv3)):
+    pairs = (("spunet_base_seg", False, lambda: tpc_create_model("spunet-v1m1.scannet20.pointcept",
+                                                                  pretrained=False)),
+             ("ptv3_seg", False, tpc_ptv3), ("ptv3_seg", True, lambda: tpc_ptv3(legacy=True)))
+    for config, legacy, build in pairs:
         torch.manual_seed(0)
         ref = spconv_train_mode_bias(randomise_norms(build()))
         src = out / f"{config}.tpc.safetensors"
         st.save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(src))
         dst = out / f"{config}.tpc.pt"
         torch.save(convert_checkpoint(src, "torch-pointcloud", config), dst)
-        extra = ptv3_overrides(grid) if config == "ptv3_seg" else {}
+        extra = ptv3_overrides(grid, legacy) if config == "ptv3_seg" else {}
         ours = create_model(config, 6, 20, weights=dst, **extra).eval()
-        row: dict[str, float | str] = {"pair": f"{config} vs torch-pointcloud", "voxels": int(grid.shape[0])}
+        name = f"{config}{' xcpe_legacy' if legacy else ''} vs torch-pointcloud"
+        row: dict[str, float | str] = {"pair": name, "voxels": int(grid.shape[0])}
         for dtype, tag in ((torch.float32, "fp32"), (torch.float64, "fp64")):
             ref.to(dtype)
             ours.to(dtype)
