@@ -5,6 +5,27 @@ Usage::
     git -C <mirror of yanx27/Pointnet_Pointnet2_pytorch> archive HEAD models | tar -x -C /tmp/yanx27
     git -C <mirror of Strawberry-Eat-Mango/PCT_Pytorch> archive HEAD model.py util.py | tar -x -C /tmp/pct
     python -m benchmarks.eq_reference --yanx27 /tmp/yanx27 --pct /tmp/pct --data /work/shared/data [--out DIR]
+    python -m benchmarks.eq_reference --tpc --data /work/shared/data   # torch-pointcloud 0.0.18 + spconv 2.3.8
+
+``--tpc`` compares pcbench's SpUNet and PTv3 (both block chainings) with torch-pointcloud's on a ScanNet crop (scene0000_00, 3 m x 3 m,
+2 cm voxels, 5,340 voxels; colour + centred xyz), random weights with BatchNorm / LayerNorm drawn away from their
+defaults, eval mode, pinned as tests/models/_tpc.py says (one thread, spconv bias in its train-mode path, PTv3
+without flash attention, curve shuffling or z-order, patch 16, torch-pointcloud's serialization depth). It also
+measures spconv's CPU thread race: the reference SpUNet run twice on 2 threads against its 1-thread run.
+Measured 2026-12-07 on this 2-core CPU (load average 12 from other jobs; timings not reported), max |logit
+difference|, ``python -m benchmarks.eq_reference --tpc --data /work/shared/data``::
+
+    pair                                            fp32       fp64       logit scale
+    spunet_base_seg vs tpc SpUNet                   0.0        6.9e-17    0.115
+    ptv3_seg vs tpc PTv3                            2.0e-06    5.3e-15    3.4
+    ptv3_seg xcpe_legacy vs tpc PTv3 legacy=True    1.7e-06    3.3e-15    2.6
+
+    spconv SpUNet on 2 threads vs 1 thread, and run 1 vs run 2 on 2 threads in one process: 4.6e-03 in one
+    invocation, 4.2e-03 in the next
+
+The 2-thread reference disagrees with itself from run to run, far above rounding (consistent with a race between
+threads in spconv's CPU scatter-add; the stem alone moved by 0.077 at scale 0.88 between two processes), which is why the reference runs on one
+thread; there pcbench's SpUNet gives the same float32 bits.
 
 For each pair (yanx27 ``pointnet2_cls_ssg`` -> ``pointnet2_ssg_cls`` with xyz input and with normals, yanx27
 ``pointnet2_cls_msg`` -> ``pointnet2_msg_cls`` with normals, PCT_Pytorch ``Pct`` -> ``pct_cls``) the script
@@ -220,19 +241,86 @@ def compare(ref: nn.Module, source: str, config: str, dense: torch.Tensor, batch
     return out
 
 
+def compare_tpc(data: Path, out: Path) -> list[dict[str, float | str]]:
+    """SpUNet and PTv3 against torch-pointcloud (max |logit difference|, fp32 and fp64) and spconv's thread race."""
+    import safetensors.torch as st  # noqa: PLC0415 - reference tier only
+    from torch_pointcloud.models import create_model as tpc_create_model  # noqa: PLC0415
+
+    from tests.models._tpc import (  # noqa: PLC0415
+        one_thread,
+        ptv3_overrides,
+        randomise_norms,
+        scene_voxels,
+        spconv_train_mode_bias,
+        tpc_forward,
+        tpc_ptv3,
+    )
+
+    grid, feat, batch = scene_voxels(data)
+    rows: list[dict[str, float | str]] = []
+    pairs = (("spunet_base_seg", False, lambda: tpc_create_model("spunet-v1m1.scannet20.pointcept",
+                                                                  pretrained=False)),
+             ("ptv3_seg", False, tpc_ptv3), ("ptv3_seg", True, lambda: tpc_ptv3(legacy=True)))
+    for config, legacy, build in pairs:
+        torch.manual_seed(0)
+        ref = spconv_train_mode_bias(randomise_norms(build()))
+        src = out / f"{config}.tpc.safetensors"
+        st.save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(src))
+        dst = out / f"{config}.tpc.pt"
+        torch.save(convert_checkpoint(src, "torch-pointcloud", config), dst)
+        extra = ptv3_overrides(grid, legacy) if config == "ptv3_seg" else {}
+        ours = create_model(config, 6, 20, weights=dst, **extra).eval()
+        name = f"{config}{' xcpe_legacy' if legacy else ''} vs torch-pointcloud"
+        row: dict[str, float | str] = {"pair": name, "voxels": int(grid.shape[0])}
+        for dtype, tag in ((torch.float32, "fp32"), (torch.float64, "fp64")):
+            ref.to(dtype)
+            ours.to(dtype)
+            with one_thread(), torch.no_grad():
+                want = tpc_forward(ref, grid, feat.to(dtype))
+                got = ours(PointBatch(batch.coord.to(dtype), batch.feat.to(dtype), batch.offset))
+            row[f"eval_{tag}"] = float((got - want).abs().max())
+            row["scale"] = float(want.abs().max())
+        if config == "spunet_base_seg":
+            ref.float()
+            saved = torch.get_num_threads()
+            torch.set_num_threads(2)
+            try:
+                with torch.no_grad():
+                    runs = [tpc_forward(ref, grid, feat) for _ in range(2)]
+            finally:
+                torch.set_num_threads(saved)
+            with one_thread(), torch.no_grad():
+                single = tpc_forward(ref, grid, feat)
+            row["spconv_2threads_vs_1"] = max(float((r - single).abs().max()) for r in runs)
+            row["spconv_2threads_run1_vs_run2"] = float((runs[0] - runs[1]).abs().max())
+        rows.append(row)
+        print(", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every pair whose checkout is given; print and write the table."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--yanx27", type=Path, help="checkout of yanx27/Pointnet_Pointnet2_pytorch (with models/)")
     p.add_argument("--pct", type=Path, help="checkout of Strawberry-Eat-Mango/PCT_Pytorch (model.py, util.py)")
+    p.add_argument("--tpc", action="store_true", help="SpUNet and PTv3 against torch-pointcloud 0.0.18 + spconv "
+                   "(needs scannet/ under --data)")
     p.add_argument("--data", type=Path, required=True, help="folder holding modelnet40/modelnet40_normal_resampled")
     p.add_argument("--out", type=Path, default=Path("eq_reference"))
     args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list = []
+    if args.tpc:
+        if not (args.data / "scannet").is_dir():
+            print(f"error: no scannet under --data {args.data}", file=sys.stderr)
+            return 2
+        rows += compare_tpc(args.data, args.out)
+        if not (args.yanx27 or args.pct):
+            write_text(args.out / "eq_reference.json", json.dumps(rows, indent=2) + "\n")
+            return 0
     if not (args.data / "modelnet40").is_dir():
         print(f"error: no modelnet40 under --data {args.data}", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
     cases = []
     if args.yanx27:
         cases += [("pointnet2_ssg xyz", lambda: load_yanx27(args.yanx27, False, False, 40), "yanx27",
@@ -244,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.pct:
         cases += [("pct xyz", lambda: load_pct(args.pct, 40), "pct_pytorch", "pct_cls", False, False)]
     if not cases:
-        print("error: give --yanx27 and/or --pct", file=sys.stderr)
+        print("error: give --yanx27, --pct and/or --tpc", file=sys.stderr)
         return 2
     for name, build, source, config, normals, log_probs in cases:
         torch.manual_seed(0)

@@ -33,8 +33,14 @@ FORMAT = 1
 SOURCES = {
     "yanx27": "yanx27/Pointnet_Pointnet2_pytorch (models/pointnet2_cls_ssg.py, pointnet2_cls_msg.py)",
     "pct_pytorch": "Strawberry-Eat-Mango/PCT_Pytorch (model.py: Pct)",
-    "torch-pointcloud": "torch-pointcloud 0.0.18 on PyPI (models/spunet.py: SpUNet, spconv weights)",
-    "pointcept": "Pointcept/Pointcept (pointcept/models/sparse_unet/spconv_unet_v1m1_base.py: SpUNet-v1m1 backbone)",
+    "torch-pointcloud": "torch-pointcloud 0.0.18 on PyPI (models/spunet.py: SpUNet; models/point_transformer_v3.py: "
+                        "PointTransformerV3Segmentation; spconv weights)",
+    "minkowski": "chrischoy/SpatioTemporalSegmentation (models/res16unet.py: Res16UNet34C, MinkowskiEngine weights)",
+    "pointcept": "Pointcept/Pointcept (pointcept/models/sparse_unet/spconv_unet_v1m1_base.py: SpUNet-v1m1; "
+                 "pointcept/models/sparse_unet/mink_unet.py: MinkUNet34C; "
+                 "pointcept/models/point_transformer/point_transformer_seg.py: PointTransformer-Seg50; "
+                 "pointcept/models/point_transformer_v2/point_transformer_v2m2_base.py: PT-v2m2; "
+                 "pointcept/models/point_transformer_v3/point_transformer_v3m1_base.py: PT-v3m1)",
 }
 
 
@@ -63,18 +69,53 @@ def _feat_xyz_to_xyz_feat(t: Tensor, _: Rule) -> Tensor:
     return torch.cat([w[:, d:], w[:, :d]], 1)
 
 
+def _spconv_1x1(t: Tensor) -> Tensor:
+    """The [in, out] matrix spconv 2.x multiplies by in a kernel-1 convolution with weight ``t`` [out, 1, 1, 1, in].
+
+    spconv's kernel-1 path (``conv1x1`` in spconv/pytorch/conv.py, 2.3.8, any device) computes
+    ``features @ weight.view(in, out)``: it reads the [out, in] memory as [in, out], not as the transpose. The
+    networks trained with it (Pointcept's SpUNet ``proj`` shortcuts and ``final`` head) learnt that matrix, so
+    the conversion reproduces it (checked against spconv in tests/models/test_convert_reference.py).
+    """
+    return t.reshape(t.shape[-1], t.shape[0])
+
+
 def _spconv(t: Tensor, _: Rule) -> Tensor:
     # spconv 2.x keeps [out, kx, ky, kz, in]; pcbench's sparse convolutions keep [K, in, out] with the kernel
     # offsets in conv3d order (dx slowest), which is the row-major order of (kx, ky, kz)
-    return t.permute(1, 2, 3, 4, 0).reshape(-1, t.shape[4], t.shape[0]) if t.dim() == 5 else t
+    if t.dim() != 5:
+        return t
+    if t.shape[1:4] == (1, 1, 1):
+        return _spconv_1x1(t).unsqueeze(0)
+    return t.permute(1, 2, 3, 4, 0).reshape(-1, t.shape[4], t.shape[0])
 
 
 def _spconv_linear(t: Tensor, _: Rule) -> Tensor:
-    # a 1x1x1 spconv head [out, 1, 1, 1, in] is a Linear [out, in]
-    return t.reshape(t.shape[0], t.shape[-1]) if t.dim() == 5 else t
+    # a 1x1x1 spconv head [out, 1, 1, 1, in] is a Linear [out, in] of spconv's kernel-1 matrix
+    return _spconv_1x1(t).T if t.dim() == 5 else t
+
+
+def _minkowski(t: Tensor, _: Rule) -> Tensor:
+    # MinkowskiEngine kernels are [K, in, out] ([in, out] for kernel 1 in some versions). Odd kernels list their
+    # offsets with x fastest, even (2x2x2) ones with x slowest, as torchsparse's MinkowskiEngine-compatible
+    # kernel region spells out (torchsparse/nn/utils/kernel.py); pcbench lists x slowest in both. Not checked
+    # numerically here: MinkowskiEngine has no CPU wheel to run against.
+    if t.dim() == 2:
+        return t.unsqueeze(0)
+    k = round(t.shape[0] ** (1 / 3))
+    if t.dim() != 3 or k ** 3 != t.shape[0] or k % 2 == 0:
+        return t
+    return t.reshape(k, k, k, t.shape[1], t.shape[2]).permute(2, 1, 0, 3, 4).reshape(t.shape)
+
+
+def _minkowski_linear(t: Tensor, _: Rule) -> Tensor:
+    # a kernel-1 MinkowskiConvolution head [1, in, out] or [in, out] is a Linear [out, in]
+    return t.reshape(t.shape[-2], t.shape[-1]).T
 
 
 _TRANSFORMS: dict[str, Callable[[Tensor, Rule], Tensor]] = {
+    "minkowski": _minkowski,
+    "minkowski_linear": _minkowski_linear,
     "copy": lambda t, _: t,
     "squeeze": _squeeze,
     "feat_xyz_to_xyz_feat": _feat_xyz_to_xyz_feat,
@@ -259,6 +300,250 @@ def _shape_pointcept_spunet(sd: Mapping[str, Tensor]) -> tuple[int, int]:
     return int(sd["backbone.conv_input.0.weight"].shape[-1]), int(sd["backbone.final.weight"].shape[0])
 
 
+# --------------------------------------------------------------------------------------------- PTv3
+def _ptv3_block_src(rest: list[str], layout: str) -> list[str]:
+    """Key inside one PTv3 block: pcbench ``cpe_conv cpe_linear cpe_norm norm1 attn norm2 mlp.{0,3}``."""
+    head, tail = rest[0], rest[1:]
+    if layout == "tpc":
+        return [{"cpe_linear": "cpe_proj"}.get(head, head), *tail]
+    if head == "mlp":  # Pointcept's MLP module inside a PointSequential: mlp.0.fc1 / mlp.0.fc2
+        return ["mlp", "0", {"0": "fc1", "3": "fc2"}[tail[0]], *tail[1:]]
+    if head in ("norm1", "norm2"):  # PointSequential(LayerNorm)
+        return [head, "0", *tail]
+    cpe = {"cpe_conv": "0", "cpe_linear": "1", "cpe_norm": "2"}
+    return ["cpe", cpe[head], *tail] if head in cpe else rest
+
+
+def _ptv3_src(key: str, n_up: int, layout: str) -> str:
+    """The source key of pcbench PTv3 key ``key`` in torch-pointcloud's (``tpc``) or Pointcept's layout."""
+    p = key.split(".")
+    tpc = layout == "tpc"
+    if p[0] in ("embed_conv", "embed_norm"):
+        if tpc:
+            return ".".join(["encoder", "stem", "stem" if p[0] == "embed_conv" else "norm.module", *p[1:]])
+        return ".".join(["backbone", "embedding", "stem", "conv" if p[0] == "embed_conv" else "norm", *p[1:]])
+    if p[0] == "down":  # pooling into encoder stage i + 1
+        i = int(p[1]) + 1
+        if tpc:
+            return ".".join(["encoder", "blocks", str(i), "downsample", "norm.module" if p[2] == "norm" else p[2], *p[3:]])
+        return ".".join(["backbone", "enc", f"enc{i}", "down", "norm.0" if p[2] == "norm" else p[2], *p[3:]])
+    if p[0] == "enc":
+        if tpc:
+            return ".".join(["encoder", "blocks", p[1], "blocks", p[2], *_ptv3_block_src(p[3:], layout)])
+        return ".".join(["backbone", "enc", f"enc{p[1]}", f"block{p[2]}", *_ptv3_block_src(p[3:], layout)])
+    if p[0] == "up":  # pcbench up.{s}.proj(_skip).{0 linear, 1 BN}
+        if tpc:
+            name = {("proj", "0"): "proj", ("proj", "1"): "norm.module", ("proj_skip", "0"): "proj_skip",
+                    ("proj_skip", "1"): "norm_skip.module"}[(p[2], p[3])]
+            return ".".join(["decoder", "blocks", str(n_up - 1 - int(p[1])), "upsample", name, *p[4:]])
+        return ".".join(["backbone", "dec", f"dec{p[1]}", "up", *p[2:]])
+    if p[0] == "dec":  # torch-pointcloud numbers decoder stages coarsest first, Pointcept and pcbench by level
+        if tpc:
+            return ".".join(["decoder", "blocks", str(n_up - 1 - int(p[1])), "blocks", p[2],
+                             *_ptv3_block_src(p[3:], layout)])
+        return ".".join(["backbone", "dec", f"dec{p[1]}", f"block{p[2]}", *_ptv3_block_src(p[3:], layout)])
+    if p[0] == "head":
+        return key if tpc else ".".join(["seg_head", *p[1:]])
+    return key
+
+
+def _ptv3_rules(model: nn.Module, layout: str) -> list[Rule]:
+    # The released PT-v3m1 weights were trained with Pointcept v1.5.1's block chaining: the key mapping is the same,
+    # the converted network must be built with ptv3_seg's xcpe_legacy=true (see pcbench/models/zoo_registry.py)
+    if getattr(model, "cls_mode", False):
+        raise ConversionError("PTv3 converters cover the segmentation network (ptv3_seg); the published PTv3 "
+                              "checkpoints are segmentation models")
+    rules = []
+    for key, value in model.state_dict().items():
+        # sparse conv weights: pcbench [K, in, out] (3 dims) from spconv [out, kx, ky, kz, in]
+        how = "spconv" if key.endswith("weight") and value.dim() == 3 else "copy"
+        rules.append(Rule(_ptv3_src(key, len(model.up), layout), key, how))
+    return rules
+
+
+def _map_tpc_ptv3(sd: Mapping[str, Tensor], model: nn.Module) -> list[Rule]:
+    """torch-pointcloud ``PointTransformerV3Segmentation`` onto :class:`pcbench.models.ptv3.PointTransformerV3`.
+
+    ``encoder.stem.{stem, norm.module}``, ``encoder.blocks.{s}.downsample.{proj, norm.module}`` (pooling into
+    stage s), ``encoder.blocks.{s}.blocks.{j}`` (``cpe_proj`` is pcbench's ``cpe_linear``), the decoder
+    ``decoder.blocks.{d}.upsample.{proj, norm, proj_skip, norm_skip}`` / ``.blocks.{j}`` numbered from the
+    coarsest stage (pcbench numbers it by level), and ``head``.
+    """
+    return _ptv3_rules(model, "tpc")
+
+
+def _map_pointcept_ptv3(sd: Mapping[str, Tensor], model: nn.Module) -> list[Rule]:
+    """Pointcept ``PT-v3m1`` in a ``DefaultSegmentorV2`` onto pcbench's PTv3.
+
+    ``backbone.embedding.stem.{conv, norm}``, ``backbone.enc.enc{s}.down.{proj, norm.0}``,
+    ``backbone.enc.enc{s}.block{j}.{cpe.0 (spconv), cpe.1, cpe.2, norm1.0, attn.qkv, attn.proj, norm2.0,
+    mlp.0.fc1, mlp.0.fc2}``, ``backbone.dec.dec{s}.up.{proj, proj_skip}.{0, 1}`` / ``.block{j}`` and ``seg_head``
+    (point_transformer_v3m1_base.py, default_segmentor_v2 in pointcept/models/default.py).
+    """
+    return _ptv3_rules(model, "pointcept")
+
+
+def _shape_ptv3(stem: str, head: str, what: str) -> Callable[[Mapping[str, Tensor]], tuple[int, int]]:
+    def shape(sd: Mapping[str, Tensor]) -> tuple[int, int]:
+        """(in_channels, num_classes): the stem convolution's last axis, the head's rows."""
+        if stem not in sd or head not in sd:
+            raise ConversionError(f"not a {what} PTv3 segmentation checkpoint: no {stem} / {head} key")
+        return int(sd[stem].shape[-1]), int(sd[head].shape[0])
+
+    return shape
+
+
+# --------------------------------------------------------------------------------------------- MinkUNet
+def _minkunet_src(key: str) -> tuple[str, str]:
+    """(source key, transform) of pcbench MinkUNet key ``key`` in Res16UNet's names (res16unet.py)."""
+    p = key.split(".")
+    conv = "kernel" if p[-1] == "weight" else p[-1]
+
+    def bn(name: str) -> str:  # MinkowskiBatchNorm holds an nn.BatchNorm1d named bn
+        return f"{name}.bn.{p[-1]}"
+
+    if p[0] == "stem":
+        return ("conv0p1s1.kernel", "minkowski") if p[1] == "conv" else (bn("bn0"), "copy")
+    if p[0] in ("down", "up"):  # conv{i+1}p{2^i}s2 down; convtr{4+i}p{16/2^i}s2 up
+        i = int(p[1])
+        name = f"conv{i + 1}p{1 << i}s2" if p[0] == "down" else f"convtr{4 + i}p{16 >> i}s2"
+        norm = f"bn{i + 1}" if p[0] == "down" else f"bntr{4 + i}"
+        return (f"{name}.{conv}", "minkowski") if p[2] == "conv" else (bn(norm), "copy")
+    if p[0] in ("enc", "dec"):  # block{1..4} encoder, block{5..8} decoder
+        block = f"block{int(p[1]) + (1 if p[0] == 'enc' else 5)}.{p[2]}"
+        if p[3] in ("conv1", "conv2"):
+            return f"{block}.{p[3]}.kernel", "minkowski"
+        if p[3] in ("norm1", "norm2"):
+            return bn(f"{block}.{p[3]}"), "copy"
+        if p[3] == "shortcut":  # downsample = Sequential(conv 1x1, norm)
+            return ((f"{block}.downsample.0.kernel", "minkowski") if p[4] == "0"
+                    else (bn(f"{block}.downsample.1"), "copy"))
+    if p[0] == "head":
+        return ("final.kernel", "minkowski_linear") if p[1] == "weight" else ("final.bias", "copy")
+    return key, "copy"
+
+
+def _minkunet_rules(prefix: str) -> Callable[[Mapping[str, Tensor], nn.Module], list[Rule]]:
+    def rules(sd: Mapping[str, Tensor], model: nn.Module) -> list[Rule]:
+        """Res16UNet (``conv0p1s1 bn0``, ``conv{i}p{s}s2 bn{i} block{i}``, ``convtr{i}p{s}s2 bntr{i} block{i}``,
+        ``final``; MinkowskiEngine kernels) onto :class:`pcbench.models.minkunet.MinkUNet`."""
+        return [Rule(prefix + src, key, how) for key in model.state_dict() for src, how in [_minkunet_src(key)]]
+
+    return rules
+
+
+def _shape_minkunet(prefix: str) -> Callable[[Mapping[str, Tensor]], tuple[int, int]]:
+    def shape(sd: Mapping[str, Tensor]) -> tuple[int, int]:
+        """(in_channels, num_classes): the first kernel's input axis, the final kernel's output axis."""
+        first, last = f"{prefix}conv0p1s1.kernel", f"{prefix}final.kernel"
+        if first not in sd or last not in sd:
+            raise ConversionError(f"not a Res16UNet (MinkUNet) checkpoint: no {first} / {last} key")
+        return int(sd[first].shape[-2]), int(sd[last].shape[-1])
+
+    return shape
+
+
+# --------------------------------------------------------------------------------------------- PTv1
+def _map_pointcept_ptv1(sd: Mapping[str, Tensor], model: nn.Module) -> list[Rule]:
+    """Pointcept ``PointTransformer-Seg50`` (a ``DefaultSegmentor``'s ``backbone``) onto
+    :class:`pcbench.models.ptv1.PointTransformerSeg`.
+
+    ``backbone.enc{i}`` is ``Sequential(TransitionDown, Bottleneck...)`` (pcbench ``encoder.stages.{i-1}.down`` /
+    ``.blocks.{j}``), ``backbone.dec{i}`` is ``Sequential(TransitionUp, Bottleneck)`` numbered by level, ``dec5``
+    first (pcbench ``up.{5-i}`` / ``dec_blocks.{5-i}.{j}``), and ``backbone.cls`` the head (pcbench ``head.mlp``);
+    the layers inside keep the names of the original POSTECH code (point_transformer_seg.py).
+    """
+    n = len(model.up)
+    rules = []
+    for key in model.state_dict():
+        p = key.split(".")
+        if p[0] == "encoder":  # encoder.stages.{i}.down.* / encoder.stages.{i}.blocks.{j}.*
+            i = int(p[2]) + 1
+            src = [f"enc{i}", "0", *p[4:]] if p[3] == "down" else [f"enc{i}", str(int(p[4]) + 1), *p[5:]]
+        elif p[0] == "up":
+            src = [f"dec{n - int(p[1])}", "0", *p[2:]]
+        elif p[0] == "dec_blocks":
+            src = [f"dec{n - int(p[1])}", str(int(p[2]) + 1), *p[3:]]
+        elif p[0] == "head" and p[1] == "mlp":
+            src = ["cls", *p[2:]]
+        else:
+            src = p
+        rules.append(Rule(".".join(["backbone", *src]), key))
+    return rules
+
+
+def _shape_pointcept_ptv1(sd: Mapping[str, Tensor]) -> tuple[int, int]:
+    """(in_channels, num_classes): Pointcept's first linear sees the features it was given (coord, colour,
+    normal: 9), pcbench's ``in_channels`` excludes the xyz it prepends itself; the head's rows give classes."""
+    first, last = "backbone.enc1.0.linear.weight", "backbone.cls.3.weight"
+    if first not in sd or last not in sd:
+        raise ConversionError(f"not a Pointcept PointTransformer-Seg checkpoint: no {first} / {last} key")
+    return int(sd[first].shape[1]) - 3, int(sd[last].shape[0])
+
+
+# --------------------------------------------------------------------------------------------- PTv2
+def _lbr_src(index: str, rest: list[str]) -> list[str]:
+    """pcbench's Linear-BN-ReLU ``{0 Linear, 1 BN}`` -> Pointcept's ``{0 Linear, 1 PointBatchNorm.norm}``."""
+    return [index, *rest] if index == "0" else [index, "norm", *rest]
+
+
+def _ptv2_block_src(rest: list[str]) -> list[str]:
+    """Key inside one PTv2 block (pcbench ``fc1 norm1 attn norm2 fc3 norm3``) in Pointcept's names."""
+    head, tail = rest[0], rest[1:]
+    if head in ("norm1", "norm2", "norm3"):
+        return [head, "norm", *tail]
+    if head != "attn":
+        return rest
+    name, tail = tail[0], tail[1:]
+    if name in ("linear_q", "linear_k"):
+        return ["attn", name, *_lbr_src(tail[0], tail[1:])]
+    if name in ("pe_bias", "pe_mul", "weight_encoding"):  # Sequential(LBR, Linear) -> Sequential(L, BN, ReLU, L)
+        src = {"pe_bias": "linear_p_bias", "pe_mul": "linear_p_multiplier"}.get(name, name)
+        inner = _lbr_src(tail[1], tail[2:]) if tail[0] == "0" else ["3", *tail[1:]]
+        return ["attn", src, *inner]
+    return rest
+
+
+def _map_pointcept_ptv2(sd: Mapping[str, Tensor], model: nn.Module) -> list[Rule]:
+    """Pointcept ``PT-v2m2`` (a ``DefaultSegmentor``'s ``backbone``, head inside) onto
+    :class:`pcbench.models.ptv2.PointTransformerV2`.
+
+    ``backbone.patch_embed.{proj, blocks.blocks.{j}}``, ``backbone.enc_stages.{i}.{down.fc, down.norm,
+    blocks.blocks.{j}}``, ``backbone.dec_stages.{i}.{up.proj, up.proj_skip, blocks.blocks.{j}}`` and
+    ``backbone.seg_head.{0, 1, 3}``; every BatchNorm is a ``PointBatchNorm`` holding ``norm``, the position and
+    weight encodings are flat ``Sequential(Linear, BN, ReLU, Linear)`` (point_transformer_v2m2_base.py).
+    """
+    if getattr(model, "cls_mode", False):
+        raise ConversionError("the Pointcept PTv2 converter covers the segmentation network (ptv2_seg)")
+    rules = []
+    for key in model.state_dict():
+        p = key.split(".")
+        if p[0] == "embed_proj":
+            src = ["patch_embed", "proj", *_lbr_src(p[1], p[2:])]
+        elif p[0] == "embed_blocks":
+            src = ["patch_embed", "blocks", "blocks", p[2], *_ptv2_block_src(p[3:])]
+        elif p[0] == "down":  # pcbench down.{i}.proj.{0 Linear, 1 BN}
+            src = ["enc_stages", p[1], "down", *(["fc"] if p[3] == "0" else ["norm", "norm"]), *p[4:]]
+        elif p[0] in ("enc", "dec"):
+            src = [f"{p[0]}_stages", p[1], "blocks", "blocks", p[3], *_ptv2_block_src(p[4:])]
+        elif p[0] == "up":
+            src = ["dec_stages", p[1], "up", p[2], *_lbr_src(p[3], p[4:])]
+        elif p[0] == "head":  # Sequential(LBR, Linear) -> seg_head Sequential(L, BN, ReLU, L)
+            src = ["seg_head", *(_lbr_src(p[2], p[3:]) if p[1] == "0" else ["3", *p[2:]])]
+        else:
+            src = p
+        rules.append(Rule(".".join(["backbone", *src]), key))
+    return rules
+
+
+def _shape_pointcept_ptv2(sd: Mapping[str, Tensor]) -> tuple[int, int]:
+    """(in_channels, num_classes): the patch embedding's input width, the head's rows."""
+    first, last = "backbone.patch_embed.proj.0.weight", "backbone.seg_head.3.weight"
+    if first not in sd or last not in sd:
+        raise ConversionError(f"not a Pointcept PT-v2m2 segmentation checkpoint: no {first} / {last} key")
+    return int(sd[first].shape[1]), int(sd[last].shape[0])
+
+
 @dataclass(frozen=True)
 class Converter:
     """How one (source, model config) pair maps: key rules, shape inference, keys that repeat another key."""
@@ -275,6 +560,14 @@ CONVERTERS: dict[tuple[str, str], Converter] = {
     ("pct_pytorch", "pct_cls"): Converter(_map_pct_pytorch, _shape_pct_pytorch, _pct_duplicates),
     ("torch-pointcloud", "spunet_base_seg"): Converter(_map_tpc_spunet, _shape_tpc_spunet),
     ("pointcept", "spunet_base_seg"): Converter(_map_pointcept_spunet, _shape_pointcept_spunet),
+    ("torch-pointcloud", "ptv3_seg"): Converter(
+        _map_tpc_ptv3, _shape_ptv3("encoder.stem.stem.weight", "head.weight", "torch-pointcloud")),
+    ("minkowski", "minkunet34c_seg"): Converter(_minkunet_rules(""), _shape_minkunet("")),
+    ("pointcept", "minkunet34c_seg"): Converter(_minkunet_rules("backbone."), _shape_minkunet("backbone.")),
+    ("pointcept", "ptv1_seg"): Converter(_map_pointcept_ptv1, _shape_pointcept_ptv1),
+    ("pointcept", "ptv2_seg"): Converter(_map_pointcept_ptv2, _shape_pointcept_ptv2),
+    ("pointcept", "ptv3_seg"): Converter(
+        _map_pointcept_ptv3, _shape_ptv3("backbone.embedding.stem.conv.weight", "seg_head.weight", "Pointcept")),
 }
 
 

@@ -122,11 +122,15 @@ class Block(nn.Module):
         )
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, feat: Tensor, level: _Level) -> Tensor:
-        """[n, C] -> [n, C] on one level."""
-        feat = feat + self.cpe_norm(self.cpe_linear(self.cpe_conv(level.sparse(feat)).feats))
+    def forward(self, feat: Tensor, level: _Level, cpe_input: Tensor | None = None,
+                return_mlp: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """[n, C] -> [n, C] on one level; the xCPE convolves ``cpe_input`` when given, else ``feat``.
+        ``return_mlp`` also returns the MLP branch (what Pointcept v1.5.1's next xCPE convolved)."""
+        cpe = self.cpe_conv(level.sparse(feat if cpe_input is None else cpe_input)).feats
+        feat = feat + self.cpe_norm(self.cpe_linear(cpe))
         feat = feat + self.drop_path(self.attn(self.norm1(feat), level.patches(self.order_index, self.patch_size)))
-        return feat + self.drop_path(self.mlp(self.norm2(feat)))
+        branch = self.drop_path(self.mlp(self.norm2(feat)))
+        return (feat + branch, branch) if return_mlp else feat + branch
 
 
 class GridPooling(nn.Module):
@@ -164,9 +168,15 @@ class GridUnpooling(nn.Module):
         self.proj = proj(in_channels)
         self.proj_skip = proj(skip_channels)
 
-    def forward(self, feat: Tensor, skip: Tensor, part: GridPartition) -> Tensor:
-        """coarse [n_coarse, C_in], skip [n_fine, C_skip] -> [n_fine, C_out]."""
-        return self.proj_skip(skip) + self.proj(feat)[part.inverse]
+    def forward(self, feat: Tensor, skip: Tensor, part: GridPartition) -> tuple[Tensor, Tensor]:
+        """coarse [n_coarse, C_in], skip [n_fine, C_skip] -> (sum [n_fine, C_out], projected skip [n_fine, C_out]).
+
+        The projected skip is what the stage's first xCPE convolves: Pointcept's SerializedUnpooling adds the
+        coarse features to ``feat`` only, leaving the sparse tensor of the skip at its projection
+        (point_transformer_v3m1_base.py; torch-pointcloud's ``cpe_from_skip``).
+        """
+        projected = self.proj_skip(skip)
+        return projected + self.proj(feat)[part.inverse], projected
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -201,6 +211,9 @@ class PointTransformerV3(ClassifierMixin, nn.Module):
         cls_mode: encoder only + per-cloud mean + MLP head (classification).
         cls_head_channels, cls_dropout: hidden widths and dropout of the classification head.
         embed_kernel_size: kernel of the sparse-conv stem.
+        xcpe_legacy: Pointcept v1.5.1's block chaining, which the released PT-v3m1 weights were trained with:
+            inside a stage, a block's xCPE convolves the previous block's MLP branch instead of its output (the
+            sparse tensor was not updated; fixed in Pointcept v1.5.2, torch-pointcloud's ``legacy=True``).
     """
 
     def __init__(
@@ -229,6 +242,7 @@ class PointTransformerV3(ClassifierMixin, nn.Module):
         cls_dropout: float = 0.5,
         embed_kernel_size: int = 5,
         serialization_depth: int | None = None,
+        xcpe_legacy: bool = False,
     ) -> None:
         super().__init__()
         if grid_size <= 0:
@@ -251,6 +265,7 @@ class PointTransformerV3(ClassifierMixin, nn.Module):
             raise ValueError(f"stride entries must be powers of two >= 2 (serialized pooling shifts the curve "
                              f"codes by 3 bits per halving, as in Pointcept), got {self.stride}")
         self.serialization_depth = serialization_depth
+        self.xcpe_legacy = bool(xcpe_legacy)
         self.in_channels, self.num_classes = in_channels, num_classes
         self.grid_size = float(grid_size)
         self.shuffle_orders = shuffle_orders
@@ -362,17 +377,24 @@ class PointTransformerV3(ClassifierMixin, nn.Module):
             if s > 0:
                 skips.append(feat)
                 feat = self.down[s - 1](feat, levels[s].parent)
-            for blk in self.enc[s]:
-                feat = blk(feat, levels[s])
+            feat = self._stage(self.enc[s], feat, levels[s], None)
         if self.cls_mode:
             lvl = levels[-1]
             cloud = offset2batch(lvl.offset, feat.shape[0])
             return voxel_pool(feat, cloud, lvl.offset.numel(), reduce="mean", validate=False)
         for s in reversed(range(self.num_stages - 1)):
-            feat = self.up[s](feat, skips[s], levels[s + 1].parent)
-            for blk in self.dec[s]:
-                feat = blk(feat, levels[s])
+            feat, seed = self.up[s](feat, skips[s], levels[s + 1].parent)
+            feat = self._stage(self.dec[s], feat, levels[s], seed)
         return feat[part.inverse]
+
+    def _stage(self, blocks: nn.ModuleList, feat: Tensor, level: _Level, seed: Tensor | None) -> Tensor:
+        """The blocks of one stage; the first xCPE convolves ``seed`` (or ``feat``), the next ones the previous
+        block's output, or its MLP branch with ``xcpe_legacy``."""
+        carry = seed
+        for blk in blocks:
+            feat, branch = blk(feat, level, carry, return_mlp=True)
+            carry = branch if self.xcpe_legacy else None
+        return feat
 
     def forward(self, batch: PointBatch) -> Tensor:
         """Logits [N, num_classes] in input point order (segmentation) or [B, num_classes] (classification)."""

@@ -54,6 +54,14 @@ _PCT = "https://github.com/Strawberry-Eat-Mango/PCT_Pytorch/raw/main/checkpoints
 _PTV3 = "https://huggingface.co/Pointcept/PointTransformerV3/tree/main"
 _TPC = "https://huggingface.co/torch-pointcloud"
 _TPC_REF = "torch-pointcloud 0.0.18 (PyPI) models/{file} register_model({name!r}), weights revision @ {rev}"
+_MINKNET = "https://node1.chrischoy.org/data/publications/minknet"
+# The released PT-v3m1 weights were trained with Pointcept v1.5.1's block, whose next xCPE convolves the previous
+# block's MLP branch instead of its output (fixed in v1.5.2; torch-pointcloud builds them with legacy=True,
+# models/point_transformer_v3.py _ptv3_seg_hparams). The keys convert (pcbench-convert source=torch-pointcloud or
+# pointcept model=ptv3_seg) and the network is pcbench's ptv3_seg with xcpe_legacy=true (equal to torch-pointcloud's
+# legacy network in tests/models/test_equivalence_reference.py); these entries stay "listed only" because a
+# suite's weights entry builds the config as shipped (xcpe_legacy: false), which would not be the trained network.
+_PTV3_LEGACY = "Pointcept PT-v3m1 v1.5.1 (convert, then build ptv3_seg with xcpe_legacy=true)"
 
 #: name -> entry. Figures are the authors' own, quoted with their protocol, never re-measured here.
 PUBLISHED: dict[str, PublishedWeights] = {w.name: w for w in [
@@ -77,7 +85,7 @@ PUBLISHED: dict[str, PublishedWeights] = {w.name: w for w in [
         "ModelNet40 test split ('validation' in the README), 1024 points, xyz only, one pass (main.py --eval)",
         "Strawberry-Eat-Mango/PCT_Pytorch README.md @ 0199a3b, 'Models'"),
     PublishedWeights(
-        "ptv3_seg.scannet20.pointcept", "ptv3_seg", "Pointcept/Pointcept", "scannet",
+        "ptv3_seg.scannet20.pointcept", "ptv3_seg", _PTV3_LEGACY, "scannet",
         f"{_PTV3}/scannet-semseg-pt-v3m1-0-base", None, "MIT (Pointcept code); weights: see the Hugging Face page",
         "val mIoU", 77.6,
         "ScanNet v2 val, Pointcept SemSegTester (fragments over test-time augmentations, 4 GPUs training)",
@@ -91,11 +99,18 @@ PUBLISHED: dict[str, PublishedWeights] = {w.name: w for w in [
         "[-1, 1] + normals, 2 cm grid)",
         _TPC_REF.format(file="spunet.py", name="spunet-v1m1.scannet20.pointcept", rev="641cc7c")),
     PublishedWeights(
-        "ptv3_seg.scannet20.torch-pointcloud", "ptv3_seg", "torch-pointcloud (PTv3 layout)", "scannet",
+        "ptv3_seg.scannet20.torch-pointcloud", "ptv3_seg", _PTV3_LEGACY, "scannet",
         f"{_TPC}/ptv3-base.scannet20.pointcept/resolve/3a8e0a66d76ecfb57d4dd0e4ef43de18f1491b41/model.safetensors",
         None, "MIT", "val mIoU", 77.42,
         "ScanNet v2 val (20 classes), torch-pointcloud's evaluation of Pointcept's PTv3 weights",
         _TPC_REF.format(file="point_transformer_v3.py", name="ptv3-base.scannet20.pointcept", rev="3a8e0a6")),
+    PublishedWeights(
+        "minkunet34c_seg.scannet20.minkowski", "minkunet34c_seg", "minkowski", "scannet",
+        f"{_MINKNET}/MinkUNet34C-train-conv1-5.pth", None, "MIT (repository licence)", "val mIoU", 72.219,
+        "ScanNet v2 val, trained on train only, 2 cm voxels, 5x5x5 first convolution, no rotation average, no "
+        "sliding window",
+        "chrischoy/SpatioTemporalSegmentation README.md @ 5af74cb, 'Model Zoo' (Mink16UNet34C, ScanNet train, conv1 "
+        "kernel 5)"),
     PublishedWeights(
         "pointnet2_ssg_cls.modelnet40.torch-pointcloud", "pointnet2_ssg_cls", "torch-pointcloud (PointNet++ layout)",
         "modelnet40",

@@ -75,8 +75,10 @@ def test_offline_users_pass_the_file_they_have(registered, tmp_path: Path, yanx2
         reg.fetch_weights(registered.name, file=tmp_path / "absent.pth")
     with pytest.raises(ValueError, match=r"no published checkpoint named 'nope'"):
         reg.fetch_weights("nope")
-    with pytest.raises(ValueError, match="no converter from Pointcept/Pointcept to ptv3_seg"):
+    # the keys convert, but the released PTv3 weights need ptv3_seg's xcpe_legacy=true (see zoo_registry)
+    with pytest.raises(ValueError, match=r"no converter from Pointcept PT-v3m1 v1\.5\.1 .* to ptv3_seg"):
         reg.fetch_weights("ptv3_seg.scannet20.pointcept")
+    assert reg.PUBLISHED["minkunet34c_seg.scannet20.minkowski"].convertible
 
 
 def test_weights_cli_lists_and_fetches(registered, capsys: pytest.CaptureFixture, yanx27_file: Path,

@@ -108,7 +108,8 @@ def test_grid_pooling_and_unpooling_match_dict_grouping(stride: int, gen: torch.
         torch.testing.assert_close(pool(feat, part), pool.act(pool.norm(want)))
         up = GridUnpooling(6, 4, 5).eval()
         coarse = torch.randn(len(keys), 6, generator=gen)
-        got = up(coarse, feat, part)
+        got, seed = up(coarse, feat, part)
+        torch.testing.assert_close(seed, up.proj_skip(feat))  # the first decoder xCPE's input
         for k, rows in groups.items():
             torch.testing.assert_close(got[rows], up.proj_skip(feat[rows]) + up.proj(coarse[keys.index(k)][None]))
 
