@@ -461,6 +461,11 @@ def expand_suite(bench: DictConfig, only: Sequence[str] | None = None) -> list[C
     return cells
 
 
+def _model_overrides(pairs: Sequence[tuple[str, Any]]) -> list[str]:
+    """``model.<key>=<value>`` overrides (Hydra syntax, booleans lower-case) of a published checkpoint's network."""
+    return [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in pairs]
+
+
 def _weight_cells(weights: Mapping[str, Any], datasets: Mapping[str, Any], sname: str, seed: int,
                   common: list[str], runner_extra: list[str], only: Sequence[str] | None,
                   model_options: set[str]) -> list[Cell]:
@@ -496,8 +501,8 @@ def _weight_cells(weights: Mapping[str, Any], datasets: Mapping[str, Any], sname
             cell = Cell(name=f"{dkey}-{ename}-s{seed}", suite=sname, entry=str(ename), dataset=str(dkey),
                         dataset_label=str(d.get("label") or d.data), seed=seed, variant="",
                         recipe=f"published weights: {name}", fidelity="pcbench variant",
-                        overrides=(f"model={entry.model_config}", f"data={d.data}", *extra, f"seed={seed}",
-                                   f"data.root={root}"),
+                        overrides=(f"model={entry.model_config}", *_model_overrides(entry.model_overrides),
+                                   f"data={d.data}", *extra, f"seed={seed}", f"data.root={root}"),
                         data_root=root, probe={}, weights=spec)
             if not only or any(fnmatch.fnmatchcase(cell.name, p) for p in only):
                 cells.append(cell)

@@ -78,6 +78,11 @@ def create_model(name: str, in_channels: int, num_classes: int, weights: str | o
     """Build ``conf/model/<name>.yaml`` for ``in_channels`` / ``num_classes``, with dotted-key ``overrides``
     (``neighbors=16``, ``**{"enc_depths": [1, 1, 1, 1, 1]}``), and optionally load ``weights`` (a checkpoint file
     or a published checkpoint's registry name)."""
+    if weights is not None and not Path(weights).exists():
+        from .zoo_registry import PUBLISHED  # noqa: PLC0415
+
+        if str(weights) in PUBLISHED:  # the published network's own settings; the caller's overrides win
+            overrides = {**dict(PUBLISHED[str(weights)].model_overrides), **overrides}
     cfg = _apply_overrides(model_config(name), name, overrides)
     if weights is None:
         return build_model(cfg, in_channels=in_channels, num_classes=num_classes)

@@ -38,6 +38,9 @@ class PublishedWeights:
     value: float
     protocol: str
     reference: str
+    #: model-config keys the checkpoint's network needs beyond the shipped config (applied by suites and by
+    #: ``create_model(..., weights=<this name>)``), e.g. ``{"xcpe_legacy": True}`` for the released PT-v3m1 weights
+    model_overrides: tuple[tuple[str, Any], ...] = ()
 
     @property
     def convertible(self) -> bool:
@@ -46,7 +49,7 @@ class PublishedWeights:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain fields plus ``convertible``."""
-        return {**asdict(self), "convertible": self.convertible}
+        return {**asdict(self), "model_overrides": dict(self.model_overrides), "convertible": self.convertible}
 
 
 _YANX27 = "https://github.com/yanx27/Pointnet_Pointnet2_pytorch/raw/master/log/classification"
@@ -57,11 +60,10 @@ _TPC_REF = "torch-pointcloud 0.0.18 (PyPI) models/{file} register_model({name!r}
 _MINKNET = "https://node1.chrischoy.org/data/publications/minknet"
 # The released PT-v3m1 weights were trained with Pointcept v1.5.1's block, whose next xCPE convolves the previous
 # block's MLP branch instead of its output (fixed in v1.5.2; torch-pointcloud builds them with legacy=True,
-# models/point_transformer_v3.py _ptv3_seg_hparams). The keys convert (pcbench-convert source=torch-pointcloud or
-# pointcept model=ptv3_seg) and the network is pcbench's ptv3_seg with xcpe_legacy=true (equal to torch-pointcloud's
-# legacy network in tests/models/test_equivalence_reference.py); these entries stay "listed only" because a
-# suite's weights entry builds the config as shipped (xcpe_legacy: false), which would not be the trained network.
-_PTV3_LEGACY = "Pointcept PT-v3m1 v1.5.1 (convert, then build ptv3_seg with xcpe_legacy=true)"
+# models/point_transformer_v3.py _ptv3_seg_hparams). The keys convert like any PTv3 checkpoint; the network is
+# pcbench's ptv3_seg with xcpe_legacy=true (equal to torch-pointcloud's legacy network in
+# tests/models/test_equivalence_reference.py), which the entries' model_overrides give suites and create_model.
+_PTV3_LEGACY = (("xcpe_legacy", True),)
 
 #: name -> entry. Figures are the authors' own, quoted with their protocol, never re-measured here.
 PUBLISHED: dict[str, PublishedWeights] = {w.name: w for w in [
@@ -85,12 +87,14 @@ PUBLISHED: dict[str, PublishedWeights] = {w.name: w for w in [
         "ModelNet40 test split ('validation' in the README), 1024 points, xyz only, one pass (main.py --eval)",
         "Strawberry-Eat-Mango/PCT_Pytorch README.md @ 0199a3b, 'Models'"),
     PublishedWeights(
-        "ptv3_seg.scannet20.pointcept", "ptv3_seg", _PTV3_LEGACY, "scannet",
+        "ptv3_seg.scannet20.pointcept", "ptv3_seg",
+        "Pointcept (a Hugging Face folder: download model/model_best.pth, then pcbench-convert source=pointcept "
+        "model=ptv3_seg)", "scannet",
         f"{_PTV3}/scannet-semseg-pt-v3m1-0-base", None, "MIT (Pointcept code); weights: see the Hugging Face page",
         "val mIoU", 77.6,
         "ScanNet v2 val, Pointcept SemSegTester (fragments over test-time augmentations, 4 GPUs training)",
         "Pointcept/Pointcept README.md @ d74c646, 'Indoor semantic segmentation' table (issue Pointcept#357 reports "
-        "73.6 without test-time augmentation)"),
+        "73.6 without test-time augmentation)", model_overrides=_PTV3_LEGACY),
     PublishedWeights(
         "spunet_base_seg.scannet20.torch-pointcloud", "spunet_base_seg", "torch-pointcloud", "scannet",
         f"{_TPC}/spunet-v1m1.scannet20.pointcept/resolve/641cc7cc6035a4086dfed9f70d839e9f551d5955/model.safetensors",
@@ -99,11 +103,12 @@ PUBLISHED: dict[str, PublishedWeights] = {w.name: w for w in [
         "[-1, 1] + normals, 2 cm grid)",
         _TPC_REF.format(file="spunet.py", name="spunet-v1m1.scannet20.pointcept", rev="641cc7c")),
     PublishedWeights(
-        "ptv3_seg.scannet20.torch-pointcloud", "ptv3_seg", _PTV3_LEGACY, "scannet",
+        "ptv3_seg.scannet20.torch-pointcloud", "ptv3_seg", "torch-pointcloud", "scannet",
         f"{_TPC}/ptv3-base.scannet20.pointcept/resolve/3a8e0a66d76ecfb57d4dd0e4ef43de18f1491b41/model.safetensors",
         None, "MIT", "val mIoU", 77.42,
         "ScanNet v2 val (20 classes), torch-pointcloud's evaluation of Pointcept's PTv3 weights",
-        _TPC_REF.format(file="point_transformer_v3.py", name="ptv3-base.scannet20.pointcept", rev="3a8e0a6")),
+        _TPC_REF.format(file="point_transformer_v3.py", name="ptv3-base.scannet20.pointcept", rev="3a8e0a6"),
+        model_overrides=_PTV3_LEGACY),
     PublishedWeights(
         "minkunet34c_seg.scannet20.minkowski", "minkunet34c_seg", "minkowski", "scannet",
         f"{_MINKNET}/MinkUNet34C-train-conv1-5.pth", None, "MIT (repository licence)", "val mIoU", 72.219,

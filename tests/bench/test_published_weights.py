@@ -208,6 +208,30 @@ def test_not_convertible_weights_need_a_checkpoint_and_a_missing_checkpoint_is_n
         published_checkpoint({"name": NAME, "checkpoint": str(tmp_path / "nope.pt")}, tmp_path)
 
 
+def test_released_ptv3_weights_build_the_legacy_network_they_were_trained_with(monkeypatch) -> None:
+    # PT-v3m1's released weights need Pointcept v1.5.1's block chaining (xcpe_legacy, equal to torch-pointcloud's
+    # legacy network in tests/models/test_equivalence_reference.py): suites and create_model apply it
+    import pcbench.models.zoo as zoo
+
+    name = "ptv3_seg.scannet20.torch-pointcloud"
+    assert PUBLISHED[name].convertible and dict(PUBLISHED[name].model_overrides) == {"xcpe_legacy": True}
+    cells = expand_suite(_bench_cfg({"name": "s", "seeds": [0], "datasets": {
+        "scenes": {"data": "scannet20", "root": "/x"}}, "weights": {"w": {"name": name, "datasets": ["scenes"]}}}))
+    assert cells[0].overrides[:3] == ("model=ptv3_seg", "model.xcpe_legacy=true", "data=scannet20")
+
+    seen: list[dict] = []
+
+    def capture(cfg, model_name, overrides):  # noqa: ANN001, ANN202 - stops before the 46M-parameter build
+        seen.append(dict(overrides))
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(zoo, "_apply_overrides", capture)
+    for kwargs, want in (({}, {"xcpe_legacy": True}), ({"xcpe_legacy": False}, {"xcpe_legacy": False})):
+        with pytest.raises(RuntimeError, match="captured"):
+            zoo.create_model("ptv3_seg", 6, 20, weights=name, **kwargs)
+        assert seen[-1] == want  # the caller's own setting wins
+
+
 def test_the_shipped_published_weights_suite_composes(tmp_path: Path) -> None:
     from pcbench.bench.suite import cell_config, compose_bench
 

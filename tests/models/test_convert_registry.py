@@ -75,8 +75,8 @@ def test_offline_users_pass_the_file_they_have(registered, tmp_path: Path, yanx2
         reg.fetch_weights(registered.name, file=tmp_path / "absent.pth")
     with pytest.raises(ValueError, match=r"no published checkpoint named 'nope'"):
         reg.fetch_weights("nope")
-    # the keys convert, but the released PTv3 weights need ptv3_seg's xcpe_legacy=true (see zoo_registry)
-    with pytest.raises(ValueError, match=r"no converter from Pointcept PT-v3m1 v1\.5\.1 .* to ptv3_seg"):
+    # Pointcept's PTv3 entry points at a Hugging Face folder: listed, converted by hand from the file inside
+    with pytest.raises(ValueError, match=r"no converter from Pointcept \(a Hugging Face folder.* to ptv3_seg"):
         reg.fetch_weights("ptv3_seg.scannet20.pointcept")
     assert reg.PUBLISHED["minkunet34c_seg.scannet20.minkowski"].convertible
 
