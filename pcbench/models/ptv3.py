@@ -27,7 +27,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from pcbench.ops import PointBatch, kernel_maps, offset2batch, offset2lengths, serialize, voxel_levels, voxel_pool
+from pcbench.ops import (
+    PointBatch,
+    kernel_maps,
+    offset2batch,
+    offset2lengths,
+    serialize,
+    voxel_levels,
+    voxel_pool,
+)
 from pcbench.ops.serialize import MAX_DEPTH, ORDERS
 
 from .heads import ClassifierMixin

@@ -67,6 +67,8 @@ __all__ = [
     "sparse_from_points",
     "sparse_plan",
     "sparse_unet",
+    "unet_plan",
+    "unet_strides",
 ]
 
 KernelMap = list[tuple[Tensor, Tensor]]
@@ -144,6 +146,9 @@ def sparse_plan(modules: Sequence[nn.Module], stride: int = 1) -> tuple[list[tup
     for m in modules:
         if isinstance(m, nn.Sequential):
             sub, stride = sparse_plan(list(m), stride)
+            keys += sub
+        elif isinstance(m, SparseConvBNReLU):
+            sub, stride = sparse_plan([m.conv], stride)
             keys += sub
         elif isinstance(m, SparseBasicBlock):
             sub, out = sparse_plan([m.conv1, m.conv2], stride)
@@ -240,15 +245,15 @@ def sparse_from_points(
     if not (isinstance(voxel_size, (int, float)) and voxel_size > 0 and math.isfinite(voxel_size)):
         raise ValueError(f"voxel_size must be a positive finite float (metres per cell), got {voxel_size!r}")
     chain = [1, *strides]
-    if any(b <= a or b % a for a, b in zip(chain, chain[1:])):
+    if any(b <= a or b % a for a, b in zip(chain, chain[1:], strict=False)):
         raise ValueError(f"strides must ascend from 1, each a multiple of the previous (e.g. (2, 4, 8)), got "
                          f"{list(strides)}")
-    levels = voxel_levels(coord, voxel_size, offset, [b // a for a, b in zip(chain, chain[1:])], validate=validate)
+    levels = voxel_levels(coord, voxel_size, offset, [b // a for a, b in zip(chain, chain[1:], strict=False)], validate=validate)
     inverse = levels[0].inverse
     feats = voxel_pool(feat, inverse, levels[0].num_cells, reduce=reduce, validate=False)  # inverse from voxelize
     b = 1 if offset is None else int(offset.numel())
     x = SparseTensor(levels[0].cells, feats, 1, b)
-    for s, level in zip(strides, levels[1:]):
+    for s, level in zip(strides, levels[1:], strict=True):
         x.cache.coords[s] = level.cells
     return x, inverse
 
@@ -572,9 +577,26 @@ class SparseConvBNReLU(nn.Module):
         return y.replace(torch.relu(y.feats))
 
 
+def unet_plan(stem: nn.Module, down: Sequence[nn.Module], enc: Sequence[nn.Module], up: Sequence[nn.Module],
+              dec: Sequence[nn.Module], stride: int = 1) -> list[tuple[int, int, int, int]]:
+    """The kernel-map keys of ``sparse_unet``'s walk from level ``stride`` (see ``sparse_plan``)."""
+    walk = [stem, *(m for pair in zip(down, enc, strict=True) for m in pair),
+            *(m for pair in zip(up, dec, strict=True) for m in pair)]
+    return sparse_plan(walk, stride)[0]
+
+
+def unet_strides(keys: Sequence[tuple[int, int, int, int]]) -> list[int]:
+    """The coarser levels (strides > 1, ascending) that map keys reach: ``sparse_from_points(strides=...)``."""
+    return sorted({k[1] for k in keys} - {1})
+
+
 def sparse_unet(x: SparseTensor, stem: nn.Module, down: Sequence[nn.Module], enc: Sequence[nn.Module],
                 up: Sequence[nn.Module], dec: Sequence[nn.Module]) -> SparseTensor:
-    """U-Net walk: stem, (down -> enc) per level keeping skips, then (up -> concat skip -> dec) per level."""
+    """U-Net walk: stem, (down -> enc) per level keeping skips, then (up -> concat skip -> dec) per level.
+
+    Every kernel map of the walk is built first, with one host read (``unet_plan``, ``CoordinateCache.prepare``).
+    """
+    x.cache.prepare(unet_plan(stem, down, enc, up, dec, x.stride))
     x = stem(x)
     skips = [x]
     for d, e in zip(down, enc, strict=True):

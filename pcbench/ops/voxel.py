@@ -130,7 +130,7 @@ def _levels_from_rows(cloud: Tensor, grid: Tensor, nclouds: int, factors: list[i
         f_tot *= f
         g = torch.div(grid, f_tot, rounding_mode="floor") if f_tot > 1 else grid
         if n == 0:
-            pending.append((g, None, None, None))
+            pending.append((g, None, None))
             continue
         lo, hi = g.amin(0), g.amax(0)
         size = hi - lo + 1
@@ -142,12 +142,12 @@ def _levels_from_rows(cloud: Tensor, grid: Tensor, nclouds: int, factors: list[i
         per_cloud = torch.zeros(nclouds, dtype=torch.long, device=dev).index_add_(0, cloud[perm], first.long())
         span = size.double().prod()[None] * nclouds
         scal.append(torch.cat([span, lo.double(), hi.double(), per_cloud.double()]))
-        pending.append((g, perm, first, skey))
+        pending.append((g, perm, first))
     host = torch.cat(scal).tolist() if scal else []  # the one host read
     pos = 0 if extra is None else extra.numel()
     extra_host, levels = host[:pos], []
     rep = None  # one finer row per cell of the previous level
-    for g, perm, first, skey in pending:
+    for g, perm, first in pending:
         if perm is None:  # no points: every level is empty
             e = torch.zeros(0, dtype=torch.long, device=dev)
             off = torch.zeros(nclouds, dtype=torch.long, device=dev)
