@@ -33,6 +33,8 @@ from .sparse import (
     devoxelize,
     sparse_from_points,
     sparse_unet,
+    unet_plan,
+    unet_strides,
 )
 
 __all__ = ["MinkUNet"]
@@ -112,7 +114,10 @@ class MinkUNet(ClassifierMixin, nn.Module):
     def forward_voxels(self, batch: PointBatch) -> tuple[SparseTensor, Tensor]:
         """Decoder features on the finest voxels and the point -> voxel inverse map [N]."""
         batch = model_input(self, batch)
-        x, inverse = sparse_from_points(batch.coord, batch.feat, self.voxel_size, batch.offset, validate=False)
+        # every level in the voxelize read; sparse_unet then builds all kernel maps in one more
+        strides = unet_strides(unet_plan(self.stem, self.down, self.enc, self.up, self.dec))
+        x, inverse = sparse_from_points(batch.coord, batch.feat, self.voxel_size, batch.offset, validate=False,
+                                        strides=strides)
         x = sparse_unet(x, self.stem, self.down, self.enc, self.up, self.dec)
         return x, inverse
 

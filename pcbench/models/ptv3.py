@@ -27,12 +27,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from pcbench.ops import PointBatch, offset2batch, offset2lengths, serialize, voxel_pool
+from pcbench.ops import (
+    PointBatch,
+    kernel_maps,
+    offset2batch,
+    offset2lengths,
+    serialize,
+    voxel_levels,
+    voxel_pool,
+)
 from pcbench.ops.serialize import MAX_DEPTH, ORDERS
 
 from .heads import ClassifierMixin
 from .layers.checks import model_input
-from .layers.grid_pool import DropPath, GridPartition, cloud_min, grid_partition, segment_mean
+from .layers.grid_pool import DropPath, GridPartition, grid_partition, segment_mean
 from .layers.serialized_attention import PatchIndex, SerializedAttention, build_patches
 from .sparse import CoordinateCache, SparseConv3d, SparseTensor
 
@@ -50,6 +58,7 @@ class _Level:
     names: list[str]  # serialization curves of this level (permuted per level when shuffle_orders)
     parent: GridPartition | None = None  # how the finer level's points map to this level's points
     depth: int = 16  # curve bits per axis (Pointcept's serialized_depth); grid values are < 2**depth
+    lengths: list[int] | None = None  # points per cloud on the host, when known (sizes the patches without a read)
     _convs: CoordinateCache = field(default_factory=CoordinateCache)  # kernel maps of this level's voxels
     _patches: dict[tuple[int, int], PatchIndex] = field(default_factory=dict)
 
@@ -72,7 +81,7 @@ class _Level:
             # depth 0 (every cloud one voxel) has a single order; serialize needs at least one bit
             code = serialize(self.grid, self.offset, self.names[key[0]], depth=max(self.depth, 1), validate=False)
             order = torch.argsort(code)
-            self._patches[key] = build_patches(order, offset2lengths(self.offset), patch_size)
+            self._patches[key] = build_patches(order, offset2lengths(self.offset), patch_size, self.lengths)
         return self._patches[key]
 
 
@@ -322,49 +331,64 @@ class PointTransformerV3(ClassifierMixin, nn.Module):
 
     # -- serialization --------------------------------------------------------------------------------------
 
-    def _order_names(self, previous: Sequence[str] | None = None) -> list[str]:
-        """The curves of a new level: the previous level's list (or ``order``), permuted when shuffling."""
-        names = list(self.order if previous is None else previous)
-        if self.shuffle_orders:  # Pointcept permutes the code list at every serialization, in eval too
-            names = [names[i] for i in torch.randperm(len(names)).tolist()]
-        return names
-
-    def _voxelize_input(self, batch: PointBatch) -> tuple[GridPartition, _Level]:
-        part = grid_partition(batch.coord, self.grid_size, batch.offset, relative=False)
-        grid = part.cell[:, 1:]
-        if grid.shape[0]:
-            grid = grid - cloud_min(grid, part.offset)[offset2batch(part.offset, grid.shape[0])]
-        depth = self.serialization_depth
-        if depth is None:
-            depth = serialization_depth(grid)
-            if depth > MAX_DEPTH:
-                raise ValueError(
-                    f"PTv3 serialization: the largest grid coordinate {int(grid.max())} needs {depth} bits per axis, "
-                    f"more than {MAX_DEPTH}; use a coarser grid_size (now {self.grid_size}) or crop the scene")
-        elif grid.numel():  # a fixed depth must hold the input grid (checked once here; the levels' serialize skips it)
-            hi = int(grid.max())
-            if hi >= 1 << depth:
-                raise ValueError(
-                    f"PTv3 serialization: grid_coord values must be < 2**depth = {1 << depth} (depth={depth}), got "
-                    f"maximum {hi}; use a coarser grid_size (now {self.grid_size}) or a larger serialization_depth")
-        return part, _Level(grid, part.offset, self._order_names(), depth=depth)
+    def _order_names(self, levels: int) -> list[list[str]]:
+        """The curves of each of ``levels`` levels: ``order``, re-permuted at every level when shuffling."""
+        names, out = list(self.order), []
+        # Pointcept permutes the code list at every serialization, in eval too. One randperm per level in level
+        # order (the RNG stream of a per-level draw), read together: one host copy for all levels.
+        perms = torch.stack([torch.randperm(len(names)) for _ in range(levels)]).tolist() if self.shuffle_orders \
+            else None
+        for lv in range(levels):
+            if perms is not None:
+                names = [names[i] for i in perms[lv]]
+            out.append(names)
+        return out
 
     # -- forward --------------------------------------------------------------------------------------------
 
     def levels(self, batch: PointBatch) -> tuple[GridPartition, list[_Level]]:
         """The input voxel map and every level's voxels, curve depth and curve list (geometry only).
 
-        Level 0 holds the input voxels; level s the cells of the s-th pooling, with ``parent`` mapping level
-        s - 1 onto them. With ``shuffle_orders`` this draws one ``torch.randperm`` per level, in level order.
+        Level 0 holds the input voxels (per-cloud anchored grid: each cloud's smallest voxel coordinate is 0);
+        level s the cells of the s-th pooling, with ``parent`` mapping level s - 1 onto them. With
+        ``shuffle_orders`` this draws one ``torch.randperm`` per level, in level order. All levels come from
+        one host read (``ops.voxel_levels``: pooling cells are floor divisions of the input grid), and the
+        convolution maps of every level from one more (``ops.kernel_maps``).
         """
-        part, level = self._voxelize_input(batch)
-        out = [level]
-        for down in self.down:
-            prev = out[-1]
-            pool = down.partition(prev)
-            out.append(_Level(pool.cell[:, 1:], pool.offset, self._order_names(prev.names), pool,
-                              depth=_pooled_depth(prev.depth, down.stride)))
-        return part, out
+        vl = voxel_levels(batch.coord, self.grid_size, batch.offset, [int(x) for x in self.stride], anchor=True,
+                          validate=False)
+        top = max(vl[0].hi) if vl[0].num_cells else 0
+        depth = self.serialization_depth
+        if depth is None:
+            depth = (top + 1).bit_length() if vl[0].num_cells else 1
+            if depth > MAX_DEPTH:
+                raise ValueError(
+                    f"PTv3 serialization: the largest grid coordinate {top} needs {depth} bits per axis, "
+                    f"more than {MAX_DEPTH}; use a coarser grid_size (now {self.grid_size}) or crop the scene")
+        elif top >= 1 << depth:  # a fixed depth must hold the input grid (the levels' serialize skips the check)
+            raise ValueError(
+                f"PTv3 serialization: grid_coord values must be < 2**depth = {1 << depth} (depth={depth}), got "
+                f"maximum {top}; use a coarser grid_size (now {self.grid_size}) or a larger serialization_depth")
+        names = self._order_names(len(vl))
+        parts = [GridPartition(lv.cells, lv.inverse, lv.counts, lv.offset) for lv in vl]
+        out: list[_Level] = []
+        for s, lv in enumerate(vl):
+            if s:
+                depth = _pooled_depth(depth, int(self.stride[s - 1]))
+            level = _Level(lv.cells[:, 1:], lv.offset, names[s], parts[s] if s else None, depth=depth,
+                           lengths=lv.lengths)
+            level._convs.coords[1] = lv.cells
+            level._convs.num_clouds = len(lv.lengths)
+            out.append(level)
+        # every level's xCPE map (and the stem's) in one read; decoder blocks reuse their level's map
+        keys = [(0, int(self.embed_conv.kernel_size))] if self.embed_conv.kernel_size > 1 else []
+        keys += [(s, int(blocks[0].cpe_conv.kernel_size)) for s, blocks in enumerate(self.enc) if len(blocks)]
+        keys += [(s, int(blocks[0].cpe_conv.kernel_size)) for s, blocks in enumerate(self.dec) if len(blocks)]
+        keys = [(s, k) for s, k in dict.fromkeys(keys) if (1, 1, k, 1) not in out[s]._convs.kernel_maps]
+        maps = kernel_maps([(vl[s].cells, vl[s].cells, k, 1, 1) for s, k in keys], validate=False)
+        for (s, k), km in zip(keys, maps, strict=True):
+            out[s]._convs.kernel_maps[(1, 1, k, 1)] = km
+        return parts[0], out
 
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Per-point features [N, out_channels] (segmentation) or per-cloud features [B, out_channels] (cls)."""

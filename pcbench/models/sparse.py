@@ -39,9 +39,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from pcbench.ops import offset2batch, voxel_pool, voxelize
+from pcbench.ops import offset2batch, voxel_pool
 from pcbench.ops.batch import check_offset
-from pcbench.ops.sparse import coords_key, kernel_map
+from pcbench.ops.sparse import kernel_maps
+from pcbench.ops.voxel import coarsen_levels, voxel_levels
 
 __all__ = [
     "CoordinateCache",
@@ -64,7 +65,10 @@ __all__ = [
     "sparse_cat",
     "sparse_conv",
     "sparse_from_points",
+    "sparse_plan",
     "sparse_unet",
+    "unet_plan",
+    "unet_strides",
 ]
 
 KernelMap = list[tuple[Tensor, Tensor]]
@@ -73,9 +77,10 @@ KernelMap = list[tuple[Tensor, Tensor]]
 class CoordinateCache:
     """Coordinates per stride level and kernel maps between levels, shared by every tensor of one batch."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_clouds: int | None = None) -> None:
         self.coords: dict[int, Tensor] = {}
         self.kernel_maps: dict[tuple[int, int, int, int], KernelMap] = {}
+        self.num_clouds = num_clouds
 
     def level(self, stride: int) -> Tensor | None:
         """Coordinates [V, 4] of the level at ``stride``, or None when no layer has produced it yet."""
@@ -85,35 +90,80 @@ class CoordinateCache:
         """Coordinates at ``stride * factor``, built as ``unique(floor(coords / factor))`` on first use."""
         target = stride * factor
         if target not in self.coords:
-            self.coords[target] = downsample_coords(self.coords[stride], factor)
+            self.coords[target] = downsample_coords(self.coords[stride], factor, self.num_clouds)
         return self.coords[target]
 
     def kernel_map(self, in_stride: int, out_stride: int, kernel_size: int, dilation: int) -> KernelMap:
         """The map from level ``in_stride`` to the coarser-or-equal level ``out_stride``, computed once."""
         key = (in_stride, out_stride, kernel_size, dilation)
-        km = self.kernel_maps.get(key)
-        if km is None:
+        if key not in self.kernel_maps:
+            self.prepare([key])
+        return self.kernel_maps[key]
+
+    def prepare(self, keys: Sequence[tuple[int, int, int, int]]) -> None:
+        """Build every missing map ``(in_stride, out_stride, kernel_size, dilation)`` with one host read.
+
+        A network that knows its convolutions (``sparse_plan``) prepares them all before its first layer, so
+        the whole forward reads the device once for its maps instead of once per map.
+        """
+        todo = []
+        for key in dict.fromkeys(keys):
+            if key in self.kernel_maps:
+                continue
+            in_stride, out_stride = key[0], key[1]
             if out_stride not in self.coords:
                 self.coarser(in_stride, out_stride // in_stride)
-            km = kernel_map(self.coords[in_stride], self.coords[out_stride], kernel_size,
-                            out_stride // in_stride, dilation, validate=False)  # coordinates built by voxelize
-            self.kernel_maps[key] = km
-        return km
+            todo.append(key)
+        if not todo:
+            return
+        # coordinates built by voxelize / voxel_levels: no cloud-index check needed
+        maps = kernel_maps([(self.coords[a], self.coords[b], k, b // a, d) for a, b, k, d in todo], validate=False)
+        self.kernel_maps.update(zip(todo, maps, strict=True))
 
 
-def downsample_coords(coords: Tensor, factor: int) -> Tensor:
-    """Unique coarse coordinates [V', 4] (cloud, floor(xyz / factor)), sorted lexicographically."""
-    c = coords.long().clone()
-    c[:, 1:] = torch.div(c[:, 1:], factor, rounding_mode="floor")
+def downsample_coords(coords: Tensor, factor: int, num_clouds: int | None = None) -> Tensor:
+    """Unique coarse coordinates [V', 4] (cloud, floor(xyz / factor)), sorted lexicographically.
+
+    ``num_clouds`` (B, when known) spares the read of the largest cloud index; the cells are counted with
+    one host read either way (``ops.voxel.coarsen_levels``).
+    """
+    c = coords.long()
     if c.shape[0] == 0:
+        c = c.clone()
+        c[:, 1:] = torch.div(c[:, 1:], factor, rounding_mode="floor")
         return c
-    # Sorting one int64 key per row is far cheaper than torch.unique(dim=0) on rows.
-    lo = c[:, 1:].min(0).values
-    size = c[:, 1:].max(0).values - lo + 1
-    key, perm = torch.sort(coords_key(c, lo, size))
-    first = torch.ones_like(key, dtype=torch.bool)
-    first[1:] = key[1:] != key[:-1]
-    return c[perm[first]]
+    b = int(c[:, 0].max()) + 1 if num_clouds is None else num_clouds
+    return coarsen_levels(c, [factor], b)[0].cells
+
+
+def sparse_plan(modules: Sequence[nn.Module], stride: int = 1) -> tuple[list[tuple[int, int, int, int]], int]:
+    """(kernel-map keys, output stride) of sparse layers applied one after the other from level ``stride``.
+
+    Knows the layers of this module (convolutions, poolings, basic blocks, ``nn.Sequential``), so a network can
+    ``cache.prepare`` every map of its forward at once.
+    """
+    keys: list[tuple[int, int, int, int]] = []
+    for m in modules:
+        if isinstance(m, nn.Sequential):
+            sub, stride = sparse_plan(list(m), stride)
+            keys += sub
+        elif isinstance(m, SparseConvBNReLU):
+            sub, stride = sparse_plan([m.conv], stride)
+            keys += sub
+        elif isinstance(m, SparseBasicBlock):
+            sub, out = sparse_plan([m.conv1, m.conv2], stride)
+            keys += sub
+            if m.shortcut is not None:
+                keys += sparse_plan(list(m.shortcut), stride)[0]
+            stride = out
+        elif isinstance(m, SparseConvTranspose3d):
+            keys.append((stride // m.stride, stride, m.kernel_size, m.dilation))
+            stride //= m.stride
+        elif isinstance(m, (SparseConv3d, _SparsePool3d)):
+            if not (isinstance(m, SparseConv3d) and m.kernel_size == 1 and m.stride == 1):
+                keys.append((stride, stride * m.stride, m.kernel_size, m.dilation))
+            stride *= m.stride
+    return keys, stride
 
 
 @dataclass(eq=False)
@@ -140,6 +190,8 @@ class SparseTensor:
             raise ValueError(
                 f"feats must be [V, C] with V={self.coords.shape[0]} rows (one per voxel), got {list(self.feats.shape)}"
             )
+        if self.cache.num_clouds is None:
+            self.cache.num_clouds = self.batch_size
         cached = self.cache.coords.setdefault(self.stride, self.coords)
         if cached is not self.coords and cached.shape != self.coords.shape:
             raise ValueError(
@@ -182,18 +234,28 @@ class SparseTensor:
 
 def sparse_from_points(
     coord: Tensor, feat: Tensor, voxel_size: float, offset: Tensor | None = None, reduce: str = "mean",
-    validate: bool = True,
+    validate: bool = True, strides: Sequence[int] = (),
 ) -> tuple[SparseTensor, Tensor]:
     """Voxelize a packed batch: (SparseTensor with per-voxel pooled features, inverse [N] point -> voxel).
 
     ``validate=False`` skips ``voxelize``'s input checks (host syncs), for a ``PointBatch``'s fields.
+    ``strides`` (ascending, each a multiple of the previous, e.g. ``(2, 4, 8)``): coarser levels the network
+    will use, built into the cache in the same single host read as the voxels (``ops.voxel_levels``).
     """
     if not (isinstance(voxel_size, (int, float)) and voxel_size > 0 and math.isfinite(voxel_size)):
         raise ValueError(f"voxel_size must be a positive finite float (metres per cell), got {voxel_size!r}")
-    vox, inverse, _ = voxelize(coord, voxel_size, offset, validate=validate)
-    feats = voxel_pool(feat, inverse, vox.shape[0], reduce=reduce, validate=False)  # inverse from voxelize
+    chain = [1, *strides]
+    if any(b <= a or b % a for a, b in zip(chain, chain[1:], strict=False)):
+        raise ValueError(f"strides must ascend from 1, each a multiple of the previous (e.g. (2, 4, 8)), got "
+                         f"{list(strides)}")
+    levels = voxel_levels(coord, voxel_size, offset, [b // a for a, b in zip(chain, chain[1:], strict=False)], validate=validate)
+    inverse = levels[0].inverse
+    feats = voxel_pool(feat, inverse, levels[0].num_cells, reduce=reduce, validate=False)  # inverse from voxelize
     b = 1 if offset is None else int(offset.numel())
-    return SparseTensor(vox, feats, 1, b), inverse
+    x = SparseTensor(levels[0].cells, feats, 1, b)
+    for s, level in zip(strides, levels[1:], strict=True):
+        x.cache.coords[s] = level.cells
+    return x, inverse
 
 
 def devoxelize(x: SparseTensor, inverse: Tensor) -> Tensor:
@@ -404,7 +466,9 @@ class SparseAvgPool3d(_SparsePool3d):
         out_coords, i, j, out_stride = self._pairs(x)
         v = out_coords.shape[0]
         total = x.feats.new_zeros(v, x.feats.shape[1]).index_add(0, j, x.feats.index_select(0, i))
-        count = torch.bincount(j, minlength=v).clamp_min(1).to(x.feats.dtype)
+        # index_add_, not bincount: bincount sizes its output by the data's maximum (a host read)
+        count = torch.zeros(v, dtype=torch.long, device=j.device).index_add_(0, j, torch.ones_like(j))
+        count = count.clamp_min(1).to(x.feats.dtype)
         return SparseTensor(out_coords, total / count.unsqueeze(1), out_stride, x.batch_size, x.cache)
 
 
@@ -513,9 +577,26 @@ class SparseConvBNReLU(nn.Module):
         return y.replace(torch.relu(y.feats))
 
 
+def unet_plan(stem: nn.Module, down: Sequence[nn.Module], enc: Sequence[nn.Module], up: Sequence[nn.Module],
+              dec: Sequence[nn.Module], stride: int = 1) -> list[tuple[int, int, int, int]]:
+    """The kernel-map keys of ``sparse_unet``'s walk from level ``stride`` (see ``sparse_plan``)."""
+    walk = [stem, *(m for pair in zip(down, enc, strict=True) for m in pair),
+            *(m for pair in zip(up, dec, strict=True) for m in pair)]
+    return sparse_plan(walk, stride)[0]
+
+
+def unet_strides(keys: Sequence[tuple[int, int, int, int]]) -> list[int]:
+    """The coarser levels (strides > 1, ascending) that map keys reach: ``sparse_from_points(strides=...)``."""
+    return sorted({k[1] for k in keys} - {1})
+
+
 def sparse_unet(x: SparseTensor, stem: nn.Module, down: Sequence[nn.Module], enc: Sequence[nn.Module],
                 up: Sequence[nn.Module], dec: Sequence[nn.Module]) -> SparseTensor:
-    """U-Net walk: stem, (down -> enc) per level keeping skips, then (up -> concat skip -> dec) per level."""
+    """U-Net walk: stem, (down -> enc) per level keeping skips, then (up -> concat skip -> dec) per level.
+
+    Every kernel map of the walk is built first, with one host read (``unet_plan``, ``CoordinateCache.prepare``).
+    """
+    x.cache.prepare(unet_plan(stem, down, enc, up, dec, x.stride))
     x = stem(x)
     skips = [x]
     for d, e in zip(down, enc, strict=True):

@@ -29,6 +29,7 @@ from .sparse import (
     SparseGlobalPool,
     SparseTensor,
     sparse_from_points,
+    sparse_plan,
 )
 
 __all__ = ["SparseResNet"]
@@ -95,7 +96,12 @@ class SparseResNet(ClassifierMixin, nn.Module):
     def forward_features(self, batch: PointBatch) -> Tensor:
         """Per-cloud global features [B, planes[-1]] (zeros for an empty cloud)."""
         batch = model_input(self, batch)
-        x, _ = sparse_from_points(batch.coord, batch.feat, self.voxel_size, batch.offset, validate=False)
+        # Every level and every kernel map of the forward up front: one host read for the levels (with the
+        # voxels), one for all maps, instead of one or two per layer.
+        keys, _ = sparse_plan([self.conv1, self.pool, self.stages, self.conv5])
+        x, _ = sparse_from_points(batch.coord, batch.feat, self.voxel_size, batch.offset, validate=False,
+                                  strides=sorted({k[1] for k in keys}))
+        x.cache.prepare(keys)
         x = self._relu(self.bn1(self.conv1(x)))
         x = self.stages(self.pool(x))
         x = self._relu(self.bn5(self.conv5(x)))

@@ -19,8 +19,8 @@ from .grouping import group, group_relative
 from .interpolate import interpolate
 from .knn import knn
 from .serialize import serialize
-from .sparse import kernel_map
-from .voxel import voxel_pool, voxelize
+from .sparse import kernel_map, kernel_maps
+from .voxel import voxel_levels, voxel_pool, voxelize
 
 __all__ = [
     "PointBatch",
@@ -32,6 +32,7 @@ __all__ = [
     "group_relative",
     "interpolate",
     "kernel_map",
+    "kernel_maps",
     "knn",
     "lengths2offset",
     "offset2batch",
@@ -39,6 +40,7 @@ __all__ = [
     "offset2start",
     "sample_offset",
     "serialize",
+    "voxel_levels",
     "voxel_pool",
     "voxelize",
 ]

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from benchmarks import bm_syncs
-from pcbench.ops import dispatch_as, farthest_point_sample, kernel_map, sample_offset, voxelize
+from pcbench.models.layers.serialized_attention import build_patches
+from pcbench.ops import (
+    PointBatch,
+    dispatch_as,
+    farthest_point_sample,
+    kernel_map,
+    kernel_maps,
+    sample_offset,
+    voxel_levels,
+    voxelize,
+)
 from pcbench.ops._reference import fps_reference
 from pcbench.ops.batch import length_bounds, offset2batch
 from pcbench.testing.clouds import object_batch, scan_like_scene
@@ -81,6 +92,10 @@ def test_kernel_map_reads_the_device_a_fixed_number_of_times() -> None:
 
 
 @pytest.mark.parametrize(("config", "task"), [("pointnet2_ssg_cls", "cls"), ("pct_cls", "cls"),
+                                              pytest.param("sparse_resnet_cls", "cls", marks=pytest.mark.slow),
+                                              pytest.param("ptv2_cls", "cls", marks=pytest.mark.slow),
+                                              pytest.param("ptv3_cls", "cls", marks=pytest.mark.slow),
+                                              pytest.param("minkunet14a_seg", "seg", marks=pytest.mark.slow),
                                               pytest.param("pointnet2_ssg_seg", "seg", marks=pytest.mark.slow)])
 def test_sync_budget_under_gpu_dispatch(config: str, task: str) -> None:
     # Issue 18: at most 8 host syncs per training step for object classifiers, 32 for scene models, on the
@@ -123,3 +138,91 @@ def test_trusted_calls_inside_a_known_level_read_nothing_and_match_checked_calls
     assert torch.equal(bq, checked[1]) and torch.equal(up, checked[2])
     with pytest.raises(ValueError, match="offset"):  # the checked call still refuses a bad offset
         knn(coord, coord, 8, torch.tensor([300, 200, 600]), offset)
+
+
+@pytest.mark.parametrize("anchor", [False, True])
+def test_voxel_levels_read_once_and_match_numpy_unique_per_level(anchor: bool) -> None:
+    # The pyramid of a voxel network (input voxels, then cells merged 2, 2 and 3 per axis) with ONE host read,
+    # against numpy's row-wise unique of (cloud, floor(grid / prod(factors))) at every level.
+    coord = torch.cat([scan_like_scene(1200, seed=5), scan_like_scene(800, seed=6) + 3.0])
+    offset = torch.tensor([1200, 1200, 2000])  # an empty cloud in the middle
+    factors = [2, 2, 3]
+    with dispatch_as("cuda"), bm_syncs.counting() as c:
+        levels = voxel_levels(coord, 0.1, offset, factors, anchor=anchor, validate=False)
+    assert c.total_syncs == 1 and len(levels) == 4
+    grid = torch.floor(coord.double() / 0.1).long()
+    cloud = offset2batch(offset, coord.shape[0])
+    if anchor:
+        for a, e in [(0, 1200), (1200, 2000)]:
+            grid[a:e] -= grid[a:e].min(0).values
+    total, prev = 1, None
+    for lvl, f in zip(levels, [1, *factors], strict=True):
+        total *= f
+        rows = np.concatenate([cloud.numpy()[:, None], np.floor_divide(grid.numpy(), total)], 1)
+        uniq, inv, cnt = np.unique(rows, axis=0, return_inverse=True, return_counts=True)
+        assert np.array_equal(lvl.cells.numpy(), uniq)
+        assert lvl.lengths == [int((uniq[:, 0] == b).sum()) for b in range(3)]
+        assert lvl.offset.tolist() == np.cumsum(lvl.lengths).tolist()
+        assert length_bounds(lvl.offset) == [(min(lvl.lengths), max(lvl.lengths))]  # remembered, no read
+        assert lvl.lo == uniq[:, 1:].min(0).tolist() and lvl.hi == uniq[:, 1:].max(0).tolist()
+        if prev is None:  # points -> voxels, as voxelize
+            assert np.array_equal(lvl.inverse.numpy(), inv.reshape(-1))
+            assert np.array_equal(lvl.counts.numpy(), cnt)
+            if not anchor:
+                assert all(torch.equal(a, b) for a, b in zip(voxelize(coord, 0.1, offset),
+                                                               (lvl.cells, lvl.inverse, lvl.counts), strict=True))
+        else:  # cells of the previous level -> cells of this one
+            want = torch.cat([prev.cells[:, :1], torch.div(prev.cells[:, 1:], f, rounding_mode="floor")], 1)
+            assert torch.equal(lvl.cells[lvl.inverse], want)
+            assert torch.equal(lvl.counts, torch.bincount(lvl.inverse, minlength=lvl.num_cells))
+        prev = lvl
+
+
+def test_kernel_maps_read_once_for_many_maps_and_equal_single_maps() -> None:
+    levels = voxel_levels(scan_like_scene(3000, seed=1), 0.1, torch.tensor([1500, 3000]), [2])
+    fine, coarse = levels[0].cells, levels[1].cells
+    specs = [(fine, fine, 3, 1, 1), (fine, coarse, 2, 2, 1), (coarse, coarse, 3, 1, 2), (fine, fine[:0], 3, 1, 1)]
+    with dispatch_as("cuda"), bm_syncs.counting() as c:
+        maps = kernel_maps(specs, validate=False)
+    assert c.total_syncs == 1
+    for spec, km in zip(specs, maps, strict=True):
+        single = kernel_map(*spec)  # the CPU path, one map at a time
+        assert len(km) == len(single)
+        for (i, j), (ci, cj) in zip(km, single, strict=True):
+            assert torch.equal(i, ci) and torch.equal(j, cj)
+
+
+def test_build_patches_from_host_lengths_reads_nothing_and_matches() -> None:
+    lengths = [10, 0, 3, 7, 64]
+    order = torch.randperm(sum(lengths), generator=torch.Generator().manual_seed(0))
+    for k in (1, 4, 16, 100):
+        with bm_syncs.counting() as c:
+            got = build_patches(order, torch.tensor(lengths), k, lengths)
+        assert c.total_syncs == 0
+        want = build_patches(order, torch.tensor(lengths), k)
+        assert torch.equal(got.gather, want.gather) and torch.equal(got.scatter, want.scatter)
+        assert (got.key_mask is None) == (want.key_mask is None)
+        assert got.key_mask is None or torch.equal(got.key_mask, want.key_mask)
+
+
+def test_voxel_networks_read_the_device_a_fixed_number_of_times_whatever_their_depth() -> None:
+    # A voxel ResNet and a sparse U-Net read the device twice per forward under the GPU dispatch (levels with
+    # the voxels, then every kernel map), independent of the number of blocks per level.
+    from pcbench.models.minkunet import MinkUNet  # noqa: PLC0415
+    from pcbench.models.sparse_resnet import SparseResNet  # noqa: PLC0415
+
+    coord, offset = object_batch(2, 128, seed=7)
+    batch = PointBatch(coord, coord.clone(), offset)
+    for layers in ((1, 1, 1, 1), (2, 3, 1, 2)):
+        torch.manual_seed(0)
+        net = SparseResNet(3, 5, voxel_size=0.05, layers=layers, planes=(8, 8, 8, 8), init_dim=8).eval()
+        with dispatch_as("cuda"), bm_syncs.counting() as c, torch.no_grad():
+            out = net(batch)
+        assert c.total_syncs == 2, dict(c.sites)
+        with dispatch_as("cpu"), torch.no_grad():
+            torch.testing.assert_close(out, net(batch))  # the CPU path: the same logits
+    torch.manual_seed(0)
+    unet = MinkUNet(3, 5, voxel_size=0.05, layers=(1,) * 8, planes=(8,) * 8, init_dim=8).eval()
+    with dispatch_as("cuda"), bm_syncs.counting() as c, torch.no_grad():
+        unet(batch)
+    assert c.total_syncs == 2, dict(c.sites)

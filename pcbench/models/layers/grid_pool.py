@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pcbench.ops import offset2batch, voxel_pool, voxelize
+from pcbench.ops import offset2batch, voxel_pool
+from pcbench.ops.voxel import voxel_levels
 
 __all__ = ["DropPath", "GridPartition", "cloud_min", "grid_partition", "segment_mean"]
 
@@ -48,10 +49,10 @@ def grid_partition(coord: Tensor, cell_size: float, offset: Tensor, relative: bo
     """
     if relative and coord.shape[0]:
         coord = coord - cloud_min(coord, offset)[offset2batch(offset, coord.shape[0])]
-    cell, inverse, counts = voxelize(coord, cell_size, offset, validate=validate)
-    # searchsorted, not bincount: the cells are sorted by cloud, and bincount reads its maximum on the host
-    ends = torch.searchsorted(cell[:, 0].contiguous(), torch.arange(offset.numel(), device=cell.device), right=True)
-    return GridPartition(cell, inverse, counts, ends)
+    # One host read: the cells and their per-cloud counts (the new offset carries its length bounds, so the
+    # level's neighbour searches read nothing more).
+    level = voxel_levels(coord, cell_size, offset, validate=validate)[0]
+    return GridPartition(level.cells, level.inverse, level.counts, level.offset)
 
 
 def segment_mean(x: Tensor, part: GridPartition) -> Tensor:

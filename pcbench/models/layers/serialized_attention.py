@@ -41,11 +41,14 @@ class PatchIndex:
         return self.gather.numel() // max(self.patch_size, 1)
 
 
-def build_patches(order: Tensor, lengths: Tensor, patch_size: int) -> PatchIndex:
+def build_patches(order: Tensor, lengths: Tensor, patch_size: int, host_lengths: list[int] | None = None
+                  ) -> PatchIndex:
     """Patch layout of points sorted along a curve.
 
     order: [N] point rows in curve order, clouds contiguous and in offset order (``argsort`` of a
         ``serialize`` code does that). lengths: [B] points per cloud. Returns a ``PatchIndex``.
+    host_lengths: the same counts as a list, when the caller has them on the host (e.g. ``ops.voxel_levels``
+        read them with the level): the layout is then sized without reading the device.
     """
     if patch_size < 1:
         raise ValueError(f"patch_size must be a positive number of points, got {patch_size}")
@@ -55,14 +58,20 @@ def build_patches(order: Tensor, lengths: Tensor, patch_size: int) -> PatchIndex
     if n_tot == 0:
         empty = torch.zeros(0, dtype=torch.long, device=dev)
         return PatchIndex(empty, None, empty, 1)
-    smallest, largest = torch.stack(list(torch.aminmax(lengths))).tolist()  # one host read for both
+    if host_lengths is None:
+        smallest, largest = torch.stack(list(torch.aminmax(lengths))).tolist()  # one host read for both
+    else:
+        smallest, largest = min(host_lengths), max(host_lengths)
     k = min(patch_size, largest)
     full = lengths >= k
     num_p = torch.where(full, (lengths + k - 1) // k, (lengths > 0).long())
     slots = num_p * k
     slot_start = torch.cumsum(slots, 0) - slots
     start = torch.cumsum(lengths, 0) - lengths
-    total = int(slots.sum())  # sizes both repeat_interleave below without further reads
+    if host_lengths is None:
+        total = int(slots.sum())  # sizes both repeat_interleave below without further reads
+    else:  # the same sum on the host: full clouds take ceil(n / k) patches, smaller non-empty ones one
+        total = sum((-(-n // k) if n >= k else int(n > 0)) * k for n in host_lengths)
     cloud = torch.repeat_interleave(torch.arange(lengths.numel(), device=dev), slots, output_size=total)
     local = torch.arange(total, device=dev) - slot_start[cloud]
     n_c = lengths[cloud]
