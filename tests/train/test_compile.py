@@ -70,6 +70,7 @@ def test_compile_settings_validate_backend_and_mode() -> None:
     assert compile_settings(t) == {"backend": "inductor", "mode": None}
 
 
+@pytest.mark.slow  # dynamo traces each model for ~10 s to a minute on a shared 2-core machine
 @pytest.mark.parametrize("name", OBJECT_CLASSIFIERS)
 def test_every_object_classifier_traces_under_dynamo(name: str) -> None:
     # backend="eager": dynamo captures the graphs (splitting at graph breaks) and runs them as plain torch, so
