@@ -1,6 +1,6 @@
 """Device benchmark: every model's train / inference throughput and peak memory, and the neighbour ops, on one GPU.
 
-Usage, on a machine with a CUDA GPU (one command; about 15 minutes on one H100-class card):
+Usage, on a machine with a CUDA GPU (one command):
 
     python -m benchmarks.bm_gpu --out bench_out/gpu
 
