@@ -38,6 +38,7 @@ def _losses(run_dir: Path) -> list[float]:
         return [float(r["train_loss"]) for r in csv.DictReader(f) if r["train_loss"]]
 
 
+@pytest.mark.slow  # two tiny fits plus dynamo + AOTAutograd tracing: ~1 CPU-minute, 6 min on the shared machine
 def test_compiled_training_matches_eager_and_is_recorded(prepared: dict[str, Path], tmp_path: Path) -> None:
     eager = _fit(prepared, tmp_path / "eager")
     comp = _fit(prepared, tmp_path / "compiled", "trainer.compile=true", "trainer.compile_backend=aot_eager")
