@@ -18,7 +18,7 @@ from pcbench.models import build_model
 from pcbench.ops import PointBatch
 from pcbench.testing.clouds import object_batch
 from pcbench.train import compose, fit
-from pcbench.train.config import compile_settings
+from pcbench.train.config import compile_settings, config_identity_sha256
 from pcbench.train.errors import ConfigError
 
 from ._cli import TINY
@@ -99,3 +99,13 @@ def test_every_object_classifier_traces_under_dynamo(name: str) -> None:
     assert len(grads) == len(ref_grads) > 0
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5)
+
+
+def test_backend_and_mode_place_a_run_while_compile_itself_is_part_of_its_identity() -> None:
+    # how torch.compile runs the model does not change what a run computes (leaderboard identity, resume), and
+    # configs written before these keys existed keep their identity
+    base = {"trainer": {"compile": True, "compile_backend": "inductor", "compile_mode": "default", "lr": 1}}
+    other = {"trainer": {**base["trainer"], "compile_backend": "aot_eager", "compile_mode": "max-autotune"}}
+    older = {"trainer": {"compile": True, "lr": 1}}
+    assert config_identity_sha256(base) == config_identity_sha256(other) == config_identity_sha256(older)
+    assert config_identity_sha256(base) != config_identity_sha256({"trainer": {**base["trainer"], "compile": False}})
