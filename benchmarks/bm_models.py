@@ -16,12 +16,15 @@ the steadier measure).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import statistics
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.harness import TUNED_MALLOC, run_json_worker
@@ -93,10 +96,45 @@ def worker(args: argparse.Namespace) -> dict[str, object]:
     torch.manual_seed(0)
     model = build_model(cfg, in_channels=3, num_classes=n_cls)
     params = sum(p.numel() for p in model.parameters())
+    call = _step_fn(model, args.mode, batch, labels)
+    extra: dict[str, object] = {}
+    if getattr(args, "census", False):
+        extra = _graph_census(model, args.mode, batch)
+        torch._dynamo.reset()
+        call = _step_fn(model, args.mode, batch, labels)
     if args.compile:
-        model = torch.compile(model, dynamic=True)
+        # eager, then inductor-compiled, in this process: the speed-up is a ratio of two measurements taken side
+        # by side, never against another run.
+        eager_ms = _timed(call, args.warmup, args.repeats)[0]
+        call = _step_fn(torch.compile(model), args.mode, batch, labels)  # as trainer.compile=true (inductor)
+        extra["eager_median_ms"] = statistics.median(eager_ms)
+        extra["eager_samples_per_s"] = samples / (extra["eager_median_ms"] / 1e3)
 
-    if args.mode == "fwd":
+    rss_before = _rss_mib()
+    t0 = time.perf_counter()
+    call()
+    first_ms = (time.perf_counter() - t0) * 1e3  # with --compile: dynamo tracing + inductor code generation
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    load_before = os.getloadavg()[0]
+    times, cpu = _timed(call, args.warmup - 1, args.repeats)
+    med = statistics.median(times)
+    if args.compile:
+        extra["speedup"] = extra["eager_median_ms"] / med
+    return {"config": args.config, "case": args.case, "mode": args.mode, "params": params,
+            "points": batch.num_points, "samples_per_call": samples, "median_ms": med,
+            "samples_per_s": samples / (med / 1e3), "times_ms": times, "first_call_ms": first_ms,
+            "peak_rss_mib": peak, "first_call_rss_increase_mib": peak - rss_before,
+            "compiled": bool(args.compile), "threads": torch.get_num_threads(),
+            # CPU time of this process per call and the machine's load: wall-clock figures from a shared,
+            # oversubscribed machine are only interpretable next to them.
+            "median_cpu_ms": statistics.median(cpu), "loadavg_1min": [load_before, os.getloadavg()[0]], **extra}
+
+
+def _step_fn(model, mode: str, batch, labels) -> Callable[[], None]:
+    """One benchmark call: ``fwd`` = eval + no_grad forward; ``fwd+bwd`` = train mode, cross-entropy, backward."""
+    import torch  # noqa: PLC0415
+
+    if mode == "fwd":
         model.eval()
 
         def call() -> None:
@@ -108,30 +146,40 @@ def worker(args: argparse.Namespace) -> dict[str, object]:
         def call() -> None:
             model.zero_grad(set_to_none=True)
             torch.nn.functional.cross_entropy(model(batch), labels).backward()
+    return call
 
-    rss_before = _rss_mib()
-    t0 = time.perf_counter()
-    call()
-    first_ms = (time.perf_counter() - t0) * 1e3
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    for _ in range(max(0, args.warmup - 1)):
+
+def _timed(call: Callable[[], None], warmup: int, repeats: int) -> tuple[list[float], list[float]]:
+    """(wall ms, process CPU ms) of ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(max(0, warmup)):
         call()
     times, cpu = [], []
-    load_before = os.getloadavg()[0]
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
         call()
         times.append((time.perf_counter() - t0) * 1e3)
         cpu.append((time.process_time() - c0) * 1e3)
-    med = statistics.median(times)
-    return {"config": args.config, "case": args.case, "mode": args.mode, "params": params,
-            "points": batch.num_points, "samples_per_call": samples, "median_ms": med,
-            "samples_per_s": samples / (med / 1e3), "times_ms": times, "first_call_ms": first_ms,
-            "peak_rss_mib": peak, "first_call_rss_increase_mib": peak - rss_before,
-            "compiled": bool(args.compile), "threads": torch.get_num_threads(),
-            # CPU time of this process per call and the machine's load: wall-clock figures from a shared,
-            # oversubscribed machine are only interpretable next to them.
-            "median_cpu_ms": statistics.median(cpu), "loadavg_1min": [load_before, os.getloadavg()[0]]}
+    return times, cpu
+
+
+def _graph_census(model, mode: str, batch) -> dict[str, object]:
+    """Dynamo's view of one forward (``torch._dynamo.explain``): graphs, graph breaks and their reasons, grouped
+    by reason and source line (most frequent first). A host sync (``.item()``, a data-dependent shape) is the
+    usual break: each one splits the forward, and a single graph is what CUDA graphs need."""
+    import torch  # noqa: PLC0415
+
+    torch._dynamo.reset()
+    model.train(mode != "fwd")
+    with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():
+        ex = torch._dynamo.explain(model)(batch)
+    reasons: Counter[str] = Counter()
+    for br in ex.break_reasons:
+        frame = br.user_stack[-1] if br.user_stack else None
+        where = f" at {Path(frame.filename).name}:{frame.lineno}" if frame is not None else ""
+        reasons[f"{str(br.reason).strip().splitlines()[0][:160]}{where}"] += 1
+    return {"graph_count": ex.graph_count, "graph_break_count": ex.graph_break_count,
+            "ops_in_graphs": sum(len(ops) for ops in ex.ops_per_graph or []),
+            "break_reasons": [{"reason": r, "count": n} for r, n in reasons.most_common()]}
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -144,7 +192,7 @@ def _cases(config: str, quick: bool) -> list[tuple[str, str]]:
 
 
 def _run_worker(config: str, case: str, mode: str, malloc: str, ns: argparse.Namespace,
-                compile_: bool = False) -> dict[str, object]:
+                compile_: bool = False, census: bool = False) -> dict[str, object]:
     env = {k: v for k, v in os.environ.items() if k not in TUNED_MALLOC}
     if malloc == "tuned":
         env.update(TUNED_MALLOC)
@@ -155,6 +203,8 @@ def _run_worker(config: str, case: str, mode: str, malloc: str, ns: argparse.Nam
         cmd.append("--quick")
     if compile_:
         cmd.append("--compile")
+    if census:
+        cmd.append("--census")
     row: dict[str, object] = {"config": config, "case": case, "mode": mode, "malloc": malloc,
                               "compiled": compile_}
     result, error = run_json_worker(cmd, env, ns.timeout)
@@ -182,12 +232,44 @@ def markdown(rows: list[dict[str, object]], env: dict[str, object]) -> str:
         lines.append(f"| {name} | {r['case']} ({r['points']} pts) | {r['mode']} | {r['malloc']} | "
                      f"{r['params'] / 1e6:.2f}M | {r['samples_per_s']:.2f} | {r['median_ms']:.1f} | "
                      f"{r['median_cpu_ms']:.0f} | {max(r['loadavg_1min']):.1f} | {r['peak_rss_mib']:.0f} |")
+    lines += compile_table(rows)
     lines += ["", f"torch {env.get('torch')}, {env.get('threads_per_worker')} threads per worker, "
               f"{env.get('cpu_count')} CPUs, commit {env.get('git_commit')}, {env.get('time')}. "
               "Median of the timed calls after 2 warm-ups; one fresh process per row; fwd = eval + no_grad; "
               "fwd+bwd = train mode + cross-entropy + backward. 'tuned' malloc = MALLOC_MMAP_THRESHOLD_="
               f"{TUNED_MALLOC['MALLOC_MMAP_THRESHOLD_']} MALLOC_TRIM_THRESHOLD_={TUNED_MALLOC['MALLOC_TRIM_THRESHOLD_']}."]
     return "\n".join(lines) + "\n"
+
+
+def compile_table(rows: list[dict[str, object]]) -> list[str]:
+    """Markdown lines of the --compile results (none without it): dynamo's graphs and breaks per model (from the
+    eager row's census), compile time, and eager vs compiled samples/s measured in the same worker process."""
+    census = [r for r in rows if "graph_count" in r]
+    if not census:
+        return []
+    compiled = {(r["config"], r["case"], r["mode"], r["malloc"]): r for r in rows if r.get("compiled")}
+    lines = ["", "### torch.compile (inductor)", "",
+             "| model | case | mode | single graph | graphs | graph breaks | break reasons (count) | first compiled "
+             "call s | eager samples/s | compiled samples/s | compiled / eager |",
+             "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|"]
+    for r in census:
+        reasons = "; ".join(f"{b['reason']} ({b['count']})" for b in r["break_reasons"]).replace("|", "\\|")
+        single = "yes" if r["graph_count"] == 1 and r["graph_break_count"] == 0 else "no"
+        c = compiled.get((r["config"], r["case"], r["mode"], r["malloc"]))
+        if c is None:
+            speed = f"not run | {r['samples_per_s']:.2f} | - | -"  # eager: the census row's own timed calls
+        elif c.get("error"):
+            speed = f"failed: {c['error']} | - | - | -"
+        else:
+            speed = (f"{c['first_call_ms'] / 1e3:.1f} | {c['eager_samples_per_s']:.2f} | {c['samples_per_s']:.2f} | "
+                     f"{c['speedup']:.2f}x")
+        lines.append(f"| {r['config']} | {r['case']} | {r['mode']} | {single} | {r['graph_count']} | "
+                     f"{r['graph_break_count']} | {reasons or '-'} | {speed} |")
+    lines += ["", "Graphs and breaks: `torch._dynamo.explain` of one forward (train mode for fwd+bwd; AOTAutograd "
+              "compiles a backward per forward graph). The first compiled call includes dynamo tracing and inductor "
+              "code generation. Eager and compiled samples/s come from the same worker process, one after the "
+              "other."]
+    return lines
 
 
 def _write(ns: argparse.Namespace, rows: list[dict[str, object]], final: bool = False) -> None:
@@ -223,12 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--malloc", choices=("tuned", "default", "both"), default="both", help="glibc allocator setting")
     p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated modes to run")
     p.add_argument("--skip-scene", action="store_true", help="leave out the real ScanNet scene rows")
-    p.add_argument("--compile", action="store_true", help="add torch.compile rows for the object-batch cases")
+    p.add_argument("--compile", action="store_true", help="add torch.compile rows for the object-batch cases "
+                   "(graph census, compile time, eager vs compiled in one process)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per worker before it is reported as failed")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
+    p.add_argument("--census", action="store_true", help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
     if ns.worker:
         print(json.dumps(worker(ns)), flush=True)
@@ -246,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = {m.strip() for m in ns.modes.split(",")}
     mallocs = ["default", "tuned"] if ns.malloc == "both" else [ns.malloc]
     rows = []
+    jobs: list[tuple[str, str, str, str, bool]] = []  # (config, case, mode, malloc, compiled)
     for config in configs:
         for case, mode in _cases(config, ns.quick):
             if mode not in modes or (ns.skip_scene and case == "scene"):
@@ -254,15 +339,18 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"config": config, "case": case, "mode": mode, "malloc": "-", "compiled": False,
                              "error": f"skipped: {SKIP[(config, case)]}"})
                 continue
-            for malloc in mallocs:
-                variants = [False] + ([True] if ns.compile and case != "scene" and not case.startswith("1x")
-                                      else [])
-                for compiled in variants:
-                    row = _run_worker(config, case, mode, malloc, ns, compile_=compiled)
-                    rows.append(row)
-                    print(f"{config + (' (compiled)' if compiled else ''):<22} {case:<8} {mode:<8} {malloc:<8} "
-                          f"{_summary(row)}", flush=True)
-                    _write(ns, rows)  # partial results survive an interrupted run
+            jobs += [(config, case, mode, malloc, False) for malloc in mallocs]
+    # --compile: the object-batch rows again under torch.compile, after every eager row (whose graph census,
+    # cheap next to inductor's code generation, is then in the table even if a compile runs out of time)
+    jobs += [(c, case, mode, m, True) for c, case, mode, m, _ in jobs
+             if ns.compile and case != "scene" and not case.startswith("1x")]
+    for config, case, mode, malloc, compiled in jobs:
+        census = ns.compile and not compiled and case != "scene" and not case.startswith("1x")
+        row = _run_worker(config, case, mode, malloc, ns, compile_=compiled, census=census)
+        rows.append(row)
+        print(f"{config + (' (compiled)' if compiled else ''):<22} {case:<8} {mode:<8} {malloc:<8} "
+              f"{_summary(row)}", flush=True)
+        _write(ns, rows)  # partial results survive an interrupted run
     _write(ns, rows, final=True)
     return 0
 

@@ -20,8 +20,8 @@ from pcbench._confdir import conf_candidates, find_conf_dir
 
 from .errors import ConfigError
 
-__all__ = ["PLACEMENT_KEYS", "ConfigError", "check_data", "check_run_config", "compose", "config_changes", "config_dir",
-           "config_identity_sha256", "config_sha256", "group_options", "run_content"]
+__all__ = ["COMPILE_MODES", "PLACEMENT_KEYS", "ConfigError", "check_data", "check_run_config", "compile_settings",
+           "compose", "config_changes", "config_dir", "config_identity_sha256", "config_sha256", "group_options", "run_content"]
 
 def config_dir() -> Path:
     """The ``conf/`` folder holding train.yaml; ConfigError listing the places looked at when absent."""
@@ -123,6 +123,7 @@ PLACEMENT_KEYS: tuple[str, ...] = (
     "paths", "resume", "hydra", "fault", "logger", "task_name",
     "trainer.num_workers", "trainer.threads", "trainer.accelerator", "trainer.malloc", "trainer.tensorboard",
     "trainer.log_every_n_steps", "trainer.progress_bar", "trainer.checkpoint_every_n_steps",
+    "trainer.compile_backend", "trainer.compile_mode",  # how torch.compile runs the model; trainer.compile stays
     "eval.submission_dir", "eval.save_predictions",
 )
 
@@ -286,8 +287,31 @@ def check_run_config(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.num_workers={t.num_workers} must be >= 0")
     if int(t.checkpoint_every_n_steps) < 0:
         raise ConfigError(f"trainer.checkpoint_every_n_steps={t.checkpoint_every_n_steps} must be >= 0 (0 = epoch ends)")
+    compile_settings(t)
     if cfg.eval.metric not in ("auto", "oa", "macc", "miou"):
         raise ConfigError(f"eval.metric={cfg.eval.metric!r} is unknown; use auto, oa, macc or miou")
+
+
+#: torch.compile's modes (torch/_inductor/list_mode_options); "default" is passed as mode=None.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_settings(t: DictConfig) -> dict[str, Any] | None:
+    """``torch.compile`` keyword arguments from ``trainer.compile{,_backend,_mode}`` (None when off); ConfigError
+    naming the fix for an unknown backend or mode."""
+    if not t.get("compile"):
+        return None
+    backend = str(t.get("compile_backend") or "inductor")
+    mode = str(t.get("compile_mode") or "default")
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"trainer.compile_mode={mode!r} is unknown; use one of {list(COMPILE_MODES)}")
+    import torch._dynamo  # noqa: PLC0415 - only runs that compile pay for importing the compiler stack
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ConfigError(f"trainer.compile_backend={backend!r} is unknown; use one of {known} (inductor generates "
+                          "kernels; eager / aot_eager only trace, for debugging)")
+    return {"backend": backend, "mode": None if mode == "default" else mode}
 
 
 # ----------------------------------------------------------------------------------- paper recipe data

@@ -44,6 +44,7 @@ from .checkpoint import FORMAT, load_checkpoint, restore_rng_state, rng_state, s
 from .config import (
     check_recipe_data,
     check_run_config,
+    compile_settings,
     config_changes,
     config_identity_sha256,
     config_sha256,
@@ -628,8 +629,9 @@ class _Training:
         if info.world_size > 1:
             self.fwd_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if t.compile:
-            self.fwd_model = torch.compile(self.fwd_model)
+        self.compile = compile_settings(t)  # None, or torch.compile's backend / mode (recorded in metrics.json)
+        if self.compile is not None:
+            self.fwd_model = torch.compile(self.fwd_model, **self.compile)
         groups = cfg.get("optim_groups")
         groups = OmegaConf.to_container(groups, resolve=True) if groups else None
         self.optimizer = _instantiate(cfg.optim)(param_groups(self.model, groups))
@@ -970,6 +972,7 @@ class _Training:
                         "dataset_manifest_sha256": b.manifest_sha256},
             recipe=_recipe_fields(cfg, self.fidelity_reasons),
             extra={"val_split": b.info["val"], **self.extra_files,
+                   "compile": None if self.compile is None else {**self.compile, "mode": self.compile["mode"] or "default"},
                    "batch": {"global": int(self.t.batch_size), "device": self.device_batch,
                              "micro_batches_per_step": self.accum, "ranks": info.world_size}})
         if self.corruptions is not None:

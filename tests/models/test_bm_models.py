@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from benchmarks import bm_models
 
 
@@ -37,3 +39,42 @@ def test_table_has_no_ratio_against_figures_from_another_run() -> None:
     assert "| pointnet2_ssg_cls | 16x1024 (16384 pts) | fwd | default | 1.48M | 9.70 |" in table
     assert "community" not in table.lower() and "ours /" not in table and "ratio" not in table.lower()
     assert not hasattr(bm_models, "PEERS")
+
+
+class _OneSync(torch.nn.Module):
+    """Two linear layers with a host read between them: dynamo must split the forward there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if h.sum().item() > 1e9:  # a data-dependent branch: the value must reach the host
+            h = h * 2
+        return self.b(h)
+
+
+def test_graph_census_counts_a_host_sync_as_one_break() -> None:
+    whole = bm_models._graph_census(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), "fwd",
+                                    torch.randn(3, 4))
+    assert (whole["graph_count"], whole["graph_break_count"], whole["break_reasons"]) == (1, 0, [])
+    split = bm_models._graph_census(_OneSync(), "fwd+bwd", torch.randn(3, 4))
+    assert split["graph_count"] == 2 and split["graph_break_count"] == 1
+    [reason] = split["break_reasons"]
+    assert reason["count"] == 1 and "test_bm_models.py:" in reason["reason"]
+
+
+def test_compile_table_joins_the_census_with_the_compiled_row() -> None:
+    census = {"config": "pct_cls", "case": "4x1024", "mode": "fwd", "malloc": "tuned", "compiled": False,
+              "graph_count": 3, "graph_break_count": 2,
+              "break_reasons": [{"reason": "Tensor.item() at pct.py:10", "count": 2}]}
+    comp = {"config": "pct_cls", "case": "4x1024", "mode": "fwd", "malloc": "tuned", "compiled": True,
+            "first_call_ms": 61_000.0, "eager_samples_per_s": 4.0, "samples_per_s": 5.0, "speedup": 1.25}
+    alone = {**census, "config": "ptv1_cls", "graph_count": 1, "graph_break_count": 0, "break_reasons": [],
+             "samples_per_s": 3.5}
+    table = "\n".join(bm_models.compile_table([census, alone, comp]))
+    assert ("| pct_cls | 4x1024 | fwd | no | 3 | 2 | Tensor.item() at pct.py:10 (2) | 61.0 | 4.00 | 5.00 | 1.25x |"
+            in table)
+    assert "| ptv1_cls | 4x1024 | fwd | yes | 1 | 0 | - | not run | 3.50 | - | - |" in table
+    assert bm_models.compile_table([comp]) == []  # no census, no table
