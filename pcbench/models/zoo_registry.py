@@ -30,7 +30,7 @@ class PublishedWeights:
     name: str
     model_config: str
     source: str  # a key of pcbench.models.convert.SOURCES, or the repository when no converter exists yet
-    dataset: str
+    dataset: str  # the pcbench data config it was trained on (modelnet40, scannet20, scannet200)
     url: str
     sha256: str | None
     licence: str
@@ -89,28 +89,35 @@ PUBLISHED: dict[str, PublishedWeights] = {w.name: w for w in [
     PublishedWeights(
         "ptv3_seg.scannet20.pointcept", "ptv3_seg",
         "Pointcept (a Hugging Face folder: download model/model_best.pth, then pcbench-convert source=pointcept "
-        "model=ptv3_seg)", "scannet",
+        "model=ptv3_seg)", "scannet20",
         f"{_PTV3}/scannet-semseg-pt-v3m1-0-base", None, "MIT (Pointcept code); weights: see the Hugging Face page",
         "val mIoU", 77.6,
         "ScanNet v2 val, Pointcept SemSegTester (fragments over test-time augmentations, 4 GPUs training)",
         "Pointcept/Pointcept README.md @ d74c646, 'Indoor semantic segmentation' table (issue Pointcept#357 reports "
         "73.6 without test-time augmentation)", model_overrides=_PTV3_LEGACY),
     PublishedWeights(
-        "spunet_base_seg.scannet20.torch-pointcloud", "spunet_base_seg", "torch-pointcloud", "scannet",
+        "spunet_base_seg.scannet20.torch-pointcloud", "spunet_base_seg", "torch-pointcloud", "scannet20",
         f"{_TPC}/spunet-v1m1.scannet20.pointcept/resolve/641cc7cc6035a4086dfed9f70d839e9f551d5955/model.safetensors",
         None, "MIT", "val mIoU", 75.67,
         "ScanNet v2 val (20 classes), torch-pointcloud's evaluation of Pointcept's SpUNet-v1m1 weights (colour in "
         "[-1, 1] + normals, 2 cm grid)",
         _TPC_REF.format(file="spunet.py", name="spunet-v1m1.scannet20.pointcept", rev="641cc7c")),
     PublishedWeights(
-        "ptv3_seg.scannet20.torch-pointcloud", "ptv3_seg", "torch-pointcloud", "scannet",
+        "ptv3_seg.scannet20.torch-pointcloud", "ptv3_seg", "torch-pointcloud", "scannet20",
         f"{_TPC}/ptv3-base.scannet20.pointcept/resolve/3a8e0a66d76ecfb57d4dd0e4ef43de18f1491b41/model.safetensors",
         None, "MIT", "val mIoU", 77.42,
         "ScanNet v2 val (20 classes), torch-pointcloud's evaluation of Pointcept's PTv3 weights",
         _TPC_REF.format(file="point_transformer_v3.py", name="ptv3-base.scannet20.pointcept", rev="3a8e0a6"),
         model_overrides=_PTV3_LEGACY),
     PublishedWeights(
-        "minkunet34c_seg.scannet20.minkowski", "minkunet34c_seg", "minkowski", "scannet",
+        "ptv3_seg.scannet200.torch-pointcloud", "ptv3_seg", "torch-pointcloud", "scannet200",
+        f"{_TPC}/ptv3-base.scannet200.pointcept/resolve/1f1232df7e827ff72dd7cd038763e75516494462/model.safetensors",
+        None, "MIT", "val mIoU", 35.12,
+        "ScanNet200 val (200 classes), torch-pointcloud's evaluation of Pointcept's PTv3 ScanNet200 weights",
+        _TPC_REF.format(file="point_transformer_v3.py", name="ptv3-base.scannet200.pointcept", rev="1f1232d"),
+        model_overrides=_PTV3_LEGACY),
+    PublishedWeights(
+        "minkunet34c_seg.scannet20.minkowski", "minkunet34c_seg", "minkowski", "scannet20",
         f"{_MINKNET}/MinkUNet34C-train-conv1-5.pth", None, "MIT (repository licence)", "val mIoU", 72.219,
         "ScanNet v2 val, trained on train only, 2 cm voxels, 5x5x5 first convolution, no rotation average, no "
         "sliding window",

@@ -15,6 +15,7 @@ from pcbench.cli import weights as weights_cli
 from pcbench.models import create_model, list_models
 from pcbench.models import zoo_registry as reg
 from pcbench.models.convert import CONVERTERS, SOURCES, file_sha256
+from pcbench.train.config import config_dir
 from tests.models.test_convert import _PointNet2Ref, _randomise
 
 
@@ -46,6 +47,7 @@ def test_every_entry_is_complete_and_names_a_real_model_config() -> None:
         assert w.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", w.sha256), name
         assert 0 < w.value <= 100 and re.search(r"@ [0-9a-f]{7}", w.reference), name  # pinned source
         assert w.convertible == ((w.source, w.model_config) in CONVERTERS), name
+        assert (config_dir() / "data" / f"{w.dataset}.yaml").is_file(), name  # a pcbench data config
     assert {w.source for w in reg.PUBLISHED.values() if w.convertible} == set(SOURCES) - {"pointcept"}  # no file URL yet
 
 
