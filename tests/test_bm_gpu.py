@@ -52,6 +52,7 @@ def _smoke(out: Path, precisions: tuple[str, ...]) -> dict:
     return rec
 
 
+@pytest.mark.slow  # every model and op once: ~15 s of CPU, 40 s on a busy 2-core machine
 def test_smoke_run_writes_every_row_with_positive_finite_values(tmp_path: Path) -> None:
     _smoke(tmp_path, ("fp32",))  # fp32 only: CPU bf16 / fp16 autocast costs seconds per call on this machine
 

@@ -63,7 +63,9 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("extra", [[], ["trainer.ema_decay=0.99"]], ids=["plain", "ema"])
+# the EMA's own reads are pinned quickly in tests/train/test_ema.py; the whole-fit check with it is slow tier
+@pytest.mark.parametrize("extra", [[], pytest.param(["trainer.ema_decay=0.99"], marks=pytest.mark.slow)],
+                         ids=["plain", "ema"])
 def test_training_step_reads_the_device_at_most_once(prepared: dict[str, Path], tmp_path: Path,
                                                      extra: list[str]) -> None:
     steps = 7
