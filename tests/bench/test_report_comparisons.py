@@ -321,9 +321,23 @@ def test_labels_of_crowded_dots_do_not_overlap(spread: float) -> None:
             assert min(a[2], b[2]) <= max(a[0], b[0]) or min(a[3], b[3]) <= max(a[1], b[1])
 
 
-def test_write_report_with_payloads_stays_fast(rich: list[dict], tmp_path: Path) -> None:
-    import time
+def test_write_report_resamples_each_row_once_and_each_chain_once(rich: list[dict], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report's cost is bounded by its rows: one resampling per row's interval and one joint resampling per
+    chain of comparable rows (all adjacent pairs on the same draws), never one per pair or per seed."""
+    from pcbench.bench import stats
 
-    t = time.perf_counter()
+    calls: list[tuple[list[int], int]] = []
+    real = stats._distribution
+
+    def counted(rows, metric, n_resamples, seed):  # noqa: ANN001, ANN202
+        calls.append(([len(r) for r in rows], n_resamples))
+        return real(rows, metric, n_resamples, seed)
+
+    monkeypatch.setattr(stats, "_distribution", counted)
     write_report([dict(r, identity_sha256=r["result_id"][:8]) for r in rich], tmp_path)
-    assert time.perf_counter() - t < 10  # 18 payloads, 1000 resamples: about a second on 2 busy cores
+    singles = [c for c in calls if len(c[0]) == 1]
+    chains = [c for c in calls if len(c[0]) > 1]
+    with_payload = [r for r in rich if r["status"] == "finished" and (r.get("extra") or {}).get("resample")]
+    assert len(singles) == len(with_payload) == 18 and all(n == 1000 for _, n in calls)
+    assert sorted(len(rows) for rows, _ in chains) == [6, 12]  # the two sections whose rows all have payloads
