@@ -62,7 +62,8 @@ def ball_query(
     """
     check_same_device(query=query, support=support, query_offset=query_offset, support_offset=support_offset)
     _validate(query, support, max_neighbors, "auto", k_name="max_neighbors", finite=validate)
-    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not math.isfinite(radius) or radius <= 0:
+    # chained comparisons (False for NaN) rather than math.isfinite, which dynamo cannot trace
+    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not 0 < radius < math.inf:
         raise ValueError(f"radius must be a positive finite number, got {radius!r}")
     radius = float(radius)
     if order not in ORDERS:

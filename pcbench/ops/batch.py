@@ -24,6 +24,7 @@ __all__ = [
     "check_offset",
     "check_same_device",
     "find_nonfinite",
+    "known_length_bounds",
     "length_bounds",
     "lengths2offset",
     "offset2batch",
@@ -95,12 +96,18 @@ def check_offset(name: str, offset: Tensor, n: int, values: bool = True) -> None
     if not values:
         return
     o = offset.long()
-    if bool((o[0] < 0).item()) or (o.numel() > 1 and bool((o[1:] < o[:-1]).any())):
+    # One host read for all value checks: the offset is non-decreasing from 0 exactly when no cloud size (first
+    # differences, the first from 0) is negative. The sizes read are remembered for ``length_bounds``, so a
+    # checked batch (a PointBatch, built by the loader on the CPU) reaches the model with known bounds.
+    lengths = offset2lengths(o)
+    lo, hi, last = torch.stack([lengths.min(), lengths.max(), o[-1]]).tolist()
+    if lo < 0:
         raise ValueError(
             f"{name} must be non-decreasing cumulative end indices (e.g. [n0, n0+n1, ...]), got {o.tolist()[:8]}"
         )
-    if int(o[-1]) != n:
-        raise ValueError(f"{name}[-1] must equal the number of points {n}, got {int(o[-1])}")
+    if last != n:
+        raise ValueError(f"{name}[-1] must equal the number of points {n}, got {last}")
+    remember_length_bounds(offset, lo, hi)
 
 
 def check_same_device(**tensors: Tensor | None) -> None:
@@ -122,7 +129,9 @@ def resolve_offset(name: str, offset: Tensor | None, n: int, device: torch.devic
     check_offset(name, offset, n, values=validate)
     if offset.device != device:
         raise ValueError(f"{name} is on {offset.device} but the points are on {device}; move it with .to(device)")
-    return offset.long()
+    # the same tensor when already int64 (``.long()`` is then a no-op in eager mode, but a new tensor under
+    # dynamo, which would lose the remembered length bounds)
+    return offset if offset.dtype == torch.long else offset.long()
 
 
 _BOUNDS = "_pcbench_length_bounds"
@@ -138,9 +147,9 @@ def length_bounds(*offsets: Tensor) -> list[tuple[int, int]]:
     known: dict[int, tuple[int, int]] = {}
     missing: list[Tensor] = []
     for o in offsets:
-        memo = getattr(o, _BOUNDS, None)
-        if memo is not None and memo[0] == o._version:
-            known[id(o)] = memo[1]
+        memo = known_length_bounds(o)
+        if memo is not None:
+            known[id(o)] = memo
         elif id(o) not in known and all(m is not o for m in missing):
             missing.append(o)
     if missing:
@@ -151,9 +160,23 @@ def length_bounds(*offsets: Tensor) -> list[tuple[int, int]]:
     return [known[id(o)] for o in offsets]
 
 
+def known_length_bounds(offset: Tensor) -> tuple[int, int] | None:
+    """The (smallest, largest) cloud size remembered on ``offset``, or None when unknown or written since."""
+    memo = getattr(offset, _BOUNDS, None)
+    if memo is None:
+        return None
+    # dynamo cannot read version counters (reading one breaks the graph): traced code trusts the memo, which is
+    # sound because pcbench never writes to an offset in place; eager code compares versions, and a memo recorded
+    # while tracing (version None) is read again there.
+    if torch.compiler.is_compiling() or memo[0] == offset._version:
+        return memo[1]
+    return None
+
+
 def remember_length_bounds(offset: Tensor, lo: int, hi: int) -> None:
     """Record the (smallest, largest) cloud size of ``offset`` (known without a host read) for ``length_bounds``."""
-    setattr(offset, _BOUNDS, (offset._version, (int(lo), int(hi))))
+    version = None if torch.compiler.is_compiling() else offset._version
+    setattr(offset, _BOUNDS, (version, (int(lo), int(hi))))
 
 
 def offset2lengths(offset: Tensor) -> Tensor:
@@ -269,7 +292,7 @@ class PointBatch:
             v = getattr(self, f.name)
             if isinstance(v, Tensor):
                 setattr(out, f.name, move(v))
-        memo = getattr(self.offset, _BOUNDS, None)
-        if memo is not None and memo[0] == self.offset._version and out.offset is not self.offset:
-            remember_length_bounds(out.offset, *memo[1])
+        memo = known_length_bounds(self.offset)
+        if memo is not None and out.offset is not self.offset:
+            remember_length_bounds(out.offset, *memo)
         return out

@@ -27,6 +27,7 @@ from ._fps_cells import fps_cells, fps_cells_speculative
 from ._grid import unit_scale
 from .batch import (
     check_coords,
+    known_length_bounds,
     length_bounds,
     lengths2offset,
     offset2batch,
@@ -51,10 +52,11 @@ def _one_intraop_thread(device: torch.device) -> Iterator[None]:
     busy machine, a descheduled worker stalls every step (measured 32 x 1024 -> 256 on a loaded 2-core
     box: 1158 ms with 2 threads vs ~20 ms of CPU time with 1).
     """
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
+    # Traced code leaves threading to the compiled kernels (and dynamo cannot trace the thread-count calls).
+    if device.type != "cpu" or torch.compiler.is_compiling() or torch.get_num_threads() == 1:
         yield
         return
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
@@ -74,7 +76,7 @@ def _check_n_ratio(n: int | None, ratio: float | None) -> None:
         if n <= 0:
             raise ValueError(f"n must be a positive number of samples per cloud, got {n}; pass n >= 1")
     else:
-        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not math.isfinite(ratio):
+        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or ratio != ratio:  # NaN; traceable
             raise ValueError(f"ratio must be a float in (0, 1], got {ratio!r}; pass e.g. ratio=0.25")
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"ratio must be in (0, 1] (fraction of each cloud to keep), got {ratio}")
@@ -106,9 +108,9 @@ def sample_offset(offset: Tensor, n: int | None = None, ratio: float | None = No
     total = (int(offset[-1]) if offset.numel() else 0) if validate else 0
     off = resolve_offset("offset", offset, total, offset.device, validate)
     out = lengths2offset(sample_counts(offset2lengths(off), n, ratio))
-    memo = getattr(offset, "_pcbench_length_bounds", None)
-    if memo is not None and memo[0] == offset._version:  # counts are monotone in the length: bounds carry over
-        remember_length_bounds(out, *(_samples(v, n, ratio) for v in memo[1]))
+    memo = known_length_bounds(offset)
+    if memo is not None:  # counts are monotone in the length: bounds carry over
+        remember_length_bounds(out, *(_samples(v, n, ratio) for v in memo))
     return out
 
 

@@ -74,9 +74,8 @@ def voxel_levels(coord: Tensor, voxel_size: float, offset: Tensor | None = None,
     pyramid reads the device once for all levels instead of once per level.
     """
     check_coords("coord", coord, finite=validate)
-    if isinstance(voxel_size, bool) or not isinstance(voxel_size, numbers.Real) or not (
-        math.isfinite(voxel_size) and voxel_size > 0
-    ):
+    # a chained comparison (False for NaN) rather than math.isfinite, which dynamo cannot trace
+    if isinstance(voxel_size, bool) or not isinstance(voxel_size, numbers.Real) or not 0 < voxel_size < math.inf:
         raise ValueError(f"voxel_size must be a positive finite number (grid edge length), got {voxel_size!r}")
     factors = [int(f) for f in factors]
     if any(f < 1 for f in factors):

@@ -26,7 +26,7 @@ def test_offset_roundtrip_with_empty_clouds():
     assert batch2offset(b, num_clouds=4).tolist() == off.tolist()
 
 
-def test_moving_a_batch_reads_nothing_back_and_keeps_its_cloud_size_bounds():
+def test_a_built_batch_knows_its_cloud_size_bounds_and_moving_it_reads_nothing_back():
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from pcbench.ops.batch import length_bounds
@@ -43,8 +43,11 @@ def test_moving_a_batch_reads_nothing_back_and_keeps_its_cloud_size_bounds():
 
     pb = PointBatch(coord=torch.rand(7, 3), feat=torch.rand(7, 2), offset=torch.tensor([3, 7]),
                     label=torch.tensor([1, 0]), inverse=torch.arange(7))
-    assert length_bounds(pb.offset) == [(3, 4)]
+    ragged = PointBatch(coord=torch.rand(9, 3), feat=torch.rand(9, 2), offset=torch.tensor([3, 3, 9, 9]))
     with Reads() as reads:
+        # the validation's single host read at construction also gave the bounds (the loader builds batches on
+        # the CPU, so on a GPU the model's first level needs no read)
+        assert length_bounds(pb.offset, ragged.offset) == [(3, 4), (0, 6)]
         moved = pb.to("cpu", non_blocking=True).pin_memory() if torch.cuda.is_available() else pb.to("cpu")
         assert length_bounds(moved.offset) == [(3, 4)]  # carried over, not read again
     assert reads.names == []  # validation ran when the batch was built; a move does not repeat its host reads
@@ -59,6 +62,7 @@ def test_moving_a_batch_reads_nothing_back_and_keeps_its_cloud_size_bounds():
     ("offset", "match"),
     [
         (torch.tensor([3, 2, 5]), "non-decreasing"),
+        (torch.tensor([-1, 5]), "non-decreasing"),
         (torch.tensor([2, 4]), "must equal the number of points 5"),
         (torch.tensor([2.0, 5.0]), "integer"),
         (torch.tensor([[5]]), "1-D"),

@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pcbench.models import build_model
-from pcbench.ops import PointBatch
+from pcbench.ops import PointBatch, dispatch_as
 from pcbench.testing.clouds import object_batch
 from pcbench.train import compose, fit
 from pcbench.train.config import compile_settings, config_identity_sha256
@@ -24,6 +24,10 @@ from pcbench.train.errors import ConfigError
 from ._cli import TINY
 
 OBJECT_CLASSIFIERS = ["pointnet2_ssg_cls", "pct_cls", "ptv1_cls", "ptv2_cls", "ptv3_cls", "sparse_resnet_cls"]
+# Point-based classifiers whose every size follows from the batch's cloud sizes (read once, when the loader
+# builds the PointBatch on the CPU): on the GPU code path dynamo captures their whole forward as one graph, what
+# CUDA graphs (compile_mode=reduce-overhead) need. The voxel models read each level's voxel count (data-dependent).
+ONE_GRAPH_ON_GPU_PATH = ["pointnet2_ssg_cls", "pointnet2_msg_cls", "pct_cls", "ptv1_cls"]
 
 
 def _fit(prepared: dict[str, Path], run_dir: Path, *extra: str) -> dict:
@@ -99,6 +103,25 @@ def test_every_object_classifier_traces_under_dynamo(name: str) -> None:
     assert len(grads) == len(ref_grads) > 0
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "train"), [
+    *[pytest.param(n, True, id=f"{n}-train") for n in ONE_GRAPH_ON_GPU_PATH[:1] + ONE_GRAPH_ON_GPU_PATH[2:]],
+    # the full-size MSG model (~20 s each) and the eval forwards (no BatchNorm updates) run in the slow tier
+    *[pytest.param(n, t, id=f"{n}-{'train' if t else 'eval'}", marks=pytest.mark.slow)
+      for n in ONE_GRAPH_ON_GPU_PATH for t in (False, True) if not (t and n != "pointnet2_msg_cls")],
+])
+def test_point_classifiers_compile_to_one_graph_on_the_gpu_code_path(name: str, train: bool) -> None:
+    cfg = compose([f"model={name}", *TINY.get(name, [])]).model
+    model = build_model(cfg, in_channels=3, num_classes=5).train(train)
+    coord, offset = object_batch(3, 256)
+    batch = PointBatch(coord, torch.nn.functional.normalize(coord + 0.1, dim=1), offset)
+    torch._dynamo.reset()
+    with dispatch_as("cuda"), torch.set_grad_enabled(train):
+        explained = torch._dynamo.explain(model)(batch)
+    reasons = [f"{r.reason.splitlines()[0]} at {r.user_stack[-1].filename}:{r.user_stack[-1].lineno}"
+               for r in explained.break_reasons if r.user_stack]
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, reasons
 
 
 def test_backend_and_mode_place_a_run_while_compile_itself_is_part_of_its_identity() -> None:
