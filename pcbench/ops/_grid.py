@@ -108,9 +108,11 @@ def unit_scale(lo: Tensor, hi: Tensor, always: bool = False) -> Tensor | None:
     ``always=True`` returns the factors (1 where none is needed) without asking the host whether any is: the
     GPU path's choice, one multiply by an exact 1 instead of a device sync.
     """
-    m = torch.maximum(lo.abs(), hi.abs()).amax(1)
-    # frexp(0) gives exponent 0 (scale 1); the clamp keeps 2^-e finite for float64 subnormals.
-    e = torch.frexp(m).exponent.to(torch.float64).clamp(-1000.0, 1000.0)
+    m = torch.maximum(lo.abs(), hi.abs()).amax(1).double()
+    # frexp's exponent read from the float64 bits (biased exponent - 1022; m >= 0, so no sign bit): inductor's
+    # vectorised C++ for torch.frexp does not compile (torch 2.13, CPU). 0 keeps exponent 0 (scale 1), as
+    # frexp(0) does; the clamp keeps 2^-e finite for subnormals (whose bits give -1022, frexp's value clamped alike).
+    e = torch.where(m == 0, 0, (m.view(torch.int64) >> 52) - 1022).to(torch.float64).clamp(-1000.0, 1000.0)
     need = e.abs() > _SAFE_EXP
     if not always and not bool(need.any()):
         return None

@@ -283,3 +283,21 @@ def test_exact_at_extreme_coordinate_scales(method, dtype, exponents, gen):
     assert torch.equal(cloud[idx], cloud[:, None].expand_as(idx))
     # dist2 is the exact value at the input's scale, rounded to the input dtype (inf where it overflows)
     torch.testing.assert_close(d2, (exact * scale[:, None] * scale[:, None]).to(dtype), rtol=_ULPS[dtype], atol=0)
+
+
+def test_unit_scale_factors_are_the_powers_of_two_frexp_gives() -> None:
+    """The grid's rescaling of clouds at extreme scales, against math.frexp: 2^-e where |e| > 32, else 1."""
+    import math
+
+    from pcbench.ops._grid import _SAFE_EXP, unit_scale
+
+    values = [0.0, 5e-324, 2.2e-308, 1e-300, 1e-30, 2.0**-33, 2.0**-32, 0.5, 1.0, 3.0, 2.0**32 * (1 - 2.0**-53),
+              2.0**32, 1e20, 1e308]
+    m = torch.tensor(values, dtype=torch.float64)
+    lo, hi = torch.stack([-m / 2, m, m / 4], 1), torch.stack([m / 3, -m, m / 8], 1)  # largest |.| is m
+    want = []
+    for v in values:
+        e = max(-1000, min(1000, math.frexp(v)[1]))
+        want.append(2.0**-e if abs(e) > _SAFE_EXP else 1.0)
+    assert unit_scale(lo, hi, always=True).tolist() == want
+    assert unit_scale(lo[7:10], hi[7:10]) is None  # 0.5, 1, 3: nothing to rescale, no factors built
