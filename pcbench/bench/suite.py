@@ -66,7 +66,8 @@ __all__ = [
 #: Config keys that say where and with how many threads a cell runs, not what it computes: left out of the
 #: cell's identity, so a suite resumed with another launcher or thread count still skips its finished cells.
 PLACEMENT_KEYS = ("paths", "resume", "hydra", "logger", "fault", "trainer.threads", "trainer.num_workers",
-                  "trainer.checkpoint_every_n_steps")
+                  "trainer.checkpoint_every_n_steps", "trainer.compile_backend", "trainer.compile_mode",
+                  "trainer.compile_dynamic")
 #: Overrides that keep a paper recipe the "reference": they only place the run (data folder, seed, device);
 #: a key ending in "." stands for every key under it.
 REFERENCE_KEYS = ("data.root", "seed", "trainer", "trainer.accelerator", "trainer.strategy", "trainer.threads",

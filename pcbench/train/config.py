@@ -123,7 +123,7 @@ PLACEMENT_KEYS: tuple[str, ...] = (
     "paths", "resume", "hydra", "fault", "logger", "task_name",
     "trainer.num_workers", "trainer.threads", "trainer.accelerator", "trainer.malloc", "trainer.tensorboard",
     "trainer.log_every_n_steps", "trainer.progress_bar", "trainer.checkpoint_every_n_steps",
-    "trainer.compile_backend", "trainer.compile_mode",  # how torch.compile runs the model; trainer.compile stays
+    "trainer.compile_backend", "trainer.compile_mode", "trainer.compile_dynamic",  # how torch.compile runs it
     "eval.submission_dir", "eval.save_predictions",
 )
 
@@ -297,21 +297,25 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 def compile_settings(t: DictConfig) -> dict[str, Any] | None:
-    """``torch.compile`` keyword arguments from ``trainer.compile{,_backend,_mode}`` (None when off); ConfigError
-    naming the fix for an unknown backend or mode."""
+    """``torch.compile`` keyword arguments from ``trainer.compile{,_backend,_mode,_dynamic}`` (None when off);
+    ConfigError naming the fix for an unknown backend or mode or a dynamic that is not null / true / false."""
     if not t.get("compile"):
         return None
     backend = str(t.get("compile_backend") or "inductor")
     mode = str(t.get("compile_mode") or "default")
     if mode not in COMPILE_MODES:
         raise ConfigError(f"trainer.compile_mode={mode!r} is unknown; use one of {list(COMPILE_MODES)}")
+    dynamic = t.get("compile_dynamic")
+    if dynamic is not None and not isinstance(dynamic, bool):
+        raise ConfigError(f"trainer.compile_dynamic={dynamic!r} must be null (torch's automatic choice), true "
+                          "(symbolic sizes) or false (a graph per input shape)")
     import torch._dynamo  # noqa: PLC0415 - only runs that compile pay for importing the compiler stack
 
     known = torch._dynamo.list_backends(exclude_tags=())
     if backend not in known:
         raise ConfigError(f"trainer.compile_backend={backend!r} is unknown; use one of {known} (inductor generates "
                           "kernels; eager / aot_eager only trace, for debugging)")
-    return {"backend": backend, "mode": None if mode == "default" else mode}
+    return {"backend": backend, "mode": None if mode == "default" else mode, "dynamic": dynamic}
 
 
 # ----------------------------------------------------------------------------------- paper recipe data

@@ -47,7 +47,7 @@ def test_compiled_training_matches_eager_and_is_recorded(prepared: dict[str, Pat
     eager = _fit(prepared, tmp_path / "eager")
     comp = _fit(prepared, tmp_path / "compiled", "trainer.compile=true", "trainer.compile_backend=aot_eager")
     assert eager["compile"] is None
-    assert comp["compile"] == {"backend": "aot_eager", "mode": "default"}
+    assert comp["compile"] == {"backend": "aot_eager", "mode": "default", "dynamic": None}
     assert comp["steps"] == eager["steps"] == 3
     # aot_eager runs the same aten ops as eager (traced through autograd), so losses and weights agree to
     # float32 rounding of a reordered backward.
@@ -61,18 +61,21 @@ def test_compiled_training_matches_eager_and_is_recorded(prepared: dict[str, Pat
 
 
 def test_compile_settings_validate_backend_and_mode() -> None:
-    t = OmegaConf.create({"compile": False, "compile_backend": "nope", "compile_mode": "nope"})
+    t = OmegaConf.create({"compile": False, "compile_backend": "nope", "compile_mode": "nope", "compile_dynamic": 2})
     assert compile_settings(t) is None  # off: the other keys are not looked at
     t.compile = True
     with pytest.raises(ConfigError, match=r"trainer.compile_mode='nope' is unknown"):
         compile_settings(t)
     t.compile_mode = "max-autotune"
+    with pytest.raises(ConfigError, match=r"trainer.compile_dynamic=2 must be null .*, true .* or false"):
+        compile_settings(t)
+    t.compile_dynamic = False
     with pytest.raises(ConfigError, match=r"trainer.compile_backend='nope' is unknown.*inductor"):
         compile_settings(t)
     t.compile_backend = "inductor"
-    assert compile_settings(t) == {"backend": "inductor", "mode": "max-autotune"}
-    t.compile_mode = "default"
-    assert compile_settings(t) == {"backend": "inductor", "mode": None}
+    assert compile_settings(t) == {"backend": "inductor", "mode": "max-autotune", "dynamic": False}
+    t.compile_mode, t.compile_dynamic = "default", None
+    assert compile_settings(t) == {"backend": "inductor", "mode": None, "dynamic": None}
 
 
 @pytest.mark.slow  # dynamo traces each model for ~10 s to a minute on a shared 2-core machine
@@ -127,8 +130,10 @@ def test_point_classifiers_compile_to_one_graph_on_the_gpu_code_path(name: str, 
 def test_backend_and_mode_place_a_run_while_compile_itself_is_part_of_its_identity() -> None:
     # how torch.compile runs the model does not change what a run computes (leaderboard identity, resume), and
     # configs written before these keys existed keep their identity
-    base = {"trainer": {"compile": True, "compile_backend": "inductor", "compile_mode": "default", "lr": 1}}
-    other = {"trainer": {**base["trainer"], "compile_backend": "aot_eager", "compile_mode": "max-autotune"}}
+    base = {"trainer": {"compile": True, "compile_backend": "inductor", "compile_mode": "default",
+                        "compile_dynamic": None, "lr": 1}}
+    other = {"trainer": {**base["trainer"], "compile_backend": "aot_eager", "compile_mode": "max-autotune",
+                         "compile_dynamic": False}}
     older = {"trainer": {"compile": True, "lr": 1}}
     assert config_identity_sha256(base) == config_identity_sha256(other) == config_identity_sha256(older)
     assert config_identity_sha256(base) != config_identity_sha256({"trainer": {**base["trainer"], "compile": False}})
