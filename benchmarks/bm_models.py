@@ -106,7 +106,9 @@ def worker(args: argparse.Namespace) -> dict[str, object]:
         # eager, then inductor-compiled, in this process: the speed-up is a ratio of two measurements taken side
         # by side, never against another run.
         eager_ms = _timed(call, args.warmup, args.repeats)[0]
-        call = _step_fn(torch.compile(model), args.mode, batch, labels)  # as trainer.compile=true (inductor)
+        # as trainer.compile=true (inductor) with trainer.compile_dynamic
+        dynamic = {"auto": None, "true": True, "false": False}[args.compile_dynamic]
+        call = _step_fn(torch.compile(model, dynamic=dynamic), args.mode, batch, labels)
         extra["eager_median_ms"] = statistics.median(eager_ms)
         extra["eager_samples_per_s"] = samples / (extra["eager_median_ms"] / 1e3)
 
@@ -125,6 +127,9 @@ def worker(args: argparse.Namespace) -> dict[str, object]:
             "samples_per_s": samples / (med / 1e3), "times_ms": times, "first_call_ms": first_ms,
             "peak_rss_mib": peak, "first_call_rss_increase_mib": peak - rss_before,
             "compiled": bool(args.compile), "threads": torch.get_num_threads(),
+            "compile_dynamic": args.compile_dynamic if args.compile else None,
+            # the ops' code path: PCBENCH_DISPATCH=cuda runs the GPU branches on this CPU (pcbench/ops/_dispatch.py)
+            "dispatch": os.environ.get("PCBENCH_DISPATCH", "").strip().lower() or "device",
             # CPU time of this process per call and the machine's load: wall-clock figures from a shared,
             # oversubscribed machine are only interpretable next to them.
             "median_cpu_ms": statistics.median(cpu), "loadavg_1min": [load_before, os.getloadavg()[0]], **extra}
@@ -202,7 +207,7 @@ def _run_worker(config: str, case: str, mode: str, malloc: str, ns: argparse.Nam
     if ns.quick:
         cmd.append("--quick")
     if compile_:
-        cmd.append("--compile")
+        cmd += ["--compile", "--compile-dynamic", ns.compile_dynamic]
     if census:
         cmd.append("--census")
     row: dict[str, object] = {"config": config, "case": case, "mode": mode, "malloc": malloc,
@@ -248,7 +253,11 @@ def compile_table(rows: list[dict[str, object]]) -> list[str]:
     if not census:
         return []
     compiled = {(r["config"], r["case"], r["mode"], r["malloc"]): r for r in rows if r.get("compiled")}
+    paths = ", ".join(sorted({str(r.get("dispatch", "device")) for r in census}))
+    dynamic = ", ".join(sorted({str(c["compile_dynamic"]) for c in compiled.values() if c.get("compile_dynamic")}))
     lines = ["", "### torch.compile (inductor)", "",
+             f"Ops' code path: {paths} (`PCBENCH_DISPATCH`; `device` = the tensors' own, `cuda` = the GPU branches "
+             f"run on this CPU); torch.compile dynamic: {dynamic or '-'} (`--compile-dynamic`).", "",
              "| model | case | mode | single graph | graphs | graph breaks | break reasons (count) | first compiled "
              "call s | eager samples/s | compiled samples/s | compiled / eager |",
              "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|"]
@@ -307,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-scene", action="store_true", help="leave out the real ScanNet scene rows")
     p.add_argument("--compile", action="store_true", help="add torch.compile rows for the object-batch cases "
                    "(graph census, compile time, eager vs compiled in one process)")
+    p.add_argument("--compile-dynamic", choices=("auto", "true", "false"), default="auto",
+                   help="torch.compile's dynamic (as trainer.compile_dynamic: auto = null)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per worker before it is reported as failed")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)

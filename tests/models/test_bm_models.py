@@ -67,14 +67,16 @@ def test_graph_census_counts_a_host_sync_as_one_break() -> None:
 
 def test_compile_table_joins_the_census_with_the_compiled_row() -> None:
     census = {"config": "pct_cls", "case": "4x1024", "mode": "fwd", "malloc": "tuned", "compiled": False,
-              "graph_count": 3, "graph_break_count": 2,
+              "dispatch": "cuda", "graph_count": 3, "graph_break_count": 2,
               "break_reasons": [{"reason": "Tensor.item() at pct.py:10", "count": 2}]}
     comp = {"config": "pct_cls", "case": "4x1024", "mode": "fwd", "malloc": "tuned", "compiled": True,
-            "first_call_ms": 61_000.0, "eager_samples_per_s": 4.0, "samples_per_s": 5.0, "speedup": 1.25}
+            "first_call_ms": 61_000.0, "eager_samples_per_s": 4.0, "samples_per_s": 5.0, "speedup": 1.25,
+            "compile_dynamic": "false", "dispatch": "cuda"}
     alone = {**census, "config": "ptv1_cls", "graph_count": 1, "graph_break_count": 0, "break_reasons": [],
              "samples_per_s": 3.5}
     table = "\n".join(bm_models.compile_table([census, alone, comp]))
     assert ("| pct_cls | 4x1024 | fwd | no | 3 | 2 | Tensor.item() at pct.py:10 (2) | 61.0 | 4.00 | 5.00 | 1.25x |"
             in table)
     assert "| ptv1_cls | 4x1024 | fwd | yes | 1 | 0 | - | not run | 3.50 | - | - |" in table
+    assert "Ops' code path: cuda " in table and "torch.compile dynamic: false " in table
     assert bm_models.compile_table([comp]) == []  # no census, no table
