@@ -7,6 +7,7 @@ import numbers
 import torch
 from torch import Tensor
 
+from ._dispatch import on_gpu_path
 from .batch import check_coords, check_same_device, resolve_offset
 from .knn import knn
 
@@ -68,15 +69,30 @@ def interpolate(
     found = idx >= 0
     src = idx.clamp_min(0)
     d = d2.to(wdt).sqrt()
-    if not bool(torch.isfinite(d).logical_or_(~found).all()):  # one host read, no boolean-mask gather
-        # dist2 saturates to inf in the input dtype (float32 beyond ~1.8e19 apart): take the distances in
-        # float64 from the coordinates, so clouds at any finite scale get their true weights, not zeros
-        wdt = torch.float64
-        diff = query.detach().to(wdt)[:, None, :] - support.detach().to(wdt)[src]
-        d = torch.linalg.vector_norm(diff, dim=-1)
-    w = torch.where(found, 1.0 / (d + EPS), torch.zeros((), dtype=wdt, device=d2.device))
-    w = w / w.sum(1, keepdim=True).clamp_min(torch.finfo(wdt).tiny)
-    w = w.to(features.dtype)
+    # dist2 saturates to inf in the input dtype (float32 beyond ~1.8e19 apart): such rows take their distances in
+    # float64 from the coordinates, so clouds at any finite scale get their true weights, not zeros.
+    ok = torch.isfinite(d).logical_or_(~found)
+    if on_gpu_path(d):
+        # no host read: the float64 distances of every row (k gathers of [M, 3]) and a per-row choice
+        ok = ok.all(1, keepdim=True)
+        w = torch.where(ok, _idw(d, found).to(features.dtype), _idw(_dist64(query, support, src), found).to(
+            features.dtype))
+    elif bool(ok.all()):  # one host read, no boolean-mask gather
+        w = _idw(d, found).to(features.dtype)
+    else:
+        w = _idw(_dist64(query, support, src), found).to(features.dtype)
     for j in range(idx.shape[1]):  # k gathers of [M, C]: no [M, k, C] temporary
         out = out.addcmul(features.index_select(0, src[:, j]), w[:, j : j + 1])
     return out
+
+
+def _dist64(query: Tensor, support: Tensor, src: Tensor) -> Tensor:
+    """float64 distances [M, k] from each query to its gathered support rows ``src`` [M, k]."""
+    diff = query.detach().double()[:, None, :] - support.detach().double()[src]
+    return torch.linalg.vector_norm(diff, dim=-1)
+
+
+def _idw(d: Tensor, found: Tensor) -> Tensor:
+    """Normalised inverse-distance weights [M, k] in ``d``'s dtype (0 where no neighbour was found)."""
+    w = torch.where(found, 1.0 / (d + EPS), torch.zeros((), dtype=d.dtype, device=d.device))
+    return w / w.sum(1, keepdim=True).clamp_min(torch.finfo(d.dtype).tiny)

@@ -226,3 +226,21 @@ def test_voxel_networks_read_the_device_a_fixed_number_of_times_whatever_their_d
     with dispatch_as("cuda"), bm_syncs.counting() as c, torch.no_grad():
         unet(batch)
     assert c.total_syncs == 2, dict(c.sites)
+
+
+def test_interpolate_on_the_gpu_path_reads_nothing_even_where_distances_saturate() -> None:
+    from pcbench.ops import interpolate
+    from pcbench.ops._reference import interpolate_reference
+
+    support = scan_like_scene(500, seed=1)
+    query = scan_like_scene(200, seed=2)
+    feat = torch.randn(500, 4, generator=torch.Generator().manual_seed(0))
+    offsets = torch.tensor([200, 400]), torch.tensor([500, 1000])
+    length_bounds(*offsets)  # the levels' reads, done once by a model's earlier layers
+    far = 2.0**80  # float32 squared distances overflow: the second cloud's rows need float64 distances
+    q, s = torch.cat([query, query * far]), torch.cat([support, support * far])
+    with dispatch_as("cuda"), bm_syncs.counting() as c:
+        got = interpolate(q, s, torch.cat([feat, feat]), 3, *offsets, validate=False)
+    assert c.total_syncs == 0
+    want = interpolate_reference(query.double(), support.double(), feat.double(), 3).float()
+    torch.testing.assert_close(got, torch.cat([want, want]), rtol=1e-4, atol=1e-5)

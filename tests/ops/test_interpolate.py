@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from pcbench.ops import dispatch_as
 from pcbench.ops._reference import interpolate_reference
 from pcbench.ops.fps import farthest_point_sample
 from pcbench.ops.interpolate import interpolate
@@ -112,14 +113,22 @@ def test_bad_arguments_are_named():
         interpolate(bad, s, f)
 
 
+@pytest.mark.parametrize("path", ["cpu", "cuda"])
 @pytest.mark.parametrize("exponent", [70, 100, 120])
-def test_extreme_coordinate_scales_keep_the_weights(exponent):
+def test_extreme_coordinate_scales_keep_the_weights(exponent, path):
     # float32 dist2 saturates to inf beyond ~1.8e19: the weights then came out 0 and every row 0. IDW weights
-    # are scale-free (up to the 1e-8 term), so the scaled clouds must give the unscaled result.
+    # are scale-free (up to the 1e-8 term), so the scaled clouds must give the unscaled result. The GPU branch
+    # repairs the saturated rows without a host read.
     support = scan_like_scene(800, seed=4, dtype=torch.float64).float()
     query = scan_like_scene(300, seed=5, dtype=torch.float64).float()
     feat = torch.randn(800, 5, generator=torch.Generator().manual_seed(1))
     ref = interpolate(query, support, feat, 3)
-    got = interpolate(query * 2.0**exponent, support * 2.0**exponent, feat, 3)
+    with dispatch_as(path):
+        got = interpolate(query * 2.0**exponent, support * 2.0**exponent, feat, 3)
+        # a batch of a saturated and a plain cloud: each as on its own (the plain one within float32 rounding:
+        # the CPU branch takes the whole batch's weights in float64 once any row saturates)
+        both = interpolate(torch.cat([query * 2.0**exponent, query]), torch.cat([support * 2.0**exponent, support]),
+                           torch.cat([feat, feat]), 3, torch.tensor([300, 600]), torch.tensor([800, 1600]))
     assert bool(ref.abs().sum(1).gt(0).all())
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(both, torch.cat([ref, ref]), rtol=1e-5, atol=1e-6)
