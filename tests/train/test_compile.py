@@ -24,10 +24,12 @@ from pcbench.train.errors import ConfigError
 from ._cli import TINY
 
 OBJECT_CLASSIFIERS = ["pointnet2_ssg_cls", "pct_cls", "ptv1_cls", "ptv2_cls", "ptv3_cls", "sparse_resnet_cls"]
-# Point-based classifiers whose every size follows from the batch's cloud sizes (read once, when the loader
-# builds the PointBatch on the CPU): on the GPU code path dynamo captures their whole forward as one graph, what
-# CUDA graphs (compile_mode=reduce-overhead) need. The voxel models read each level's voxel count (data-dependent).
-ONE_GRAPH_ON_GPU_PATH = ["pointnet2_ssg_cls", "pointnet2_msg_cls", "pct_cls", "ptv1_cls"]
+# Point-based models whose every size follows from the batch's cloud sizes (read once, when the loader builds the
+# PointBatch on the CPU): on the GPU code path dynamo captures their whole forward as one graph, what CUDA graphs
+# (compile_mode=reduce-overhead) need. The voxel models read each level's voxel count (data-dependent).
+ONE_GRAPH_ON_GPU_PATH = ["pointnet2_ssg_cls", "pointnet2_msg_cls", "pct_cls", "ptv1_cls", "pointnet2_ssg_seg",
+                         "pct_seg", "ptv1_seg"]
+_FAST_ONE_GRAPH = ("pointnet2_ssg_cls", "pct_cls", "ptv1_cls")  # tiny configs, train mode
 
 
 def _fit(prepared: dict[str, Path], run_dir: Path, *extra: str) -> dict:
@@ -109,12 +111,12 @@ def test_every_object_classifier_traces_under_dynamo(name: str) -> None:
 
 
 @pytest.mark.parametrize(("name", "train"), [
-    *[pytest.param(n, True, id=f"{n}-train") for n in ONE_GRAPH_ON_GPU_PATH[:1] + ONE_GRAPH_ON_GPU_PATH[2:]],
-    # the full-size MSG model (~20 s each) and the eval forwards (no BatchNorm updates) run in the slow tier
-    *[pytest.param(n, t, id=f"{n}-{'train' if t else 'eval'}", marks=pytest.mark.slow)
-      for n in ONE_GRAPH_ON_GPU_PATH for t in (False, True) if not (t and n != "pointnet2_msg_cls")],
+    pytest.param(n, t, id=f"{n}-{'train' if t else 'eval'}",
+                 # the full-size configs (~20 s each) and the eval forwards (no BatchNorm updates): slow tier
+                 marks=() if t and n in _FAST_ONE_GRAPH else pytest.mark.slow)
+    for n in ONE_GRAPH_ON_GPU_PATH for t in (True, False)
 ])
-def test_point_classifiers_compile_to_one_graph_on_the_gpu_code_path(name: str, train: bool) -> None:
+def test_point_models_compile_to_one_graph_on_the_gpu_code_path(name: str, train: bool) -> None:
     cfg = compose([f"model={name}", *TINY.get(name, [])]).model
     model = build_model(cfg, in_channels=3, num_classes=5).train(train)
     coord, offset = object_batch(3, 256)
