@@ -108,7 +108,11 @@ def worker(args: argparse.Namespace) -> dict[str, object]:
         eager_ms = _timed(call, args.warmup, args.repeats)[0]
         # as trainer.compile=true (inductor) with trainer.compile_dynamic
         dynamic = {"auto": None, "true": True, "false": False}[args.compile_dynamic]
-        call = _step_fn(torch.compile(model, dynamic=dynamic), args.mode, batch, labels)
+        compiled = _step_fn(torch.compile(model, dynamic=dynamic), args.mode, batch, labels)
+
+        def call() -> None:  # python ints kept constant while tracing, as the trainer's compiled forward does
+            with torch._dynamo.config.patch(specialize_int=True):
+                compiled()
         extra["eager_median_ms"] = statistics.median(eager_ms)
         extra["eager_samples_per_s"] = samples / (extra["eager_median_ms"] / 1e3)
 
