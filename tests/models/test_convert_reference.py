@@ -25,8 +25,17 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 from pcbench.models import create_model  # noqa: E402
 from pcbench.models.convert import _spconv, convert_checkpoint  # noqa: E402
 from pcbench.models.sparse import SparseConv3d, SparseConvTranspose3d, sparse_from_points  # noqa: E402
+from tests.models._tpc import one_thread  # noqa: E402
 
 pytestmark = pytest.mark.reference
+
+
+@pytest.fixture(autouse=True)
+def _spconv_on_one_thread():
+    # spconv 2.3.8's CPU scatter-add races on more than one torch thread (tests/models/_tpc.py); on 2 threads the
+    # first layer check failed once in a default-suite run and passed on the rerun
+    with one_thread():
+        yield
 
 
 def _voxels(n: int = 300, extent: int = 12, channels: int = 4):
