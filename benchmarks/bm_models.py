@@ -87,6 +87,8 @@ def worker(args: argparse.Namespace) -> dict[str, object]:
     from omegaconf import OmegaConf  # noqa: PLC0415
 
     from pcbench.models import build_model, model_task  # noqa: PLC0415
+    from pcbench.ops._dispatch import dispatch_kind  # noqa: PLC0415
+    from pcbench.train.config import compiled_tracing  # noqa: PLC0415
 
     torch.set_num_threads(args.threads)
     path = CONF / f"{args.config}.yaml"
@@ -110,8 +112,8 @@ def worker(args: argparse.Namespace) -> dict[str, object]:
         dynamic = {"auto": None, "true": True, "false": False}[args.compile_dynamic]
         compiled = _step_fn(torch.compile(model, dynamic=dynamic), args.mode, batch, labels)
 
-        def call() -> None:  # python ints kept constant while tracing, as the trainer's compiled forward does
-            with torch._dynamo.config.patch(specialize_int=True):
+        def call() -> None:  # traced as the trainer's compiled forward is
+            with compiled_tracing():
                 compiled()
         extra["eager_median_ms"] = statistics.median(eager_ms)
         extra["eager_samples_per_s"] = samples / (extra["eager_median_ms"] / 1e3)
@@ -133,7 +135,7 @@ def worker(args: argparse.Namespace) -> dict[str, object]:
             "compiled": bool(args.compile), "threads": torch.get_num_threads(),
             "compile_dynamic": args.compile_dynamic if args.compile else None,
             # the ops' code path: PCBENCH_DISPATCH=cuda runs the GPU branches on this CPU (pcbench/ops/_dispatch.py)
-            "dispatch": os.environ.get("PCBENCH_DISPATCH", "").strip().lower() or "device",
+            "dispatch": dispatch_kind(),
             # CPU time of this process per call and the machine's load: wall-clock figures from a shared,
             # oversubscribed machine are only interpretable next to them.
             "median_cpu_ms": statistics.median(cpu), "loadavg_1min": [load_before, os.getloadavg()[0]], **extra}

@@ -7,6 +7,7 @@ any working directory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ from pcbench._confdir import conf_candidates, find_conf_dir
 from .errors import ConfigError
 
 __all__ = ["COMPILE_MODES", "PLACEMENT_KEYS", "ConfigError", "check_data", "check_run_config", "compile_settings",
+           "compiled_tracing",
            "compose", "config_changes", "config_dir", "config_identity_sha256", "config_sha256", "group_options", "run_content"]
 
 def config_dir() -> Path:
@@ -316,6 +318,19 @@ def compile_settings(t: DictConfig) -> dict[str, Any] | None:
         raise ConfigError(f"trainer.compile_backend={backend!r} is unknown; use one of {known} (inductor generates "
                           "kernels; eager / aot_eager only trace, for debugging)")
     return {"backend": backend, "mode": None if mode == "default" else mode, "dynamic": dynamic}
+
+
+def compiled_tracing() -> contextlib.AbstractContextManager:
+    """Dynamo settings for calls of a ``torch.compile``d model: Python ints stay constants in the graphs.
+
+    The models pass layer constants (samples per level, kernel sizes) through functions that also see other
+    values, and dynamo would otherwise turn such an int into a symbol on the second value, where torch 2.13's
+    inductor generated a wrapper naming an undefined size (``NameError: name 's47' is not defined``,
+    pointnet2_ssg_cls on the CPU code path). Tensor sizes follow ``trainer.compile_dynamic``.
+    """
+    import torch._dynamo  # noqa: PLC0415 - only compiled runs import the compiler stack
+
+    return torch._dynamo.config.patch(specialize_int=True)
 
 
 # ----------------------------------------------------------------------------------- paper recipe data

@@ -45,6 +45,7 @@ from .config import (
     check_recipe_data,
     check_run_config,
     compile_settings,
+    compiled_tracing,
     config_changes,
     config_identity_sha256,
     config_sha256,
@@ -752,21 +753,6 @@ class _Training:
         self.reporter.end_epoch()
         s.train_seconds += time.perf_counter() - self.t_epoch
 
-    def _tracing_config(self) -> contextlib.AbstractContextManager:
-        """Dynamo settings for the compiled forward (none without trainer.compile).
-
-        Python ints stay constants in the graphs: the models pass layer constants (samples per level, kernel
-        sizes) through functions that also see other values, and dynamo would otherwise turn such an int into a
-        symbol on the second value, where torch 2.13's inductor generated a wrapper naming an undefined size
-        (``NameError: name 's47' is not defined``, pointnet2_ssg_cls on the CPU code path). Tensor sizes follow
-        ``trainer.compile_dynamic``.
-        """
-        if self.compile is None:
-            return contextlib.nullcontext()
-        import torch._dynamo  # noqa: PLC0415 - only compiled runs import the compiler stack
-
-        return torch._dynamo.config.patch(specialize_int=True)
-
     def train_step(self, batch: Any) -> bool:
         """Forward and backward of one micro-batch, then the optimizer step at a window's end; True when done."""
         s, t, info, epoch = self.state, self.t, self.info, self.state.epoch
@@ -779,7 +765,7 @@ class _Training:
         if self.bn_sched is not None and micro == 0:
             set_bn_momentum(self.model, bn_momentum_at(s.step, **self.bn_sched))
         with maybe_no_sync(self.fwd_model, micro < self.accum - 1), autocast_context(self.device, self.precision), \
-                self._tracing_config():
+                (contextlib.nullcontext() if self.compile is None else compiled_tracing()):
             logits = self.fwd_model(batch)
             loss = _loss(logits, batch.label, self.weight, self.bundle.ignore_index, float(t.label_smoothing))
             if self.lovasz_weight:  # per micro-batch, as Pointcept computes it per GPU
